@@ -1,0 +1,292 @@
+"""What every LVLM adapter shares: placeholder rewriting and the `mm_encoder_outputs` input.
+
+An adapter wires compression into one stock transformers LVLM family without patching it
+(checked against transformers 5.23):
+
+1. `visual_tokens(model_inputs)` runs the family's own `get_image_features` (vision tower +
+   projector) and returns one `[n_i, d]` tensor per image, in the order the images appear in the
+   batch (row by row, left to right).
+2. A compressor turns each into `[m_i, d]`.
+3. `inputs_with(model_inputs, tokens)` rewrites `input_ids` (and every other per-token tensor)
+   so that image i has m_i placeholders, re-pads the batch on its original side, and passes the
+   tokens through transformers' `mm_encoder_outputs={"image": BaseModelOutputWithPooling(...)}`:
+   the model skips its vision tower and scatters the given features into the placeholders.
+
+Placeholders are split by per-image counts (adjacent images' runs can touch), and each image's n_i
+placeholders must be contiguous.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from mc_core.compressors import TokenContext
+
+__all__ = ["Adapter", "ImageSlot", "grid_positions", "rewrite_placeholders"]
+
+
+@dataclass(frozen=True)
+class ImageSlot:
+    """Where one image's placeholders sit after `rewrite_placeholders`."""
+
+    row: int  # batch row
+    start: int  # first placeholder position in the padded output row
+    count: int  # number of placeholders (m_i)
+
+
+def _pad_side(mask: Tensor) -> str | None:
+    left = bool((mask[:, 0] == 0).any())
+    right = bool((mask[:, -1] == 0).any())
+    if left and right:
+        raise ValueError("model_inputs['attention_mask'] has padding on both sides")
+    return "left" if left else ("right" if right else None)
+
+
+def rewrite_placeholders(
+    model_inputs: dict[str, Any],
+    image_token_id: int,
+    counts_in: list[int],
+    counts_out: list[int],
+    *,
+    pad_token_id: int,
+) -> tuple[dict[str, Tensor], list[ImageSlot]]:
+    """Replace each image's n_i placeholders with m_i and re-pad the batch.
+
+    Args:
+        model_inputs: has `input_ids` [B, L] and optionally `attention_mask` [B, L]; every other
+            tensor whose first two dimensions are (B, L) (e.g. `mm_token_type_ids`) is rewritten
+            the same way (new placeholders copy the value of the image's first placeholder).
+        image_token_id: the placeholder id.
+        counts_in: n_i per image, in batch order.
+        counts_out: m_i per image (>= 1).
+        pad_token_id: used where the output needs padding the input did not have.
+
+    Returns:
+        (tensors, slots): the rewritten per-token tensors (`input_ids`, `attention_mask`, ...)
+        padded on the input's side (left when the input had no padding), and one `ImageSlot` per
+        image.
+
+    Raises:
+        ValueError: counts do not match the placeholders, a run is not contiguous, m_i < 1.
+    """
+    ids = model_inputs["input_ids"]
+    if not isinstance(ids, Tensor) or ids.dim() != 2:
+        raise ValueError("model_inputs['input_ids'] must be a [B, L] tensor")
+    B, L = ids.shape
+    mask = model_inputs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    if len(counts_in) != len(counts_out):
+        raise ValueError(f"{len(counts_in)} images in model_inputs but {len(counts_out)} token sets")
+    for i, m in enumerate(counts_out):
+        if m < 1:
+            raise ValueError(f"tokens[{i}] has {m} rows; every image needs at least one token")
+    extra = {
+        k: v
+        for k, v in model_inputs.items()
+        if isinstance(v, Tensor)
+        and v.dim() >= 2
+        and tuple(v.shape[:2]) == (B, L)
+        and k not in ("input_ids", "attention_mask")
+    }
+    side = _pad_side(mask) or "left"
+    if _pad_side(mask) is not None:
+        # Reuse the input's own pad id (any id but the placeholder works: padding is masked).
+        pad_token_id = int(ids[mask == 0][0])
+    if pad_token_id == image_token_id:
+        raise ValueError(f"pad_token_id {pad_token_id} equals the image placeholder id")
+
+    rows: list[Tensor] = []  # gather indices into each row (valid tokens only)
+    slots_unpadded: list[tuple[int, int, int]] = []
+    image = 0
+    for b in range(B):
+        valid = mask[b].bool().nonzero().squeeze(1)  # (L_b,)
+        row_ids = ids[b, valid]
+        pos = (row_ids == image_token_id).nonzero().squeeze(1).tolist()
+        index: list[int] = []
+        cursor = p = 0
+        while p < len(pos):
+            if image >= len(counts_in):
+                raise ValueError(
+                    f"input_ids row {b} has more image placeholders than the {len(counts_in)} "
+                    "images' token counts account for"
+                )
+            n, m = counts_in[image], counts_out[image]
+            run = pos[p : p + n]
+            if len(run) != n or run[-1] - run[0] != n - 1:
+                raise ValueError(
+                    f"image {image} (row {b}) expects {n} contiguous placeholders at position "
+                    f"{pos[p]}, found {len(run)} spanning {run[-1] - run[0] + 1 if run else 0}"
+                )
+            index.extend(range(cursor, run[0]))
+            slots_unpadded.append((b, len(index), m))
+            index.extend([run[0]] * m)
+            cursor = run[0] + n
+            p += n
+            image += 1
+        index.extend(range(cursor, len(row_ids)))
+        rows.append(valid[torch.tensor(index, dtype=torch.long, device=ids.device)])
+    if image != len(counts_in):
+        raise ValueError(
+            f"input_ids hold placeholders for {image} images but {len(counts_in)} token sets given"
+        )
+
+    width = max(len(r) for r in rows)
+    out = {"input_ids": ids.new_full((B, width), pad_token_id), "attention_mask": mask.new_zeros((B, width))}
+    for k, v in extra.items():
+        out[k] = v.new_zeros((B, width, *v.shape[2:]))
+    offsets = []
+    for b, index in enumerate(rows):
+        lo = width - len(index) if side == "left" else 0
+        offsets.append(lo)
+        sl = slice(lo, lo + len(index))
+        out["input_ids"][b, sl] = ids[b, index]
+        out["attention_mask"][b, sl] = 1
+        for k, v in extra.items():
+            out[k][b, sl] = v[b, index]
+    slots = [ImageSlot(b, offsets[b] + s, m) for b, s, m in slots_unpadded]
+    return out, slots
+
+
+def grid_positions(h: int, w: int, *, device=None) -> Tensor:
+    """Cell centres (row, col) in [0, 1] of a row-major h x w grid."""
+    r = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    c = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    return torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(h * w, 2)  # (h*w, 2)
+
+
+def attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """Softmax attention probabilities, computed in float32.
+
+    Args:
+        q: [..., H, Nq, dh]; k: [..., H, Nk, dh].
+
+    Returns:
+        [..., H, Nq, Nk].
+    """
+    return torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
+
+
+class Adapter:
+    """Base class of the per-family adapters (see the module docstring).
+
+    Subclasses set `family` and `model_classes` (class names matched by `for_model`) and
+    implement `visual_tokens`, `contexts` and `_mm_encoder_inputs`.
+    """
+
+    family: ClassVar[str] = ""
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    # model_inputs keys that only the vision tower reads (dropped by inputs_with).
+    image_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.config = model.config
+        token = getattr(model.config, "image_token_id", None)
+        if token is None:
+            token = getattr(model.config, "image_token_index", None)
+        if token is None:
+            raise ValueError(f"{type(model).__name__}.config has no image_token_id")
+        self.image_token_id = int(token)
+
+    # -- what subclasses provide ------------------------------------------------------------
+    def visual_tokens(self, model_inputs) -> list[Tensor]:
+        """Projector output per image: list of [n_i, d], batch order."""
+        raise NotImplementedError
+
+    def contexts(self, model_inputs, need: frozenset[str] = frozenset()) -> list[TokenContext]:
+        """TokenContext per image: positions (and grid when exact) always; `cls_attention` and
+        `keys` when named in `need`."""
+        raise NotImplementedError
+
+    def _mm_encoder_inputs(
+        self, model_inputs, tokens: list[Tensor], slots: list[ImageSlot], rewritten: dict
+    ) -> dict[str, Any]:
+        """Family-specific extra inputs (`mm_encoder_outputs`, grids...)."""
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        """Width d of the visual tokens (the LLM hidden size)."""
+        cfg = getattr(self.config, "text_config", self.config)
+        return int(cfg.hidden_size)
+
+    def reset_state(self) -> None:
+        """Forget state the model keeps between calls (only Qwen's `rope_deltas` so far)."""
+
+    def _pad_token_id(self) -> int:
+        for cfg in (self.model.generation_config, getattr(self.config, "text_config", None), self.config):
+            pad = getattr(cfg, "pad_token_id", None) if cfg is not None else None
+            if isinstance(pad, int) and pad != self.image_token_id:
+                return pad
+        return 0 if self.image_token_id != 0 else 1
+
+    def _check_tokens(self, tokens: list[Tensor], expect: int | None = None) -> None:
+        if not isinstance(tokens, (list, tuple)):
+            raise ValueError(f"tokens must be a list of [m_i, d] tensors, got {type(tokens).__name__}")
+        if expect is not None and len(tokens) != expect:
+            raise ValueError(f"tokens has {len(tokens)} entries but model_inputs hold {expect} images")
+        for i, t in enumerate(tokens):
+            if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[1] != self.dim:
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"tokens[{i}] has shape {shape}, expected (m, {self.dim})")
+
+    def placeholder_counts(self, model_inputs) -> list[int]:
+        """n_i per image as the processor laid them out (no vision tower run)."""
+        raise NotImplementedError
+
+    def inputs_with(self, model_inputs, tokens: list[Tensor]) -> dict[str, Any]:
+        """Model inputs with image i represented by `tokens[i]` ([m_i, d]) instead of its pixels.
+
+        Args:
+            model_inputs: what the family's processor returned for the batch.
+            tokens: one [m_i, d] tensor per image (batch order), e.g. a compressor's output.
+
+        Returns:
+            A dict for `model(**d)` / `model.generate(**d)`: `input_ids` and `attention_mask`
+            with m_i placeholders per image, `mm_encoder_outputs`, and any family extras.
+        """
+        counts_in = self.placeholder_counts(model_inputs)
+        self._check_tokens(tokens, expect=len(counts_in))
+        rewritten, slots = rewrite_placeholders(
+            model_inputs,
+            self.image_token_id,
+            counts_in,
+            [int(t.shape[0]) for t in tokens],
+            pad_token_id=self._pad_token_id(),
+        )
+        out = dict(rewritten)
+        out.update(self._mm_encoder_inputs(model_inputs, tokens, slots, rewritten))
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.model).__name__})"
+
+
+def feature_layer_index(layer: int, num_layers: int, *, where: str) -> int:
+    """Index of the encoder layer whose output is `hidden_states[layer]`.
+
+    `hidden_states` holds the embeddings then every layer's output (num_layers + 1 entries), so
+    `hidden_states[j + 1]` is layer j's output and `hidden_states[j]` its input.
+    """
+    idx = layer % (num_layers + 1) if layer < 0 else layer
+    if not 1 <= idx <= num_layers:
+        raise ValueError(f"{where}={layer} does not name an encoder layer's output")
+    return idx - 1
+
+
+def head_split(x: Tensor, heads: int) -> Tensor:
+    """[..., N, H*dh] -> [..., H, N, dh]."""
+    *lead, n, hd = x.shape
+    return x.reshape(*lead, n, heads, hd // heads).transpose(-2, -3)
+
+
+def scale_for(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,180 @@
+"""Qwen2-VL and Qwen2.5-VL: native-resolution tower, 2 x 2 patch merger, M-RoPE positions.
+
+Image i gives `H_i * W_i` tokens, a row-major grid of merged 2 x 2 patch blocks
+(`image_grid_thw[i] = (1, 2 H_i, 2 W_i)` with merge size 2).
+
+Positions of compressed tokens (M-RoPE). The LLM gives an image's tokens 3-D (t, row, col)
+positions from `image_grid_thw`. For m_i tokens, `inputs_with` picks the factorisation
+m_i = h' * w' whose aspect is closest to the original H_i / W_i and, when that aspect is within a
+factor of 2 of the original (`max_aspect_error`), passes a fake `image_grid_thw = (1, 2h', 2w')`:
+the m_i tokens are laid out as a row-major h' x w' grid (exact at m_i = n_i, where h', w' = H_i,
+W_i). Otherwise (m_i prime, say) the tokens are marked as text (`mm_token_type_ids = 0`) and get
+plain 1-D positions; the image is left out of `image_grid_thw`. Either way the features are
+scattered into the placeholders (that is keyed by `input_ids`, not the token types).
+
+Context. Qwen's tower has no [CLS], so `cls_attention` is the mean attention each token
+receives at the tower's last block (queries: every patch of the same image; heads averaged;
+the four patches of a merged token averaged). It is recomputed from the block's input hidden
+state with the block's own `norm1`, `qkv` and rotary embedding, over the whole image — exact for
+full-attention blocks (every Qwen2-VL block; the last block of released Qwen2.5-VL models).
+`keys` are that block's keys before the rotary embedding (position-free similarity), the four
+patches of a merged token averaged.
+
+The model caches `rope_deltas` between calls: `reset_state()` clears it before an unrelated
+forward (a new dialogue); a cached continuation must keep it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+from transformers.vision_utils import get_vision_position_ids
+
+from mc_core.adapters.base import Adapter, ImageSlot, attention_probs, grid_positions
+
+__all__ = ["Qwen2VLAdapter", "factor_grid"]
+
+
+def factor_grid(m: int, height: int, width: int) -> tuple[int, int, float]:
+    """The h' x w' = m grid closest in aspect to height x width.
+
+    Returns:
+        (h', w', error) with error = |log((h'/w') / (height/width))| (0 = same aspect).
+    """
+    target = math.log(height / width)
+    best = None
+    for h in range(1, math.isqrt(m) + 1):
+        if m % h:
+            continue
+        for hh, ww in ((h, m // h), (m // h, h)):
+            err = abs(math.log(hh / ww) - target)
+            if best is None or err < best[2]:
+                best = (hh, ww, err)
+    return best
+
+
+class Qwen2VLAdapter(Adapter):
+    """Adapter for `Qwen2VLForConditionalGeneration` and `Qwen2_5_VLForConditionalGeneration`."""
+
+    family = "qwen2_vl"
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    image_keys = ("pixel_values", "image_grid_thw")
+    # Largest |log aspect ratio| change for which compressed tokens keep 3-D positions.
+    max_aspect_error = math.log(2.0)
+
+    @property
+    def merge(self) -> int:
+        return int(self.config.vision_config.spatial_merge_size)
+
+    def reset_state(self) -> None:
+        self.model.model.rope_deltas = None
+
+    def _grids(self, model_inputs) -> list[tuple[int, int]]:
+        thw = model_inputs.get("image_grid_thw")
+        if thw is None:
+            raise ValueError("model_inputs has no 'image_grid_thw' (no image in this batch?)")
+        grids = []
+        for i, (t, h, w) in enumerate(thw.tolist()):
+            if t != 1:
+                raise ValueError(f"image_grid_thw[{i}] = {(t, h, w)}: only still images (t = 1)")
+            grids.append((h // self.merge, w // self.merge))
+        return grids
+
+    def placeholder_counts(self, model_inputs) -> list[int]:
+        return [h * w for h, w in self._grids(model_inputs)]
+
+    def _features(self, model_inputs, *, hidden: bool = False) -> BaseModelOutputWithPooling:
+        if model_inputs.get("pixel_values") is None:
+            raise ValueError("model_inputs has no 'pixel_values' (no image in this batch?)")
+        kwargs = {"output_hidden_states": True} if hidden else {}
+        return self.model.model.get_image_features(
+            model_inputs["pixel_values"], model_inputs["image_grid_thw"], return_dict=True, **kwargs
+        )
+
+    def visual_tokens(self, model_inputs) -> list[Tensor]:
+        return list(self._features(model_inputs).pooler_output)
+
+    def contexts(self, model_inputs, need=frozenset()):
+        from mc_core.compressors import TokenContext
+
+        grids = self._grids(model_inputs)
+        device = model_inputs["image_grid_thw"].device
+        recv = keys = None
+        if need & {"cls_attention", "keys"}:
+            recv, keys = self._received_attention_and_keys(model_inputs)
+        return [
+            TokenContext(
+                positions=grid_positions(h, w, device=device),
+                grid=(h, w),
+                cls_attention=recv[i] if recv is not None and "cls_attention" in need else None,
+                keys=keys[i] if keys is not None and "keys" in need else None,
+            )
+            for i, (h, w) in enumerate(grids)
+        ]
+
+    def _received_attention_and_keys(self, model_inputs) -> tuple[list[Tensor], list[Tensor]]:
+        visual = self.model.model.visual
+        thw = model_inputs["image_grid_thw"]
+        out = self._features(model_inputs, hidden=True)
+        block = visual.blocks[-1]
+        h_in = out.hidden_states[-2]  # (S, dv): input of the last block (tower order)
+        unit = self.merge**2
+        if hasattr(visual, "fullatt_block_indexes"):
+            # Qwen2.5-VL runs its blocks on merge units permuted into windows: undo that.
+            from transformers.vision_utils import get_vision_window_index
+
+            window_index, _ = get_vision_window_index(
+                thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
+            )
+            order = torch.argsort(window_index)
+            h_in = h_in.reshape(-1, unit, h_in.shape[-1])[order].flatten(0, 1)
+        position_ids = get_vision_position_ids(thw, visual.spatial_merge_size)
+        cos, sin = visual.rotary_pos_emb(h_in, position_ids)
+        heads = block.attn.num_heads
+        qkv = block.attn.qkv(block.norm1(h_in))  # (S, 3 dv)
+        q, k, _ = qkv.reshape(qkv.shape[0], 3, heads, -1).unbind(1)  # (S, H, dh) each
+        q_rot, k_rot = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        recv_all, keys_all = [], []
+        start = 0
+        for t, hh, ww in thw.tolist():
+            s = slice(start, start + t * hh * ww)
+            start = s.stop
+            probs = attention_probs(
+                q_rot[s].transpose(0, 1), k_rot[s].transpose(0, 1), block.attn.scaling
+            )  # (H, S_i, S_i)
+            received = probs.mean(dim=(0, 1))  # (S_i,)
+            recv_all.append(received.reshape(-1, unit).mean(1))  # (n_i,)
+            keys_all.append(k[s].flatten(1).reshape(-1, unit, k.shape[1] * k.shape[2]).mean(1))
+        return recv_all, keys_all
+
+    def _mm_encoder_inputs(
+        self, model_inputs, tokens: list[Tensor], slots: list[ImageSlot], rewritten: dict
+    ) -> dict[str, Any]:
+        grids = self._grids(model_inputs)
+        thw = model_inputs["image_grid_thw"]
+        kept = []
+        types = rewritten.get("mm_token_type_ids")
+        if types is None:
+            raise ValueError("model_inputs has no 'mm_token_type_ids' (returned by the Qwen processor)")
+        for i, (slot, (h, w)) in enumerate(zip(slots, grids, strict=True)):
+            m = slot.count
+            if m == h * w:
+                kept.append(thw[i].tolist())
+                continue
+            hh, ww, err = factor_grid(m, h, w)
+            if err <= self.max_aspect_error + 1e-9:
+                kept.append([1, hh * self.merge, ww * self.merge])
+            else:  # no good grid: plain 1-D text positions for these tokens
+                types[slot.row, slot.start : slot.start + m] = 0
+        out: dict[str, Any] = {
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(tokens))},
+            "mm_token_type_ids": types,
+        }
+        if kept:
+            out["image_grid_thw"] = torch.tensor(kept, dtype=thw.dtype, device=thw.device)
+        return out

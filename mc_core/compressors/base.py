@@ -1,0 +1,174 @@
+"""The compressor contract shared by every method: tokens [n, d] -> (P @ tokens, P [m, n])."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from mc_core.ops import apply, check_rate, kept_tokens, selection_matrix
+
+CONTEXT_FIELDS = frozenset({"cls_attention", "keys", "prompt_attention"})
+
+
+@dataclass
+class TokenContext:
+    """What an adapter knows about one image's visual tokens; every field is optional.
+
+    Attributes:
+        positions: [n, 2] float (row, col) in [0, 1] of each token on the image.
+        grid: (h, w) when the tokens are exactly a row-major h x w grid.
+        cls_attention: [n] vision [CLS] -> patch attention (head-averaged, feature layer).
+        keys: [n, k] vision-tower keys at the feature layer (merge similarity).
+        prompt_attention: [n] attention each visual token receives from the first turn's
+            prompt at LLM layer K (fastv).
+    """
+
+    positions: Tensor | None = None
+    grid: tuple[int, int] | None = None
+    cls_attention: Tensor | None = None
+    keys: Tensor | None = None
+    prompt_attention: Tensor | None = None
+
+    def check(self, n: int, *, where: str = "TokenContext") -> None:
+        """Raise ValueError naming the field when a present field does not fit n tokens."""
+        shapes = {
+            "positions": (n, 2),
+            "cls_attention": (n,),
+            "prompt_attention": (n,),
+        }
+        for field, shape in shapes.items():
+            value = getattr(self, field)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(
+                    f"{where}.{field} has shape {tuple(value.shape)}, expected {shape} "
+                    f"for n = {n} tokens"
+                )
+        if self.keys is not None and (self.keys.dim() != 2 or self.keys.shape[0] != n):
+            raise ValueError(
+                f"{where}.keys has shape {tuple(self.keys.shape)}, expected ({n}, k)"
+            )
+        if self.grid is not None:
+            h, w = self.grid
+            if h * w != n:
+                raise ValueError(f"{where}.grid {tuple(self.grid)} has {h * w} cells, n = {n}")
+
+
+class Compressor(nn.Module):
+    """Base class: subclasses implement ``_compress(x [n, d], ctx) -> (Y [m, d], P [m, n])``.
+
+    ``forward`` validates the input, the context and the needed fields, and maps over lists
+    (several images, each with its own n). P is float32 on the tokens' device; Y has the
+    tokens' dtype.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    prompt_dependent: ClassVar[bool] = False
+    trainable: ClassVar[bool] = False
+
+    def __init__(self, *, rate: float, dim: int) -> None:
+        super().__init__()
+        self.rate = self._check_rate(rate)
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"{self.name} dim must be a positive int, got {dim!r}")
+        self.dim = dim
+
+    @classmethod
+    def _check_rate(cls, rate: float) -> float:
+        return check_rate(rate, where=f"{cls.name} rate")
+
+    def kept(self, n: int) -> int:
+        """Tokens kept for an image of n tokens."""
+        return kept_tokens(n, self.rate, where=f"{self.name} rate")
+
+    def config(self) -> dict:
+        """Constructor keywords beyond rate and dim; ``build(name, rate, dim, **config())``
+        rebuilds an equivalent module (weights aside)."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}, dim={self.dim}"
+
+    def forward(
+        self,
+        tokens: Tensor | list[Tensor],
+        ctx: TokenContext | list[TokenContext | None] | None = None,
+    ) -> tuple[Tensor, Tensor] | tuple[list[Tensor], list[Tensor]]:
+        """Compress one image's tokens [n, d], or a list of them.
+
+        Args:
+            tokens: [n, d] tensor, or a list of [n_i, d] tensors (one per image).
+            ctx: A TokenContext for a single tensor; a list of contexts (or None) for a list.
+
+        Returns:
+            ``(Y [m, d], P [m, n])``, or ``(list[Y_i], list[P_i])`` for a list input.
+
+        Raises:
+            ValueError: Bad shapes, a context that does not match, or a needed field missing.
+        """
+        if isinstance(tokens, (list, tuple)):
+            if isinstance(ctx, TokenContext):
+                raise ValueError(
+                    f"{self.name}: a list of token tensors needs a list of contexts, "
+                    "got a single TokenContext"
+                )
+            ctxs = [None] * len(tokens) if ctx is None else list(ctx)
+            if len(ctxs) != len(tokens):
+                raise ValueError(
+                    f"{self.name}: {len(tokens)} token tensors but {len(ctxs)} contexts"
+                )
+            pairs = [
+                self._one(t, c, f"image {i}")
+                for i, (t, c) in enumerate(zip(tokens, ctxs, strict=True))
+            ]
+            return [y for y, _ in pairs], [p for _, p in pairs]
+        if isinstance(ctx, (list, tuple)):
+            raise ValueError(
+                f"{self.name}: a single token tensor takes one TokenContext, got a list"
+            )
+        return self._one(tokens, ctx, "tokens")
+
+    def _one(self, x: Tensor, ctx: TokenContext | None, where: str) -> tuple[Tensor, Tensor]:
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{self.name}: {where} must be a [n, d] tensor, got {shape}")
+        if x.shape[1] != self.dim:
+            raise ValueError(
+                f"{self.name}: {where} have dim {x.shape[1]}, compressor built for {self.dim}"
+            )
+        if x.shape[0] < 1:
+            raise ValueError(f"{self.name}: {where} has no tokens")
+        if not x.is_floating_point():
+            raise ValueError(f"{self.name}: {where} must be floating point, got {x.dtype}")
+        ctx = TokenContext() if ctx is None else ctx
+        ctx.check(x.shape[0], where=f"{self.name} context of {where}")
+        for field in sorted(self.needs):
+            if getattr(ctx, field) is None:
+                raise ValueError(
+                    f"{self.name} needs TokenContext.{field} for {where}, but it is missing "
+                    "(the adapter fills it when asked via Compressor.needs)"
+                )
+        return self._compress(x, ctx)
+
+    def _compress(self, x: Tensor, ctx: TokenContext) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _select(x: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Pruning: gather rows (exactly P @ x for one-hot P, and NaN-safe) plus the one-hot P."""
+        index = index.to(device=x.device, dtype=torch.long)
+        return x.index_select(0, index), selection_matrix(index, x.shape[0])
+
+    @staticmethod
+    def _merge(x: Tensor, P: Tensor) -> tuple[Tensor, Tensor]:
+        """Merging: Y = P @ x in x's dtype, P kept in float32."""
+        P = P.to(device=x.device, dtype=torch.float32)
+        return apply(P, x), P
+
+
+def context_tensor(value: Tensor, x: Tensor) -> Tensor:
+    """A context field as float32 on the tokens' device (scores are compared in float32)."""
+    return value.detach().to(device=x.device, dtype=torch.float32)

@@ -1,0 +1,21 @@
+"""FastV: keep the tokens the first turn's prompt attends to most at LLM layer K."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from mc_core.compressors.base import Compressor, TokenContext, context_tensor
+
+
+class FastVCompressor(Compressor):
+    """Prompt-attention pruning (FastV, Chen et al., ECCV 2024, arXiv 2403.06764)."""
+
+    name = "fastv"
+    needs = frozenset({"prompt_attention"})
+    prompt_dependent = True
+
+    def _compress(self, x: Tensor, ctx: TokenContext) -> tuple[Tensor, Tensor]:
+        scores = context_tensor(ctx.prompt_attention, x)  # (n,)
+        # Kept tokens stay in their original order so the LLM sees the same layout.
+        index = scores.topk(self.kept(x.shape[0])).indices.sort().values
+        return self._select(x, index)

@@ -1,0 +1,293 @@
+"""Multi-turn inference: compress the visual tokens once, reuse the KV cache turn after turn.
+
+Turn 1 encodes the image(s) and the first question, takes the projector output per image
+(`adapter.visual_tokens`), compresses it (`P @ X`, m = ceil((1 - rate) n) tokens) and prefills
+the LLM into a `DynamicCache`. Each later turn feeds only the new text: the previous answer, the
+end of its turn and the new question (the chat template's prefix property, docs/contracts.md).
+Nothing inside the LLM is patched: the compressed tokens enter through `mm_encoder_outputs`.
+
+After each answer the cache is cropped back to the end of that turn's prompt and the answer is
+re-fed as text with the next question. That costs a few tokens per turn and keeps the cache
+exactly equal to a from-scratch encoding of the rendered dialogue, whatever the generated
+tokens were (e.g. an answer cut at `max_new_tokens`).
+
+Example:
+    >>> conv = Conversation(model, processor, build("metacompress", rate=0.9, dim=d),
+    ...                     images=[image])
+    >>> conv.ask("what colour is at row 1 col 2 ?")
+    'red'
+    >>> conv.ask("how many blue ?")
+    '2'
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from mc_core.adapters import for_model, prompt_attention
+from mc_core.dialogue import render, to_device
+
+__all__ = ["BatchConversation", "Conversation", "compress_inputs", "model_device"]
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compress_inputs(
+    model, adapter, compressor, model_inputs: dict[str, Any], *, fastv_layer: int | None = None
+) -> tuple[dict[str, Any], list[Tensor] | None, list[int]]:
+    """Model inputs with each image's visual tokens replaced by the compressor's output.
+
+    Args:
+        model: the LVLM (frozen).
+        adapter: its family adapter.
+        compressor: a `mc_core.compressors.Compressor`, or None for the untouched inputs.
+        model_inputs: processor output for a prompt whose images are all in it (for a
+            prompt-dependent method such as fastv: the first turn's prompt).
+        fastv_layer: LLM layer whose attention ranks tokens for prompt-dependent methods
+            (default: the compressor's `layer` attribute, else 2).
+
+    Returns:
+        `(inputs, P, kept)`: the inputs `model(**inputs)` accepts, the `P [m_i, n_i]` per image
+        (None without a compressor) and the visual-token count kept per image.
+    """
+    if compressor is None:
+        ids = model_inputs["input_ids"]
+        n = int((ids == adapter.image_token_id).sum())
+        return dict(model_inputs), None, [n]
+    tokens = adapter.visual_tokens(model_inputs)  # list of (n_i, d)
+    # prompt_attention is not a vision-side field: it comes from an LLM pass below.
+    contexts = adapter.contexts(model_inputs, need=frozenset(compressor.needs) - {"prompt_attention"})
+    if "prompt_attention" in compressor.needs:
+        layer = fastv_layer if fastv_layer is not None else getattr(compressor, "layer", 2)
+        scores = prompt_attention(model, adapter, model_inputs, layer=layer)
+        for ctx, s in zip(contexts, scores, strict=True):
+            ctx.prompt_attention = s
+    # Compressors run in float32 (the trained generator's dtype); the model casts back.
+    dtype = tokens[0].dtype
+    ys, ps = compressor([t.float() for t in tokens], contexts)
+    ys = [y.to(dtype) for y in ys]
+    return adapter.inputs_with(model_inputs, ys), list(ps), [int(y.shape[0]) for y in ys]
+
+
+class Conversation:
+    """One dialogue on one set of images: compress once, then `ask` turn after turn.
+
+    Args:
+        model: the LVLM (used as is: eval mode, no gradients).
+        processor: its processor (chat template with the prefix property).
+        compressor: a compressor from `mc_core.compressors.build` (or trained), None = all
+            visual tokens.
+        images: the image(s) of the first turn (a PIL image or a list).
+        adapter: the family adapter (default `mc_core.adapters.for_model(model)`).
+        max_new_tokens: answer length limit per turn (greedy decoding).
+
+    Attributes:
+        questions, answers: the dialogue so far (answers = the model's own, unless replaced
+            with `set_answer`).
+        visual_tokens: visual tokens kept per image (m_i), set by the first turn.
+        P: the compression matrices per image (None without a compressor).
+        prefill_s: seconds of each turn's prefill (turn 1: vision tower, compression and LLM
+            prefill; later turns: the new text only).
+        first_logits: each turn's next-token logits `[V]` (float32, CPU) at its prompt's end.
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        compressor=None,
+        *,
+        images,
+        adapter=None,
+        max_new_tokens: int = 4,
+    ) -> None:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive int")
+        self.model = model
+        self.processor = processor
+        self.compressor = compressor
+        self.adapter = adapter if adapter is not None else for_model(model)
+        self.images = list(images) if isinstance(images, list | tuple) else [images]
+        if not self.images:
+            raise ValueError("images is empty: a conversation needs at least one image")
+        self.max_new_tokens = max_new_tokens
+        self.questions: list[str] = []
+        self.answers: list[str] = []
+        self.visual_tokens: list[int] | None = None
+        self.P: list[Tensor] | None = None
+        self.prefill_s: list[float] = []
+        self.first_logits: list[Tensor] = []
+        self._cache: DynamicCache | None = None
+        self._text = ""  # rendered text the cache covers (the last prompt)
+        self._cache_len = 0  # tokens in the cache for `_text`
+        self._device = model_device(model)
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self._eos = {int(e) for e in [*eos, processor.tokenizer.eos_token_id] if e is not None}
+
+    @property
+    def turns(self) -> int:
+        """Number of questions asked so far."""
+        return len(self.questions)
+
+    def set_answer(self, turn: int, answer: str) -> None:
+        """Replace the recorded answer of `turn` (0-based), e.g. with the gold one.
+
+        Only the last answered turn can change: earlier ones are already in the cache.
+        """
+        if turn != len(self.answers) - 1:
+            raise ValueError(
+                f"turn={turn}: only the last answered turn ({len(self.answers) - 1}) can be replaced"
+            )
+        self.answers[turn] = answer
+
+    @torch.no_grad()
+    def ask(self, question: str) -> str:
+        """Ask the next question; returns the model's greedy answer (special tokens removed)."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"question={question!r}: expected a non-empty string")
+        self.questions.append(question)
+        text = render(self.processor, self.questions, self.answers, n_images=len(self.images))
+        if self._cache is None:
+            logits = self._prefill_first(text)
+        else:
+            logits = self._prefill_more(text)
+        self._text = text
+        self._cache_len = self._cache.get_seq_length()
+        self.first_logits.append(logits[0, -1].float().cpu())
+        answer = self._decode(logits)
+        # Drop the generated tokens: the next turn re-feeds the answer as rendered text.
+        extra = self._cache.get_seq_length() - self._cache_len
+        if extra > 0:
+            self._cache.crop(-extra)  # transformers 5: a negative count removes tokens
+        self.answers.append(answer)
+        return answer
+
+    def _prefill_first(self, text: str) -> Tensor:
+        inputs = self.processor(text=[text], images=self.images, return_tensors="pt")
+        inputs = to_device(dict(inputs), self._device)
+        _sync(self._device)
+        t0 = time.perf_counter()
+        inputs, self.P, self.visual_tokens = compress_inputs(
+            self.model, self.adapter, self.compressor, inputs
+        )
+        self._reset_state()
+        self._cache = DynamicCache(config=self.model.config)
+        out = self.model(**inputs, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        _sync(self._device)
+        self.prefill_s.append(time.perf_counter() - t0)
+        return out.logits
+
+    def _prefill_more(self, text: str) -> Tensor:
+        if not text.startswith(self._text):
+            raise ValueError(
+                "chat template lacks the prefix property: the new turn's rendering does not "
+                f"start with the previous one ({self._text[-40:]!r})"
+            )
+        ids = self.processor.tokenizer(text[len(self._text) :], add_special_tokens=False)
+        ids = torch.tensor([ids["input_ids"]], dtype=torch.long, device=self._device)
+        _sync(self._device)
+        t0 = time.perf_counter()
+        out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        _sync(self._device)
+        self.prefill_s.append(time.perf_counter() - t0)
+        return out.logits
+
+    def _decode(self, logits: Tensor) -> str:
+        tokens: list[int] = []
+        for _ in range(self.max_new_tokens):
+            nxt = int(logits[0, -1].argmax())
+            if nxt in self._eos:
+                break
+            tokens.append(nxt)
+            if len(tokens) == self.max_new_tokens:
+                break
+            ids = torch.tensor([[nxt]], dtype=torch.long, device=self._device)
+            logits = self.model(
+                input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1
+            ).logits
+        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def _reset_state(self) -> None:
+        # Qwen keeps M-RoPE offsets between calls; a new dialogue must recompute them.
+        self.adapter.reset_state()
+
+
+class BatchConversation:
+    """Several dialogues at once: `ask(list[str]) -> list[str]`, one question per dialogue.
+
+    Each dialogue keeps its own KV cache (per-row handling), so a batch gives exactly the
+    answers the dialogues give one by one, whatever their prompt lengths or the number of
+    visual tokens each keeps (n varies per image for dynamic-resolution models).
+
+    Args:
+        model, processor, compressor, adapter, max_new_tokens: as for `Conversation`.
+        images: one entry per dialogue (a PIL image or a list of them).
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        compressor=None,
+        *,
+        images: Sequence[Any],
+        adapter=None,
+        max_new_tokens: int = 4,
+    ) -> None:
+        if not images:
+            raise ValueError("images is empty: a batch needs at least one dialogue")
+        adapter = adapter if adapter is not None else for_model(model)
+        self.rows = [
+            Conversation(
+                model,
+                processor,
+                compressor,
+                images=img,
+                adapter=adapter,
+                max_new_tokens=max_new_tokens,
+            )
+            for img in images
+        ]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def ask(self, questions: Sequence[str]) -> list[str]:
+        """One question per dialogue, in row order; returns the answers in the same order."""
+        if len(questions) != len(self.rows):
+            raise ValueError(
+                f"got {len(questions)} questions for a batch of {len(self.rows)} dialogues"
+            )
+        return [row.ask(q) for row, q in zip(self.rows, questions, strict=True)]
+
+    def set_answers(self, answers: Sequence[str]) -> None:
+        """Replace every row's last answer (gold history)."""
+        if len(answers) != len(self.rows):
+            raise ValueError(f"got {len(answers)} answers for {len(self.rows)} dialogues")
+        for row, a in zip(self.rows, answers, strict=True):
+            row.set_answer(row.turns - 1, a)
+
+    @property
+    def visual_tokens(self) -> list[list[int] | None]:
+        """Visual tokens kept per image, per dialogue."""
+        return [row.visual_tokens for row in self.rows]
+
+    @property
+    def prefill_s(self) -> list[list[float]]:
+        """Per-turn prefill seconds, per dialogue."""
+        return [row.prefill_s for row in self.rows]

@@ -1,0 +1,384 @@
+"""MLflow access for the pipeline: the only module of the project that imports mlflow.
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` when set (a shared server), else
+``sqlite:///<root>/mlflow.db`` where ``<root>`` is the working directory (DVC runs every stage
+from the checkout). With a SQLite store, artifacts go to ``<db folder>/mlartifacts/<experiment>``
+(MLflow would otherwise write ``./mlruns`` wherever the process happens to run).
+
+What is recorded:
+- one run per training cell (arch, rate), found again by its tags by the evaluate and register
+  stages: params, per-step curves, metrics, plots, tags ``arch``, ``rate``, ``git_sha``,
+  ``dvc.<out>`` (the DVC hash of each input the stage used), ``ckpt_sha256``;
+- one registered model per cell (``metacompress-<arch>-r<rate>``); a new version only when the
+  checkpoint's content hash is new; alias ``champion`` on the best version by evaluation.
+
+Loading needs no unpickling: a version's source is the plain checkpoint folder
+(``compressor.safetensors`` + ``compressor.json``), downloaded and read by
+``mc_core.checkpoint.load_compressor``; see :func:`load_compressor`.
+
+The SQLite schema is created once, under a file lock, by :func:`migrate` (the flow calls it
+before fanning cells out: concurrent first connections race in MLflow's migrations).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_URI = "MLFLOW_TRACKING_URI"
+CHAMPION = "champion"
+_MIGRATED: set[str] = set()
+
+
+def tracking_uri(root: str | Path | None = None) -> str:
+    """The tracking URI: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<root>/mlflow.db``."""
+    env = os.environ.get(ENV_URI)
+    if env:
+        return env
+    root = Path(root or Path.cwd()).resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def _lock_dir(uri: str) -> Path:
+    db = _sqlite_path(uri)
+    base = db.parent if db is not None else Path.cwd()
+    return base / ".mlflow-locks"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if needed); works across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def client(uri: str | None = None):
+    """An ``MlflowClient`` on ``uri`` (default :func:`tracking_uri`), schema migrated first."""
+    from mlflow import MlflowClient
+
+    uri = uri or tracking_uri()
+    migrate(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def migrate(uri: str | None = None) -> str:
+    """Create or upgrade the store's schema once, under a file lock; returns the URI."""
+    uri = uri or tracking_uri()
+    if uri in _MIGRATED:
+        return uri
+    from mlflow import MlflowClient
+
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(_lock_dir(uri) / "migrate.lock"):
+        # The first store access runs MLflow's migrations; the lock serialises processes.
+        MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+    _MIGRATED.add(uri)
+    return uri
+
+
+def experiment_id(name: str, uri: str | None = None) -> str:
+    """Get or create experiment ``name``; on SQLite its artifacts live under ``mlartifacts/``."""
+    uri = uri or tracking_uri()
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    db = _sqlite_path(uri)
+    location = (db.parent / "mlartifacts" / name).as_uri() if db is not None else None
+    with file_lock(_lock_dir(uri) / "experiments.lock"):
+        exp = c.get_experiment_by_name(name)
+        return exp.experiment_id if exp else c.create_experiment(name, artifact_location=location)
+
+
+def git_sha(root: str | Path | None = None) -> str:
+    """HEAD's sha (``-dirty`` when tracked files changed), or ``"unknown"`` outside git."""
+    root = str(root or Path.cwd())
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty.strip() else "")
+
+
+def dvc_hashes(paths: list[str], lock: str | Path = "dvc.lock") -> dict[str, str]:
+    """DVC's recorded hash of each of ``paths`` (an out of some stage in ``dvc.lock``).
+
+    Returns ``{"dvc.<path>": md5}`` for the paths found (a stage run outside DVC has none).
+    """
+    lock = Path(lock)
+    if not lock.exists():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    found: dict[str, str] = {}
+    for stage in stages.values():
+        for out in stage.get("outs", []) or []:
+            if out.get("path") in paths and out.get("md5"):
+                found[f"dvc.{out['path']}"] = out["md5"]
+    return found
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """SHA-256 over the relative names and bytes of every file of a checkpoint folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: checkpoint folder not found")
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    if not files:
+        raise ValueError(f"{path}: checkpoint folder is empty")
+    for f in files:
+        h.update(str(f.relative_to(path)).encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _str(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+# -- runs ---------------------------------------------------------------------------------------
+
+def find_cell_run(experiment: str, arch: str, rate: str, *, ckpt_sha256: str | None = None,
+                  uri: str | None = None) -> str | None:
+    """The newest training run of a cell (optionally of one checkpoint), or None."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    flt = f"tags.arch = '{arch}' and tags.rate = '{rate}' and tags.kind = 'train'"
+    if ckpt_sha256:
+        flt += f" and tags.ckpt_sha256 = '{ckpt_sha256}'"
+    runs = c.search_runs([exp.experiment_id], filter_string=flt,
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def start_cell_run(experiment: str, arch: str, rate: str, *, params: Mapping[str, Any],
+                   tags: Mapping[str, str] | None = None, uri: str | None = None) -> str:
+    """Create the training run of a cell (status RUNNING); returns its id."""
+    c = client(uri)
+    all_tags = {"arch": arch, "rate": rate, "kind": "train", "git_sha": git_sha(),
+                **dvc_hashes(["data/train", "data/test", f"models/base/{arch}"]), **(tags or {})}
+    run = c.create_run(experiment_id(experiment, uri), run_name=f"train-{arch}-r{rate}",
+                       tags=all_tags)
+    log_params(run.info.run_id, params, uri=uri)
+    return run.info.run_id
+
+
+def log_params(run_id: str, params: Mapping[str, Any], *, uri: str | None = None) -> None:
+    """Log a flat mapping of params (values JSON-encoded when not strings)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, _str(v)[:6000]) for k, v in params.items()]
+    if items:
+        client(uri).log_batch(run_id, params=items)
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], *, step: int | None = None,
+                uri: str | None = None) -> None:
+    """Log numeric metrics (non-finite or non-numeric values are skipped) at ``step``."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(_metric_key(k), float(v), ts, step or 0) for k, v in metrics.items()
+             if isinstance(v, int | float) and not isinstance(v, bool) and v == v]
+    if items:
+        client(uri).log_batch(run_id, metrics=items)
+
+
+def _metric_key(key: str) -> str:
+    # MLflow keys allow alphanumerics, _ - . space / ; anything else becomes "_".
+    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", key)
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any], *, uri: str | None = None) -> None:
+    """Set tags on a run."""
+    from mlflow.entities import RunTag
+
+    client(uri).log_batch(run_id, tags=[RunTag(k, _str(v)) for k, v in tags.items()])
+
+
+def log_artifacts(run_id: str, path: str | Path, artifact_path: str | None = None, *,
+                  uri: str | None = None) -> None:
+    """Upload a file or folder to the run's artifacts."""
+    c = client(uri)
+    path = Path(path)
+    if path.is_dir():
+        c.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        c.log_artifact(run_id, str(path), artifact_path)
+
+
+def end_run(run_id: str, status: str = "FINISHED", *, uri: str | None = None) -> None:
+    """Mark a run finished (or FAILED)."""
+    client(uri).set_terminated(run_id, status)
+
+
+class StepLogger:
+    """Per-step curves into one run, buffered so SQLite sees one write per ``flush_every`` steps.
+
+    Call it as ``logger(step, {"loss": ..., "kl": ...})``; :meth:`flush` at the end.
+    """
+
+    def __init__(self, run_id: str, *, prefix: str = "train/", flush_every: int = 20,
+                 uri: str | None = None):
+        self.run_id, self.prefix, self.flush_every, self.uri = run_id, prefix, flush_every, uri
+        self._buf: list[Any] = []
+
+    def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if isinstance(v, int | float) and not isinstance(v, bool) and v == v:
+                self._buf.append(Metric(_metric_key(self.prefix + k), float(v), ts, int(step)))
+        if len(self._buf) >= self.flush_every * max(1, len(metrics)):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered points (MLflow caps a batch at 1000 metrics)."""
+        while self._buf:
+            chunk, self._buf = self._buf[:1000], self._buf[1000:]
+            client(self.uri).log_batch(self.run_id, metrics=chunk)
+
+
+# -- registry -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Registration:
+    """What ``tasks.register`` writes to ``reports/registry/<cell>.json``."""
+
+    name: str
+    version: str
+    created: bool
+    champion: str
+    ckpt_sha256: str
+    run_id: str
+    score: float
+    metric: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON)."""
+        return asdict(self)
+
+
+def _score_of(version: Any) -> float | None:
+    try:
+        return float(version.tags["score"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def set_champion(name: str, *, higher_is_better: bool = True, uri: str | None = None) -> str:
+    """Point alias ``champion`` at the best-scored version (ties: the newest); returns it."""
+    c = client(uri)
+    versions = c.search_model_versions(f"name = '{name}'")
+    scored = [(s, int(v.version)) for v in versions if (s := _score_of(v)) is not None]
+    if not scored:
+        raise ValueError(f"registered model {name!r} has no version with a 'score' tag")
+    sign = 1.0 if higher_is_better else -1.0
+    best = max(scored, key=lambda sv: (sign * sv[0], sv[1]))[1]
+    c.set_registered_model_alias(name, CHAMPION, str(best))
+    return str(best)
+
+
+def register_checkpoint(name: str, ckpt_dir: str | Path, *, run_id: str, score: float,
+                        metric: str, higher_is_better: bool = True,
+                        tags: Mapping[str, Any] | None = None,
+                        uri: str | None = None) -> Registration:
+    """Register a checkpoint folder as a version of ``name`` unless that content already is one.
+
+    The checkpoint's SHA-256 is the identity: registering the same bytes again returns the
+    existing version (``created=False``). The folder is uploaded to ``run_id``'s artifacts under
+    ``compressor/`` and the version's source points at it. Per-name file lock: concurrent
+    registrations of one name cannot both mint a version for the same checkpoint.
+    """
+    uri = uri or tracking_uri()
+    c = client(uri)
+    ckpt = checkpoint_hash(ckpt_dir)
+    from mlflow.exceptions import MlflowException
+
+    with file_lock(_lock_dir(uri) / f"register-{name}.lock"):
+        try:
+            c.create_registered_model(name, tags={"project": "metacompress"})
+        except MlflowException as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise
+        existing = [v for v in c.search_model_versions(f"name = '{name}'")
+                    if v.tags.get("ckpt_sha256") == ckpt]
+        if existing:
+            version = str(min(int(v.version) for v in existing))
+            created = False
+        else:
+            artifact_path = f"compressor-{ckpt[:12]}"
+            c.log_artifacts(run_id, str(ckpt_dir), artifact_path)
+            source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+            all_tags = {**{k: _str(v) for k, v in (tags or {}).items()},
+                        "ckpt_sha256": ckpt, "score": repr(float(score)), "metric": metric}
+            mv = c.create_model_version(name, source, run_id=run_id, tags=all_tags)
+            version, created = str(mv.version), True
+        champion = set_champion(name, higher_is_better=higher_is_better, uri=uri)
+    return Registration(name=name, version=version, created=created, champion=champion,
+                        ckpt_sha256=ckpt, run_id=run_id, score=float(score), metric=metric)
+
+
+def resolve(model_uri: str, *, uri: str | None = None) -> tuple[str, str]:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> (name, version)."""
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
+    if not m:
+        raise ValueError(f"{model_uri!r}: expected models:/<name>@<alias> or models:/<name>/<n>")
+    name, alias, version = m.groups()
+    if alias:
+        version = client(uri).get_model_version_by_alias(name, alias).version
+    return name, str(version)
+
+
+def download(model_uri: str, dst: str | Path | None = None, *, uri: str | None = None) -> Path:
+    """Download a registered checkpoint folder (``models:/<name>@champion`` or ``/<version>``)."""
+    import mlflow.artifacts
+
+    uri = uri or tracking_uri()
+    name, version = resolve(model_uri, uri=uri)
+    # Resolved here rather than through mlflow's models:/ repository, which reads the global
+    # registry URI instead of the one we were given.
+    source = client(uri).get_model_version_download_uri(name, version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=source,
+                                                dst_path=str(dst) if dst else None,
+                                                tracking_uri=uri)
+    return Path(local)
+
+
+def load_compressor(model_uri: str, *, expect: dict | None = None, uri: str | None = None):
+    """One call from the registry to a ``Compressor``: download, then read safetensors + JSON.
+
+    Example: ``load_compressor("models:/metacompress-tiny-llava-r0.9@champion")``.
+    """
+    from mc_core.checkpoint import load_compressor as _load
+
+    return _load(download(model_uri, uri=uri), expect=expect)

@@ -1,0 +1,160 @@
+"""The inference benchmark runs end to end on tiny shapes and writes valid results.
+
+No timing assertions: timings on a shared CPU are noise. The properties checked are the ones the
+harness computes exactly (token counts, ideal ratios, fields, files).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bench import inference, report, shapes
+from bench.__main__ import main
+
+METHODS = ["none", "sample", "metacompress", "fastv"]
+RATES = [0.5, 0.9]
+
+
+@pytest.fixture(scope="module")
+def result():
+    torch.set_num_threads(1)
+    return inference.run(
+        "llava-1.5-7b", "tiny", device="cpu", rates=RATES, methods=METHODS,
+        repeats=2, warmup=0, new_tokens=2, turns=3, threads=1,
+    )
+
+
+def test_every_case_present_with_required_fields(result):
+    cases = result["cases"]
+    assert [(c["method"], c["rate"]) for c in cases] == [("none", 0.0)] + [
+        (m, r) for r in RATES for m in METHODS[1:]
+    ]
+    for c in cases:
+        for k in report.REQUIRED_CASE_FIELDS:
+            assert k in c, k
+        assert c["samples"] == 2
+        assert c["arch"] == "llava-1.5-7b"
+        # Every interval is a real duration; e2e covers ttft plus the decoding.
+        for k in ("vision_ms", "prefill_ms", "ttft_ms", "e2e_ms"):
+            assert c[k] > 0, (c["method"], k)
+        assert c["e2e_ms"] >= c["ttft_ms"]
+
+
+def test_token_counts_and_ideal_ratios_are_exact(result):
+    prompt = shapes.PromptShape()
+    text = prompt.before_image + prompt.after_image
+    base = result["cases"][0]
+    assert base["visual_tokens"] == 576  # CLIP-L/14 at 336 px: 24 x 24 patches
+    assert base["seq_len"] == text + 576
+    assert base["speedup_ideal"] == 1.0
+    for c in result["cases"][1:]:
+        m = math.ceil((1 - c["rate"]) * 576)  # contract: m = ceil((1 - rate) n)
+        assert c["visual_tokens"] == m, c
+        assert c["seq_len"] == text + m
+        assert c["speedup_ideal"] == pytest.approx((text + 576) / (text + m), rel=1e-3)
+        # Quadratic attention makes the FLOPs ratio exceed the linear token ratio.
+        assert c["speedup_ideal_flops"] > c["speedup_ideal"]
+
+
+def test_overhead_vs_sample_defined_per_rate(result):
+    for c in result["cases"]:
+        if c["method"] == "none":
+            assert c["overhead_vs_sample"] is None
+        else:
+            assert isinstance(c["overhead_vs_sample"], float)
+        if c["method"] == "sample":
+            assert c["overhead_vs_sample"] == pytest.approx(0.0, abs=1e-9)  # its own ratio
+    t = result["targets"]
+    assert t["rate"] == 0.9
+    assert set(t["measured_over_ideal"]) == set(METHODS[1:])
+    assert {"metacompress_vs_sample", "metacompress_overhead_pct"} <= set(t)
+
+
+def test_write_all_outputs(result, tmp_path):
+    paths = report.write_all(result, tmp_path, "testbox")
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "testbox-llava-1.5-7b-tiny.json", "testbox-llava-1.5-7b-tiny.md",
+        "testbox-llava-1.5-7b-tiny.png",
+    }
+    data = json.loads(paths["json"].read_text())  # strict JSON: NaN would not parse back as such
+    assert data["machine"]["torch"] == torch.__version__
+    assert data["machine"]["cpu_count"] >= 1
+    assert data["scale"] == "tiny" and data["dtype"] == "float32"
+    assert len(data["cases"]) == len(result["cases"])
+    md = paths["md"].read_text()
+    for m in METHODS:
+        assert f"| {m} |" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_writes_results(tmp_path, capsys):
+    rc = main(["--arch", "llava-1.5-7b", "--scale", "tiny", "--device", "cpu", "--rates", "0.75",
+               "--methods", "sample", "--repeats", "1", "--warmup", "0", "--threads", "1",
+               "--new-tokens", "1", "--turns", "2", "--machine", "m", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "m-llava-1.5-7b-tiny.json").read_text())
+    assert [c["method"] for c in data["cases"]] == ["none", "sample"]
+    assert "--scale tiny" in data["command"] or data["command"].startswith("python -m bench")
+    assert "rate 0.9 not benchmarked" in data["targets"]["note"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(rates=[0.9, 1.0]), "--rates"),
+        (dict(rates=[float("nan")]), "--rates"),
+        (dict(methods=["none", "nope"]), "nope"),
+        (dict(repeats=0), "--repeats"),
+        (dict(scale="real"), "CUDA"),
+        (dict(scale="huge"), "scale"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    args = dict(device="cpu", rates=[0.5], methods=["none"], repeats=1, warmup=0) | kwargs
+    scale = args.pop("scale", "tiny")
+    with pytest.raises(ValueError, match=match):
+        inference.run("llava-1.5-7b", scale, **args)
+
+
+def test_unknown_arch_raises():
+    with pytest.raises(ValueError, match="--arch"):
+        shapes.get_arch("llava-99b")
+
+
+@pytest.mark.parametrize("arch", sorted(shapes.ARCHS))
+def test_shapes_build_and_count_tokens(arch):
+    spec = shapes.get_arch(arch)
+    real = shapes.build_config(spec, "real").get_text_config()
+    assert real.hidden_size >= 3584 and real.num_hidden_layers >= 28  # the 7B shapes
+    model = shapes.build_model(spec, "tiny")
+    inputs = shapes.make_inputs(model, spec)
+    n = shapes.visual_token_count(inputs, model.config.image_token_id)
+    # LLaVA: 24x24; LLaVA-NeXT 672x672: base 576 + 48x48 crops + 48 newlines; Qwen: 48x48 / 4.
+    assert n == {"llava-1.5-7b": 576, "llava-next-7b": 2928, "qwen2-vl-7b": 576}[arch]
+
+
+def test_fallback_flops_quadratic_term():
+    cfg = shapes.build_config(shapes.get_arch("llava-1.5-7b"), "real").get_text_config()
+    f = lambda L: inference._fallback_prefill_flops(cfg, L)  # noqa: E731
+    # 7B dense decoder: ~2 * 6.5e9 FLOPs per token of projections and MLP (exact: 12.9e9 here).
+    assert 12e9 < (f(2) - f(1)) < 14.5e9
+    assert f(2000) - 2 * f(1000) > 0  # the L^2 attention term grows faster than linear
+
+
+def test_clock_and_peak_memory_on_cpu():
+    clock = inference.Clock(torch.device("cpu"))
+    clock.mark("a")
+    clock.mark("b")
+    clock.mark("c")
+    t = clock.intervals()
+    assert list(t) == ["b", "c"] and all(v >= 0 for v in t.values())
+    with inference.PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(8 * 2**20 // 4)  # 8 MiB touched
+        x += 1
+    assert mem.peak_mb > 0
+    if mem.method.startswith("VmHWM"):
+        assert mem.delta_mb >= 7  # the 8 MiB buffer, minus allocator slack

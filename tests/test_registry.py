@@ -1,0 +1,158 @@
+"""The MLflow registry on a temporary SQLite database: versions, alias, lineage, concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tasks import tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory) -> Path:
+    """A migrated MLflow SQLite database, built once (migrations take seconds)."""
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    tracking.migrate(f"sqlite:///{db}")
+    return db
+
+
+@pytest.fixture
+def store(template_db, tmp_path, monkeypatch) -> str:
+    """A fresh copy of the template database in tmp_path, used as the tracking URI."""
+    db = tmp_path / "mlflow.db"
+    shutil.copy(template_db, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv(tracking.ENV_URI, uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
+def _ckpt(path: Path, payload: str) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "compressor.safetensors").write_bytes(payload.encode())
+    (path / "compressor.json").write_text(json.dumps({"method": "metacompress", "p": payload}))
+    return path
+
+
+def _run(store: str, arch="tiny-llava", rate="0.9") -> str:
+    return tracking.start_cell_run("exp", arch, rate, params={"lr": 1e-3, "grid": [1, 2]},
+                                   tags={"profile": "test"}, uri=store)
+
+
+def test_versions_alias_and_dedup(store, tmp_path):
+    run = _run(store)
+    a = _ckpt(tmp_path / "a", "weights-a")
+    r1 = tracking.register_checkpoint("m-tiny-r0.9", a, run_id=run, score=0.6, metric="acc_avg",
+                                      tags={"arch": "tiny-llava", "rate": "0.9"}, uri=store)
+    assert (r1.version, r1.created, r1.champion) == ("1", True, "1")
+
+    # Same bytes again (a DVC re-run, a forced stage): no new version.
+    again = tracking.register_checkpoint("m-tiny-r0.9", a, run_id=run, score=0.6,
+                                         metric="acc_avg", uri=store)
+    assert (again.version, again.created) == ("1", False)
+
+    # A changed but worse checkpoint: version 2, champion stays on 1.
+    b = _ckpt(tmp_path / "b", "weights-b")
+    r2 = tracking.register_checkpoint("m-tiny-r0.9", b, run_id=run, score=0.4, metric="acc_avg",
+                                      uri=store)
+    assert (r2.version, r2.created, r2.champion) == ("2", True, "1")
+    # A better one takes the alias.
+    c = _ckpt(tmp_path / "c", "weights-c")
+    r3 = tracking.register_checkpoint("m-tiny-r0.9", c, run_id=run, score=0.8, metric="acc_avg",
+                                      uri=store)
+    assert (r3.version, r3.champion) == ("3", "3")
+    cl = tracking.client(store)
+    assert str(cl.get_model_version_by_alias("m-tiny-r0.9", "champion").version) == "3"
+    assert len(cl.search_model_versions("name = 'm-tiny-r0.9'")) == 3
+
+    # Lower-is-better metrics (KL) pick the smallest score.
+    assert tracking.set_champion("m-tiny-r0.9", higher_is_better=False, uri=store) == "2"
+
+
+def test_lineage_tags_and_download(store, tmp_path):
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  prepare:\n    cmd: x\n    outs:\n"
+        "    - path: data/train\n      md5: abc123.dir\n")
+    run = _run(store)
+    tracking.log_metrics(run, {"acc": 0.5, "nan": float("nan"), "flag": True}, uri=store)
+    steps = tracking.StepLogger(run, flush_every=2, uri=store)
+    for s in range(5):
+        steps(s, {"loss": 1.0 / (s + 1)})
+    steps.flush()
+    cl = tracking.client(store)
+    r = cl.get_run(run)
+    assert r.data.tags["arch"] == "tiny-llava" and r.data.tags["rate"] == "0.9"
+    assert r.data.tags["dvc.data/train"] == "abc123.dir"
+    assert r.data.tags["git_sha"]  # "unknown" outside git: still present
+    assert r.data.params["lr"] == "0.001"
+    # NaN and booleans are not metrics.
+    assert set(r.data.metrics) == {"acc", "train/loss"}
+    assert [m.step for m in cl.get_metric_history(run, "train/loss")] == [0, 1, 2, 3, 4]
+    assert tracking.find_cell_run("exp", "tiny-llava", "0.9", uri=store) == run
+    assert tracking.find_cell_run("exp", "tiny-llava", "0.5", uri=store) is None
+
+    ck = _ckpt(tmp_path / "ck", "payload")
+    reg = tracking.register_checkpoint("m", ck, run_id=run, score=1.0, metric="acc_avg",
+                                       tags={"git_sha": "deadbeef"}, uri=store)
+    mv = cl.get_model_version("m", reg.version)
+    assert mv.tags["ckpt_sha256"] == tracking.checkpoint_hash(ck)
+    assert mv.tags["git_sha"] == "deadbeef" and mv.run_id == run
+    # Artifacts land under the db's folder (mlartifacts/), not ./mlruns.
+    assert (tmp_path / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+    local = tracking.download("models:/m@champion", tmp_path / "dl", uri=store)
+    assert (local / "compressor.safetensors").read_bytes() == b"payload"
+    assert tracking.resolve("models:/m/1", uri=store) == ("m", "1")
+    with pytest.raises(ValueError, match="expected models:/"):
+        tracking.resolve("runs:/abc/x", uri=store)
+
+
+def test_bad_checkpoint_folder_named(store, tmp_path):
+    with pytest.raises(ValueError, match="missing-dir: checkpoint folder not found"):
+        tracking.checkpoint_hash(tmp_path / "missing-dir")
+
+
+@pytest.mark.pipeline
+def test_four_cells_register_at_once(store, tmp_path):
+    """Four processes (like four DVC cells) register into one SQLite store: nothing is lost."""
+    code = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        from tasks import tracking
+        i = sys.argv[1]
+        d = Path(sys.argv[2]) / f"ck{i}"
+        d.mkdir()
+        (d / "compressor.safetensors").write_bytes(b"w" + i.encode())
+        (d / "compressor.json").write_text("{}")
+        run = tracking.start_cell_run("exp", "tiny-llava", "0." + i, params={"i": i})
+        r = tracking.register_checkpoint(f"cell-{i}", d, run_id=run, score=0.5,
+                                         metric="acc_avg")
+        r2 = tracking.register_checkpoint("shared", d, run_id=run, score=float(i),
+                                          metric="acc_avg")
+        print(r.version, r2.version)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(1, 5)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    cl = tracking.client(store)
+    for i in range(1, 5):
+        assert [str(v.version) for v in cl.search_model_versions(f"name = 'cell-{i}'")] == ["1"]
+    shared = cl.search_model_versions("name = 'shared'")
+    # Four distinct checkpoints into one name from four processes: versions 1..4, no loss.
+    assert sorted(int(v.version) for v in shared) == [1, 2, 3, 4]
+    best = max(shared, key=lambda v: float(v.tags["score"]))
+    assert str(cl.get_model_version_by_alias("shared", "champion").version) == str(best.version)
+    runs = cl.search_runs([cl.get_experiment_by_name("exp").experiment_id])
+    assert len(runs) == 4
