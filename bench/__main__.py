@@ -7,6 +7,7 @@ Example (the committed CPU results):
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from bench.inference import DEFAULT_METHODS, DEFAULT_RATES, machine_slug, resolve_device, run
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=4, help="greedy tokens per turn")
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: all usable cores)")
+                   help="torch CPU threads (default 1 on CPU: robust on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--machine", default=None,
                    help="machine label in file names (default: GPU name or cpu-<cores>c)")
@@ -46,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark for each --arch and write JSON, markdown and PNG under --out."""
-    args = parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv_used)
     machine = args.machine or machine_slug(resolve_device(args.device))
     for arch in args.arch:
         result = run(
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             progress=lambda line, a=arch: print(f"[{a}] {line}", file=sys.stderr, flush=True),
         )
+        result["command"] = shlex.join(["python", "-m", "bench", *argv_used])
         paths = write_all(result, args.out, machine)
         print(paths["md"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -28,7 +28,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -137,38 +136,11 @@ class PeakMemory:
 # FLOPs
 
 
-def _fallback_prefill_flops(text_config, seq_len: int) -> float:
-    """Analytic prefill FLOPs of a Llama-style decoder (2 FLOPs per multiply-add).
+def prefill_flops_fn(model) -> Callable[[int], float]:
+    """seq_len -> analytic LLM prefill FLOPs of `model` (`mc_core.flops.prefill_flops`)."""
+    from mc_core.flops import prefill_flops
 
-    Projections q/k/v/o, gated MLP, attention scores and weighted sum over the full L x L square
-    (the usual convention, e.g. FastV's), LM head on the last position only.
-    """
-    h = text_config.hidden_size
-    heads = text_config.num_attention_heads
-    head_dim = getattr(text_config, "head_dim", None) or h // heads
-    kv = (getattr(text_config, "num_key_value_heads", None) or heads) * head_dim
-    inter = text_config.intermediate_size
-    per_layer = (
-        2 * seq_len * (2 * h * heads * head_dim + 2 * h * kv)  # q, o and k, v projections
-        + 2 * seq_len * 3 * h * inter  # gate, up, down
-        + 2 * 2 * seq_len**2 * heads * head_dim  # QK^T and AV
-    )
-    return text_config.num_hidden_layers * per_layer + 2 * h * text_config.vocab_size
-
-
-def prefill_flops_fn(model) -> tuple[Callable[[int], float], str]:
-    """(seq_len -> LLM prefill FLOPs, source): `mc_core.flops` when it exists, else bench's own."""
-    text_config = model.config.get_text_config()
-    try:
-        from mc_core import flops as mc_flops
-    except ImportError:
-        return (lambda L: _fallback_prefill_flops(text_config, L)), "bench (mc_core.flops absent)"
-    fn = getattr(mc_flops, "prefill_flops", None)
-    if fn is None:
-        return (lambda L: _fallback_prefill_flops(text_config, L)), (
-            "bench (mc_core.flops has no prefill_flops)"
-        )
-    return (lambda L: float(fn(text_config, L))), "mc_core.flops.prefill_flops"
+    return lambda seq_len: float(prefill_flops(model.config, seq_len))
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +175,7 @@ class Bench:
     later_turns: list[torch.Tensor]
     new_tokens: int
     device: torch.device
+    fastv_layer: int = FASTV_LAYER
 
 
 def _reset_state(model, adapter=None) -> None:
@@ -245,7 +218,7 @@ def run_once(bench: Bench, case: Case) -> dict[str, float]:
         need = frozenset(comp.needs)
         ctxs = adapter.contexts(inputs, need=need - {"prompt_attention"})
         if "prompt_attention" in need:
-            scores = prompt_attention(model, adapter, inputs, layer=FASTV_LAYER)
+            scores = prompt_attention(model, adapter, inputs, layer=bench.fastv_layer)
             for ctx, s in zip(ctxs, scores, strict=True):
                 ctx.prompt_attention = s
         clock.mark("context_ms")
@@ -380,7 +353,7 @@ def run(
     new_tokens: int = 4,
     turns: int = 3,
     threads: int | None = None,
-    prompt: PromptShape = PromptShape(),
+    prompt: PromptShape | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
@@ -397,8 +370,8 @@ def run(
         warmup: untimed rounds first.
         new_tokens: greedy tokens decoded per turn (>= 1).
         turns: dialogue turns (>= 1); turn 1 carries the image.
-        threads: torch CPU threads (default: all usable cores); fixed for the whole run.
-        prompt: text token counts around the image and per later turn.
+        threads: torch CPU threads (default 1 on CPU, see below); fixed for the whole run.
+        prompt: text token counts around the image and per later turn (default PromptShape()).
         seed: seed of the weights, pixels and text ids.
         progress: called with one line per finished round (e.g. `print`).
 
@@ -409,6 +382,7 @@ def run(
     from mc_core.adapters import for_model
     from mc_core.compressors import available, build
 
+    prompt = prompt or PromptShape()
     shape: ArchShape = get_arch(arch)
     dev = resolve_device(device)
     if scale == "real" and dev.type != "cuda":
@@ -424,8 +398,10 @@ def run(
             raise ValueError(f"--threads={threads!r} must be >= 1")
         torch.set_num_threads(threads)
     elif dev.type == "cpu":
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                              else os.cpu_count() or 1)
+        # One thread by default: on a shared machine, multi-threaded kernels wait at every
+        # barrier for a descheduled thread and timings blow up (measured here: a 114-token
+        # prefill 10x slower with 2 threads under load); pass --threads on a quiet machine.
+        torch.set_num_threads(1)
     # bf16 + sdpa on GPU (what serving uses); fp32 on CPU, where bf16 matmuls are often slower.
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     machine = describe_machine(dev)
@@ -436,8 +412,11 @@ def run(
     inputs = make_inputs(model, shape, prompt, seed=seed)
     adapter = for_model(model)
     later = [turn_ids(model, prompt.later_turn, seed=seed + i) for i in range(2, turns + 1)]
-    bench = Bench(model, adapter, inputs, later, new_tokens, dev)
-    dim = model.config.get_text_config().hidden_size
+    text_cfg = model.config.get_text_config()
+    # FastV's K = 2, or the last layer of a shallower (test) LLM.
+    fastv_layer = min(FASTV_LAYER, text_cfg.num_hidden_layers - 1)
+    bench = Bench(model, adapter, inputs, later, new_tokens, dev, fastv_layer)
+    dim = text_cfg.hidden_size
 
     cases = [Case("none", None)]
     for rate in rates:
@@ -461,12 +440,12 @@ def run(
                 run_once(bench, case)
             case.peak_mem_mb, case.peak_mem_delta_mb = mem.peak_mb, mem.delta_mb
 
-    flops, flops_source = prefill_flops_fn(model)
+    flops = prefill_flops_fn(model)
     machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result = {
         "schema": 1,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m bench", *sys.argv[1:]]) if sys.argv else "",
+        "command": None,  # set by the CLI (bench.__main__), which knows its argv
         "arch": arch,
         "scale": scale,
         "scale_note": _scale_note(shape, scale),
@@ -484,7 +463,8 @@ def run(
             "statistic": "median over rounds; ratios are medians of per-round paired ratios",
         },
         "memory_method": mem.method,
-        "flops_source": flops_source,
+        "fastv_layer": fastv_layer,
+        "flops_source": "mc_core.flops.prefill_flops (LLM prefill, causal attention)",
         "notes": [
             "Random weights: timings only. metacompress is the untrained generator (its init, "
             "W_q = W_k); training changes its weights, not its cost.",
@@ -524,7 +504,7 @@ def _summarise(cases: list[Case], arch: str, flops: Callable[[int], float]) -> l
     keys = base.times[0].keys()
     rows = []
     for c in cases:
-        med = {k: round(_median([t[k] for t in c.times]), 3) for k in keys}
+        med = {k: _median([t[k] for t in c.times]) for k in keys}
         f_full, f_comp = flops(base.seq_len), flops(c.seq_len)
         row = {
             "method": c.method,
@@ -532,7 +512,7 @@ def _summarise(cases: list[Case], arch: str, flops: Callable[[int], float]) -> l
             "arch": arch,
             "visual_tokens": c.visual_tokens,
             "seq_len": c.seq_len,
-            "prefill_tflops": round(f_comp / 1e12, 4),
+            "prefill_tflops": f_comp / 1e12,
             **med,
             "speedup_measured": _paired(base, c, _post_tower, _post_tower),
             "speedup_llm_prefill": _paired(base, c, lambda t: t["prefill_ms"],
@@ -552,7 +532,9 @@ def _summarise(cases: list[Case], arch: str, flops: Callable[[int], float]) -> l
             "peak_mem_delta_mb": round(c.peak_mem_delta_mb, 1),
             "samples": len(c.times),
         }
-        rows.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+        # 5 significant digits: enough for ms timings and ratios, keeps tiny FLOP counts.
+        rows.append({k: (float(f"{v:.5g}") if isinstance(v, float) else v)
+                     for k, v in row.items()})
     return rows
 
 

@@ -83,7 +83,8 @@ def markdown(result: dict) -> str:
             f"| {f(r['speedup_measured'], '.2f')} | {f(r['speedup_ideal'], '.2f')} "
             f"| {f(r['speedup_ideal_flops'], '.2f')} | {f(r['speedup_ttft'], '.2f')} "
             f"| {f(r['compress_pct_of_prefill'], '.2f')} "
-            f"| {'–' if vs is None else format(100 * vs, '+.1f') + '%'} | {f(r['peak_mem_mb'], '.0f')} |"
+            f"| {'–' if vs is None else format(100 * vs, '+.1f') + '%'} "
+            f"| {f(r['peak_mem_mb'], '.0f')} |"
         )
     tail = ["", f"Targets at {result['targets']['rate']:g} reduction:", ""]
     t = result["targets"]
@@ -116,7 +117,11 @@ def plot(result: dict, path: Path) -> None:
     for ax, rate in zip(axes[0], rates, strict=False):
         by = {r["method"]: r for r in rows if r["rate"] == rate}
         xs = range(len(methods))
-        get = lambda k: [by[m][k] if m in by else float("nan") for m in methods]  # noqa: E731
+
+        def get(k, by=by):
+            return [by[m][k] if m in by and by[m][k] is not None else float("nan")
+                    for m in methods]
+
         ax.bar([x - 0.2 for x in xs], get("speedup_measured"), 0.4, label="measured (post-tower)")
         ax.bar([x + 0.2 for x in xs], get("speedup_ttft"), 0.4, label="measured TTFT", alpha=0.6)
         ax.plot(xs, get("speedup_ideal"), "k_", markersize=18, mew=2, label="ideal (tokens)")
@@ -147,3 +152,35 @@ def write_all(result: dict, out_dir: str | Path, machine: str) -> dict[str, Path
     _atomic_write(paths["md"], lambda p: p.write_text(md))
     plot(result, paths["png"])
     return paths
+
+
+def summary(results: list[dict], rate: float = 0.9) -> str:
+    """One markdown table over result files: each method at `rate` against its `none`."""
+    lines = [
+        "| machine | arch (scale) | method | TTFT ms (none → method) | prefill speedup measured "
+        "| ideal tokens / FLOPs | measured / ideal | vs sample | generator % of prefill |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        m = res["machine"]
+        where = m.get("gpu") or f"{m['cpu']} ({m['torch_threads']} thr)"
+        base = res["cases"][0]
+        for r in res["cases"]:
+            if r["rate"] is None or not math.isclose(r["rate"], rate):
+                continue
+            vs = r["overhead_vs_sample"]
+            lines.append(
+                f"| {where} | {res['arch']} ({res['scale']}) | {r['method']} "
+                f"| {base['ttft_ms']:.0f} → {r['ttft_ms']:.0f} | {r['speedup_measured']:.2f}x "
+                f"| {r['speedup_ideal']:.2f}x / {r['speedup_ideal_flops']:.2f}x "
+                f"| {r['speedup_measured'] / r['speedup_ideal']:.2f} "
+                f"| {'–' if vs is None else format(100 * vs, '+.1f') + '%'} "
+                f"| {r['compress_pct_of_prefill']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m bench.report bench/results/*.json  -> summary table
+    import sys
+
+    print(summary([json.loads(Path(p).read_text()) for p in sys.argv[1:]]))

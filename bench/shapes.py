@@ -121,7 +121,9 @@ _CPU_TEXT = dict(
     num_attention_heads=16,
     num_key_value_heads=16,
 )
-_CPU_CLIP = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
+_CPU_CLIP = dict(
+    hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4
+)
 # Tiny scale is for tests only (keeps the real image geometry, hence the real token counts).
 _TINY_TEXT = dict(
     vocab_size=512,

@@ -154,30 +154,50 @@ class DataParams(_Section):
 
 
 class TrainParams(_Section):
-    """The compressor recipe (paper: SGD lr 1e-3, clip 1e-2, 2 epochs, batch 36, lambdas 1)."""
+    """The compressor recipe: exactly the fields of ``mc_core.train.TrainConfig``.
+
+    Defaults are the paper's (SGD lr 1e-3, clip 1e-2, 2 epochs, batch 36, lambdas 1); the tests
+    check that this model and ``TrainConfig`` have the same fields and defaults.
+    """
 
     method: str = "metacompress"
-    epochs: int = Field(2, gt=0)
-    max_steps: int | None = Field(None, gt=0)  # caps epochs (smoke profile)
-    batch_size: int = Field(36, gt=0)
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(1e-2, gt=0)
+    clip_mode: Literal["norm", "value"] = "norm"
+    epochs: int = Field(2, gt=0)
+    batch_size: int = Field(36, gt=0)
     lambda_ent: float = Field(1.0, ge=0)
     lambda_col: float = Field(1.0, ge=0)
     d_c: int = Field(64, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
     seed: int = 0
+    device: str = "auto"
+    max_steps: int | None = Field(None, gt=0)  # caps epochs (smoke profile)
     log_every: int = Field(10, gt=0)
+    explode_factor: float = Field(100.0, gt=0)
+    cache_teacher: bool = True
+    teacher_batch: int = Field(16, gt=0)
+    progress: bool = True
+
+    def to_train_config(self):
+        """The ``mc_core.train.TrainConfig`` of these params (which validates itself again)."""
+        from mc_core.train import TrainConfig
+
+        return TrainConfig(**self.model_dump())
 
 
 class EvaluateParams(_Section):
     """Which methods are compared in every cell and on how many held-out dialogues."""
 
     methods: list[str] = Field(min_length=1)
+    history: Literal["model", "gold"] = "model"
     max_dialogues: int | None = Field(None, gt=0)
+    device: str = "auto"
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(4, gt=0)
     seed: int = 0
+    progress: bool = True
 
     @field_validator("methods")
     @classmethod
@@ -232,7 +252,9 @@ class Params(_Section):
     base: dict[str, Any] = Field(default_factory=dict)
     train: TrainParams
     evaluate: EvaluateParams
-    register: RegisterParams = RegisterParams()
+    # "register" would shadow pydantic's BaseModel.register: stored as register_, read as
+    # params.yaml's "register" (SectionView maps the name).
+    register_: RegisterParams = Field(RegisterParams(), alias="register")
     tracking: TrackingParams = TrackingParams()
     report: ReportParams
 
@@ -266,7 +288,8 @@ def validate(raw: Mapping[str, Any], *, source: str = DEFAULT_PATH) -> Params:
         params = Params.model_validate(dict(raw))
     except ValidationError as err:
         raise ValueError(_format_errors(err, source)) from None
-    _check_world(params.world, source)
+    _check_from_dict("mc_core.data.synthetic", "WorldConfig", params.world, "world", source)
+    _check_from_dict("mc_core.teacher", "TeacherConfig", params.base, "base", source)
     reports = set(params.report.methods) - set(params.evaluate.methods)
     if reports:
         raise ValueError(f"{source}: report.methods={params.report.methods!r}: "
@@ -274,15 +297,18 @@ def validate(raw: Mapping[str, Any], *, source: str = DEFAULT_PATH) -> Params:
     return params
 
 
-def _check_world(world: dict[str, Any], source: str) -> None:
+def _check_from_dict(module: str, cls: str, section: dict[str, Any], key: str,
+                     source: str) -> None:
+    """Validate a pass-through section with its owner's ``<Config>.from_dict``."""
     try:
-        synthetic = importlib.import_module("mc_core.data.synthetic")
-    except ImportError:  # pragma: no cover - the world ships with mc_core
+        owner = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):  # owner absent: its stage checks the section itself
         return
     try:
-        synthetic.WorldConfig.from_dict(world, where="world")
+        owner.from_dict(section, where=key)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{source}: world: {err}") from None
+        msg = str(err)
+        raise ValueError(f"{source}: {msg if msg.startswith(key) else f'{key}: {msg}'}") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -318,7 +344,7 @@ class SectionView:
         if name not in self._sections:
             raise AttributeError(f"{self._who} reads params section {name!r} but declares only "
                                  f"{sorted(self._sections)} (keep dvc.yaml params in sync)")
-        return getattr(self._params, name)
+        return getattr(self._params, "register_" if name == "register" else name)
 
     @property
     def declared(self) -> frozenset[str]:
@@ -357,6 +383,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
         "grid": {"archs": ["tiny-llava"], "rates": [0.5, 0.9]},
         "data": {"train": {"dialogues": 24}, "test": {"dialogues": 8}},
+        "base": {"train_images": 32, "eval_dialogues": 8, "curve_dialogues": 8,
+                 "stage1_seconds": 5.0, "stage1_max_steps": 4, "stage2_seconds": 5.0,
+                 "stage2_max_steps": 4, "warmup_steps": 2, "curve_every_seconds": 60.0},
         "train": {"epochs": 1, "max_steps": 3, "batch_size": 4, "log_every": 1},
         "evaluate": {"methods": ["none", "sample", "metacompress"], "max_dialogues": 8,
                      "batch_size": 8},

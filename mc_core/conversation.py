@@ -48,39 +48,43 @@ def _sync(device: torch.device) -> None:
 
 def compress_inputs(
     model, adapter, compressor, model_inputs: dict[str, Any], *, fastv_layer: int | None = None
-) -> tuple[dict[str, Any], list[Tensor] | None, list[int]]:
+) -> tuple[dict[str, Any], list[Tensor] | None, list[Tensor] | None]:
     """Model inputs with each image's visual tokens replaced by the compressor's output.
 
     Args:
         model: the LVLM (frozen).
         adapter: its family adapter.
         compressor: a `mc_core.compressors.Compressor`, or None for the untouched inputs.
-        model_inputs: processor output for a prompt whose images are all in it (for a
+        model_inputs: processor output for a prompt holding all the images (for a
             prompt-dependent method such as fastv: the first turn's prompt).
-        fastv_layer: LLM layer whose attention ranks tokens for prompt-dependent methods
-            (default: the compressor's `layer` attribute, else 2).
+        fastv_layer: LLM layer K whose attention ranks tokens for prompt-dependent methods
+            (default: the compressor's `layer` attribute, else FastV's K = 2, capped at the
+            LLM's last layer so shallow test models can run it).
 
     Returns:
-        `(inputs, P, kept)`: the inputs `model(**inputs)` accepts, the `P [m_i, n_i]` per image
-        (None without a compressor) and the visual-token count kept per image.
+        `(inputs, tokens, P)`: the inputs `model(**inputs)` accepts, the compressed tokens
+        `[m_i, d]` per image (model dtype) and `P [m_i, n_i]` per image; both None without a
+        compressor.
     """
     if compressor is None:
-        ids = model_inputs["input_ids"]
-        n = int((ids == adapter.image_token_id).sum())
-        return dict(model_inputs), None, [n]
+        return dict(model_inputs), None, None
     tokens = adapter.visual_tokens(model_inputs)  # list of (n_i, d)
     # prompt_attention is not a vision-side field: it comes from an LLM pass below.
-    contexts = adapter.contexts(model_inputs, need=frozenset(compressor.needs) - {"prompt_attention"})
+    need = frozenset(compressor.needs) - {"prompt_attention"}
+    contexts = adapter.contexts(model_inputs, need=need)
     if "prompt_attention" in compressor.needs:
-        layer = fastv_layer if fastv_layer is not None else getattr(compressor, "layer", 2)
+        layer = fastv_layer
+        if layer is None:
+            n_layers = int(model.config.get_text_config().num_hidden_layers)
+            layer = min(int(getattr(compressor, "layer", 2)), n_layers - 1)
         scores = prompt_attention(model, adapter, model_inputs, layer=layer)
         for ctx, s in zip(contexts, scores, strict=True):
             ctx.prompt_attention = s
-    # Compressors run in float32 (the trained generator's dtype); the model casts back.
+    # Compressors run in float32 (the trained generator's dtype); the model's dtype after.
     dtype = tokens[0].dtype
     ys, ps = compressor([t.float() for t in tokens], contexts)
     ys = [y.to(dtype) for y in ys]
-    return adapter.inputs_with(model_inputs, ys), list(ps), [int(y.shape[0]) for y in ys]
+    return adapter.inputs_with(model_inputs, ys), ys, list(ps)
 
 
 class Conversation:
@@ -98,8 +102,11 @@ class Conversation:
     Attributes:
         questions, answers: the dialogue so far (answers = the model's own, unless replaced
             with `set_answer`).
-        visual_tokens: visual tokens kept per image (m_i), set by the first turn.
+        visual_tokens: visual tokens kept per image (m_i), set by the first turn (without a
+            compressor: one entry, all the image placeholders).
         P: the compression matrices per image (None without a compressor).
+        tokens: the compressed visual tokens per image, `[m_i, d]` (None without one).
+        cache_tokens: tokens in the KV cache at the end of each turn's prompt.
         prefill_s: seconds of each turn's prefill (turn 1: vision tower, compression and LLM
             prefill; later turns: the new text only).
         first_logits: each turn's next-token logits `[V]` (float32, CPU) at its prompt's end.
@@ -115,7 +122,11 @@ class Conversation:
         adapter=None,
         max_new_tokens: int = 4,
     ) -> None:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 1
+        ):
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive int")
         self.model = model
         self.processor = processor
@@ -129,6 +140,8 @@ class Conversation:
         self.answers: list[str] = []
         self.visual_tokens: list[int] | None = None
         self.P: list[Tensor] | None = None
+        self.tokens: list[Tensor] | None = None
+        self.cache_tokens: list[int] = []
         self.prefill_s: list[float] = []
         self.first_logits: list[Tensor] = []
         self._cache: DynamicCache | None = None
@@ -151,7 +164,8 @@ class Conversation:
         """
         if turn != len(self.answers) - 1:
             raise ValueError(
-                f"turn={turn}: only the last answered turn ({len(self.answers) - 1}) can be replaced"
+                f"turn={turn}: only the last answered turn ({len(self.answers) - 1}) "
+                "can be replaced"
             )
         self.answers[turn] = answer
 
@@ -162,12 +176,11 @@ class Conversation:
             raise ValueError(f"question={question!r}: expected a non-empty string")
         self.questions.append(question)
         text = render(self.processor, self.questions, self.answers, n_images=len(self.images))
-        if self._cache is None:
-            logits = self._prefill_first(text)
-        else:
-            logits = self._prefill_more(text)
+        first = self._cache is None
+        logits = self._prefill_first(text) if first else self._prefill_more(text)
         self._text = text
         self._cache_len = self._cache.get_seq_length()
+        self.cache_tokens.append(self._cache_len)
         self.first_logits.append(logits[0, -1].float().cpu())
         answer = self._decode(logits)
         # Drop the generated tokens: the next turn re-feeds the answer as rendered text.
@@ -182,8 +195,12 @@ class Conversation:
         inputs = to_device(dict(inputs), self._device)
         _sync(self._device)
         t0 = time.perf_counter()
-        inputs, self.P, self.visual_tokens = compress_inputs(
+        n_total = int((inputs["input_ids"] == self.adapter.image_token_id).sum())
+        inputs, self.tokens, self.P = compress_inputs(
             self.model, self.adapter, self.compressor, inputs
+        )
+        self.visual_tokens = (
+            [n_total] if self.tokens is None else [int(t.shape[0]) for t in self.tokens]
         )
         self._reset_state()
         self._cache = DynamicCache(config=self.model.config)
@@ -202,7 +219,9 @@ class Conversation:
         ids = torch.tensor([ids["input_ids"]], dtype=torch.long, device=self._device)
         _sync(self._device)
         t0 = time.perf_counter()
-        out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1
+        )
         _sync(self._device)
         self.prefill_s.append(time.perf_counter() - t0)
         return out.logits

@@ -62,7 +62,9 @@ def messages(questions: Sequence[str], answers: Sequence[str], *, n_images: int 
     return out
 
 
-def render(processor, questions: Sequence[str], answers: Sequence[str], *, n_images: int = 1) -> str:
+def render(
+    processor, questions: Sequence[str], answers: Sequence[str], *, n_images: int = 1
+) -> str:
     """The chat text of a dialogue; ends with the generation prompt when a question is open."""
     open_question = len(answers) < len(questions)
     return processor.apply_chat_template(
@@ -207,7 +209,9 @@ def collate(
             padded = []
             for i, v in enumerate(values):
                 if v.dim() != 2 or v.shape[0] != 1:
-                    raise ValueError(f"rows[{i}][{key!r}] has shape {tuple(v.shape)}: expected [1, L]")
+                    raise ValueError(
+                        f"rows[{i}][{key!r}] has shape {tuple(v.shape)}: expected [1, L]"
+                    )
                 pad = v.new_full((1, width - v.shape[1]), fill)
                 padded.append(torch.cat([pad, v] if side == "left" else [v, pad], dim=1))
             batch[key] = torch.cat(padded, dim=0)

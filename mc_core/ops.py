@@ -10,6 +10,7 @@ fractional pooling matrices, application and validation.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -36,12 +37,10 @@ def check_rate(rate: float, *, where: str = "rate") -> float:
         ValueError: Naming ``where`` and the value when the rate is not a number in (0, 1)
             (NaN included).
     """
-    if isinstance(rate, bool):
+    # Strings are refused even when numeric: a quoted rate in a config is a bug worth seeing.
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
         raise ValueError(f"{where} must be a number in (0, 1), got {rate!r}")
-    try:
-        value = float(rate)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where} must be a number in (0, 1), got {rate!r}") from None
+    value = float(rate)
     # NaN fails both comparisons, so it lands here too.
     if not 0.0 < value < 1.0:
         raise ValueError(
@@ -61,8 +60,9 @@ def kept_tokens(n: int, rate: float, *, where: str = "rate") -> int:
     Raises:
         ValueError: Bad ``n`` or rate.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"number of tokens must be a positive int, got {n!r}")
+    n = int(n)
     r = check_rate(rate, where=where)
     # Round before ceil: (1 - 0.9) * 1000 is 99.99999999999997 in floats, and a product that
     # lands a hair above an integer must not gain a token.

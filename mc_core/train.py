@@ -23,6 +23,7 @@ bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -115,24 +116,45 @@ class TrainConfig:
 
         for name in ("lr", "explode_factor"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or not math.isfinite(v)
+                or v <= 0
+            ):
                 raise bad(name, "expected a finite number > 0")
         for name in ("lambda_ent", "lambda_col"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or not math.isfinite(v)
+                or v < 0
+            ):
                 raise bad(name, "expected a finite number >= 0")
         if not (0 <= self.momentum < 1):
             raise bad("momentum", "expected 0 <= momentum < 1")
-        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+        if self.grad_clip is not None and not (
+            math.isfinite(self.grad_clip) and self.grad_clip > 0
+        ):
             raise bad("grad_clip", "expected None or a finite number > 0")
         if self.clip_mode not in ("norm", "value"):
             raise bad("clip_mode", "expected 'norm' or 'value'")
-        for name in ("epochs", "batch_size", "d_c", "checkpoint_every", "log_every", "teacher_batch"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "d_c",
+            "checkpoint_every",
+            "log_every",
+            "teacher_batch",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(name, "expected a positive int")
         if self.max_steps is not None and (
-            isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1
+            isinstance(self.max_steps, bool)
+            or not isinstance(self.max_steps, int)
+            or self.max_steps < 1
         ):
             raise bad("max_steps", "expected None or a positive int")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
@@ -140,8 +162,16 @@ class TrainConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run that wrote the checkpoint."""
-        skip = {"max_steps", "epochs", "progress", "device", "log_every", "checkpoint_every",
-                "teacher_batch", "cache_teacher"}
+        skip = {
+            "max_steps",
+            "epochs",
+            "progress",
+            "device",
+            "log_every",
+            "checkpoint_every",
+            "teacher_batch",
+            "cache_teacher",
+        }
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -164,10 +194,9 @@ def prepare_model(model, device: torch.device):
     model.eval().requires_grad_(False)
     if device.type == "cuda":
         model.to(device=device, dtype=torch.bfloat16)
-        try:
+        # Classes without the setter keep what their config chose.
+        with contextlib.suppress(AttributeError, ValueError):
             model.set_attn_implementation("sdpa")
-        except (AttributeError, ValueError):  # older classes: keep what the config chose
-            pass
     else:
         model.to(device)
     return model
@@ -182,8 +211,8 @@ class CacheEntry:
     """What the frozen model gives for one dialogue (all on CPU).
 
     Attributes:
-        base: text-side model inputs of the full gold dialogue (batch of one, n placeholders
-            per image, no pixels).
+        base: the processor's inputs for the full gold dialogue (batch of one, n placeholders
+            per image).
         tokens: projector output per image, `[n_i, d]`.
         contexts: `TokenContext` per image.
         positions: teacher logit positions of the answer tokens, `[T]`.
@@ -246,7 +275,8 @@ def _teacher_entries(model, processor, adapter, rows, needs, device, where) -> l
         inputs = to_device(inputs, device)
         tokens = adapter.visual_tokens(inputs)
         contexts = adapter.contexts(inputs, need=frozenset(needs) - {"prompt_attention"})
-        base = {k: v for k, v in inputs.items() if k not in adapter.image_keys}
+        # Pixels stay: adapters read their shapes to count images (inputs_with drops them).
+        base = dict(inputs)
         full_rows.append(adapter.inputs_with(inputs, tokens))
         entries.append(
             CacheEntry(
@@ -274,8 +304,11 @@ def _teacher_entries(model, processor, adapter, rows, needs, device, where) -> l
 
 def _ctx_to(ctx: TokenContext, device) -> TokenContext:
     kwargs = {
-        f.name: (getattr(ctx, f.name).to(device) if isinstance(getattr(ctx, f.name), Tensor)
-                 else getattr(ctx, f.name))
+        f.name: (
+            getattr(ctx, f.name).to(device)
+            if isinstance(getattr(ctx, f.name), Tensor)
+            else getattr(ctx, f.name)
+        )
         for f in dataclasses.fields(ctx)
     }
     return TokenContext(**kwargs)
@@ -323,7 +356,13 @@ def build_teacher_cache(
     for start in range(0, n, batch_size):
         idx = range(start, min(n, start + batch_size))
         cache.entries += _teacher_entries(
-            model, processor, adapter, _rows(dataset, idx), cache.needs, dev, f"dataset rows {start}+"
+            model,
+            processor,
+            adapter,
+            _rows(dataset, idx),
+            cache.needs,
+            dev,
+            f"dataset rows {start}+",
         )
         bar.update(len(idx))
     bar.close()
@@ -438,7 +477,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def _save_state(out_dir: Path, compressor, opt, step: int, info: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {f"gen.{k}": v.detach().cpu().contiguous() for k, v in compressor.state_dict().items()}
+    tensors = {
+        f"gen.{k}": v.detach().cpu().contiguous() for k, v in compressor.state_dict().items()
+    }
     params = list(compressor.parameters())
     for i, p in enumerate(params):
         buf = opt.state.get(p, {}).get("momentum_buffer")
@@ -451,7 +492,9 @@ def _save_state(out_dir: Path, compressor, opt, step: int, info: dict[str, Any])
     save_file(tensors, tmp)
     os.replace(tmp, out_dir / name)
     # The JSON is the commit point: it names the tensor file of the last complete checkpoint.
-    _atomic_write_text(out_dir / _STATE_JSON, json.dumps({**info, "step": step, "file": name}, indent=1))
+    _atomic_write_text(
+        out_dir / _STATE_JSON, json.dumps({**info, "step": step, "file": name}, indent=1)
+    )
     for old in out_dir.glob("state-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -538,14 +581,22 @@ def train(
 
     if cache is None and cfg.cache_teacher:
         cache = build_teacher_cache(
-            model, processor, dataset, needs=compressor.needs, adapter=adapter,
-            batch_size=cfg.teacher_batch, device=device, progress=cfg.progress,
+            model,
+            processor,
+            dataset,
+            needs=compressor.needs,
+            adapter=adapter,
+            batch_size=cfg.teacher_batch,
+            device=device,
+            progress=cfg.progress,
         )
     if cache is not None and len(cache) != n:
         raise ValueError(f"teacher cache has {len(cache)} dialogues, dataset has {n}")
     missing = set(compressor.needs) - set(cache.needs) if cache is not None else set()
     if missing:
-        raise ValueError(f"teacher cache lacks context fields {sorted(missing)} that {cfg.method} needs")
+        raise ValueError(
+            f"teacher cache lacks context fields {sorted(missing)} that {cfg.method} needs"
+        )
 
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -567,10 +618,17 @@ def train(
             entries = [cache.entries[i] for i in idx]
         else:
             entries = _teacher_entries(
-                model, processor, adapter, _rows(dataset, idx), compressor.needs, device,
+                model,
+                processor,
+                adapter,
+                _rows(dataset, idx),
+                compressor.needs,
+                device,
                 f"dataset rows {idx[:4]}",
             )
-        logits, ps = student_logits(model, adapter, compressor, entries, pad_token_id=pad_id, device=device)
+        logits, ps = student_logits(
+            model, adapter, compressor, entries, pad_token_id=pad_id, device=device
+        )
         teacher = torch.cat([e.teacher for e in entries]).to(device)
         kl = answer_kl(teacher, logits.float())
         ent = row_entropy(ps)
@@ -594,8 +652,12 @@ def train(
         samples += len(idx)
         bar.update(1)
         metrics = {
-            "loss": value, "kl": float(kl), "entropy": float(ent), "collapse": float(col),
-            "grad_norm": grad_norm, "epoch": float(epoch),
+            "loss": value,
+            "kl": float(kl.detach()),
+            "entropy": float(ent.detach()),
+            "collapse": float(col.detach()),
+            "grad_norm": grad_norm,
+            "epoch": float(epoch),
             "samples_per_s": samples / max(time.perf_counter() - t_start, 1e-9),
         }
         bar.set_postfix(loss=f"{value:.4f}", kl=f"{metrics['kl']:.4f}")
@@ -627,7 +689,9 @@ def _clip(params: list[Tensor], cfg: TrainConfig) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    norm = float(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    )
     if cfg.grad_clip is not None and math.isfinite(norm):
         if cfg.clip_mode == "norm":
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -31,10 +31,11 @@ from transformers import (
 
 from mc_core.processing import build_processor
 
-VOCAB = (
+_WORDS = (
     "what colour shape is at row col the of a an in how many there yes no "
     "red green blue yellow circle square triangle 0 1 2 3 4 5 6 7 8 9 ? , ."
-).split()
+)
+VOCAB = _WORDS.split()
 
 TEXT = dict(
     hidden_size=64,
@@ -78,7 +79,9 @@ def build_llava():
     ids = _ids(processor, {"image": "<image>", "pad": "<pad>"})
     cfg = LlavaConfig(
         vision_config=_clip(64),
-        text_config=LlamaConfig(vocab_size=len(processor.tokenizer), pad_token_id=ids["pad"], **TEXT),
+        text_config=LlamaConfig(
+            vocab_size=len(processor.tokenizer), pad_token_id=ids["pad"], **TEXT
+        ),
         image_token_id=ids["image"],
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -96,7 +99,9 @@ def build_llava_next():
     ids = _ids(processor, {"image": "<image>", "pad": "<pad>"})
     cfg = LlavaNextConfig(
         vision_config=_clip(32),
-        text_config=LlamaConfig(vocab_size=len(processor.tokenizer), pad_token_id=ids["pad"], **TEXT),
+        text_config=LlamaConfig(
+            vocab_size=len(processor.tokenizer), pad_token_id=ids["pad"], **TEXT
+        ),
         image_token_id=ids["image"],
         image_grid_pinpoints=pinpoints,
         vision_feature_layer=-2,
@@ -142,8 +147,14 @@ def build_qwen2_vl():
     cfg = Qwen2VLConfig(
         text_config=_qwen_text(processor),
         vision_config=dict(
-            depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2,
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
         ),
         **_qwen_ids(processor),
     )
@@ -157,8 +168,15 @@ def build_qwen2_5_vl():
     cfg = Qwen2_5_VLConfig(
         text_config=_qwen_text(processor),
         vision_config=dict(
-            depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
             fullatt_block_indexes=[1],
         ),
         **_qwen_ids(processor),
@@ -175,12 +193,20 @@ def build_internvl():
     tok = processor.tokenizer
     cfg = InternVLConfig(
         vision_config=dict(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            image_size=[64, 64], patch_size=[8, 8],
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=[64, 64],
+            patch_size=[8, 8],
         ),
         text_config=dict(
-            model_type="qwen2", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id, bos_token_id=None, **TEXT,
+            model_type="qwen2",
+            vocab_size=len(tok),
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=None,
+            **TEXT,
         ),
         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_seq_length=16,

@@ -98,7 +98,7 @@ def test_cli_writes_results(tmp_path, capsys):
     assert rc == 0
     data = json.loads((tmp_path / "m-llava-1.5-7b-tiny.json").read_text())
     assert [c["method"] for c in data["cases"]] == ["none", "sample"]
-    assert "--scale tiny" in data["command"] or data["command"].startswith("python -m bench")
+    assert data["command"].startswith("python -m bench --arch llava-1.5-7b --scale tiny")
     assert "rate 0.9 not benchmarked" in data["targets"]["note"]
 
 
@@ -137,14 +137,6 @@ def test_shapes_build_and_count_tokens(arch):
     assert n == {"llava-1.5-7b": 576, "llava-next-7b": 2928, "qwen2-vl-7b": 576}[arch]
 
 
-def test_fallback_flops_quadratic_term():
-    cfg = shapes.build_config(shapes.get_arch("llava-1.5-7b"), "real").get_text_config()
-    f = lambda L: inference._fallback_prefill_flops(cfg, L)  # noqa: E731
-    # 7B dense decoder: ~2 * 6.5e9 FLOPs per token of projections and MLP (exact: 12.9e9 here).
-    assert 12e9 < (f(2) - f(1)) < 14.5e9
-    assert f(2000) - 2 * f(1000) > 0  # the L^2 attention term grows faster than linear
-
-
 def test_clock_and_peak_memory_on_cpu():
     clock = inference.Clock(torch.device("cpu"))
     clock.mark("a")
@@ -153,8 +145,26 @@ def test_clock_and_peak_memory_on_cpu():
     t = clock.intervals()
     assert list(t) == ["b", "c"] and all(v >= 0 for v in t.values())
     with inference.PeakMemory(torch.device("cpu")) as mem:
-        x = torch.ones(8 * 2**20 // 4)  # 8 MiB touched
-        x += 1
+        # 128 MiB: above glibc's largest mmap threshold (32 MiB), so these are fresh pages, not
+        # memory an earlier test freed and the allocator kept resident.
+        x = torch.ones(128 * 2**20 // 4)
+        del x
     assert mem.peak_mb > 0
     if mem.method.startswith("VmHWM"):
-        assert mem.delta_mb >= 7  # the 8 MiB buffer, minus allocator slack
+        # The peak saw the whole buffer although it was freed before the block ended; 8 MiB of
+        # slack covers RSS drift from other allocations in between.
+        assert mem.delta_mb >= 120
+
+
+@pytest.mark.parametrize(
+    ("arch", "billions"),
+    # Published sizes: LLaVA-1.5-7B and LLaVA-NeXT-7B 7.06B, Qwen2-VL-7B 8.29B parameters.
+    [("llava-1.5-7b", 7.06), ("llava-next-7b", 7.06), ("qwen2-vl-7b", 8.29)],
+)
+def test_real_shapes_match_published_sizes(arch, billions):
+    # On the meta device: no memory, no init, just the parameter shapes the GPU run would build.
+    model = shapes.build_model(shapes.get_arch(arch), "real", device="meta", dtype=torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    assert params == pytest.approx(billions, abs=0.01)  # published sizes are given to 0.01B
+    assert model.dtype == torch.bfloat16
+    assert model.config.get_text_config()._attn_implementation == "sdpa"

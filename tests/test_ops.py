@@ -19,7 +19,9 @@ from mc_core.ops import (
 )
 
 
-@pytest.mark.parametrize("rate", [0.0, 1.0, -0.1, 1.5, float("nan"), float("inf"), "0.5x", None, True])
+@pytest.mark.parametrize(
+    "rate", [0.0, 1.0, -0.1, 1.5, float("nan"), float("inf"), "0.5x", None, True]
+)
 def test_check_rate_rejects_and_names(rate):
     with pytest.raises(ValueError, match="train.rate"):
         check_rate(rate, where="train.rate")

@@ -20,26 +20,40 @@ from mc_core.adapters.llava import LlavaAdapter
 from mc_core.adapters.llava_next import LlavaNextAdapter
 from mc_core.adapters.qwen2_vl import Qwen2VLAdapter
 
-__all__ = ["Adapter", "available", "for_model", "prompt_attention"]
+__all__ = ["Adapter", "available", "for_model", "prompt_attention", "supported_classes"]
 
-_ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, InternVLAdapter)
+_ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    Qwen2VLAdapter,
+    InternVLAdapter,
+)
 _BY_CLASS = {name: cls for cls in _ADAPTERS for name in cls.model_classes}
 
 
 def available() -> list[str]:
-    """Model class names an adapter exists for."""
+    """Families an adapter exists for ("internvl", "llava", "llava_next", "qwen2_vl")."""
+    return sorted(cls.family for cls in _ADAPTERS)
+
+
+def supported_classes() -> list[str]:
+    """Model class names `for_model` accepts."""
     return sorted(_BY_CLASS)
 
 
 def for_model(model) -> Adapter:
-    """The adapter of `model`'s family.
+    """The adapter of `model`'s family, chosen by the model's class name.
 
     Raises:
-        ValueError: no adapter for this model class (the message lists `available()`).
+        ValueError: no adapter for this model class (the message lists `available()` and the
+            supported classes).
     """
     name = type(model).__name__
     if name not in _BY_CLASS:
-        raise ValueError(f"no adapter for model class {name!r}; available: {available()}")
+        raise ValueError(
+            f"no adapter for model class {name!r}; available families: {available()} "
+            f"(classes {supported_classes()})"
+        )
     return _BY_CLASS[name](model)
 
 
@@ -78,12 +92,18 @@ def prompt_attention(model, adapter: Adapter, model_inputs, *, layer: int = 2) -
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     text = valid & (ids != adapter.image_token_id)  # (B, L)
 
+    with torch.no_grad():
+        # The same forward (P = I is exact) without the vision tower, so only the LLM is asked
+        # for attention weights.
+        inputs = adapter.inputs_with(model_inputs, adapter.visual_tokens(model_inputs))
     previous = text_cfg._attn_implementation
     adapter.reset_state()
     try:
-        model.set_attn_implementation({"text_config": "eager"} if text_cfg is not model.config else "eager")
+        model.set_attn_implementation(
+            {"text_config": "eager"} if text_cfg is not model.config else "eager"
+        )
         with torch.no_grad():
-            out = model(**model_inputs, output_attentions=True, use_cache=False)
+            out = model(**inputs, output_attentions=True, use_cache=False)
         attn = out.attentions[layer]  # (B, H, L, L)
     finally:
         model.set_attn_implementation(

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Adapter", "ImageSlot", "grid_positions", "rewrite_placeholders"]
 
+_CONTEXT_FIELDS = frozenset({"cls_attention", "keys", "prompt_attention"})
+
 
 @dataclass(frozen=True)
 class ImageSlot:
@@ -83,7 +85,9 @@ def rewrite_placeholders(
     if mask is None:
         mask = torch.ones_like(ids)
     if len(counts_in) != len(counts_out):
-        raise ValueError(f"{len(counts_in)} images in model_inputs but {len(counts_out)} token sets")
+        raise ValueError(
+            f"{len(counts_in)} images in model_inputs but {len(counts_out)} token sets"
+        )
     for i, m in enumerate(counts_out):
         if m < 1:
             raise ValueError(f"tokens[{i}] has {m} rows; every image needs at least one token")
@@ -138,7 +142,10 @@ def rewrite_placeholders(
         )
 
     width = max(len(r) for r in rows)
-    out = {"input_ids": ids.new_full((B, width), pad_token_id), "attention_mask": mask.new_zeros((B, width))}
+    out = {
+        "input_ids": ids.new_full((B, width), pad_token_id),
+        "attention_mask": mask.new_zeros((B, width)),
+    }
     for k, v in extra.items():
         out[k] = v.new_zeros((B, width, *v.shape[2:]))
     offsets = []
@@ -182,8 +189,6 @@ class Adapter:
 
     family: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
-    # model_inputs keys that only the vision tower reads (dropped by inputs_with).
-    image_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
     def __init__(self, model) -> None:
         self.model = model
@@ -202,8 +207,19 @@ class Adapter:
 
     def contexts(self, model_inputs, need: frozenset[str] = frozenset()) -> list[TokenContext]:
         """TokenContext per image: positions (and grid when exact) always; `cls_attention` and
-        `keys` when named in `need`."""
+        `keys` when named in `need`. "prompt_attention" in `need` is accepted and left empty:
+        it depends on the prompt, fill it from `mc_core.adapters.prompt_attention`."""
         raise NotImplementedError
+
+    @staticmethod
+    def _check_need(need) -> frozenset[str]:
+        need = frozenset(need)
+        unknown = need - _CONTEXT_FIELDS
+        if unknown:
+            raise ValueError(
+                f"contexts need={sorted(unknown)} unknown; fields are {sorted(_CONTEXT_FIELDS)}"
+            )
+        return need
 
     def _mm_encoder_inputs(
         self, model_inputs, tokens: list[Tensor], slots: list[ImageSlot], rewritten: dict
@@ -222,7 +238,11 @@ class Adapter:
         """Forget state the model keeps between calls (only Qwen's `rope_deltas` so far)."""
 
     def _pad_token_id(self) -> int:
-        for cfg in (self.model.generation_config, getattr(self.config, "text_config", None), self.config):
+        for cfg in (
+            self.model.generation_config,
+            getattr(self.config, "text_config", None),
+            self.config,
+        ):
             pad = getattr(cfg, "pad_token_id", None) if cfg is not None else None
             if isinstance(pad, int) and pad != self.image_token_id:
                 return pad
@@ -230,9 +250,13 @@ class Adapter:
 
     def _check_tokens(self, tokens: list[Tensor], expect: int | None = None) -> None:
         if not isinstance(tokens, (list, tuple)):
-            raise ValueError(f"tokens must be a list of [m_i, d] tensors, got {type(tokens).__name__}")
+            raise ValueError(
+                f"tokens must be a list of [m_i, d] tensors, got {type(tokens).__name__}"
+            )
         if expect is not None and len(tokens) != expect:
-            raise ValueError(f"tokens has {len(tokens)} entries but model_inputs hold {expect} images")
+            raise ValueError(
+                f"tokens has {len(tokens)} entries but model_inputs hold {expect} images"
+            )
         for i, t in enumerate(tokens):
             if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[1] != self.dim:
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__

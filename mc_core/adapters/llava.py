@@ -100,6 +100,7 @@ class LlavaAdapter(Adapter):
     def contexts(self, model_inputs, need=frozenset()):
         from mc_core.compressors import TokenContext
 
+        need = self._check_need(need)
         pv = model_inputs["pixel_values"]
         p = self.config.vision_config.patch_size
         h, w = pv.shape[-2] // p, pv.shape[-1] // p
@@ -128,4 +129,6 @@ class LlavaAdapter(Adapter):
     def _mm_encoder_inputs(
         self, model_inputs, tokens: list[Tensor], slots: list[ImageSlot], rewritten: dict
     ) -> dict[str, Any]:
-        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(tokens))}}
+        return {
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(tokens))}
+        }

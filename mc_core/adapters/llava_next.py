@@ -32,12 +32,13 @@ class LlavaNextAdapter(Adapter):
 
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
-    image_keys = ("pixel_values", "image_sizes")
 
     def _sizes(self, model_inputs) -> Tensor:
         sizes = model_inputs.get("image_sizes")
         if sizes is None or model_inputs.get("pixel_values") is None:
-            raise ValueError("model_inputs needs 'pixel_values' and 'image_sizes' (LLaVA-NeXT processor)")
+            raise ValueError(
+                "model_inputs needs 'pixel_values' and 'image_sizes' (LLaVA-NeXT processor)"
+            )
         return sizes
 
     def _patches_per_tile(self) -> int:
@@ -101,7 +102,9 @@ class LlavaNextAdapter(Adapter):
         if len(crop) == 0:
             return base
         if rows == 0 or len(crop) % rows:
-            raise ValueError(f"packed LLaVA-NeXT crop part of {len(crop)} tokens is not rows of w + 1")
+            raise ValueError(
+                f"packed LLaVA-NeXT crop part of {len(crop)} tokens is not rows of w + 1"
+            )
         width = len(crop) // rows - 1
         k = torch.arange(len(crop), device=index.device)
         r, c = k // (width + 1), k % (width + 1)
@@ -112,6 +115,7 @@ class LlavaNextAdapter(Adapter):
     def contexts(self, model_inputs, need=frozenset()):
         from mc_core.compressors import TokenContext
 
+        need = self._check_need(need)
         maps = self.index_maps(model_inputs)
         cls = keys = None
         if need & {"cls_attention", "keys"}:
@@ -140,4 +144,6 @@ class LlavaNextAdapter(Adapter):
     def _mm_encoder_inputs(
         self, model_inputs, tokens: list[Tensor], slots: list[ImageSlot], rewritten: dict
     ) -> dict[str, Any]:
-        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(tokens))}}
+        return {
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(tokens))}
+        }

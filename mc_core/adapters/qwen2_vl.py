@@ -63,7 +63,6 @@ class Qwen2VLAdapter(Adapter):
 
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-    image_keys = ("pixel_values", "image_grid_thw")
     # Largest |log aspect ratio| change for which compressed tokens keep 3-D positions.
     max_aspect_error = math.log(2.0)
 
@@ -102,6 +101,7 @@ class Qwen2VLAdapter(Adapter):
     def contexts(self, model_inputs, need=frozenset()):
         from mc_core.compressors import TokenContext
 
+        need = self._check_need(need)
         grids = self._grids(model_inputs)
         device = model_inputs["image_grid_thw"].device
         recv = keys = None
@@ -117,13 +117,22 @@ class Qwen2VLAdapter(Adapter):
             for i, (h, w) in enumerate(grids)
         ]
 
-    def _received_attention_and_keys(self, model_inputs) -> tuple[list[Tensor], list[Tensor]]:
+    def _last_block_attention(
+        self, model_inputs
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+        """The tower's last block, recomputed: attention per image and what it acts on.
+
+        Returns:
+            probs: per image [H, S_i, S_i] float32 attention over that image's patches.
+            values: per image [H, S_i, dh].
+            h_in, h_out: [S, dv] the block's input and output (the tower's own hidden states).
+            All in the processor's patch order (Qwen2.5-VL's window permutation undone).
+        """
         visual = self.model.model.visual
         thw = model_inputs["image_grid_thw"]
         out = self._features(model_inputs, hidden=True)
         block = visual.blocks[-1]
-        h_in = out.hidden_states[-2]  # (S, dv): input of the last block (tower order)
-        unit = self.merge**2
+        h_in, h_out = out.hidden_states[-2], out.hidden_states[-1]  # (S, dv), tower order
         if hasattr(visual, "fullatt_block_indexes"):
             # Qwen2.5-VL runs its blocks on merge units permuted into windows: undo that.
             from transformers.vision_utils import get_vision_window_index
@@ -132,24 +141,41 @@ class Qwen2VLAdapter(Adapter):
                 thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
             )
             order = torch.argsort(window_index)
-            h_in = h_in.reshape(-1, unit, h_in.shape[-1])[order].flatten(0, 1)
+            unit = self.merge**2
+            h_in, h_out = (
+                h.reshape(-1, unit, h.shape[-1])[order].flatten(0, 1) for h in (h_in, h_out)
+            )
         position_ids = get_vision_position_ids(thw, visual.spatial_merge_size)
         cos, sin = visual.rotary_pos_emb(h_in, position_ids)
         heads = block.attn.num_heads
         qkv = block.attn.qkv(block.norm1(h_in))  # (S, 3 dv)
-        q, k, _ = qkv.reshape(qkv.shape[0], 3, heads, -1).unbind(1)  # (S, H, dh) each
-        q_rot, k_rot = apply_rotary_pos_emb_vision(q, k, cos, sin)
-        recv_all, keys_all = [], []
+        q, k, v = qkv.reshape(qkv.shape[0], 3, heads, -1).unbind(1)  # (S, H, dh) each
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        probs, values = [], []
         start = 0
         for t, hh, ww in thw.tolist():
             s = slice(start, start + t * hh * ww)
             start = s.stop
-            probs = attention_probs(
-                q_rot[s].transpose(0, 1), k_rot[s].transpose(0, 1), block.attn.scaling
+            probs.append(
+                attention_probs(q[s].transpose(0, 1), k[s].transpose(0, 1), block.attn.scaling)
             )  # (H, S_i, S_i)
-            received = probs.mean(dim=(0, 1))  # (S_i,)
-            recv_all.append(received.reshape(-1, unit).mean(1))  # (n_i,)
-            keys_all.append(k[s].flatten(1).reshape(-1, unit, k.shape[1] * k.shape[2]).mean(1))
+            values.append(v[s].transpose(0, 1))
+        return probs, values, h_in, h_out
+
+    def _received_attention_and_keys(self, model_inputs) -> tuple[list[Tensor], list[Tensor]]:
+        probs, _, h_in, _ = self._last_block_attention(model_inputs)
+        block = self.model.model.visual.blocks[-1]
+        unit = self.merge**2
+        dv = h_in.shape[-1]
+        keys = block.attn.qkv(block.norm1(h_in))[:, dv : 2 * dv]  # (S, dv) before rotary
+        recv_all, keys_all = [], []
+        start = 0
+        for p in probs:
+            s = slice(start, start + p.shape[-1])
+            start = s.stop
+            received = p.mean(dim=(0, 1))  # (S_i,) mean over heads and queries
+            recv_all.append(received.reshape(-1, unit).mean(1))  # (n_i,) per merged token
+            keys_all.append(keys[s].reshape(-1, unit, dv).mean(1))  # (n_i, dv)
         return recv_all, keys_all
 
     def _mm_encoder_inputs(
@@ -160,7 +186,9 @@ class Qwen2VLAdapter(Adapter):
         kept = []
         types = rewritten.get("mm_token_type_ids")
         if types is None:
-            raise ValueError("model_inputs has no 'mm_token_type_ids' (returned by the Qwen processor)")
+            raise ValueError(
+                "model_inputs has no 'mm_token_type_ids' (returned by the Qwen processor)"
+            )
         for i, (slot, (h, w)) in enumerate(zip(slots, grids, strict=True)):
             m = slot.count
             if m == h * w:

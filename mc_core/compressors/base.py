@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -72,9 +73,9 @@ class Compressor(nn.Module):
     def __init__(self, *, rate: float, dim: int) -> None:
         super().__init__()
         self.rate = self._check_rate(rate)
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
             raise ValueError(f"{self.name} dim must be a positive int, got {dim!r}")
-        self.dim = dim
+        self.dim = int(dim)
 
     @classmethod
     def _check_rate(cls, rate: float) -> float:

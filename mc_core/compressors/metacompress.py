@@ -51,15 +51,19 @@ def sincos_embedding(pos: Tensor, dim: int, cell: tuple[float, ...]) -> Tensor:
     """
     n, k = pos.shape
     per_axis = dim // (2 * k)
-    feats = []
+    emb = torch.zeros(n, dim, dtype=torch.float32, device=pos.device)  # unused tail stays 0
+    steps = torch.arange(1, per_axis + 1, dtype=torch.float32, device=pos.device)
     for a in range(k):
-        steps = torch.arange(1, per_axis + 1, dtype=torch.float32, device=pos.device)
         omega = (math.pi / cell[a]) * steps / per_axis  # (F,) linear up to pi / cell
-        angle = pos[:, a : a + 1].float() * omega  # (n, F)
-        feats += [angle.sin(), angle.cos()]
-    # sin^2 + cos^2 = 1, so each used channel has mean square 1/2: sqrt(2) makes its RMS 1.
-    emb = torch.cat(feats, dim=1) * math.sqrt(2.0) if feats else pos.new_zeros(n, 0)
-    return torch.nn.functional.pad(emb, (0, dim - emb.shape[1]))  # (n, dim)
+        # Tokens share few distinct coordinates per axis (rows, columns): take sin/cos once
+        # per value and gather, instead of n * F transcendentals.
+        values, inverse = torch.unique(pos[:, a].float(), return_inverse=True)
+        angle = values[:, None] * omega  # (u, F)
+        # sin^2 + cos^2 = 1, so each channel has mean square 1/2: sqrt(2) makes its RMS 1.
+        lo = 2 * a * per_axis
+        emb[:, lo : lo + per_axis] = (angle.sin() * math.sqrt(2.0))[inverse]
+        emb[:, lo + per_axis : lo + 2 * per_axis] = (angle.cos() * math.sqrt(2.0))[inverse]
+    return emb  # (n, dim)
 
 
 class MetaCompress(Compressor):
@@ -88,9 +92,10 @@ class MetaCompress(Compressor):
                 raise ValueError(f"metacompress {key} must be a finite number >= 0, got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"metacompress seed must be an int, got {seed!r}")
-        self.d_c, self.beta_init, self.pos_scale, self.seed = d_c, float(beta_init), float(
-            pos_scale
-        ), seed
+        self.d_c = d_c
+        self.beta_init = float(beta_init)
+        self.pos_scale = float(pos_scale)
+        self.seed = seed
         gen = torch.Generator().manual_seed(seed)
         # N(0, 1/d): a random projection with E[W W^T] = (d_c / d) I, so q . k ~ (d_c/d) z . z'.
         w = torch.randn(dim, d_c, generator=gen) / math.sqrt(dim)
@@ -171,4 +176,8 @@ class MetaCompress(Compressor):
         k = proj[:, self.d_c :]  # (n, d_c)
         logits = (q * self.beta.float()) @ k.T / math.sqrt(self.d_c)  # (m, n)
         P = torch.softmax(logits, dim=-1)
+        if x.is_inference() and P.requires_grad:
+            # Tokens cached under torch.inference_mode() cannot be saved for P's backward;
+            # a plain copy can (the frozen LVLM's features are often precomputed that way).
+            x = x.clone()
         return apply(P, x), P

@@ -11,7 +11,7 @@ from mc_core.compressors.base import Compressor, TokenContext
 
 
 class NoneCompressor(Compressor):
-    """Uncompressed reference (no reduction; the full-token baseline of every paper)."""
+    """Uncompressed reference (the "no reduction" row of MetaCompress, arXiv 2603.21701)."""
 
     name = "none"
 

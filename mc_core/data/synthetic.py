@@ -464,8 +464,8 @@ def patch_labels(ids: np.ndarray, scene: Scene, cfg: WorldConfig, grid: tuple[in
     Returns:
         int64 arrays of shape ``[h * w]``: ``object`` (index into ``scene.objects`` or -1),
         ``colour`` (index into ``cfg.colours``, ``len(colours)`` = background), ``shape``
-        (index into ``cfg.shapes``, ``len(shapes)`` = background), ``centre`` (1 where the
-        footprint contains an object's centre), ``row`` / ``col`` (region of the footprint's
+        (index into ``cfg.shapes``, ``len(shapes)`` = background), ``centre`` (1 on the token
+        holding the largest part of an object: one per object in the window), ``row`` / ``col`` (region of the footprint's
         centre), ``cover`` (float, the fraction covered by ``object``).
     """
     h, w = grid
@@ -482,27 +482,33 @@ def patch_labels(ids: np.ndarray, scene: Scene, cfg: WorldConfig, grid: tuple[in
     cover = np.zeros(h * w, dtype=np.float64)
     col_idx = {c: i for i, c in enumerate(cfg.colours)}
     shp_idx = {c: i for i, c in enumerate(cfg.shapes)}
+    counts = np.zeros((h * w, n_obj), dtype=np.int64)  # sub-pixels of each object per token
     for i in range(h):
         a, b = int(round(ys[i] * s)), max(int(round(ys[i + 1] * s)), int(round(ys[i] * s)) + 1)
         for j in range(w):
             c, d = int(round(xs[j] * s)), max(int(round(xs[j + 1] * s)), int(round(xs[j] * s)) + 1)
             k = i * w + j
             block = ids[a:b, c:d].ravel()
-            counts = np.bincount(block.astype(np.int64) + 1, minlength=n_obj + 1)[1:]
-            best = int(counts.argmax()) if n_obj else -1
-            frac = counts[best] / block.size if n_obj else 0.0
-            obj = best if n_obj and frac >= min_cover else -1
-            out["object"][k] = obj
-            cover[k] = frac if obj >= 0 else 0.0
-            out["colour"][k] = col_idx[scene.objects[obj].colour] if obj >= 0 else len(cfg.colours)
-            out["shape"][k] = shp_idx[scene.objects[obj].shape] if obj >= 0 else len(cfg.shapes)
+            if n_obj:
+                counts[k] = np.bincount(block.astype(np.int64) + 1, minlength=n_obj + 1)[1:]
+            area = block.size
             cy, cx = (ys[i] + ys[i + 1]) / 2, (xs[j] + xs[j + 1]) / 2
             out["row"][k] = min(int(cy // cfg.region_px), cfg.grid - 1)
             out["col"][k] = min(int(cx // cfg.region_px), cfg.grid - 1)
-    for o in scene.objects:
-        if y0 <= o.cy < y1 and x0 <= o.cx < x1:
-            i = min(int((o.cy - y0) / (y1 - y0) * h), h - 1)
-            j = min(int((o.cx - x0) / (x1 - x0) * w), w - 1)
-            out["centre"][i * w + j] = 1
+            best = int(counts[k].argmax()) if n_obj else -1
+            frac = counts[k, best] / area if n_obj else 0.0
+            out["object"][k] = best if n_obj and frac >= min_cover else -1
+            cover[k] = frac if out["object"][k] >= 0 else 0.0
+    # Each object's centre token: the one holding most of it (exactly one per object in the
+    # window); it belongs to that object even when the object covers < min_cover of it.
+    for o in range(n_obj):
+        if counts[:, o].max() > 0:
+            k = int(counts[:, o].argmax())
+            out["centre"][k] = 1
+            out["object"][k] = o
+    for k in range(h * w):
+        obj = out["object"][k]
+        out["colour"][k] = col_idx[scene.objects[obj].colour] if obj >= 0 else len(cfg.colours)
+        out["shape"][k] = shp_idx[scene.objects[obj].shape] if obj >= 0 else len(cfg.shapes)
     out["cover"] = cover
     return out

@@ -1,0 +1,157 @@
+"""DVC workspaces per profile, and the ``dvc repro -s`` calls the flow makes in them.
+
+The ``default`` profile runs in the checkout itself (``params.yaml`` as committed). Any other
+profile (``smoke``, ``full``) runs in ``<checkout>/runs/<profile>/``: a DVC project of its own
+holding a snapshot of ``dvc.yaml``, ``tasks/`` and ``mc_core/`` and the profile's
+``params.yaml`` (``mc_core.config.profile_params``), with its own ``dvc.lock``, cache and
+outputs. So a smoke run never overwrites the default pipeline's models, and re-running a
+profile is incremental like any DVC project. MLflow stays shared: every workspace logs to the
+checkout's tracking URI.
+
+Usage: ``python -m flows.workspace smoke`` prints the workspace path (creating or refreshing it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from mc_core import config
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+LOCK_PATTERNS = ("Unable to acquire lock", "is busy, it is being blocked by",
+                 "Lock file", "lock is held")
+_CODE = ("dvc.yaml", "tasks", "mc_core")
+
+
+class DvcLockError(RuntimeError):
+    """Another DVC process holds the repo or an output lock: safe to retry."""
+
+
+class DvcStageError(RuntimeError):
+    """A stage failed for a reason other than a lock."""
+
+
+def tracking_env(checkout: Path) -> dict[str, str]:
+    """Environment for stage processes: the venv first on PATH, MLflow at the checkout's db."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{checkout / 'mlflow.db'}")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _copy_code(src: Path, dst: Path) -> None:
+    for name in _CODE:
+        s, d = src / name, dst / name
+        if s.is_dir():
+            if d.exists():
+                shutil.rmtree(d)
+            shutil.copytree(s, d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(s, d)
+
+
+def ensure(profile: str, checkout: str | Path = CHECKOUT, *,
+           extra: dict | None = None) -> Path:
+    """The workspace of ``profile`` (created or refreshed); validates its params first.
+
+    ``default`` is the checkout itself (its params.yaml validated, never rewritten). Other
+    profiles get ``runs/<profile>/`` with fresh code and ``params.yaml`` = the profile overlaid
+    on the checkout's params.yaml (then ``extra``).
+    """
+    checkout = Path(checkout).resolve()
+    params_file = checkout / config.DEFAULT_PATH
+    if profile == "default":
+        if extra:
+            raise ValueError("profile='default' runs params.yaml as is: edit it instead of "
+                             f"overriding {sorted(extra)}")
+        config.load(params_file)
+        return checkout
+    params = config.profile_params(profile, config.read_yaml(params_file), extra=extra)
+    ws = checkout / "runs" / profile
+    ws.mkdir(parents=True, exist_ok=True)
+    # Keep the whole runs/ tree out of git without touching the checkout's .gitignore.
+    (checkout / "runs" / ".gitignore").write_text("*\n")
+    _copy_code(checkout, ws)
+    config.dump_yaml(params, ws / config.DEFAULT_PATH,
+                     header=f"# Generated for profile {profile!r} by flows/workspace.py from "
+                            f"{params_file}; edits are overwritten.\n")
+    dvc_dir = ws / ".dvc"
+    if not (dvc_dir / "config").is_file():
+        dvc_dir.mkdir(exist_ok=True)
+        # no_scm: a plain DVC project (git would see it as part of the checkout's repo).
+        (dvc_dir / "config").write_text("[core]\n    no_scm = true\n    analytics = false\n")
+    return ws
+
+
+def dvc(args: list[str], workspace: Path, *, env: dict[str, str] | None = None,
+        timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run ``dvc <args>`` in ``workspace`` (output captured)."""
+    exe = Path(sys.executable).parent / "dvc"
+    cmd = [str(exe) if exe.exists() else "dvc", *args]
+    return subprocess.run(cmd, cwd=workspace, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def stages(workspace: Path) -> list[str]:
+    """Stage names of the workspace's dvc.yaml, as DVC expands them (matrix included)."""
+    r = dvc(["stage", "list", "--name-only"], workspace)
+    if r.returncode != 0:
+        raise DvcStageError(f"dvc stage list failed in {workspace}:\n{r.stderr[-2000:]}")
+    return [s.strip() for s in r.stdout.splitlines() if s.strip()]
+
+
+def repro_stage(stage: str, workspace: Path, *, env: dict[str, str] | None = None) -> str:
+    """``dvc repro -s <stage>``; DvcLockError on a lock conflict (retry), else the output."""
+    r = dvc(["repro", "-s", stage], workspace, env=env)
+    out = (r.stdout or "") + (r.stderr or "")
+    if r.returncode != 0:
+        if any(p in out for p in LOCK_PATTERNS):
+            raise DvcLockError(f"{stage}: DVC lock held by another process:\n{out[-800:]}")
+        raise DvcStageError(f"dvc repro -s {stage} failed in {workspace} "
+                            f"(exit {r.returncode}):\n{out[-4000:]}")
+    return out
+
+
+def split_stages(names: list[str]) -> dict[str, list[str]]:
+    """Group stage names: ``prepare``/``report`` (shared), ``base`` (per arch), cells by key."""
+    groups: dict[str, list[str]] = {"shared_first": [], "base": [], "report": [], "cells": []}
+    for n in names:
+        kind, _, key = n.partition("@")
+        if kind == "base":
+            groups["base"].append(n)
+        elif kind in ("train", "evaluate", "register"):
+            if key not in groups["cells"]:
+                groups["cells"].append(key)
+        elif kind == "report":
+            groups["report"].append(n)
+        else:
+            groups["shared_first"].append(n)
+    return groups
+
+
+def select_cells(keys: list[str], grid: config.GridParams, archs: list[str] | None,
+                 rates: list[float] | None) -> list[str]:
+    """The cell keys to run: all, or those of ``archs`` x ``rates`` (each must be in the grid)."""
+    for a in archs or []:
+        if a not in grid.archs:
+            raise ValueError(f"archs: {a!r} is not in grid.archs={grid.archs} of this profile")
+    for r in rates or []:
+        if float(r) not in grid.rates:
+            raise ValueError(f"rates: {r!r} is not in grid.rates={grid.rates} of this profile")
+    want = {config.cell_key(a, r) for a in (archs or grid.archs) for r in (rates or grid.rates)}
+    return [k for k in keys if k in want]
+
+
+def arch_of(key: str) -> str:
+    """``tiny-llava-0.9`` -> ``tiny-llava``."""
+    return re.sub(r"-[0-9.e+-]+$", "", key)
+
+
+if __name__ == "__main__":
+    print(ensure(sys.argv[1] if len(sys.argv) > 1 else "smoke"))

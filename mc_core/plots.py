@@ -1,0 +1,186 @@
+"""Plots of the evaluation reports (matplotlib, Agg backend, PNG written atomically).
+
+- `accuracy_vs_rate(reports, path)`: one panel per architecture, one line per method
+  (`acc_avg` against the rate), the uncompressed reference as a dashed horizontal line.
+- `accuracy_per_turn(report, path)`: one cell, one line per method over turns 1..3 (FastV's
+  drop after turn 1 is the paper's finding).
+- `token_maps_figure(maps, path)`: per image, where MetaCompress's P draws its tokens from
+  (column mass over the patch grid, overlaid on the image) beside the tokens FastV keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["accuracy_per_turn", "accuracy_vs_rate", "load_reports", "token_maps_figure"]
+
+REFERENCE = "none"
+
+
+def load_reports(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """Read evaluation JSONs (`reports/eval/<arch>-<rate>.json`).
+
+    Raises:
+        ValueError: a file is missing or lacks `arch`, `rate` or `methods` (names the file).
+    """
+    out = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such evaluation report")
+        data = json.loads(path.read_text())
+        missing = {"arch", "rate", "methods"} - set(data)
+        if missing:
+            raise ValueError(f"{path}: missing keys {sorted(missing)}")
+        out.append(data)
+    return out
+
+
+def _save(fig, path: str | os.PathLike, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def accuracy_vs_rate(
+    reports: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    methods: Sequence[str] | None = None,
+    metric: str = "acc_avg",
+    dpi: int = 120,
+) -> Path:
+    """Accuracy against the reduction rate, one panel per architecture, one line per method.
+
+    Args:
+        reports: evaluation reports (several rates, possibly several architectures).
+        path: the PNG to write.
+        methods: methods to draw (default: every method found, reference aside).
+        metric: the per-method metric on the y axis.
+        dpi: resolution.
+
+    Raises:
+        ValueError: no reports, or a requested method absent from every report.
+    """
+    if not reports:
+        raise ValueError("accuracy_vs_rate needs at least one report")
+    archs = sorted({r["arch"] for r in reports})
+    found = [m for r in reports for m in r["methods"]]
+    names = list(dict.fromkeys(methods or [m for m in found if m != REFERENCE]))
+    for m in names:
+        if m not in found:
+            raise ValueError(f"method {m!r} is in none of the reports (found {sorted(set(found))})")
+    fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), 3.4), squeeze=False)
+    for ax, arch in zip(axes[0], archs, strict=True):
+        cells = sorted((r for r in reports if r["arch"] == arch), key=lambda r: r["rate"])
+        for m in names:
+            pts = [(c["rate"], c["methods"][m][metric]) for c in cells if m in c["methods"]]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o", label=m)
+        refs = [c["methods"][REFERENCE][metric] for c in cells if REFERENCE in c["methods"]]
+        if refs:
+            ax.axhline(float(np.mean(refs)), color="k", linestyle="--", label="no reduction")
+        ax.set_title(arch)
+        ax.set_xlabel("reduction rate")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    return _save(fig, path, dpi)
+
+
+def accuracy_per_turn(
+    report: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    methods: Sequence[str] | None = None,
+    dpi: int = 120,
+) -> Path:
+    """Accuracy per turn, one line per method (reference included), for one cell."""
+    names = list(methods or report["methods"])
+    if not names:
+        raise ValueError("accuracy_per_turn: the report has no methods")
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    for m in names:
+        if m not in report["methods"]:
+            raise ValueError(
+                f"method {m!r} not in the report of {report.get('arch')} @ {report.get('rate')}"
+            )
+        acc = report["methods"][m]["acc_turn"]
+        style = dict(color="k", linestyle="--") if m == REFERENCE else {}
+        ax.plot(range(1, len(acc) + 1), acc, marker="o", label=m, **style)
+    ax.set_xticks(range(1, len(report["methods"][names[0]]["acc_turn"]) + 1))
+    ax.set_xlabel("turn")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{report.get('arch', '?')} @ rate {report.get('rate', '?')}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path, dpi)
+
+
+def _mass_image(mass: np.ndarray, grid) -> np.ndarray | None:
+    # Exact row-major grids are drawn as cells; packed layouts are scattered at positions.
+    if grid is not None and grid[0] * grid[1] == mass.size:
+        return mass.reshape(grid)
+    return None
+
+
+def token_maps_figure(
+    maps: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    left: str = "metacompress",
+    right: str = "fastv",
+    dpi: int = 120,
+) -> Path:
+    """Per image: `left`'s column mass of P over the image, beside `right`'s kept tokens.
+
+    Args:
+        maps: output of `mc_core.evaluate.token_maps` (needs `left` and `right` in `mass`).
+        path: the PNG to write.
+        left, right: method names of the two columns.
+        dpi: resolution.
+    """
+    if not maps:
+        raise ValueError("token_maps_figure needs at least one image")
+    fig, axes = plt.subplots(len(maps), 2, figsize=(6.4, 3.2 * len(maps)), squeeze=False)
+    for row, entry in zip(axes, maps, strict=True):
+        for ax, name in zip(row, (left, right), strict=True):
+            if name not in entry["mass"]:
+                raise ValueError(f"token map of {entry.get('dialogue_id')} has no {name!r} mass")
+            image = np.asarray(entry["image"])
+            h, w = image.shape[:2]
+            mass = np.asarray(entry["mass"][name], dtype=np.float64)
+            ax.imshow(image)
+            grid_img = _mass_image(mass, entry.get("grid"))
+            if grid_img is not None:
+                ax.imshow(
+                    grid_img, extent=(0, w, h, 0), alpha=0.55, cmap="magma", interpolation="nearest"
+                )
+            elif entry.get("positions") is not None:
+                pos = np.asarray(entry["positions"])
+                ax.scatter(pos[:, 1] * w, pos[:, 0] * h, s=12, c=mass, cmap="magma", alpha=0.8)
+            ax.set_title(f"{name}: {entry.get('question', '')}"[:48], fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return _save(fig, path, dpi)

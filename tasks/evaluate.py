@@ -1,0 +1,65 @@
+"""Stage ``evaluate@<arch>-<rate>``: every method of ``evaluate.methods`` at the cell's rate.
+
+Reads the base model, the cell's trained compressor and ``data/test``; writes
+``reports/eval/<arch>-<rate>.json`` (DESIGN.md metrics schema, a DVC metric) and logs the
+metrics (``eval/<method>/<metric>``) and the file to the cell's MLflow run.
+
+Usage: ``python -m tasks.evaluate --arch tiny-llava --rate 0.9``
+"""
+
+from __future__ import annotations
+
+from tasks import common, tracking
+
+PARAMS = ("evaluate", "tracking")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Evaluate the cell and record the metrics."""
+    p = common.load_params(PARAMS, who="tasks.evaluate")
+    arch, rate = common.cell_args(__doc__.splitlines()[0], argv)
+
+    from mc_core import checkpoint, zoo
+    from mc_core import evaluate as meval
+    from mc_core.data import schema
+
+    ckpt_dir = common.compressor_dir(arch, rate)
+    family = zoo.info(common.base_dir(arch)).get("family")
+    # The fingerprint check refuses a compressor trained for another model family.
+    compressor = checkpoint.load_compressor(ckpt_dir, expect={"family": family})
+    model, processor = zoo.load(common.base_dir(arch))
+    dataset = schema.load(common.DATA_TEST)
+    ev = p.evaluate
+    metrics = meval.evaluate(
+        model, processor, dataset, ev.methods, rate,
+        compressors={"metacompress": compressor}, history=ev.history,
+        max_dialogues=ev.max_dialogues, device=ev.device, batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens, arch=arch, dataset_name=dataset[0]["source"],
+        seed=ev.seed, progress=ev.progress)
+    out = meval.write_report(metrics, common.cell_file("eval", arch, rate))
+
+    rate_s = common.config.format_rate(rate)
+    ckpt = tracking.checkpoint_hash(ckpt_dir)
+    run_id = tracking.find_cell_run(p.tracking.experiment, arch, rate_s, ckpt_sha256=ckpt)
+    if run_id is None:  # train stage restored from DVC's cache: record the cell anew
+        run_id = tracking.start_cell_run(p.tracking.experiment, arch, rate_s,
+                                         params={"arch": arch, "rate": rate},
+                                         tags={"ckpt_sha256": ckpt, "restored": "true"})
+        tracking.end_run(run_id)
+    tracking.log_params(run_id, common.flat("evaluate", ev.model_dump()))
+    flat = {}
+    for method, m in metrics["methods"].items():
+        for key, value in m.items():
+            if isinstance(value, list):
+                flat.update({f"eval/{method}/{key}_{i + 1}": v for i, v in enumerate(value)})
+            else:
+                flat[f"eval/{method}/{key}"] = value
+    tracking.log_metrics(run_id, flat)
+    tracking.log_artifacts(run_id, out, "eval")
+    tracking.set_tags(run_id, {"eval_dataset": metrics.get("dataset", "unknown")})
+    mc = metrics["methods"].get("metacompress", {})
+    print(f"evaluate: wrote {out} (metacompress acc_avg={mc.get('acc_avg')})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

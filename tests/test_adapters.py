@@ -1,0 +1,391 @@
+"""Adapters on tiny random LVLMs of every family: exactness, multi-turn cache reuse, batches,
+generation, contexts, FastV scores and training through the frozen model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TINY, assistant_turn, make_image, user_turn
+from transformers import DynamicCache
+
+from mc_core.adapters import available, for_model, prompt_attention
+from mc_core.adapters.base import rewrite_placeholders
+from mc_core.adapters.qwen2_vl import Qwen2VLAdapter, factor_grid
+
+FAMILIES = list(TINY)
+# Two image sizes per family, chosen so the token counts differ where the family allows it.
+SIZES = {
+    "llava": [(40, 72), (72, 40)],
+    "llava_next": [(40, 72), (64, 60)],
+    "qwen2_vl": [(56, 112), (84, 84)],
+    "qwen2_5_vl": [(56, 112), (84, 84)],
+    "internvl": [(64, 150), (60, 60)],
+}
+DIALOGUE = [
+    user_turn("what colour is at row 2 col 3 ?", images=1),
+    assistant_turn("red"),
+    user_turn("what shape is at row 1 col 1 ?"),
+    assistant_turn("circle"),
+    user_turn("how many blue ?"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_grad_by_default():
+    with torch.no_grad():
+        yield
+
+
+def images_of(family: str, count: int = 1, offset: int = 0):
+    return [make_image(*SIZES[family][(i + offset) % 2], seed=i + offset) for i in range(count)]
+
+
+def encode(processor, messages, images):
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(images=images, text=[text], return_tensors="pt")
+
+
+def pool(x: torch.Tensor, m: int) -> torch.Tensor:
+    """Average contiguous chunks: [n, d] -> [m, d] (a convex P, independent of mc_core)."""
+    group = torch.arange(x.shape[0]) * m // x.shape[0]  # (n,) chunk of each token
+    out = torch.zeros(m, x.shape[1], dtype=x.dtype).index_add_(0, group, x)
+    return out / torch.bincount(group, minlength=m).to(x.dtype)[:, None]
+
+
+def fresh_logits(model, adapter, inputs):
+    adapter.reset_state()
+    return model(**inputs).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_identity_tokens_give_the_untouched_logits(tiny, family, n_images):
+    model, proc = tiny(family)
+    adapter = for_model(model)
+    turn = user_turn("what colour is at row 2 col 3 ?", images=n_images)
+    inputs = encode(proc, [turn], images_of(family, n_images))
+    reference = fresh_logits(model, adapter, inputs)
+    tokens = adapter.visual_tokens(inputs)
+    assert len(tokens) == n_images
+    assert [t.shape[0] for t in tokens] == adapter.placeholder_counts(inputs)
+    got = fresh_logits(model, adapter, adapter.inputs_with(inputs, tokens))
+    # Same ops on the same values in the same order: bit-identical, not merely close.
+    assert got.shape == reference.shape
+    assert (got - reference).abs().max().item() == 0.0
+
+
+# m = None: a third of the tokens. Qwen with m = 5 on a 2 x 4 grid: no grid fits (1 x 5 is
+# 2.5x too wide), so the 1-D text-position fallback is exercised too.
+@pytest.mark.parametrize("family,m", [(f, None) for f in FAMILIES] + [("qwen2_vl", 5)])
+def test_cached_multiturn_equals_from_scratch(tiny, family, m):
+    model, proc = tiny(family)
+    adapter = for_model(model)
+    images = images_of(family)
+    first = encode(proc, DIALOGUE[:1], images)
+    tokens = [pool(t, m or math.ceil(t.shape[0] / 3)) for t in adapter.visual_tokens(first)]
+    adapter.reset_state()
+    cache = DynamicCache()
+    d = adapter.inputs_with(first, tokens)
+    parts = [model(**d, past_key_values=cache, use_cache=True).logits]
+    seen = d["input_ids"]
+    for k in (3, 5):  # turns 2 and 3 as text-only chunks over the reused cache
+        d = adapter.inputs_with(encode(proc, DIALOGUE[:k], images), tokens)
+        assert torch.equal(d["input_ids"][:, : seen.shape[1]], seen), "prefix property broken"
+        chunk = d["input_ids"][:, seen.shape[1] :]
+        parts.append(model(input_ids=chunk, past_key_values=cache, use_cache=True).logits)
+        seen = d["input_ids"]
+    if m == 5:
+        assert "image_grid_thw" not in d and not d["mm_token_type_ids"].any()
+    cached = torch.cat(parts, dim=1)
+    scratch = fresh_logits(model, adapter, d)
+    # Chunked attention sums keys in a different grouping than one pass: float32 rounding only.
+    torch.testing.assert_close(cached, scratch, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_fewer_tokens(tiny, family):
+    model, proc = tiny(family)
+    adapter = for_model(model)
+    inputs = encode(proc, DIALOGUE[:1], images_of(family))
+    tokens = [pool(t, max(1, t.shape[0] // 4)) for t in adapter.visual_tokens(inputs)]
+    d = adapter.inputs_with(inputs, tokens)
+    n_before = int((inputs["input_ids"] == adapter.image_token_id).sum())
+    assert int((d["input_ids"] == adapter.image_token_id).sum()) == tokens[0].shape[0] < n_before
+    first_token = fresh_logits(model, adapter, d)[0, -1].argmax()
+    adapter.reset_state()
+    out = model.generate(**d, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+    assert out.shape == (1, d["input_ids"].shape[1] + 3)
+    assert torch.equal(out[:, : d["input_ids"].shape[1]], d["input_ids"])
+    assert out[0, d["input_ids"].shape[1]] == first_token  # greedy step 1 = forward argmax
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_of_two_dialogues_with_padding(tiny, family):
+    model, proc = tiny(family)
+    adapter = for_model(model)
+    dialogues = [DIALOGUE[:1], [user_turn("how many red circle are there ?", images=1)]]
+    images = [images_of(family)[0], images_of(family, offset=1)[0]]
+    texts = [
+        proc.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in dialogues
+    ]
+    batch = proc(images=images, text=texts, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any(), "the two prompts should need padding"
+    tokens = [pool(t, math.ceil(t.shape[0] / 3)) for t in adapter.visual_tokens(batch)]
+    d = adapter.inputs_with(batch, tokens)
+    assert d["attention_mask"][:, -1].all()  # still left padded
+    batched = fresh_logits(model, adapter, d)[:, -1]
+    for b in range(2):
+        single = encode(proc, dialogues[b], [images[b]])
+        alone = fresh_logits(model, adapter, adapter.inputs_with(single, [tokens[b]]))[0, -1]
+        # Padded rows attend over masked slots: float32 summation differs slightly.
+        torch.testing.assert_close(batched[b], alone, atol=1e-5, rtol=0)
+    adapter.reset_state()
+    out = model.generate(**d, max_new_tokens=2, do_sample=False, min_new_tokens=2)
+    assert out.shape == (2, d["input_ids"].shape[1] + 2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_contexts_fit_the_tokens(tiny, family):
+    model, proc = tiny(family)
+    adapter = for_model(model)
+    inputs = encode(proc, [user_turn("what ?", images=2)], images_of(family, 2))
+    tokens = adapter.visual_tokens(inputs)
+    plain = adapter.contexts(inputs)
+    full = adapter.contexts(inputs, frozenset({"cls_attention", "keys"}))
+    for x, c0, c in zip(tokens, plain, full, strict=True):
+        n = x.shape[0]
+        c.check(n)
+        assert c0.cls_attention is None and c0.keys is None
+        assert torch.equal(c0.positions, c.positions)
+        assert c.positions.shape == (n, 2)
+        assert c.positions.min() >= 0 and c.positions.max() <= 1
+        # Tokens spread over the image, not collapsed to a point.
+        assert c.positions[:, 0].std() > 0.1 and c.positions[:, 1].std() > 0.1
+        if c.grid is not None:
+            h, w = c.grid
+            assert h * w == n
+        assert c.cls_attention.shape == (n,) and (c.cls_attention >= 0).all()
+        assert c.keys.shape[0] == n and torch.isfinite(c.keys).all()
+        assert c.cls_attention.std() > 0  # a real signal, not a constant
+
+
+def test_llava_cls_attention_and_keys_match_eager_tower():
+    model, proc = TINY["llava"]()
+    adapter = for_model(model)
+    inputs = encode(proc, [user_turn("what ?", images=1)], images_of("llava"))
+    ctx = adapter.contexts(inputs, frozenset({"cls_attention", "keys"}))[0]
+    model.set_attn_implementation({"vision_config": "eager"})
+    out = model.model.vision_tower(
+        inputs["pixel_values"], output_attentions=True, output_hidden_states=True
+    )
+    # Feature layer -2 of a 2-layer tower = output of layer 0.
+    eager = out.attentions[0][0, :, 0, 1:].mean(0)  # (P,) CLS row, heads averaged
+    torch.testing.assert_close(ctx.cls_attention, eager, atol=1e-6, rtol=1e-5)
+    layer = model.model.vision_tower.encoder.layers[0]
+    keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[0]))[0, 1:]
+    torch.testing.assert_close(ctx.keys, keys)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_received_attention_reproduces_the_last_block(tiny, family):
+    model, proc = tiny(family)
+    adapter = for_model(model)
+    inputs = encode(proc, [user_turn("what ?", images=2)], images_of(family, 2))
+    probs, v, h_in, h_out = adapter._last_block_attention(inputs)
+    block = model.model.visual.blocks[-1]
+    outs = []
+    for p, vi in zip(probs, v, strict=True):  # (H, S, S), (H, S, dh)
+        outs.append((p @ vi.float()).transpose(0, 1).flatten(1))
+    attn_out = block.attn.proj(torch.cat(outs).to(h_in.dtype))
+    y = h_in + attn_out
+    y = y + block.mlp(block.norm2(y))
+    # If the recomputed attention (q, k, rotary, image split, window order) were wrong, the
+    # block output would not match the tower's own.
+    torch.testing.assert_close(y, h_out, atol=1e-5, rtol=1e-4)
+
+
+def test_qwen_positions_grid_or_text_fallback(tiny):
+    model, proc = tiny("qwen2_vl")
+    adapter = for_model(model)
+    assert factor_grid(8, 2, 4)[:2] == (2, 4)
+    assert factor_grid(7, 4, 4)[2] > Qwen2VLAdapter.max_aspect_error  # 1 x 7: falls back
+    inputs = encode(proc, [user_turn("what ?", images=2)], images_of("qwen2_vl", 2))
+    x = adapter.visual_tokens(inputs)
+    assert adapter.contexts(inputs)[0].grid == (2, 4) and x[1].shape[0] == 9
+    d = adapter.inputs_with(inputs, [pool(x[0], 2), pool(x[1], 7)])
+    # Image 0: 2 tokens as 1 x 2, the 2 x 4 grid's aspect; image 1: 1 x 7 is too stretched.
+    assert d["image_grid_thw"].tolist() == [[1, 2, 4]]
+    image = d["input_ids"] == adapter.image_token_id
+    assert int(image.sum()) == 9
+    assert int(d["mm_token_type_ids"][image].sum()) == 2  # the 7 fallback tokens are text
+    logits = fresh_logits(model, adapter, d)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_attention_scores(tiny, family):
+    model, proc = tiny(family)
+    adapter = for_model(model)
+    images = images_of(family, 2)
+    inputs = encode(proc, [user_turn("what colour is at row 2 col 3 ?", images=2)], images)
+    before = model.config.text_config._attn_implementation
+    scores = prompt_attention(model, adapter, inputs, layer=1)
+    assert model.config.text_config._attn_implementation == before
+    counts = adapter.placeholder_counts(inputs)
+    assert [s.shape for s in scores] == [(n,) for n in counts]
+    for s in scores:
+        assert (s >= 0).all() and s.sum() <= 1 + 1e-5  # a share of softmax rows
+    other = encode(proc, [user_turn("how many blue square ?", images=2)], images)
+    changed = prompt_attention(model, adapter, other, layer=1)
+    assert not torch.allclose(scores[0], changed[0])  # prompt-dependent by construction
+
+
+def test_prompt_attention_restores_attention_on_error(tiny, monkeypatch):
+    model, proc = TINY["llava"]()
+    adapter = for_model(model)
+    inputs = encode(proc, DIALOGUE[:1], images_of("llava"))
+    before = model.config.text_config._attn_implementation
+
+    def boom(*args, **kwargs):
+        assert model.config.text_config._attn_implementation == "eager"
+        raise RuntimeError("forward failed")
+
+    monkeypatch.setattr(model, "forward", boom)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        prompt_attention(model, adapter, inputs, layer=0)
+    assert model.config.text_config._attn_implementation == before
+    with pytest.raises(ValueError, match="layer=2"):
+        prompt_attention(model, adapter, inputs, layer=2)
+
+
+def test_for_model_and_bad_tokens(tiny):
+    assert available() == ["internvl", "llava", "llava_next", "qwen2_vl"]
+    with pytest.raises(ValueError, match="Linear.*internvl.*LlavaForConditionalGeneration"):
+        for_model(torch.nn.Linear(2, 2))
+    model, proc = tiny("llava")
+    adapter = for_model(model)
+    assert adapter.family == "llava"
+    inputs = encode(proc, DIALOGUE[:1], images_of("llava"))
+    x = adapter.visual_tokens(inputs)
+    with pytest.raises(ValueError, match="1 images"):
+        adapter.inputs_with(inputs, x + x)
+    with pytest.raises(ValueError, match=r"tokens\[0\] has shape \(64, 3\)"):
+        adapter.inputs_with(inputs, [x[0][:, :3]])
+    with pytest.raises(ValueError, match="cls_attn"):
+        adapter.contexts(inputs, frozenset({"cls_attn"}))
+    assert adapter.contexts(inputs, frozenset({"prompt_attention"}))[0].prompt_attention is None
+    with pytest.raises(ValueError, match="at least one token"):
+        adapter.inputs_with(inputs, [x[0][:0]])
+
+
+def test_rewrite_splits_touching_runs_by_counts():
+    ids = torch.tensor([[5, 9, 9, 9, 9, 9, 6]])  # two images' runs touching: 2 + 3 placeholders
+    out, slots = rewrite_placeholders({"input_ids": ids}, 9, [2, 3], [1, 2], pad_token_id=0)
+    assert out["input_ids"].tolist() == [[5, 9, 9, 9, 6]]
+    assert [(s.start, s.count) for s in slots] == [(1, 1), (2, 2)]
+    with pytest.raises(ValueError, match="placeholders"):
+        rewrite_placeholders({"input_ids": ids}, 9, [2, 2], [1, 1], pad_token_id=0)
+
+
+def test_metacompress_trains_through_the_frozen_lvlm(tiny):
+    compressors = pytest.importorskip("mc_core.compressors")
+    if "metacompress" not in compressors.available():
+        pytest.skip("metacompress not registered yet")
+    model, proc = TINY["llava"]()
+    model.requires_grad_(False)
+    adapter = for_model(model)
+    inputs = encode(proc, DIALOGUE[:1], images_of("llava"))
+    x = adapter.visual_tokens(inputs)
+    gen = compressors.build("metacompress", rate=0.75, dim=adapter.dim)
+    ctx = adapter.contexts(inputs, gen.needs)
+    with torch.enable_grad():
+        teacher = fresh_logits(model, adapter, inputs)[0, -1].log_softmax(-1)
+        y, _ = gen(x, ctx)
+        student = fresh_logits(model, adapter, adapter.inputs_with(inputs, y))[0, -1].log_softmax(
+            -1
+        )
+        loss = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="sum")
+        loss.backward()
+    trainable = [p for p in gen.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
+    assert any(p.grad.abs().sum() > 0 for p in trainable)
+    assert all(p.grad is None for p in model.parameters())
+
+
+# Grid (llava), packed non-grid (llava_next) and CLS-free (qwen2_vl) contexts; the other
+# families' contexts are checked in test_contexts_fit_the_tokens.
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_every_registered_compressor_runs_through_the_adapter(tiny, family):
+    compressors = pytest.importorskip("mc_core.compressors")
+    model, proc = tiny(family)
+    adapter = for_model(model)
+    inputs = encode(
+        proc, [user_turn("what colour is at row 2 col 3 ?", images=2)], images_of(family, 2)
+    )
+    x = adapter.visual_tokens(inputs)
+    ctx = adapter.contexts(inputs, frozenset({"cls_attention", "keys"}))
+    for c, s in zip(ctx, prompt_attention(model, adapter, inputs, layer=1), strict=True):
+        c.prompt_attention = s
+    for name in compressors.available():
+        method = compressors.build(name, rate=0.5, dim=adapter.dim)
+        y, P = method(x, ctx)
+        kept = [t.shape[0] if name == "none" else math.ceil(t.shape[0] / 2) for t in x]
+        assert [t.shape[0] for t in y] == kept, name
+        assert [tuple(p.shape) for p in P] == [
+            (m, t.shape[0]) for m, t in zip(kept, x, strict=True)
+        ], name
+        logits = fresh_logits(model, adapter, adapter.inputs_with(inputs, y))
+        assert torch.isfinite(logits).all(), name
+
+
+def test_llava_next_packed_order_and_context(tiny):
+    model, proc = tiny("llava_next")
+    adapter = for_model(model)
+    inputs = encode(proc, [user_turn("what ?", images=1)], images_of("llava_next"))
+    (index,) = adapter.index_maps(inputs)
+    (x,) = adapter.visual_tokens(inputs)
+    assert len(index) == x.shape[0]
+    p = 16  # (32 / 8)^2 patches per tile
+    assert torch.equal(index[:p], torch.arange(p))  # the base tile first, row-major
+    crop = index[p:]
+    lines = crop < 0
+    # A 40 x 72 image goes on the 64 x 64 canvas (2 x 2 crops = 8 x 8 patches); unpadding the
+    # letterboxed image keeps all 8 columns and the 4 middle rows (40 / 72 * 64 = 35.6 px).
+    assert adapter._tiles(inputs) == [5]
+    assert int(lines.sum()) == 4 and len(crop) == 4 * (8 + 1)
+    assert lines.reshape(4, 9)[:, -1].all() and not lines.reshape(4, 9)[:, :-1].any()
+    kept = crop[~lines] - p  # (32,) index among the crop tiles' patches
+    tile, patch = kept // p, kept % p
+    full_row = (tile // 2) * 4 + patch // 4  # row on the 8 x 8 crop grid
+    assert sorted(set(full_row.tolist())) == [2, 3, 4, 5]
+    # The newline token's own feature is the model's image_newline vector.
+    torch.testing.assert_close(x[p + 8], model.model.image_newline.to(x.dtype))
+    ctx = adapter.contexts(inputs, frozenset({"cls_attention"}))[0]
+    assert ctx.grid is None
+    assert (ctx.positions[p:][lines][:, 1] == 1.0).all()  # newlines sit at the row end
+    assert (ctx.cls_attention[p:][lines] == 0).all()
+    # Row-major crop positions: columns increase along a row, rows down the sequence.
+    pos = ctx.positions[p:].reshape(4, 9, 2)[:, :-1]
+    assert (pos[:, 1:, 1] > pos[:, :-1, 1]).all() and (pos[1:, :, 0] > pos[:-1, :, 0]).all()
+
+
+def test_internvl_tiles_and_pixel_shuffle_groups(tiny):
+    model, proc = tiny("internvl")
+    adapter = for_model(model)
+    groups = adapter._patch_groups(torch.device("cpu"))  # (16, 4) over an 8 x 8 patch tile
+    rows, cols = groups // 8, groups % 8
+    # Each token stacks one 2 x 2 block of patches.
+    assert ((rows.max(1).values - rows.min(1).values) == 1).all()
+    assert ((cols.max(1).values - cols.min(1).values) == 1).all()
+    assert len(set(groups.flatten().tolist())) == 64
+    images = images_of("internvl", 2)  # 64 x 150 (2 crops + thumbnail), 60 x 60 (1 tile)
+    inputs = encode(proc, [user_turn("what ?", images=2)], images)
+    assert adapter._tiles(inputs) == [3, 1]
+    inputs["image_sizes"] = torch.tensor([[64, 150], [60, 60]])
+    wide, square = adapter.contexts(inputs)
+    assert square.grid == (4, 4) and wide.grid is None
+    left, right, thumb = wide.positions.reshape(3, 16, 2)
+    assert left[:, 1].max() < 0.5 < right[:, 1].min()  # crops side by side
+    assert thumb[:, 1].min() < 0.25 and thumb[:, 1].max() > 0.75  # thumbnail spans the image

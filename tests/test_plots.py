@@ -1,0 +1,101 @@
+"""Plots: each writes a non-empty PNG with the expected panels and lines."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+import pytest
+import torch
+from conftest import make_image
+
+from mc_core import plots
+
+matplotlib.use("Agg")
+
+
+def _report(arch: str, rate: float, methods=("none", "sample", "fastv", "metacompress")) -> dict:
+    return {
+        "arch": arch,
+        "rate": rate,
+        "dataset": "unit",
+        "methods": {
+            m: {
+                "acc_turn": [0.9 - rate / 10, 0.8, 0.7],
+                "acc_avg": 0.8,
+                "kl_to_full": 0.1,
+                "prefill_ms": 1.0,
+                "visual_tokens": 6,
+                "prefill_tflops": 1e-6,
+            }
+            for m in methods
+        },
+    }
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Record the figures the plot functions save (closed afterwards)."""
+    seen = []
+    real = plots._save
+
+    def spy(fig, path, dpi):
+        seen.append([(len(ax.get_lines()), len(ax.collections), len(ax.images)) for ax in fig.axes])
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    return seen
+
+
+def _is_png(path) -> bool:
+    data = path.read_bytes()
+    return len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accuracy_vs_rate_panels_and_lines(tmp_path, figures):
+    paths = []
+    for arch in ("tiny-llava", "tiny-qwen2-vl"):
+        for rate in (0.5, 0.75, 0.9):
+            p = tmp_path / f"{arch}-{rate}.json"
+            p.write_text(json.dumps(_report(arch, rate)))
+            paths.append(p)
+    out = plots.accuracy_vs_rate(plots.load_reports(paths), tmp_path / "png" / "acc_vs_rate.png")
+    assert _is_png(out)
+    # Two architecture panels; 3 methods + the dashed reference line in each.
+    assert [lines for lines, _, _ in figures[0]] == [4, 4]
+    with pytest.raises(ValueError, match="magic"):
+        plots.accuracy_vs_rate(plots.load_reports(paths), tmp_path / "x.png", methods=["magic"])
+    with pytest.raises(ValueError, match="no such evaluation report"):
+        plots.load_reports([tmp_path / "missing.json"])
+
+
+def test_accuracy_per_turn_one_line_per_method(tmp_path, figures):
+    out = plots.accuracy_per_turn(_report("tiny-llava", 0.9), tmp_path / "turns.png")
+    assert _is_png(out)
+    assert figures[0] == [(4, 0, 0)]
+
+
+def test_token_maps_figure_two_columns_per_image(tmp_path, figures):
+    maps = []
+    for i in range(2):
+        mass = torch.rand(64)
+        keep = torch.zeros(64)
+        keep[torch.randperm(64)[:8]] = 1.0
+        maps.append(
+            {
+                "image": make_image(64, 64, seed=i),
+                "dialogue_id": f"d{i}",
+                "question": "what colour is at row 1 col 2 ?",
+                "grid": (8, 8),
+                "positions": None,
+                "mass": {"metacompress": mass, "fastv": keep},
+            }
+        )
+    # A packed layout (no exact grid) is scattered at its positions instead.
+    maps.append({**maps[0], "grid": None, "positions": torch.rand(64, 2)})
+    out = plots.token_maps_figure(maps, tmp_path / "maps.png")
+    assert _is_png(out)
+    panels = figures[0]
+    assert len(panels) == 6
+    assert all(images == 2 for _, _, images in panels[:4])  # image + mass overlay
+    assert all(coll == 1 and images == 1 for _, coll, images in panels[4:])  # image + scatter

@@ -1,0 +1,241 @@
+"""Training: resume is bit-identical, KL falls, divergence stops with a clear error."""
+
+from __future__ import annotations
+
+import io
+
+import datasets
+import pytest
+import torch
+from conftest import build_llava, make_image
+
+from mc_core.adapters import for_model
+from mc_core.compressors import build
+from mc_core.data.schema import FEATURES
+from mc_core.losses import answer_kl
+from mc_core.train import (
+    TrainConfig,
+    _order,
+    build_teacher_cache,
+    load_teacher_cache,
+    save_teacher_cache,
+    student_logits,
+    train,
+)
+
+QUESTIONS = [
+    "what colour is at row 1 col 2 ?",
+    "how many red circle ?",
+    "is there a blue square ?",
+    "what shape is at row 0 col 3 ?",
+]
+ANSWERS = ["red", "green", "blue", "yes", "no", "2", "3", "circle"]
+
+
+def tiny_dataset(n: int, *, size: int = 64) -> datasets.Dataset:
+    """`n` dialogues of the schema on random images, words of the tiny vocabulary."""
+    rows: dict[str, list] = {k: [] for k in FEATURES}
+    for i in range(n):
+        buf = io.BytesIO()
+        make_image(size, size, seed=100 + i).save(buf, format="PNG")
+        qs = [QUESTIONS[(i + k) % len(QUESTIONS)] for k in range(3)]
+        ans = [ANSWERS[(3 * i + k) % len(ANSWERS)] for k in range(3)]
+        rows["dialogue_id"].append(f"t{i}")
+        rows["source"].append("synthetic")
+        rows["image_id"].append(f"img{i}")
+        rows["image"].append({"bytes": buf.getvalue(), "path": None})
+        rows["questions"].append(qs)
+        rows["answers"].append(ans)
+        rows["answer_sets"].append([[a] for a in ans])
+        rows["question_types"].append(["colour"] * 3)
+        rows["targets"].append([""] * 3)
+    return datasets.Dataset.from_dict(rows, features=FEATURES)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, processor = build_llava()
+    data = tiny_dataset(8)
+    cache = build_teacher_cache(model, processor, data, batch_size=8, progress=False)
+    return model, processor, data, cache
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(
+        lr=0.5,
+        momentum=0.9,
+        grad_clip=1e-2,
+        batch_size=4,
+        epochs=2,
+        d_c=16,
+        checkpoint_every=3,
+        log_every=1,
+        progress=False,
+        device="cpu",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_cache_holds_teacher_answer_logprobs(setup):
+    model, processor, data, cache = setup
+    assert len(cache) == len(data)
+    e = cache.entries[0]
+    # 3 turns x (one answer word + end of turn); log-probs normalise to 1 per row.
+    assert e.teacher.shape == (6, model.config.text_config.vocab_size)
+    torch.testing.assert_close(e.teacher.exp().sum(-1), torch.ones(6), atol=1e-5, rtol=0)
+    assert e.tokens[0].shape == (64, 64)  # n = 64 patches, d = 64
+
+
+def test_resume_ends_bit_identical(setup, tmp_path):
+    model, processor, data, cache = setup
+    cfg = _cfg(epochs=3)  # 2 steps per epoch: 6 steps, the crash lands mid-run
+    straight = train(cfg, model, processor, data, rate=0.75, out_dir=tmp_path / "a", cache=cache)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_4(step, metrics):
+        if step == 4:  # after step 4, before its (absent) checkpoint: the last one is step 3
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(
+            cfg,
+            model,
+            processor,
+            data,
+            rate=0.75,
+            out_dir=tmp_path / "b",
+            cache=cache,
+            callbacks=[crash_at_4],
+        )
+    seen = []
+    resumed = train(
+        cfg,
+        model,
+        processor,
+        data,
+        rate=0.75,
+        out_dir=tmp_path / "b",
+        cache=cache,
+        callbacks=[lambda s, m: seen.append(s)],
+    )
+    assert seen == [4, 5, 6]  # resumed from the step-3 checkpoint
+    for (name, a), (_, b) in zip(
+        straight.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    init = build("metacompress", rate=0.75, dim=64, d_c=16, seed=0)
+    assert not torch.equal(init.w_q, straight.w_q.cpu())  # training moved the weights
+
+
+def test_resume_with_other_settings_is_refused(setup, tmp_path):
+    model, processor, data, cache = setup
+    train(_cfg(max_steps=1), model, processor, data, rate=0.75, out_dir=tmp_path, cache=cache)
+    with pytest.raises(ValueError, match="lr"):
+        train(
+            _cfg(max_steps=2, lr=0.1),
+            model,
+            processor,
+            data,
+            rate=0.75,
+            out_dir=tmp_path,
+            cache=cache,
+        )
+
+
+def _kl(model, compressor, cache) -> float:
+    adapter = for_model(model)
+    with torch.no_grad():
+        logits, _ = student_logits(
+            model, adapter, compressor, cache.entries, pad_token_id=0, device=torch.device("cpu")
+        )
+    return float(answer_kl(torch.cat([e.teacher for e in cache.entries]), logits))
+
+
+def test_kl_falls_and_beats_pooling(setup):
+    """Full-batch, KL only, fixed seed: gradient descent on a fixed objective must lower it.
+
+    On a random frozen model the teacher is barely sensitive to which visual tokens are kept
+    (KL ~1e-3), so the step size is far above the paper's lr 1e-3 / clip 1e-2 (tuned for 7B
+    models over 20k dialogues); a trained tiny teacher is the realistic check (tasks.train).
+    """
+    model, processor, data, cache = setup
+    log = []
+    cfg = _cfg(lr=20.0, grad_clip=None, batch_size=8, epochs=10, lambda_ent=0.0, lambda_col=0.0)
+    comp = train(
+        cfg,
+        model,
+        processor,
+        data,
+        rate=0.9,
+        cache=cache,
+        callbacks=[lambda s, m: log.append(m["kl"])],
+    )
+    assert len(log) == 10
+    # Measured: 1.26e-3 -> 0.70e-3 over 10 steps; 0.8 leaves room for platform noise.
+    assert log[-1] < 0.8 * log[0]
+    pool = build("pool", rate=0.9, dim=64)
+    assert _kl(model, comp, cache) < _kl(model, pool, cache)
+
+
+def test_nan_loss_stops_with_advice(setup):
+    model, processor, data, cache = setup
+    bad = load_like(cache)
+    for e in bad.entries:
+        e.teacher = torch.full_like(e.teacher, float("nan"))
+    with pytest.raises(RuntimeError, match="lower TrainConfig.lr"):
+        train(_cfg(max_steps=2), model, processor, data, rate=0.75, cache=bad)
+
+
+def test_exploding_loss_stops_with_advice(setup):
+    model, processor, data, cache = setup
+    bad = load_like(cache)
+    first = set(_order(len(data), 0, 0)[:4].tolist())
+    for i, e in enumerate(bad.entries):
+        if i not in first:  # from the second batch on, the teacher wants a token q rates ~0
+            target = torch.full_like(e.teacher, -1e4)
+            target[:, 3] = 0.0
+            e.teacher = target
+    # KL only: the first loss is the small true KL (~1e-3), the second ~-log q(token 3) >> 100x.
+    cfg = _cfg(max_steps=2, lambda_ent=0.0, lambda_col=0.0)
+    with pytest.raises(RuntimeError, match="exploded"):
+        train(cfg, model, processor, data, rate=0.75, cache=bad)
+
+
+def load_like(cache):
+    """A deep copy of a cache (tensors cloned)."""
+    import copy
+
+    return copy.deepcopy(cache)
+
+
+def test_cache_round_trip(setup, tmp_path):
+    _, _, _, cache = setup
+    save_teacher_cache(cache, tmp_path / "cache")
+    save_teacher_cache(cache, tmp_path / "cache")  # overwrite in place
+    back = load_teacher_cache(tmp_path / "cache")
+    assert len(back) == len(cache)
+    for a, b in zip(cache.entries, back.entries, strict=True):
+        assert torch.equal(a.teacher, b.teacher) and torch.equal(a.positions, b.positions)
+        assert torch.equal(a.tokens[0], b.tokens[0]) and a.length == b.length
+        assert a.contexts[0].grid == b.contexts[0].grid
+        assert set(a.base) == set(b.base)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("lr", 0.0),
+        ("lr", float("nan")),
+        ("momentum", 1.0),
+        ("grad_clip", -1.0),
+        ("batch_size", 0),
+        ("clip_mode", "max"),
+        ("device", "tpu"),
+        ("max_steps", 0),
+    ],
+)
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        TrainConfig(**{field: value})
