@@ -108,15 +108,19 @@ def train_all(profile: Literal["default", "smoke", "full"] = "default",
         f.result()
     ran += bases
 
-    tails = []
+    futures = []
     for key in cells:
         t = run_stage.submit(f"train@{key}", str(workspace), str(root))
         e = run_stage.submit(f"evaluate@{key}", str(workspace), str(root), wait_for=[t])
         r = run_stage.submit(f"register@{key}", str(workspace), str(root), wait_for=[e])
-        tails.append(r)
+        futures += [t, e, r]
         ran += [f"train@{key}", f"evaluate@{key}", f"register@{key}"]
-    for r in tails:
-        r.result()  # raises the first failed cell's error
+    for f in futures:
+        f.wait()  # let every independent cell finish before reporting a failure
+    for f in futures:
+        # Stages downstream of a failure never run (they stay pending): raise the root cause.
+        if f.state.is_failed() or f.state.is_crashed():
+            f.result()
 
     if len(cells) == len(groups["cells"]):
         for stage in groups["report"]:

@@ -148,6 +148,7 @@ class Conversation:
         self._text = ""  # rendered text the cache covers (the last prompt)
         self._cache_len = 0  # tokens in the cache for `_text`
         self._device = model_device(model)
+        self._dtype = next(model.parameters()).dtype
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self._eos = {int(e) for e in [*eos, processor.tokenizer.eos_token_id] if e is not None}
@@ -192,7 +193,7 @@ class Conversation:
 
     def _prefill_first(self, text: str) -> Tensor:
         inputs = self.processor(text=[text], images=self.images, return_tensors="pt")
-        inputs = to_device(dict(inputs), self._device)
+        inputs = to_device(dict(inputs), self._device, self._dtype)
         _sync(self._device)
         t0 = time.perf_counter()
         n_total = int((inputs["input_ids"] == self.adapter.image_token_id).sum())

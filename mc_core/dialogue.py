@@ -148,12 +148,19 @@ def encode_dialogue(
     return inputs, torch.tensor(positions, dtype=torch.long)
 
 
-def to_device(inputs: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
-    """Move every tensor of a model-input dict (and of `mm_encoder_outputs`) to `device`."""
+def to_device(
+    inputs: Mapping[str, Any], device: torch.device | str, dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """Move every tensor of a model-input dict (and of `mm_encoder_outputs`) to `device`.
+
+    With `dtype`, floating-point inputs (pixels) are cast too: a bf16 model's vision tower
+    does not take float32 pixels in every family.
+    """
     out: dict[str, Any] = {}
     for key, value in inputs.items():
         if isinstance(value, Tensor):
-            out[key] = value.to(device)
+            cast = dtype if dtype is not None and value.is_floating_point() else None
+            out[key] = value.to(device=device, dtype=cast)
         elif key == "mm_encoder_outputs":
             out[key] = {mod: _map_pooler(o, lambda t: t.to(device)) for mod, o in value.items()}
         else:

@@ -118,7 +118,7 @@ def _teacher_logits(
     model, processor, adapter, row, device
 ) -> tuple[dict[str, Any], Tensor, Tensor]:
     inputs, positions = encode_dialogue(processor, _images(row), row["questions"], row["answers"])
-    inputs = to_device(inputs, device)
+    inputs = to_device(inputs, device, next(model.parameters()).dtype)
     adapter.reset_state()
     logits = model(**inputs, logits_to_keep=positions.to(device)).logits[0]  # (T, V)
     return inputs, positions, logits.float()
@@ -306,7 +306,8 @@ def token_maps(
         row = dataset[int(i)]
         images = _images(row)
         text = render(processor, row["questions"][:1], [], n_images=len(images))
-        inputs = to_device(dict(processor(text=[text], images=images, return_tensors="pt")), device)
+        inputs = dict(processor(text=[text], images=images, return_tensors="pt"))
+        inputs = to_device(inputs, device, next(model.parameters()).dtype)
         ctx = adapter.contexts(inputs)[0]
         entry = {
             "image": images[0],

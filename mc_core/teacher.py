@@ -515,6 +515,11 @@ def train_teacher(arch: str, out_dir: str | os.PathLike, cfg: TeacherConfig | No
     # ---- stage 1: tower + projector with dense labels --------------------------------------
     vision_params = [p for n, p in model.named_parameters()
                      if not n.startswith(("model.language_model", "lm_head"))]
+    # Rotary-only towers (Qwen2-VL) cannot know absolute positions: no row/col labels there.
+    rotary = not hasattr(getattr(model.model, "vision_tower", None), "embeddings")
+    label_weights = {k: 1.0 for k in _LABEL_KEYS}
+    if rotary:
+        label_weights.update(row=0.0, col=0.0)
     stage = state["stage"] if state else 1
     step = state["step"] if state else 0
     if stage == 1:
@@ -533,11 +538,21 @@ def train_teacher(arch: str, out_dir: str | os.PathLike, cfg: TeacherConfig | No
             feats = torch.cat(image_features(model, processor, [pool[i].image for i in idx]))
             logits = aids.split_labels(feats)
             loss, accs = 0.0, {}
+            centre = torch.from_numpy(np.concatenate([pool[i].labels["centre"] for i in idx]))
             for k in _LABEL_KEYS:
+                if not label_weights[k]:
+                    continue
                 y = torch.from_numpy(np.concatenate([pool[i].labels[k] for i in idx]))
+                if k == "shape":
+                    # Shape is read at each object's centre token only (what the LLM attends
+                    # to); elsewhere it is ill-posed (a token sees a sliver of the object).
+                    y = torch.where(centre == 1, y, torch.full_like(y, -100))
                 weight = torch.tensor([1.0, 8.0]) if k == "centre" else None  # ~3% positives
-                loss = loss + F.cross_entropy(logits[k], y, weight=weight, ignore_index=-100)
+                loss = loss + label_weights[k] * F.cross_entropy(
+                    logits[k], y, weight=weight, ignore_index=-100)
                 ok = y != -100
+                if k == "centre":
+                    ok = y == 1  # recall on the rare positives is what matters
                 accs[k] = (logits[k].argmax(-1)[ok] == y[ok]).float().mean().item()
             for g in opt.param_groups:
                 g["lr"] = cfg.stage1_lr * _lr_factor(step, 20, cfg.stage1_max_steps)

@@ -272,7 +272,7 @@ def _teacher_entries(model, processor, adapter, rows, needs, device, where) -> l
     entries: list[CacheEntry] = []
     full_rows = []
     for inputs, positions in encoded:
-        inputs = to_device(inputs, device)
+        inputs = to_device(inputs, device, next(model.parameters()).dtype)
         tokens = adapter.visual_tokens(inputs)
         contexts = adapter.contexts(inputs, need=frozenset(needs) - {"prompt_attention"})
         # Pixels stay: adapters read their shapes to count images (inputs_with drops them).
@@ -453,7 +453,8 @@ def student_logits(
         tokens = [t.to(device=device, dtype=torch.float32) for t in e.tokens]
         ys, p = compressor(tokens, [_ctx_to(c, device) for c in e.contexts])
         ps += p
-        rows.append(adapter.inputs_with(to_device(e.base, device), [y.to(dtype) for y in ys]))
+        base = to_device(e.base, device, dtype)
+        rows.append(adapter.inputs_with(base, [y.to(dtype) for y in ys]))
     adapter.reset_state()
     batch, _ = collate(rows, pad_token_id=pad_token_id, side="right")
     mask = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)

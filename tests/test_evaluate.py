@@ -163,3 +163,26 @@ def test_token_maps_column_mass(cell):
             torch.testing.assert_close(mass.sum(), torch.tensor(32.0), atol=1e-4, rtol=0)
         # FastV keeps whole tokens: its column mass is 0/1.
         assert set(entry["mass"]["fastv"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_prefill_flops_by_hand():
+    from transformers import LlamaConfig, LlavaConfig
+
+    from mc_core.flops import prefill_flops
+
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    s, h, kv = 10, 64, 2 * 16
+    per_layer = 2 * s * h * (h + 2 * kv) + 2 * s * h * h + 2 * s * s * h + 3 * 2 * s * h * 128
+    expected = 2 * per_layer + 2 * h * 100
+    assert prefill_flops(text, s) == expected
+    # An LVLM config counts its language model only.
+    assert prefill_flops(LlavaConfig(text_config=text.to_dict()), s) == expected
+    with pytest.raises(ValueError, match="seq_len"):
+        prefill_flops(text, 0)
