@@ -14,11 +14,28 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install run test lint smoke
+.PHONY: install run test lint smoke serve stop
 install: $(VENV)/.installed
 
+# `make run`: `dvc repro` of the embedded default (params.yaml) in the checkout, stale stages
+# only, then the summary table. PROFILE=smoke|full runs that profile in runs/<profile>/.
+PROFILE ?= default
 run: install
-	$(PY) -m mc_core.demo
+	@export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"; set -e; \
+	ws=$$($(PY) -m flows.workspace $(PROFILE)); cd "$$ws"; \
+	echo "== dvc repro in $$ws (profile $(PROFILE))"; \
+	dvc repro; \
+	python -m tasks.report --show
+
+smoke:
+	$(MAKE) run PROFILE=smoke
+
+# Background Prefect server + worker + MLflow UI (state inside the checkout); `make stop` ends them.
+serve: install
+	scripts/serve.sh
+
+stop:
+	scripts/stop.sh
 
 test: install
 	$(PY) -m pytest

@@ -65,8 +65,8 @@ def markdown(result: dict) -> str:
         f"Command: `{result['command']}`",
         "",
         "| method | rate | visual tokens | vision ms | context ms | compress ms | prefill ms "
-        "| TTFT ms | 3-turn ms | speedup measured | ideal (tokens) | ideal (FLOPs) | TTFT speedup "
-        "| compress % of prefill | vs sample | peak MB |",
+        "| TTFT ms | 3-turn ms | speedup measured (min) | ideal (tokens) | ideal (FLOPs) "
+        "| TTFT speedup | compress % of prefill | vs sample | peak MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -80,7 +80,8 @@ def markdown(result: dict) -> str:
             f"| {r['method']} | {r['rate']:g} | {r['visual_tokens']} | {f(r['vision_ms'])} "
             f"| {f(r['context_ms'], '.2f')} | {f(r['compress_ms'], '.2f')} "
             f"| {f(r['prefill_ms'])} | {f(r['ttft_ms'])} | {f(r['e2e_ms'])} "
-            f"| {f(r['speedup_measured'], '.2f')} | {f(r['speedup_ideal'], '.2f')} "
+            f"| {f(r['speedup_measured'], '.2f')} ({f(r.get('speedup_measured_min'), '.2f')}) "
+            f"| {f(r['speedup_ideal'], '.2f')} "
             f"| {f(r['speedup_ideal_flops'], '.2f')} | {f(r['speedup_ttft'], '.2f')} "
             f"| {f(r['compress_pct_of_prefill'], '.2f')} "
             f"| {'–' if vs is None else format(100 * vs, '+.1f') + '%'} "
@@ -89,13 +90,13 @@ def markdown(result: dict) -> str:
     tail = ["", f"Targets at {result['targets']['rate']:g} reduction:", ""]
     t = result["targets"]
     for method, v in t.get("measured_over_ideal", {}).items():
-        tail.append(f"- {method}: measured / ideal = {v['value']:.2f} (target {v['target']}): "
-                    f"{'pass' if v['pass'] else 'MISS'}")
+        tail.append(f"- {method}: measured / ideal = {f(v['value'], '.2f')} "
+                    f"(target {v['target']}): {'pass' if v['pass'] else 'MISS'}")
     for key, label in (("metacompress_vs_sample", "metacompress post-tower prefill vs sample"),
                        ("metacompress_overhead_pct", "metacompress call, % of its prefill")):
         if key in t:
             v = t[key]
-            tail.append(f"- {label}: {v['value']:.3g} (target {v['target']}): "
+            tail.append(f"- {label}: {f(v['value'], '.3g')} (target {v['target']}): "
                         f"{'pass' if v['pass'] else 'MISS'}")
     if "note" in t:
         tail.append(f"- {t['note']}")
@@ -131,7 +132,7 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("prefill speedup vs none (x)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{result['arch']} ({result['scale']}), {result['machine']['device']}")
+    fig.suptitle(f"{result['arch']} ({result['scale']} scale) on {result['machine']['device']}")
     fig.tight_layout()
     _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
@@ -154,11 +155,15 @@ def write_all(result: dict, out_dir: str | Path, machine: str) -> dict[str, Path
     return paths
 
 
+def _fmt(v, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
 def summary(results: list[dict], rate: float = 0.9) -> str:
     """One markdown table over result files: each method at `rate` against its `none`."""
     lines = [
         "| machine | arch (scale) | method | TTFT ms (none → method) | prefill speedup measured "
-        "| ideal tokens / FLOPs | measured / ideal | vs sample | generator % of prefill |",
+        "(min) | ideal tokens / FLOPs | measured / ideal | vs sample | generator % of prefill |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
@@ -172,6 +177,7 @@ def summary(results: list[dict], rate: float = 0.9) -> str:
             lines.append(
                 f"| {where} | {res['arch']} ({res['scale']}) | {r['method']} "
                 f"| {base['ttft_ms']:.0f} → {r['ttft_ms']:.0f} | {r['speedup_measured']:.2f}x "
+                f"({_fmt(r.get('speedup_measured_min'), '.2f')}x) "
                 f"| {r['speedup_ideal']:.2f}x / {r['speedup_ideal_flops']:.2f}x "
                 f"| {r['speedup_measured'] / r['speedup_ideal']:.2f} "
                 f"| {'–' if vs is None else format(100 * vs, '+.1f') + '%'} "

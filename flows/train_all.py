@@ -49,16 +49,34 @@ def _retry_on_lock(task, task_run, state) -> bool:
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False,
       retries=LOCK_RETRIES, retry_delay_seconds=[1, 2, 4, 8, 15, 30],
       retry_condition_fn=_retry_on_lock)
-def run_stage(stage: str, workspace: str, checkout: str) -> str:
+def run_stage(stage: str, workspace: str, checkout: str, force: bool = False) -> str:
     """``dvc repro -s <stage>`` in ``workspace``; returns the last lines of its output.
 
     The environment (venv on PATH, MLflow at the checkout's store) is built here rather than
     passed in, so no environment variable ends up in Prefect's task parameters.
     """
-    out = ws.repro_stage(stage, Path(workspace), env=ws.tracking_env(Path(checkout)))
+    out = ws.repro_stage(stage, Path(workspace), env=ws.tracking_env(Path(checkout)),
+                         force=force)
     tail = "\n".join(out.strip().splitlines()[-8:])
     get_run_logger().info("%s:\n%s", stage, tail)
     return tail
+
+
+def registered(workspace: str, key: str) -> bool:
+    """Whether the version recorded in ``reports/registry/<key>.json`` is in the store."""
+    from tasks import tracking
+
+    f = Path(workspace) / "reports" / "registry" / f"{key}.json"
+    if not f.is_file():
+        return False
+    rec = json.loads(f.read_text())
+    if not {"name", "version", "ckpt_sha256"} <= set(rec):
+        return True  # not a registry record (stand-in stages): nothing to verify
+    try:
+        mv = tracking.client().get_model_version(rec["name"], rec["version"])
+    except Exception:  # no such model or version in this store
+        return False
+    return mv.tags.get("ckpt_sha256") == rec.get("ckpt_sha256")
 
 
 @task(name="mlflow-migrate", cache_policy=NO_CACHE, persist_result=False)
@@ -121,6 +139,14 @@ def train_all(profile: Literal["default", "smoke", "full"] = "default",
         # Stages downstream of a failure never run (they stay pending): raise the root cause.
         if f.state.is_failed() or f.state.is_crashed():
             f.result()
+
+    # The registry lives outside DVC: if the tracking store was reset since a cell's register
+    # stage ran, DVC would skip it; re-run those (registration is idempotent by content hash).
+    stale = [k for k in cells if not registered(str(workspace), k)]
+    for f in [run_stage.submit(f"register@{k}", str(workspace), str(root), force=True)
+              for k in stale]:
+        f.result()
+    ran += [f"register@{k}" for k in stale if f"register@{k}" not in ran]
 
     if len(cells) == len(groups["cells"]):
         for stage in groups["report"]:

@@ -23,10 +23,13 @@ them (``mc_core.zoo``, ``mc_core.compressors``) when those modules are importabl
 
 from __future__ import annotations
 
+import ast
 import copy
 import importlib
+import importlib.util
 import inspect
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -68,9 +71,37 @@ def _check_rate(rate: float) -> float:
 
 
 def known_archs() -> list[str]:
-    """Architectures ``mc_core.zoo`` can build (tiny) or load (real)."""
-    zoo = importlib.import_module("mc_core.zoo")
+    """Architectures ``mc_core.zoo`` can build (tiny) or load (real).
+
+    Read from the zoo's source (the literal keys of ``TINY`` and ``REAL``) unless the module is
+    already imported: importing it loads transformers' model classes (~6 s), which stages that
+    never touch a model (prepare, register, report) should not pay just to validate a name.
+    """
+    zoo = sys.modules.get("mc_core.zoo")
+    if zoo is None:
+        names = _literal_dict_keys("mc_core.zoo", ("TINY", "REAL"))
+        if names is not None:
+            return sorted(names)
+        zoo = importlib.import_module("mc_core.zoo")
     return sorted(set(getattr(zoo, "TINY", {})) | set(getattr(zoo, "REAL", {})))
+
+
+def _literal_dict_keys(module: str, names: tuple[str, ...]) -> set[str] | None:
+    """String keys of module-level dict literals ``names`` (None when not all are literal)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        raise ImportError(module)
+    tree = ast.parse(Path(spec.origin).read_text())
+    found: dict[str, set[str]] = {}
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        if isinstance(target, ast.Name) and target.id in names and isinstance(node.value, ast.Dict):
+            keys = node.value.keys
+            if not all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in keys):
+                return None
+            found[target.id] = {k.value for k in keys}
+    return set().union(*found.values()) if set(found) == set(names) else None
 
 
 def _known_methods() -> list[str] | None:
@@ -289,7 +320,7 @@ def validate(raw: Mapping[str, Any], *, source: str = DEFAULT_PATH) -> Params:
     except ValidationError as err:
         raise ValueError(_format_errors(err, source)) from None
     _check_from_dict("mc_core.data.synthetic", "WorldConfig", params.world, "world", source)
-    _check_from_dict("mc_core.teacher", "TeacherConfig", params.base, "base", source)
+    _check_keys("mc_core.teacher", "TeacherConfig", params.base, "base", source)
     reports = set(params.report.methods) - set(params.evaluate.methods)
     if reports:
         raise ValueError(f"{source}: report.methods={params.report.methods!r}: "
@@ -309,6 +340,30 @@ def _check_from_dict(module: str, cls: str, section: dict[str, Any], key: str,
     except (TypeError, ValueError) as err:
         msg = str(err)
         raise ValueError(f"{source}: {msg if msg.startswith(key) else f'{key}: {msg}'}") from None
+
+
+def _check_keys(module: str, cls: str, section: dict[str, Any], key: str, source: str) -> None:
+    """Unknown keys of a section consumed by ``<module>.<cls>`` (a dataclass), found cheaply.
+
+    The field names are read from the module's source when it is not imported yet (the teacher
+    module imports transformers); its own ``from_dict`` checks the values when its stage runs.
+    """
+    if module in sys.modules:
+        _check_from_dict(module, cls, section, key, source)
+        return
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        return
+    tree = ast.parse(Path(spec.origin).read_text())
+    node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), None)
+    if node is None:
+        return
+    fields = {n.target.id for n in node.body
+              if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    unknown = sorted(set(section) - fields)
+    if unknown:
+        raise ValueError(f"{source}: {key}: unknown keys {unknown}; expected a subset of "
+                         f"{sorted(fields)}")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

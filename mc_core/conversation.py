@@ -33,12 +33,50 @@ from transformers import DynamicCache
 from mc_core.adapters import for_model, prompt_attention
 from mc_core.dialogue import render, to_device
 
-__all__ = ["BatchConversation", "Conversation", "compress_inputs", "model_device"]
+__all__ = [
+    "BatchConversation",
+    "Conversation",
+    "compress_inputs",
+    "model_device",
+    "reset_state",
+    "token_dim",
+]
 
 
 def model_device(model) -> torch.device:
     """The device of the model's first parameter."""
     return next(model.parameters()).device
+
+
+def reset_state(adapter) -> None:
+    """Forget state the model keeps between calls (Qwen's M-RoPE `rope_deltas`) before an
+    unrelated forward; adapters without such state need nothing."""
+    reset = getattr(adapter, "reset_state", None)
+    if callable(reset):
+        reset()
+    inner = getattr(getattr(adapter, "model", None), "model", None)
+    if inner is not None and getattr(inner, "rope_deltas", None) is not None:
+        inner.rope_deltas = None
+
+
+def token_dim(model) -> int:
+    """Width d of the visual tokens the compressors see (the LLM hidden size)."""
+    return int(model.config.get_text_config().hidden_size)
+
+
+def _model_state(model) -> dict[str, Any]:
+    # Qwen's M-RoPE offsets of the dialogue just prefilled: later cached forwards of this
+    # dialogue need them, and other dialogues (BatchConversation rows) overwrite them.
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "rope_deltas"):
+        return {"rope_deltas": inner.rope_deltas}
+    return {}
+
+
+def _restore_state(model, state: dict[str, Any]) -> None:
+    inner = getattr(model, "model", None)
+    for key, value in state.items():
+        setattr(inner, key, value)
 
 
 def _sync(device: torch.device) -> None:
@@ -145,6 +183,7 @@ class Conversation:
         self.prefill_s: list[float] = []
         self.first_logits: list[Tensor] = []
         self._cache: DynamicCache | None = None
+        self._state: dict[str, Any] = {}  # the model's per-dialogue state after turn 1
         self._text = ""  # rendered text the cache covers (the last prompt)
         self._cache_len = 0  # tokens in the cache for `_text`
         self._device = model_device(model)
@@ -203,9 +242,10 @@ class Conversation:
         self.visual_tokens = (
             [n_total] if self.tokens is None else [int(t.shape[0]) for t in self.tokens]
         )
-        self._reset_state()
+        reset_state(self.adapter)
         self._cache = DynamicCache(config=self.model.config)
         out = self.model(**inputs, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        self._state = _model_state(self.model)
         _sync(self._device)
         self.prefill_s.append(time.perf_counter() - t0)
         return out.logits
@@ -218,6 +258,7 @@ class Conversation:
             )
         ids = self.processor.tokenizer(text[len(self._text) :], add_special_tokens=False)
         ids = torch.tensor([ids["input_ids"]], dtype=torch.long, device=self._device)
+        _restore_state(self.model, self._state)
         _sync(self._device)
         t0 = time.perf_counter()
         out = self.model(
@@ -228,6 +269,7 @@ class Conversation:
         return out.logits
 
     def _decode(self, logits: Tensor) -> str:
+        _restore_state(self.model, self._state)
         tokens: list[int] = []
         for _ in range(self.max_new_tokens):
             nxt = int(logits[0, -1].argmax())
@@ -241,10 +283,6 @@ class Conversation:
                 input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1
             ).logits
         return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-
-    def _reset_state(self) -> None:
-        # Qwen keeps M-RoPE offsets between calls; a new dialogue must recompute them.
-        self.adapter.reset_state()
 
 
 class BatchConversation:

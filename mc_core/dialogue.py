@@ -201,7 +201,7 @@ def collate(
         raise ValueError("collate needs at least one row")
     keys = list(rows[0])
     for i, row in enumerate(rows):
-        if list(row) != keys:
+        if set(row) != set(keys):
             raise ValueError(f"rows[{i}] has keys {sorted(row)}, rows[0] has {sorted(keys)}")
     lengths = [int(row["input_ids"].shape[-1]) for row in rows]
     width = max(lengths)

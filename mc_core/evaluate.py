@@ -37,7 +37,13 @@ from tqdm.auto import tqdm
 
 from mc_core.adapters import for_model
 from mc_core.compressors import available, build
-from mc_core.conversation import BatchConversation, compress_inputs, model_device
+from mc_core.conversation import (
+    BatchConversation,
+    compress_inputs,
+    model_device,
+    reset_state,
+    token_dim,
+)
 from mc_core.data.accuracy import exact_match, vqa_soft_accuracy
 from mc_core.dialogue import encode_dialogue, render, to_device
 from mc_core.flops import prefill_flops
@@ -119,7 +125,7 @@ def _teacher_logits(
 ) -> tuple[dict[str, Any], Tensor, Tensor]:
     inputs, positions = encode_dialogue(processor, _images(row), row["questions"], row["answers"])
     inputs = to_device(inputs, device, next(model.parameters()).dtype)
-    adapter.reset_state()
+    reset_state(adapter)
     logits = model(**inputs, logits_to_keep=positions.to(device)).logits[0]  # (T, V)
     return inputs, positions, logits.float()
 
@@ -128,7 +134,7 @@ def _teacher_logits(
 def _student_logits(model, adapter, full_inputs, positions: Tensor, tokens: list[Tensor]) -> Tensor:
     inputs = adapter.inputs_with(full_inputs, tokens)
     shift = int(full_inputs["input_ids"].shape[1]) - int(inputs["input_ids"].shape[1])
-    adapter.reset_state()
+    reset_state(adapter)
     keep = (positions - shift).to(model_device(model))
     return model(**inputs, logits_to_keep=keep).logits[0].float()  # (T, V)
 
@@ -192,7 +198,7 @@ def evaluate(
     dev = resolve_device(device)
     prepare_model(model, dev)
     adapter = adapter if adapter is not None else for_model(model)
-    comps = {m: _method_compressor(m, rate, adapter.dim, compressors, dev) for m in methods}
+    comps = {m: _method_compressor(m, rate, token_dim(model), compressors, dev) for m in methods}
     rows = [dataset[i] for i in range(n)]
     turns = len(rows[0]["questions"])
     teacher: dict[int, tuple] = {}
@@ -318,7 +324,7 @@ def token_maps(
             "mass": {},
         }
         for name, comp in compressors.items():
-            adapter.reset_state()
+            reset_state(adapter)
             _, _, ps = compress_inputs(model, adapter, comp.to(device).eval(), inputs)
             entry["mass"][name] = ps[0].sum(0).detach().float().cpu()
         out.append(entry)

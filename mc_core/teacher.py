@@ -59,11 +59,11 @@ class TeacherConfig:
     eval_dialogues: int = 300
     curve_dialogues: int = 96
     eval_seed: int = 10_000  # held-out world seed (training uses `seed`)
-    stage1_seconds: float = 150.0
-    stage1_max_steps: int = 600
+    stage1_seconds: float = 240.0
+    stage1_max_steps: int = 3000
     stage1_batch: int = 16
     stage1_lr: float = 3e-3
-    stage2_seconds: float = 600.0
+    stage2_seconds: float = 660.0
     stage2_max_steps: int = 3000
     stage2_batch: int = 24
     stage2_lr: float = 3e-3
@@ -284,6 +284,8 @@ class Aids(nn.Module):
         self.slot_sizes = {"type": len(S.QUESTION_TYPES), "a": max(world.grid, len(world.colours)),
                            "b": max(world.grid, len(world.shapes))}
         self.slots = nn.Linear(d_text, sum(self.slot_sizes.values()))
+        # Region row / column of each visual token read after LLM layer 0 (rotary towers).
+        self.pos = nn.Linear(d_text, 2 * world.grid)
 
     def split_labels(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         """The first channels of visual tokens read as label logits ``{key: [n, k]}``."""
@@ -353,6 +355,7 @@ class Batch:
     slot_index: torch.Tensor | None = None  # [4, 3A] (row, head, query, key) for layer 0
     look_index: torch.Tensor | None = None  # [3, K] (row, query, key) for the last layer
     look_weight: torch.Tensor | None = None  # [K] 1 / |target set|
+    vis_rowcol: torch.Tensor | None = None  # [2, B * n] region row / column per visual token
 
 
 def collate(model, encs: list[Encoded], feats: list[torch.Tensor], looks: list[list[list[int]]],
@@ -597,7 +600,7 @@ def train_teacher(arch: str, out_dir: str | os.PathLike, cfg: TeacherConfig | No
 
     lm_params = [p for n, p in model.named_parameters()
                  if n.startswith(("model.language_model", "lm_head"))]
-    train_params = lm_params + list(aids.slots.parameters())
+    train_params = lm_params + list(aids.slots.parameters()) + list(aids.pos.parameters())
     opt = torch.optim.AdamW(train_params, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.98))
     if state and "opt" in state:
@@ -617,7 +620,10 @@ def train_teacher(arch: str, out_dir: str | os.PathLike, cfg: TeacherConfig | No
             slots.append([_slot_targets(q, t, world)
                           for q, t in zip(d.questions, d.question_types, strict=True)])
             qts.append(list(d.question_types))
-        return collate(model, encs, fs, looks, slots, qts, pad_id=pad_id, family=family)
+        batch = collate(model, encs, fs, looks, slots, qts, pad_id=pad_id, family=family)
+        batch.vis_rowcol = torch.from_numpy(np.stack([
+            np.concatenate([examples[i].labels[k] for i in indices]) for k in ("row", "col")]))
+        return batch
 
     curve_batches = [make_batch(range(i, min(i + 32, len(heldout))), heldout, feats_held, 0,
                                 seed=cfg.eval_seed)
@@ -672,6 +678,14 @@ def train_teacher(arch: str, out_dir: str | os.PathLike, cfg: TeacherConfig | No
         slot_loss = sum(F.cross_entropy(sl, b.slot_targets[:, j])
                         for j, sl in enumerate(slot_logits))
         loss = ans_loss + eos_loss + cfg.attn_weight * att_loss + cfg.slot_weight * slot_loss
+        if rotary:
+            # The tower has no absolute positions: layer 0 must derive each token's region from
+            # mrope for the last layer's lookup; this read-out teaches it to.
+            vis = b.inputs["input_ids"] == model.config.image_token_id  # (B, T)
+            pos_logits = aids.pos(out.hidden_states[1][vis]).split(world.grid, dim=-1)
+            pos_loss = sum(F.cross_entropy(pl, b.vis_rowcol[j], ignore_index=-100)
+                           for j, pl in enumerate(pos_logits))
+            loss = loss + cfg.slot_weight * pos_loss
         for g in opt.param_groups:
             g["lr"] = cfg.stage2_lr * _lr_factor(step, cfg.warmup_steps, _horizon(
                 step, cfg.stage2_max_steps, clock() - stage2_t0, budget_end - stage2_t0))
@@ -769,9 +783,15 @@ def _sampled_inputs(model, processor, inputs: dict, rate: float) -> dict:
     out = {"input_ids": new_ids, "attention_mask": torch.ones_like(new_ids),
            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(
                pooler_output=[feats[index]])}}
-    if "mm_token_type_ids" in inputs:
-        # Sampled tokens are no grid: plain 1-D (text) positions for them.
-        out["mm_token_type_ids"] = torch.zeros_like(new_ids, dtype=torch.int)
+    if "image_grid_thw" in inputs:
+        # Qwen: every kept token keeps its own 3-D (mrope) position from the full sequence.
+        full_pos, _ = model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"])  # (3, 1, T)
+        keep = torch.cat([torch.arange(int(pos[0])), pos[index],
+                          torch.arange(int(pos[-1]) + 1, ids.shape[0])])
+        out["position_ids"] = full_pos[:, :, keep]
+        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, keep]
     return out
 
 

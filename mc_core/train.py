@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from mc_core.adapters import for_model
 from mc_core.compressors import Compressor, TokenContext, build
+from mc_core.conversation import reset_state, token_dim
 from mc_core.dialogue import collate, encode_dialogue, to_device
 from mc_core.losses import answer_kl, collapse, row_entropy
 
@@ -212,7 +213,7 @@ class CacheEntry:
 
     Attributes:
         base: the processor's inputs for the full gold dialogue (batch of one, n placeholders
-            per image).
+            per image); pixel tensors are zero-memory stubs of their shape.
         tokens: projector output per image, `[n_i, d]`.
         contexts: `TokenContext` per image.
         positions: teacher logit positions of the answer tokens, `[T]`.
@@ -275,8 +276,7 @@ def _teacher_entries(model, processor, adapter, rows, needs, device, where) -> l
         inputs = to_device(inputs, device, next(model.parameters()).dtype)
         tokens = adapter.visual_tokens(inputs)
         contexts = adapter.contexts(inputs, need=frozenset(needs) - {"prompt_attention"})
-        # Pixels stay: adapters read their shapes to count images (inputs_with drops them).
-        base = dict(inputs)
+        base = {k: _shape_stub(v) if k.startswith("pixel_values") else v for k, v in inputs.items()}
         full_rows.append(adapter.inputs_with(inputs, tokens))
         entries.append(
             CacheEntry(
@@ -290,7 +290,7 @@ def _teacher_entries(model, processor, adapter, rows, needs, device, where) -> l
         )
     # P = I through inputs_with equals the untouched model (adapter contract), and skips a
     # second vision-tower pass.
-    adapter.reset_state()
+    reset_state(adapter)
     batch, _ = collate(full_rows, pad_token_id=_pad_id(processor), side="right")
     mask = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
     for i, e in enumerate(entries):
@@ -300,6 +300,17 @@ def _teacher_entries(model, processor, adapter, rows, needs, device, where) -> l
     for e, part in zip(entries, logp.split([len(e.positions) for e in entries]), strict=True):
         e.teacher = part.clone()
     return entries
+
+
+def _shape_stub(value):
+    """A zero-memory stand-in of the same shape for a pixel tensor.
+
+    Adapters read only the shapes of the pixels (to count images and tiles) once the visual
+    tokens are given; `inputs_with` drops them. A stride-0 view keeps the cache small.
+    """
+    if not isinstance(value, Tensor):
+        return value
+    return torch.zeros((), dtype=value.dtype).expand(value.shape)
 
 
 def _ctx_to(ctx: TokenContext, device) -> TokenContext:
@@ -377,9 +388,17 @@ def save_teacher_cache(cache: TeacherCache, path: str | os.PathLike) -> None:
     tensors: dict[str, Tensor] = {}
     meta: list[dict[str, Any]] = []
     for i, e in enumerate(cache.entries):
-        m: dict[str, Any] = {"length": e.length, "base": [], "n_images": len(e.tokens), "ctx": []}
+        m: dict[str, Any] = {
+            "length": e.length,
+            "base": [],
+            "stubs": {},
+            "n_images": len(e.tokens),
+            "ctx": [],
+        }
         for k, v in e.base.items():
-            if isinstance(v, Tensor):
+            if isinstance(v, Tensor) and v.numel() > 0 and all(s == 0 for s in v.stride()):
+                m["stubs"][k] = [list(v.shape), str(v.dtype).removeprefix("torch.")]
+            elif isinstance(v, Tensor):
                 tensors[f"{i}.base.{k}"] = v.contiguous()
                 m["base"].append(k)
         for j, t in enumerate(e.tokens):
@@ -422,9 +441,12 @@ def load_teacher_cache(path: str | os.PathLike) -> TeacherCache:
         for j, cm in enumerate(m["ctx"]):
             kw = {name: tensors[f"{i}.ctx.{j}.{name}"] for name in cm["t"]}
             contexts.append(TokenContext(grid=tuple(cm["grid"]) if cm["grid"] else None, **kw))
+        base = {k: tensors[f"{i}.base.{k}"] for k in m["base"]}
+        for k, (shape, dtype) in m.get("stubs", {}).items():
+            base[k] = torch.zeros((), dtype=getattr(torch, dtype)).expand(shape)
         cache.entries.append(
             CacheEntry(
-                base={k: tensors[f"{i}.base.{k}"] for k in m["base"]},
+                base=base,
                 tokens=[tensors[f"{i}.tok.{j}"] for j in range(m["n_images"])],
                 contexts=contexts,
                 positions=tensors[f"{i}.pos"],
@@ -455,7 +477,7 @@ def student_logits(
         ps += p
         base = to_device(e.base, device, dtype)
         rows.append(adapter.inputs_with(base, [y.to(dtype) for y in ys]))
-    adapter.reset_state()
+    reset_state(adapter)
     batch, _ = collate(rows, pad_token_id=pad_token_id, side="right")
     mask = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
     for i, (e, r) in enumerate(zip(entries, rows, strict=True)):
@@ -570,7 +592,7 @@ def train(
     n = len(dataset)
     if n == 0:
         raise ValueError("dataset is empty: nothing to train on")
-    dim = adapter.dim
+    dim = token_dim(model)
     torch.manual_seed(cfg.seed)
     compressor = build(cfg.method, rate=rate, dim=dim, d_c=cfg.d_c, seed=cfg.seed)
     if not compressor.trainable:

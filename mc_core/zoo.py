@@ -10,7 +10,8 @@ architecture sees the objects as about 1-1.5 token footprints (14 px), so 90% re
     tiny-llava-next  CLIP 112 px crops, anyres: a 224 px image gives an 8 x 8 base view plus a
                      16 x 16 high-resolution grid with one newline per row (336 tokens); other
                      image shapes give other counts
-    tiny-qwen2-vl    Qwen2-VL tower, patch 7, 2 x 2 merge -> 16 x 16 = 256 tokens at 224 px
+    tiny-qwen2-vl    Qwen2-VL tower, patch 14, 2 x 2 merge -> 8 x 8 = 64 tokens at 224 px (the
+                     tower has rotary positions only: the LLM locates tokens through mrope)
 
 Real specs (``REAL``) name the hub checkpoints and their processor settings; ``load_real`` is the
 only code that touches the hub and is never called by the tests.
@@ -79,12 +80,14 @@ class TinySpec:
     vision_hidden: int = 64
     vision_layers: int = 2
     vision_heads: int = 4
-    vision_intermediate: int = 128
+    vision_intermediate: int = 256
+    rope_theta: float = 10000.0
 
     def with_sizes(self, **sizes: int) -> TinySpec:
         """A copy with other sizes (tests use text_hidden 64 / vision_hidden 32)."""
         known = {"text_hidden", "text_layers", "text_heads", "text_intermediate",
-                 "vision_hidden", "vision_layers", "vision_heads", "vision_intermediate"}
+                 "vision_hidden", "vision_layers", "vision_heads", "vision_intermediate",
+                 "rope_theta"}
         bad = sorted(set(sizes) - known)
         if bad:
             raise ValueError(f"with_sizes: unknown size keys {bad}; expected a subset of "
@@ -127,11 +130,16 @@ TINY: dict[str, TinySpec] = {
     "tiny-qwen2-vl": TinySpec(
         name="tiny-qwen2-vl",
         family="qwen2_vl",
-        # 224 px is a multiple of patch * merge = 14, and inside [min, max] pixels: kept as is.
-        image_cfg={"patch_size": 7, "merge_size": 2, "temporal_patch_size": 2,
+        # Patch 14 (objects 1-1.5 patches wide) merged 2 x 2: 8 x 8 = 64 tokens of 28 px at
+        # 224 px (a multiple of patch * merge, inside [min, max] pixels: kept as is).
+        image_cfg={"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
                    "min_pixels": 56 * 56, "max_pixels": 448 * 448},
         vision_image_size=224,
-        patch_size=7,
+        patch_size=14,
+        # The rotary-only tower cannot know where a token is: the LLM reads it from mrope.
+        # theta 10 gives the height / width sections (the lowest frequencies) a visible
+        # rotation over an 8-token grid (theta 1e4 leaves the width section at < 0.03 rad).
+        rope_theta=10.0,
     ),
 }
 
@@ -216,7 +224,7 @@ def _config(spec: TinySpec, tokenizer) -> Any:
     sections = [t, (half - t) // 2, half - t - (half - t) // 2]
     text = dict(
         **text_common, model_type="qwen2_vl_text",
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections},
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta, "mrope_section": sections},
     )
     vision = dict(
         depth=spec.vision_layers, embed_dim=spec.vision_hidden, hidden_size=spec.text_hidden,

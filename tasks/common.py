@@ -18,7 +18,7 @@ from typing import Any
 
 from mc_core import config
 
-PARAMS_FILE = os.environ.get("MC_PARAMS", config.DEFAULT_PATH)
+PARAMS_ENV = "MC_PARAMS"  # another params file for a one-off run (default: params.yaml)
 DATA_TRAIN = Path("data/train")
 DATA_TEST = Path("data/test")
 
@@ -45,7 +45,8 @@ def state_dir(arch: str, rate: float) -> Path:
 
 def load_params(sections: Sequence[str], who: str) -> config.SectionView:
     """Validate all of params.yaml, then expose only the ``sections`` the stage declares."""
-    view = config.load(PARAMS_FILE, sections=sections, who=who)
+    view = config.load(os.environ.get(PARAMS_ENV, config.DEFAULT_PATH), sections=sections,
+                       who=who)
     assert isinstance(view, config.SectionView)
     return view
 

@@ -3,8 +3,8 @@
 Reads ``reports/eval/<cell>.json`` and ``reports/registry/<cell>.json`` for the cells of
 ``grid``; writes ``reports/summary.md`` (the table printed at the end of ``make run``),
 ``reports/summary.json`` (a DVC metric: per cell and method, average accuracy and KL),
-``reports/summary.csv`` (a DVC plot) and ``reports/plots/*.png`` (accuracy vs. rate per arch,
-per-turn accuracy at each rate: the paper's multi-turn failure mode of prompt-dependent pruning).
+``reports/summary.csv`` (a DVC plot) and ``reports/plots/*.png`` (``mc_core.plots``: accuracy
+vs. rate per arch; per-turn accuracy per cell, where prompt-dependent pruning fails turns 2-3).
 
 Usage: ``python -m tasks.report`` (stage) or ``python -m tasks.report --show`` (print the
 existing summary and where to look next; what ``make run`` ends with).
@@ -58,44 +58,18 @@ def table(cells: list[dict], methods: list[str]) -> str:
 
 
 def plots(cells: list[dict], methods: list[str], dpi: int, out: Path) -> list[Path]:
-    """Accuracy vs. rate per arch, and per-turn accuracy per cell; PNGs into ``out``."""
-    import matplotlib
+    """Accuracy vs. rate (all archs) and per-turn accuracy per cell (``mc_core.plots``)."""
+    from mc_core import plots as mplots
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for arch in dict.fromkeys(c["arch"] for c in cells):
-        mine = sorted((c for c in cells if c["arch"] == arch), key=lambda c: c["rate"])
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for m in methods:
-            pts = [(c["rate"], c["eval"]["methods"][m]["acc_avg"]) for c in mine
-                   if m in c["eval"]["methods"]]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=m)
-        ax.set(xlabel="reduction rate", ylabel="accuracy (avg over turns)", title=arch)
-        ax.legend(fontsize=7)
-        path = out / f"acc-vs-rate-{arch}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=dpi)
-        plt.close(fig)
-        written.append(path)
-        for c in mine:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            ms = [m for m in methods if m in c["eval"]["methods"]]
-            width = 0.8 / max(1, len(ms))
-            for j, m in enumerate(ms):
-                acc = c["eval"]["methods"][m]["acc_turn"]
-                ax.bar([t + j * width for t in range(len(acc))], acc, width, label=m)
-            ax.set_xticks([t + 0.4 - width / 2 for t in range(3)], ["turn 1", "turn 2", "turn 3"])
-            ax.set(ylabel="accuracy", title=f"{arch} @ {config.format_rate(c['rate'])}")
-            ax.legend(fontsize=7)
-            path = out / f"turns-{config.cell_key(arch, c['rate'])}.png"
-            fig.tight_layout()
-            fig.savefig(path, dpi=dpi)
-            plt.close(fig)
-            written.append(path)
+    reports = [c["eval"] for c in cells]
+    written = [mplots.accuracy_vs_rate(reports, out / "acc-vs-rate.png",
+                                       methods=[m for m in methods if m != mplots.REFERENCE],
+                                       dpi=dpi)]
+    for c in cells:
+        present = [m for m in methods if m in c["eval"]["methods"]]
+        written.append(mplots.accuracy_per_turn(
+            c["eval"], out / f"turns-{config.cell_key(c['arch'], c['rate'])}.png",
+            methods=present, dpi=dpi))
     return written
 
 

@@ -91,10 +91,24 @@ def test_write_all_outputs(result, tmp_path):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_summary_lists_each_method_at_90(result):
+    table = report.summary([result]).splitlines()
+    rows = [line for line in table[2:] if line.startswith("|")]
+    assert [line.split(" | ")[2] for line in rows] == METHODS[1:]  # none is the reference
+    assert all("(tiny)" in line for line in rows)
+
+
 def test_cli_writes_results(tmp_path, capsys):
-    rc = main(["--arch", "llava-1.5-7b", "--scale", "tiny", "--device", "cpu", "--rates", "0.75",
-               "--methods", "sample", "--repeats", "1", "--warmup", "0", "--threads", "1",
-               "--new-tokens", "1", "--turns", "2", "--machine", "m", "--out", str(tmp_path)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # differs from --threads 1 below, so restoring it is visible
+    try:
+        rc = main(["--arch", "llava-1.5-7b", "--scale", "tiny", "--device", "cpu", "--rates",
+                   "0.75", "--methods", "sample", "--repeats", "1", "--warmup", "0",
+                   "--threads", "1", "--new-tokens", "1", "--turns", "2", "--machine", "m",
+                   "--out", str(tmp_path)])
+        assert torch.get_num_threads() == 2  # the run's thread count does not leak out
+    finally:
+        torch.set_num_threads(before)
     assert rc == 0
     data = json.loads((tmp_path / "m-llava-1.5-7b-tiny.json").read_text())
     assert [c["method"] for c in data["cases"]] == ["none", "sample"]
@@ -110,7 +124,8 @@ def test_cli_writes_results(tmp_path, capsys):
         (dict(methods=["none", "nope"]), "nope"),
         (dict(repeats=0), "--repeats"),
         (dict(scale="real"), "CUDA"),
-        (dict(scale="huge"), "scale"),
+        (dict(scale="huge"), "--scale='huge'"),
+        (dict(threads=0), "--threads"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):

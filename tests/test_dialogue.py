@@ -10,11 +10,22 @@ from mc_core.adapters import for_model
 from mc_core.conversation import Conversation
 from mc_core.dialogue import answer_token_ids, collate, encode_dialogue, messages
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on the shared 2-core machine two threads per process oversubscribe
+    the cores (measured 90x slower for a tiny conversation); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 QUESTIONS = ["what colour is at row 1 col 2 ?", "how many red circle ?", "is there a blue square ?"]
 ANSWERS = ["red", "2", "yes"]
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "internvl"])
 def test_positions_predict_the_answer_tokens(tiny, family):
     _, processor = tiny(family)
     inputs, pos = encode_dialogue(processor, [make_image(64, 64)], QUESTIONS, ANSWERS)

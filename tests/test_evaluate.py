@@ -16,6 +16,17 @@ from mc_core.conversation import Conversation
 from mc_core.data.schema import FEATURES
 from mc_core.evaluate import evaluate, score_answer, score_turns, token_maps, write_report
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on the shared 2-core machine two threads per process oversubscribe
+    the cores (measured 90x slower for a tiny conversation); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 KEYS = {"acc_turn", "acc_avg", "kl_to_full", "prefill_ms", "visual_tokens", "prefill_tflops"}
 QUESTIONS = ["what colour is at row 1 col 2 ?", "how many red circle ?", "is there a blue square ?"]
 

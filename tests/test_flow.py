@@ -9,6 +9,7 @@ The real stages run in tests/test_pipeline_dvc.py.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -82,7 +83,9 @@ FAKE_DVC = textwrap.dedent("""
         matrix:
           arch: ${grid.archs}
           rate: ${grid.rates}
-        cmd: python tasks/fake_stage.py evaluate ${item.arch}-${item.rate} reports/eval/${item.arch}-${item.rate}.json
+        cmd: >-
+          python tasks/fake_stage.py evaluate ${item.arch}-${item.rate}
+          reports/eval/${item.arch}-${item.rate}.json
         deps:
           - m/${item.arch}-${item.rate}
         metrics:
@@ -92,7 +95,9 @@ FAKE_DVC = textwrap.dedent("""
         matrix:
           arch: ${grid.archs}
           rate: ${grid.rates}
-        cmd: python tasks/fake_stage.py register ${item.arch}-${item.rate} reports/registry/${item.arch}-${item.rate}.json
+        cmd: >-
+          python tasks/fake_stage.py register ${item.arch}-${item.rate}
+          reports/registry/${item.arch}-${item.rate}.json
         deps:
           - reports/eval/${item.arch}-${item.rate}.json
         outs:
@@ -253,3 +258,25 @@ def test_smoke_profile_workspace_and_dask(harness, checkout):
     assert (checkout / "runs" / ".gitignore").read_text() == "*\n"
     assert "no_scm = true" in (smoke / ".dvc" / "config").read_text()
     assert os.path.exists(smoke / "dvc.lock")
+
+
+def test_registered_detects_a_reset_store(tmp_path, monkeypatch, template_db):
+    """A registry record whose version is missing from the store triggers re-registration."""
+    from tasks import tracking
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(template_db, db)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.chdir(tmp_path)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "compressor.safetensors").write_bytes(b"w")
+    run = tracking.start_cell_run("e", "a", "0.5", params={})
+    reg = tracking.register_checkpoint("m", ck, run_id=run, score=1.0, metric="acc_avg")
+    rec = tmp_path / "reports" / "registry" / "a-0.5.json"
+    rec.parent.mkdir(parents=True)
+    rec.write_text(json.dumps(reg.to_dict()))
+    assert ta.registered(str(tmp_path), "a-0.5")
+    assert not ta.registered(str(tmp_path), "a-0.9")  # no record at all
+    shutil.copy(template_db, db)  # the store is reset: the version is gone
+    assert not ta.registered(str(tmp_path), "a-0.5")

@@ -1,0 +1,189 @@
+"""params.yaml and dvc.yaml checked against the code that reads them; bad params fail early."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mc_core import config
+
+ROOT = Path(__file__).resolve().parents[1]
+RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+# The params sections each stage's task reads. tasks.base is engineer C's entry point: it reads
+# `base` and `world` itself (no PARAMS constant), so its list is stated here.
+TASK_PARAMS = {"prepare": "tasks.prepare", "train": "tasks.train", "evaluate": "tasks.evaluate",
+               "register": "tasks.register", "report": "tasks.report"}
+
+
+def _bad(**changes) -> dict:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        node = raw
+        *path, last = dotted.split("__")
+        for key in path:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def test_params_yaml_is_valid_and_complete():
+    p = config.validate(RAW)
+    assert set(RAW) == set(config.SECTIONS)
+    assert p.grid.cells()[0] == ("tiny-llava", 0.5) and len(p.grid.cells()) == 6
+    assert [config.cell_key(a, r) for a, r in p.grid.cells()][-1] == "tiny-qwen2-vl-0.9"
+
+
+def test_train_section_equals_train_config():
+    from mc_core.train import TrainConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    model = {n: f.default for n, f in config.TrainParams.model_fields.items()}
+    assert model == fields  # same knobs, same (paper) defaults
+    assert set(RAW["train"]) == set(fields)  # params.yaml lists every knob
+    cfg = config.validate(RAW).train.to_train_config()
+    assert cfg.lr == RAW["train"]["lr"] and cfg.batch_size == RAW["train"]["batch_size"]
+
+
+def test_world_and_base_sections_equal_their_configs():
+    from mc_core.data.synthetic import WorldConfig
+    from mc_core.teacher import TeacherConfig
+
+    assert set(RAW["world"]) == {f.name for f in dataclasses.fields(WorldConfig)}
+    assert WorldConfig.from_dict(RAW["world"]) == WorldConfig()  # params.yaml = the defaults
+    assert set(RAW["base"]) == {f.name for f in dataclasses.fields(TeacherConfig)}
+    TeacherConfig.from_dict(RAW["base"])
+
+
+def test_cheap_name_checks_agree_with_the_modules():
+    """known_archs() reads the zoo's source; it must list what the imported zoo has."""
+    from mc_core import zoo
+
+    assert config._literal_dict_keys("mc_core.zoo", ("TINY", "REAL")) == set(zoo.TINY) | set(
+        zoo.REAL)
+
+
+def test_evaluate_section_matches_evaluate_signature():
+    from mc_core.evaluate import evaluate
+
+    accepted = set(inspect.signature(evaluate).parameters)
+    assert set(config.EvaluateParams.model_fields) <= accepted
+    from mc_core.compressors import available
+
+    assert set(RAW["evaluate"]["methods"]) <= set(available())
+    # The data builders accept what SplitParams passes them.
+    from mc_core.data import gqa, vqav2
+
+    assert {"max_dialogues", "seed"} <= set(inspect.signature(gqa.build).parameters)
+    assert {"split", "max_dialogues", "seed"} <= set(inspect.signature(vqav2.build).parameters)
+
+
+def test_dvc_stage_params_match_what_tasks_read():
+    stages = DVC["stages"]
+    for stage, module in TASK_PARAMS.items():
+        declared = stages[stage]["params"]
+        assert sorted(declared) == sorted(importlib.import_module(module).PARAMS), stage
+    assert sorted(stages["base"]["params"]) == ["base", "world"]
+    every = {p for s in stages.values() for p in s.get("params", [])}
+    assert every == set(config.SECTIONS)  # no section is dead weight
+
+
+def test_dvc_code_deps_exist_and_own_code_is_listed():
+    for name, stage in DVC["stages"].items():
+        deps = stage["deps"]
+        assert f"tasks/{name}.py" in deps, name
+        for dep in deps:
+            if dep.startswith(("tasks/", "mc_core/")):
+                assert (ROOT / dep).exists(), f"{name}: dep {dep} does not exist"
+
+
+def test_section_view_refuses_undeclared_sections():
+    view = config.SectionView(config.validate(RAW), ("train",), who="tasks.x")
+    assert view.train.lr == RAW["train"]["lr"]
+    with pytest.raises(AttributeError, match="tasks.x reads params section 'data'"):
+        _ = view.data
+    reg = config.SectionView(config.validate(RAW), ("register",), who="t")
+    assert reg.register.model_name("tiny-llava", 0.9) == "metacompress-tiny-llava-r0.9"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"grid__rates__1": 1.5}, r"params.yaml: grid.rates\[1\]=1.5: rate must be in \(0, 1\)"),
+    ({"grid__rates__0": 0.0}, r"grid.rates\[0\]=0.0: rate must be in \(0, 1\)"),
+    ({"grid__archs__1": "tiny-gpt"}, r"grid.archs\[1\]='tiny-gpt': unknown arch; known: "),
+    ({"train__lrr": 0.1}, r"train.lrr: Extra inputs are not permitted"),
+    ({"train__lr": -1.0}, r"train.lr=-1.0: Input should be greater than 0"),
+    ({"evaluate__methods__0": "magic"}, r"evaluate.methods\[0\]='magic': unknown method"),
+    ({"world__grid": 12}, r"params.yaml: world: WorldConfig.grid=12"),
+    ({"base__stage1_lrr": 1}, r"params.yaml: base: unknown keys \['stage1_lrr'\]"),
+    ({"data__test": {"source": "gqa"}}, r"data.test=.*source 'gqa' needs \['questions'"),
+    ({"register__name_template": "x-{arch}"}, r"register.name_template='x-\{arch\}'"),
+])
+def test_bad_params_name_the_key(changes, message):
+    with pytest.raises(ValueError, match=message):
+        config.validate(_bad(**changes), source="params.yaml")
+
+
+def test_profiles():
+    smoke = config.validate(config.profile_params("smoke", RAW))
+    assert smoke.grid.archs == ["tiny-llava"] and smoke.train.max_steps == 3
+    assert smoke.world == RAW["world"]  # untouched sections come from params.yaml
+    full = config.validate(config.profile_params("full", RAW))
+    assert "tiny-llava-next" in full.grid.archs and len(full.grid.cells()) == 9
+    assert config.profile_params("default", RAW) == RAW
+    with pytest.raises(ValueError, match="profile='huge': unknown profile"):
+        config.profile_params("huge", RAW)
+    with pytest.raises(ValueError, match=r"profile 'smoke': grid.rates\[0\]=2"):
+        config.profile_params("smoke", RAW, extra={"grid": {"rates": [2]}})
+
+
+def test_params_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("grid: [unclosed\n")
+    with pytest.raises(ValueError, match="p.yaml: invalid YAML"):
+        config.load(bad)
+    with pytest.raises(ValueError, match="missing.yaml: params file not found"):
+        config.load(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("tasks.prepare", None),
+    ("tasks.train", ["--arch", "tiny-llava", "--rate", "0.5"]),
+    ("tasks.evaluate", ["--arch", "tiny-llava", "--rate", "0.5"]),
+    ("tasks.register", ["--arch", "tiny-llava", "--rate", "0.5"]),
+    ("tasks.report", []),
+])
+def test_stages_fail_before_compute(module, argv, tmp_path, monkeypatch):
+    """Every stage validates the whole params file before loading data or models."""
+    import mc_core.data.schema as schema
+    import mc_core.data.synthetic as synthetic
+    import mc_core.zoo as zoo
+
+    def forbidden(*a, **k):
+        raise AssertionError("compute started before params were validated")
+
+    for mod, name in ((zoo, "load"), (schema, "load"), (synthetic, "generate")):
+        monkeypatch.setattr(mod, name, forbidden)
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(_bad(grid__rates__1=1.5)))
+    monkeypatch.setenv("MC_PARAMS", str(bad))
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module(module).main
+    with pytest.raises(ValueError, match=r"grid.rates\[1\]=1.5: rate must be in \(0, 1\)"):
+        main(argv) if argv is not None else main()
+
+
+def test_cli_rate_checked(tmp_path, monkeypatch):
+    from tasks import common
+
+    with pytest.raises(ValueError, match=r"--rate=1.5: rate must be in \(0, 1\)"):
+        common.cell_args("x", ["--arch", "tiny-llava", "--rate", "1.5"])
+    assert common.compressor_dir("tiny-llava", 0.9) == Path("models/compressors/tiny-llava-r0.9")
+    assert common.cell_file("eval", "a", 0.75) == Path("reports/eval/a-0.75.json")
