@@ -262,6 +262,11 @@ def _paired(a: Case, b: Case, num: Callable[[dict], float], den: Callable[[dict]
     return _median([num(x) / den(y) for x, y in zip(a.times, b.times, strict=True) if den(y) > 0])
 
 
+def _calls(t: dict) -> float:
+    # What a method adds before the LLM: its context and its compressor call.
+    return t["context_ms"] + t["compress_ms"]
+
+
 def _post_tower(t: dict) -> float:
     # Prefill as the compression changes it: context + compressor + LLM prefill (tower excluded).
     return t["context_ms"] + t["compress_ms"] + t["prefill_ms"]
@@ -507,7 +512,9 @@ def _measure(
             "(vision tower excluded: identical for all methods, reported as vision_ms).",
             "speedup_ideal = prefill sequence length (text + visual tokens) ratio; "
             "speedup_ideal_flops = analytic LLM prefill FLOPs ratio.",
-            "overhead_vs_sample = post-tower prefill of the method / that of sample - 1; "
+            "overhead_vs_sample = post-tower prefill of the method / that of sample - 1 "
+            "(overhead_vs_sample_calls: the same from the context + compressor calls alone, "
+            "as a fraction of sample's post-tower prefill); "
             "compress_pct_of_prefill = compressor call / LLM prefill of the method x 100.",
         ],
         "cases": _summarise(cases, arch, flops),
@@ -567,6 +574,14 @@ def _summarise(cases: list[Case], arch: str, flops: Callable[[int], float]) -> l
                 _paired(c, sample[c.rate], _post_tower, _post_tower) - 1
                 if c.rate in sample else None
             ),
+            # The same comparison from the calls alone: method and sample feed the LLM the same
+            # number of tokens, so their prefills differ only by context + compressor; short
+            # calls are rarely hit by interference, unlike the seconds-long LLM prefill.
+            "overhead_vs_sample_calls": (
+                _paired(c, sample[c.rate], _calls, _post_tower)
+                - _median([_calls(t) / _post_tower(t) for t in sample[c.rate].times])
+                if c.rate in sample else None
+            ),
             "peak_mem_mb": round(c.peak_mem_mb, 1),
             "peak_mem_delta_mb": round(c.peak_mem_delta_mb, 1),
             "samples": len(c.times),
@@ -597,6 +612,10 @@ def _targets(rows: list[dict]) -> dict:
         if meta["overhead_vs_sample"] is not None:
             v = meta["overhead_vs_sample"]
             out["metacompress_vs_sample"] = {
+                "value": v, "target": f"<= {TARGET_VS_SAMPLE}", "pass": v <= TARGET_VS_SAMPLE
+            }
+            v = meta["overhead_vs_sample_calls"]
+            out["metacompress_vs_sample_calls"] = {
                 "value": v, "target": f"<= {TARGET_VS_SAMPLE}", "pass": v <= TARGET_VS_SAMPLE
             }
         v = meta["compress_pct_of_prefill"]

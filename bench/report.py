@@ -93,6 +93,8 @@ def markdown(result: dict) -> str:
         tail.append(f"- {method}: measured / ideal = {f(v['value'], '.2f')} "
                     f"(target {v['target']}): {'pass' if v['pass'] else 'MISS'}")
     for key, label in (("metacompress_vs_sample", "metacompress post-tower prefill vs sample"),
+                       ("metacompress_vs_sample_calls",
+                        "metacompress vs sample from the calls alone"),
                        ("metacompress_overhead_pct", "metacompress call, % of its prefill")):
         if key in t:
             v = t[key]

@@ -15,9 +15,11 @@ Stage 2 (language): tower and projector frozen (their outputs are computed once 
     (a) three heads of LLM layer 0 supervised to attend to the current question's slot words
     (row / colour word, column / shape word, question-type word); (b) a linear read-out of
     those slots at the answer position after layer 0; (c) head 0 of the last LLM layer
-    supervised to attend to the centre token(s) of the asked region's object, or to the first
-    token plus the centres of matching objects for count / existence. The aids are discarded:
-    the saved teacher is a plain transformers model.
+    supervised to attend to the centre token of the asked region's object, head 1 to the first
+    token (a "none" sink) plus the centres of matching objects for count / existence; (d) for
+    rotary-only towers (Qwen2-VL), a read-out of each visual token's region after layer 0, so
+    the LLM learns where a token is from its mrope position. The aids are discarded: the saved
+    teacher is a plain transformers model.
 
 The evaluation answers each held-out turn after the previous gold turns (teacher forcing) through
 the real processor and pixel path; the blank-image control and the 10% equidistant sampling
@@ -63,7 +65,7 @@ class TeacherConfig:
     stage1_max_steps: int = 3000
     stage1_batch: int = 16
     stage1_lr: float = 3e-3
-    stage2_seconds: float = 660.0
+    stage2_seconds: float = 720.0
     stage2_max_steps: int = 3000
     stage2_batch: int = 24
     stage2_lr: float = 3e-3
@@ -84,7 +86,8 @@ class TeacherConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; expected a subset of {sorted(names)}")
+            raise ValueError(
+                f"{where}: unknown keys {unknown}; expected a subset of {sorted(names)}")
         return cls(**d)
 
 
@@ -151,10 +154,12 @@ def _label_sizes(world: S.WorldConfig) -> dict[str, int]:
 
 def token_labels(ids: np.ndarray, scene: S.Scene, world: S.WorldConfig,
                  layout: Layout) -> dict[str, np.ndarray]:
-    """Per visual token labels (int64 ``[n]``; -100 on newline tokens) plus ``object`` ids."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*_LABEL_KEYS, "object")}
-    for g in layout.grids:
+    """Per visual token labels (int64 ``[n]``; -100 on newline tokens), ``object`` ids and the
+    index of the token's ``grid`` in the layout."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*_LABEL_KEYS, "object", "grid")}
+    for gi, g in enumerate(layout.grids):
         lab = S.patch_labels(ids, scene, world, (g.h, g.w))
+        lab["grid"] = np.full(g.h * g.w, gi, dtype=np.int64)
         for k in parts:
             v = lab[k].reshape(g.h, g.w)
             if g.newline:
@@ -309,7 +314,8 @@ def _slot_targets(question: str, qtype: str, world: S.WorldConfig) -> tuple[int,
 def _look_target(ex: Example, question: str, qtype: str, world: S.WorldConfig) -> list[int]:
     """Visual-token indices (relative to the image start; -1 = first token) head 0 should read."""
     lab = ex.labels
-    centres = np.flatnonzero(lab["centre"] == 1)
+    # Centres on the finest grid only (LLaVA-NeXT: the high-resolution crops, not the base view).
+    centres = np.flatnonzero((lab["centre"] == 1) & (lab["grid"] == lab["grid"].max()))
     objs = ex.scene.objects
     w = question.split()
     if qtype in ("colour", "shape"):
@@ -353,7 +359,7 @@ class Batch:
     slot_targets: torch.Tensor  # [A, 3]
     qtypes: list[str]
     slot_index: torch.Tensor | None = None  # [4, 3A] (row, head, query, key) for layer 0
-    look_index: torch.Tensor | None = None  # [3, K] (row, query, key) for the last layer
+    look_index: torch.Tensor | None = None  # [4, K] (row, head, query, key), last layer
     look_weight: torch.Tensor | None = None  # [K] 1 / |target set|
     vis_rowcol: torch.Tensor | None = None  # [2, B * n] region row / column per visual token
 
@@ -386,9 +392,12 @@ def collate(model, encs: list[Encoded], feats: list[torch.Tensor], looks: list[l
         inputs.update(_qwen_grid(model, ids, feats))
     si = [(bi, h, p, pos) for bi, p, sl in slot_pos for h, pos in enumerate(sl)]
     li, lw = [], []
-    for bi, p, keys in look:
+    for (bi, p, keys), qtype in zip(look, qt, strict=True):
+        # Head 0 looks up a region, head 1 gathers matches (count / exist): one W_q W_k each,
+        # so the two kinds of lookup do not fight over the same projection.
+        head = 0 if qtype in ("colour", "shape") else 1
         for key in keys:
-            li.append((bi, p, key))
+            li.append((bi, head, p, key))
             lw.append(1.0 / len(keys))
     return Batch(inputs, torch.tensor(ans_pos), torch.tensor(ans_ids), torch.tensor(eos_pos),
                  torch.tensor(eos_ids), look, slot_pos, torch.tensor(st), qt,
@@ -670,8 +679,8 @@ def train_teacher(arch: str, out_dir: str | os.PathLike, cfg: TeacherConfig | No
         # One gather per layer: per-entry indexing would build a full-size gradient each time.
         i0 = b.slot_index  # (4, A*3): batch, head, query, key
         att_loss = -torch.log(att0[i0[0], i0[1], i0[2], i0[3]] + 1e-6).sum()
-        iL, wL = b.look_index, b.look_weight  # (3, K), (K,)
-        att_loss = att_loss - (torch.log(attL[iL[0], 0, iL[1], iL[2]] + 1e-6) * wL).sum()
+        iL, wL = b.look_index, b.look_weight  # (4, K), (K,)
+        att_loss = att_loss - (torch.log(attL[iL[0], iL[1], iL[2], iL[3]] + 1e-6) * wL).sum()
         att_loss = att_loss / len(b.look)
         h1 = out.hidden_states[1][b.ans_pos[:, 0], b.ans_pos[:, 1]]  # (A, d) after layer 0
         slot_logits = aids.slots(h1).split(list(aids.slot_sizes.values()), dim=-1)
@@ -695,10 +704,10 @@ def train_teacher(arch: str, out_dir: str | os.PathLike, cfg: TeacherConfig | No
         opt.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{ans_loss.item():.3f}", att=f"{float(att_loss):.2f}",
-                        slot=f"{float(slot_loss):.2f}", acc=f"{acc:.2f}")
+        bar.set_postfix(loss=f"{ans_loss.item():.3f}", att=f"{att_loss.item():.2f}",
+                        slot=f"{slot_loss.item():.2f}", acc=f"{acc:.2f}")
         emit({"event": "step", "stage": 2, "step": step, "loss": ans_loss.item(),
-              "att_loss": float(att_loss), "slot_loss": float(slot_loss), "seconds": clock()})
+              "att_loss": att_loss.item(), "slot_loss": slot_loss.item(), "seconds": clock()})
         if step % cfg.checkpoint_every == 0:
             _save_ckpt(ckpt_path, {"arch": spec.name if spec else arch, "stage": 2,
                                    "step": step, "seconds": clock(), "curve": curve,

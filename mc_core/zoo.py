@@ -7,9 +7,9 @@ image geometry is sized to the synthetic world (224 px images, objects 14-21 px)
 architecture sees the objects as about 1-1.5 token footprints (14 px), so 90% reduction bites.
 
     tiny-llava       CLIP 224 px / patch 14 -> 16 x 16 = 256 visual tokens (LLaVA-1.5 style)
-    tiny-llava-next  CLIP 112 px crops, anyres: a 224 px image gives an 8 x 8 base view plus a
-                     16 x 16 high-resolution grid with one newline per row (336 tokens); other
-                     image shapes give other counts
+    tiny-llava-next  CLIP 224 px crops, anyres: a 224 px image gives a 16 x 16 base view plus
+                     one 16 x 16 crop with a newline per row (528 tokens); a 224 x 448 image
+                     gets two crops (784 tokens)
     tiny-qwen2-vl    Qwen2-VL tower, patch 14, 2 x 2 merge -> 8 x 8 = 64 tokens at 224 px (the
                      tower has rotary positions only: the LLM locates tokens through mrope)
 
@@ -119,12 +119,15 @@ TINY: dict[str, TinySpec] = {
         name="tiny-llava-next",
         family="llava_next",
         image_cfg={
-            "image_size": 112,
+            "image_size": 224,
             "patch_size": 14,
-            # [height, width] multiples of the crop side: a 224 px square gives 2 x 2 crops.
-            "grid_pinpoints": [[224, 224], [112, 224], [224, 112], [224, 336], [336, 224]],
+            # [height, width] multiples of the crop side. A 224 px square is one crop plus the
+            # base view (both whole-image views, so the tower's position table locates every
+            # token); a 224 x 448 image gets two crops. Smaller crops would hide from the tower
+            # which crop a token came from.
+            "grid_pinpoints": [[224, 224], [224, 448], [448, 224], [448, 448]],
         },
-        vision_image_size=112,
+        vision_image_size=224,
         patch_size=14,
     ),
     "tiny-qwen2-vl": TinySpec(
@@ -224,7 +227,8 @@ def _config(spec: TinySpec, tokenizer) -> Any:
     sections = [t, (half - t) // 2, half - t - (half - t) // 2]
     text = dict(
         **text_common, model_type="qwen2_vl_text",
-        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta, "mrope_section": sections},
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta,
+                         "mrope_section": sections},
     )
     vision = dict(
         depth=spec.vision_layers, embed_dim=spec.vision_hidden, hidden_size=spec.text_hidden,

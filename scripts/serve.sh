@@ -55,6 +55,9 @@ MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false start mlflow mlflow server --backend-st
   --default-artifact-root "$ROOT/mlartifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
 wait_http prefect-server "$PREFECT_API_URL/health" 120
 
+# Record the API URL in the checkout's Prefect profile: with PREFECT_HOME=<checkout>/.prefect
+# (scripts/env.sh), plain `prefect ...` commands find this server.
+prefect config set PREFECT_API_URL="$PREFECT_API_URL" >/dev/null
 prefect --no-prompt work-pool create "$POOL" --type process >/dev/null 2>&1 \
   || echo "work pool $POOL exists"
 prefect --no-prompt deploy --all >"$LOGS/deploy.log" 2>&1 \
@@ -67,7 +70,7 @@ cat <<MSG
 
 Prefect UI   http://127.0.0.1:$PREFECT_PORT   (export PREFECT_API_URL=$PREFECT_API_URL)
 MLflow UI    http://127.0.0.1:$MLFLOW_PORT
-Run:         PREFECT_API_URL=$PREFECT_API_URL PREFECT_HOME=$PREFECT_HOME \\
-               $VENV/bin/prefect deployment run train-all/train-all -p profile=smoke --watch
+Run:         . scripts/env.sh   # PREFECT_HOME, PREFECT_API_URL, PATH (venv), MLFLOW_TRACKING_URI
+             prefect deployment run train-all/train-all -p profile=smoke --watch
 Stop:        make stop
 MSG

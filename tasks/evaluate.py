@@ -2,12 +2,16 @@
 
 Reads the base model, the cell's trained compressor and ``data/test``; writes
 ``reports/eval/<arch>-<rate>.json`` (DESIGN.md metrics schema, a DVC metric) and logs the
-metrics (``eval/<method>/<metric>``) and the file to the cell's MLflow run.
+metrics (``eval/<method>/<metric>``), the file and a per-turn accuracy plot to the cell's
+MLflow run.
 
 Usage: ``python -m tasks.evaluate --arch tiny-llava --rate 0.9``
 """
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 from tasks import common, tracking
 
@@ -56,6 +60,11 @@ def main(argv: list[str] | None = None) -> None:
                 flat[f"eval/{method}/{key}"] = value
     tracking.log_metrics(run_id, flat)
     tracking.log_artifacts(run_id, out, "eval")
+    with tempfile.TemporaryDirectory() as tmp:  # the per-turn plot, for the run page only
+        from mc_core import plots
+
+        png = plots.accuracy_per_turn(metrics, Path(tmp) / f"turns-{arch}-{rate_s}.png")
+        tracking.log_artifacts(run_id, png, "plots")
     tracking.set_tags(run_id, {"eval_dataset": metrics.get("dataset", "unknown")})
     mc = metrics["methods"].get("metacompress", {})
     print(f"evaluate: wrote {out} (metacompress acc_avg={mc.get('acc_avg')})", flush=True)

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     tmp = common.fresh_dir(PLOTS)
     plots(cells, methods, p.report.dpi, tmp)
     common.publish_dir(tmp, PLOTS)
-    print(md + "\n" + where_next(), flush=True)
+    print(f"report: wrote {SUMMARY_MD} and {PLOTS}/ ({len(cells)} cells); "
+          "`python -m tasks.report --show` prints it", flush=True)
 
 
 if __name__ == "__main__":

@@ -66,12 +66,14 @@ def test_overhead_vs_sample_defined_per_rate(result):
             assert c["overhead_vs_sample"] is None
         else:
             assert isinstance(c["overhead_vs_sample"], float)
-        if c["method"] == "sample":
-            assert c["overhead_vs_sample"] == pytest.approx(0.0, abs=1e-9)  # its own ratio
+        if c["method"] == "sample":  # compared with itself: exactly zero both ways
+            assert c["overhead_vs_sample"] == pytest.approx(0.0, abs=1e-9)
+            assert c["overhead_vs_sample_calls"] == pytest.approx(0.0, abs=1e-9)
     t = result["targets"]
     assert t["rate"] == 0.9
     assert set(t["measured_over_ideal"]) == set(METHODS[1:])
-    assert {"metacompress_vs_sample", "metacompress_overhead_pct"} <= set(t)
+    assert {"metacompress_vs_sample", "metacompress_vs_sample_calls",
+            "metacompress_overhead_pct"} <= set(t)
 
 
 def test_write_all_outputs(result, tmp_path):

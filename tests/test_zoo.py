@@ -27,7 +27,7 @@ def image():
     return S.example(0, 0, S.WorldConfig())[1]
 
 
-@pytest.mark.parametrize("arch,n_visual", [("tiny-llava", 256), ("tiny-llava-next", 336),
+@pytest.mark.parametrize("arch,n_visual", [("tiny-llava", 256), ("tiny-llava-next", 528),
                                            ("tiny-qwen2-vl", 64)])
 def test_build_runs_with_expected_visual_tokens(arch, n_visual, image):
     model, processor = zoo.build(_small(arch))
@@ -49,7 +49,7 @@ def test_llava_keeps_the_last_tower_layer():
 
 def test_llava_next_token_count_varies_with_the_image():
     model, processor = zoo.build(_small("tiny-llava-next"))
-    wide = S.blank_image(S.WorldConfig()).resize((224, 112))
+    wide = S.blank_image(S.WorldConfig()).resize((448, 224))  # (width, height): two crops
     n_wide = int((_inputs(processor, wide)["input_ids"] == model.config.image_token_id).sum())
     n_square = int((_inputs(processor, S.blank_image(S.WorldConfig()))["input_ids"]
                     == model.config.image_token_id).sum())

@@ -134,7 +134,8 @@ class WorldConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; expected a subset of {sorted(names)}")
+            raise ValueError(
+                f"{where}: unknown keys {unknown}; expected a subset of {sorted(names)}")
         for key in ("size_range", "colours", "shapes", "type_weights"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -465,8 +466,9 @@ def patch_labels(ids: np.ndarray, scene: Scene, cfg: WorldConfig, grid: tuple[in
         int64 arrays of shape ``[h * w]``: ``object`` (index into ``scene.objects`` or -1),
         ``colour`` (index into ``cfg.colours``, ``len(colours)`` = background), ``shape``
         (index into ``cfg.shapes``, ``len(shapes)`` = background), ``centre`` (1 on the token
-        holding the largest part of an object: one per object in the window), ``row`` / ``col`` (region of the footprint's
-        centre), ``cover`` (float, the fraction covered by ``object``).
+        holding the largest part of an object: one per object in the window), ``row`` /
+        ``col`` (region of the footprint's centre), ``cover`` (float, the fraction covered by
+        ``object``).
     """
     h, w = grid
     side = cfg.image_size
