@@ -30,6 +30,9 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are shared files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -157,6 +160,10 @@ def write_all(result: dict, out_dir: str | Path, machine: str) -> dict[str, Path
     return paths
 
 
+def _pct(v):
+    return None if v is None else 100 * v
+
+
 def _fmt(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
@@ -165,7 +172,8 @@ def summary(results: list[dict], rate: float = 0.9) -> str:
     """One markdown table over result files: each method at `rate` against its `none`."""
     lines = [
         "| machine | arch (scale) | method | TTFT ms (none → method) | prefill speedup measured "
-        "(min) | ideal tokens / FLOPs | measured / ideal | vs sample | generator % of prefill |",
+        "(min) | ideal tokens / FLOPs | measured / ideal | vs sample (calls only) "
+        "| generator % of prefill |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
@@ -183,6 +191,7 @@ def summary(results: list[dict], rate: float = 0.9) -> str:
                 f"| {r['speedup_ideal']:.2f}x / {r['speedup_ideal_flops']:.2f}x "
                 f"| {r['speedup_measured'] / r['speedup_ideal']:.2f} "
                 f"| {'–' if vs is None else format(100 * vs, '+.1f') + '%'} "
+                f"({_fmt(_pct(r.get('overhead_vs_sample_calls')), '+.1f')}%) "
                 f"| {r['compress_pct_of_prefill']:.2f} |"
             )
     return "\n".join(lines) + "\n"

@@ -56,9 +56,10 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 def _lock_dir(uri: str) -> Path:
+    # Inside mlartifacts/ (local MLflow state, git-ignored), beside the SQLite database.
     db = _sqlite_path(uri)
     base = db.parent if db is not None else Path.cwd()
-    return base / ".mlflow-locks"
+    return base / "mlartifacts" / ".locks"
 
 
 @contextlib.contextmanager

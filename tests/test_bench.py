@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -82,6 +83,10 @@ def test_write_all_outputs(result, tmp_path):
         "testbox-llava-1.5-7b-tiny.json", "testbox-llava-1.5-7b-tiny.md",
         "testbox-llava-1.5-7b-tiny.png",
     }
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in paths.values():  # plain shared files, not mkstemp's private 0600
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask
     data = json.loads(paths["json"].read_text())  # strict JSON: NaN would not parse back as such
     assert data["machine"]["torch"] == torch.__version__
     assert data["machine"]["cpu_count"] >= 1

@@ -71,7 +71,7 @@ def repo(tmp_path_factory) -> Path:
     raw = config.read_yaml(ROOT / "params.yaml")
     params = config.profile_params("smoke", raw, extra=TINY)
     config.dump_yaml(params, repo / "params.yaml")
-    (repo / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/.mlflow-locks/\n/cache/\n")
+    (repo / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/cache/\n")
     _run(["git", "init", "-q"], repo)
     _run([str(BIN / "dvc"), "init", "-q"], repo)
     _run(["git", "add", "-A"], repo)
