@@ -2,7 +2,7 @@
 
 DVC owns what is stale; this flow owns when and where. It asks DVC for the stages of the
 profile's workspace (``flows.workspace``), runs the shared upstream stages first (``prepare``,
-then every ``base@<arch>``), then fans the cells out through the task runner, each cell's
+then each ``base@<arch>`` in turn), then fans the cells out through the task runner, each cell's
 ``train@ -> evaluate@ -> register@`` chained, and finally ``report``. Every task is one
 ``dvc repro -s <stage>``: DVC skips what is up to date, so re-running the flow is cheap.
 Lock conflicts between concurrent ``dvc repro`` calls are retried; nothing is cached by Prefect
@@ -62,7 +62,7 @@ def run_stage(stage: str, workspace: str, checkout: str, force: bool = False) ->
     return tail
 
 
-def registered(workspace: str, key: str) -> bool:
+def registered(workspace: str, key: str, uri: str | None = None) -> bool:
     """Whether the version recorded in ``reports/registry/<key>.json`` is in the store."""
     from tasks import tracking
 
@@ -73,7 +73,7 @@ def registered(workspace: str, key: str) -> bool:
     if not {"name", "version", "ckpt_sha256"} <= set(rec):
         return True  # not a registry record (stand-in stages): nothing to verify
     try:
-        mv = tracking.client().get_model_version(rec["name"], rec["version"])
+        mv = tracking.client(uri).get_model_version(rec["name"], rec["version"])
     except Exception:  # no such model or version in this store
         return False
     return mv.tags.get("ckpt_sha256") == rec.get("ckpt_sha256")
@@ -116,14 +116,16 @@ def train_all(profile: Literal["default", "smoke", "full"] = "default",
     chosen_archs = {a for a in params.grid.archs for k in cells if k.startswith(f"{a}-")}
     logger.info("workspace %s: %d cells %s", workspace, len(cells), cells)
 
-    migrate_tracking(ws.tracking_env(root)["MLFLOW_TRACKING_URI"])
+    migrate_tracking(ws.tracking_env(root)["MLFLOW_TRACKING_URI"])  # before any fan-out
     ran: list[str] = []
     for stage in groups["shared_first"]:
         run_stage(stage, str(workspace), str(root))
         ran.append(stage)
+    # Base models one at a time: teacher training runs on wall-clock budgets
+    # (base.stage*_seconds), so two at once on shared cores would each get half the steps.
     bases = [s for s in groups["base"] if s.partition("@")[2] in chosen_archs]
-    for f in [run_stage.submit(s, str(workspace), str(root)) for s in bases]:
-        f.result()
+    for stage in bases:
+        run_stage(stage, str(workspace), str(root))
     ran += bases
 
     futures = []
@@ -142,7 +144,8 @@ def train_all(profile: Literal["default", "smoke", "full"] = "default",
 
     # The registry lives outside DVC: if the tracking store was reset since a cell's register
     # stage ran, DVC would skip it; re-run those (registration is idempotent by content hash).
-    stale = [k for k in cells if not registered(str(workspace), k)]
+    uri = ws.tracking_env(root)["MLFLOW_TRACKING_URI"]
+    stale = [k for k in cells if not registered(str(workspace), k, uri)]
     for f in [run_stage.submit(f"register@{k}", str(workspace), str(root), force=True)
               for k in stale]:
         f.result()

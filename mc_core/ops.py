@@ -21,6 +21,7 @@ __all__ = [
     "kept_tokens",
     "pool_layout",
     "pool_matrix",
+    "pool_taps",
     "selection_matrix",
     "validate",
 ]
@@ -194,3 +195,73 @@ def pool_matrix(
         cols = _interval_weights(w, k, device)  # (k, w)
         rows.append((bands[r][None, :, None] * cols[:, None, :]).reshape(k, n))
     return torch.cat(rows, dim=0)  # (m, n)
+
+
+def _interval_taps(n: int, m: int, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
+    """``_interval_weights(n, m)`` as per-row taps: (index [m, k], weight [m, k]).
+
+    Output i overlaps tokens floor(i n/m) .. ceil((i+1) n/m) - 1; the weights use the same
+    integer overlap formula, so they equal the dense matrix's entries bit for bit.
+    """
+    i = torch.arange(m, device=device)
+    start = i * n // m  # (m,)
+    end = ((i + 1) * n + m - 1) // m  # (m,) one past the last overlapping token
+    k = int((end - start).max())
+    j = start[:, None] + torch.arange(k, device=device)  # (m, k)
+    lo = torch.maximum(j * m, i[:, None] * n)
+    hi = torch.minimum((j + 1) * m, (i[:, None] + 1) * n)
+    weight = (hi - lo).clamp_min(0).to(torch.float32) / n  # (m, k)
+    # Short rows' padding would run past the row (or past n): point it at the first tap.
+    index = torch.where(weight > 0, j, start[:, None])
+    return index, weight
+
+
+def pool_taps(
+    n: int,
+    m: int,
+    grid: tuple[int, int] | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``pool_matrix(n, m, grid)`` as its nonzeros, padded to the same count k per row.
+
+    Each pooling row touches only its window (about n/m tokens plus the partial ones at the
+    edges), so ``(x[index] * weight[..., None]).sum(1)`` equals ``pool_matrix(...) @ x`` (up to
+    float32 summation order) at m k d cost instead of m n d, and stays differentiable in x.
+    Built directly from the windows (no dense [m, n] matrix).
+
+    Returns:
+        ``(index [m, k] long, weight [m, k] float32)``; the weights are ``pool_matrix``'s
+        nonzero entries exactly; padding entries have weight 0 and repeat the row's first
+        index, so a NaN or inf elsewhere in x cannot leak in through a 0 weight.
+
+    Raises:
+        ValueError: As ``pool_matrix``.
+    """
+    if not 1 <= m <= n:
+        raise ValueError(f"pooling needs 1 <= m <= n, got n = {n}, m = {m}")
+    if grid is None:
+        return _interval_taps(n, m, device)
+    h, w = (int(v) for v in grid)
+    if h * w != n:
+        raise ValueError(f"grid {tuple(grid)} has {h * w} cells but there are n = {n} tokens")
+    counts = pool_layout(h, w, m)
+    band_index, band_weight = _interval_taps(h, len(counts), device)  # (h', kb)
+    indices, weights = [], []
+    for r, k in enumerate(counts):
+        col_index, col_weight = _interval_taps(w, k, device)  # (k, kc)
+        # Cell = band rows x cell columns, the same products as pool_matrix's outer product.
+        idx = band_index[r][None, :, None] * w + col_index[:, None, :]  # (k, kb, kc)
+        wt = band_weight[r][None, :, None] * col_weight[:, None, :]  # (k, kb, kc)
+        indices.append(idx.reshape(k, -1))
+        weights.append(wt.reshape(k, -1))
+    width = max(t.shape[1] for t in indices)
+    index = torch.cat(
+        [torch.cat([t, t[:, :1].expand(-1, width - t.shape[1])], dim=1) for t in indices]
+    )  # (m, width)
+    weight = torch.cat(
+        [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in weights]
+    )  # (m, width)
+    # Band/column padding (weight 0) may point anywhere in the grid: use the row's first tap.
+    index = torch.where(weight > 0, index, index[:, :1])
+    return index, weight

@@ -61,11 +61,11 @@ class TeacherConfig:
     eval_dialogues: int = 300
     curve_dialogues: int = 96
     eval_seed: int = 10_000  # held-out world seed (training uses `seed`)
-    stage1_seconds: float = 240.0
+    stage1_seconds: float = 180.0
     stage1_max_steps: int = 3000
     stage1_batch: int = 16
     stage1_lr: float = 3e-3
-    stage2_seconds: float = 720.0
+    stage2_seconds: float = 780.0
     stage2_max_steps: int = 3000
     stage2_batch: int = 24
     stage2_lr: float = 3e-3
@@ -74,6 +74,10 @@ class TeacherConfig:
     attn_weight: float = 1.0
     slot_weight: float = 0.5
     colour_first_steps: int = 0
+    # Question mix of the training dialogues (colour, shape, count, exist): colour is learned
+    # first and fastest, counting last, so training leans on count / exist. Evaluation uses the
+    # world's own mix.
+    train_type_weights: tuple[float, float, float, float] = (0.2, 0.25, 0.3, 0.25)
     curve_every_seconds: float = 45.0
     checkpoint_every: int = 50
     target_acc: float = 0.97  # stage 2 stops early once the curve reaches this
@@ -88,6 +92,8 @@ class TeacherConfig:
         if unknown:
             raise ValueError(
                 f"{where}: unknown keys {unknown}; expected a subset of {sorted(names)}")
+        if "train_type_weights" in d:
+            d["train_type_weights"] = tuple(d["train_type_weights"])
         return cls(**d)
 
 
@@ -458,10 +464,10 @@ def _horizon(step: int, max_steps: int, elapsed: float, budget: float) -> int:
 
 
 def _dialogue(ex_index: int, ex: Example, seed: int, step_salt: int, world: S.WorldConfig,
-              colour_only: bool = False) -> S.Dialogue:
+              type_weights: tuple[float, ...] | None = None) -> S.Dialogue:
     rng = S.scene_rng(seed, ex_index, 2 + step_salt)
-    if colour_only:
-        world = S.WorldConfig(**{**world.__dict__, "type_weights": (1.0, 0.0, 0.0, 0.0)})
+    if type_weights is not None:
+        world = S.WorldConfig(**{**world.__dict__, "type_weights": tuple(type_weights)})
     return S.make_dialogue(ex.scene, rng, world)
 
 
@@ -617,10 +623,10 @@ def train_teacher(arch: str, out_dir: str | os.PathLike, cfg: TeacherConfig | No
     n_layers = model.config.text_config.num_hidden_layers
     enc_kw = {"image_token": sp["image"], "end_token": sp["end_of_turn"]}
 
-    def make_batch(indices, examples, feats, salt, colour_only=False, seed=cfg.seed):
+    def make_batch(indices, examples, feats, salt, type_weights=None, seed=cfg.seed):
         encs, fs, looks, slots, qts = [], [], [], [], []
         for i in indices:
-            d = _dialogue(int(i), examples[i], seed, salt, world, colour_only)
+            d = _dialogue(int(i), examples[i], seed, salt, world, type_weights)
             encs.append(encode(processor, d.questions, d.answers, d.question_types, n_vis,
                                **enc_kw))
             fs.append(feats[i])
@@ -667,8 +673,9 @@ def train_teacher(arch: str, out_dir: str | os.PathLike, cfg: TeacherConfig | No
                 break
         model.train()
         idx = rng.choice(len(pool), cfg.stage2_batch, replace=False)
-        b = make_batch(idx, pool, feats_pool, step + 1,
-                       colour_only=step < cfg.colour_first_steps)
+        weights = ((1.0, 0.0, 0.0, 0.0) if step < cfg.colour_first_steps
+                   else cfg.train_type_weights)
+        b = make_batch(idx, pool, feats_pool, step + 1, type_weights=weights)
         _reset(model)
         out = model(**b.inputs, output_attentions=True, output_hidden_states=True)
         logits = out.logits
@@ -882,6 +889,7 @@ def write_report(report: dict, path: str | os.PathLike) -> Path:
     with os.fdopen(fd, "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp files are private; a report is for everyone
     os.replace(tmp, path)
     return path
 

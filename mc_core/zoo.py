@@ -298,6 +298,11 @@ def save(model, processor, path_dir: str | os.PathLike, *, meta: dict | None = N
         processor.save_pretrained(tmp)
         info = {"family": family, "arch": getattr(model.config, "arch", None), **(meta or {})}
         (tmp / _ZOO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        # mkdtemp makes the folder private and some writers do the same to files: an output
+        # others read (DVC, other stages) gets ordinary permissions.
+        os.chmod(tmp, 0o755)
+        for f in tmp.rglob("*"):
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "d")

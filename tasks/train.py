@@ -48,7 +48,7 @@ def teacher_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, 
     if not cfg.cache_teacher:
         return None
     path = Path("cache/teacher") / f"{arch}-{_key(inputs, sorted(needs))}"
-    with tracking.file_lock(path.with_suffix(".lock")):
+    with tracking.file_lock(path.parent / f"{path.name}.lock"):  # names may contain dots
         if (path / "cache.json").is_file():
             print(f"train: teacher cache {path} (shared across rates)", flush=True)
             return mtrain.load_teacher_cache(path)

@@ -10,8 +10,8 @@ import torch
 from conftest import TINY, assistant_turn, make_image, user_turn
 from transformers import DynamicCache
 
-from mc_core.adapters import available, for_model, prompt_attention
-from mc_core.adapters.base import rewrite_placeholders
+from mc_core.adapters import available, for_model
+from mc_core.adapters.base import prompt_attention, rewrite_placeholders
 from mc_core.adapters.qwen2_vl import Qwen2VLAdapter, factor_grid
 
 FAMILIES = list(TINY)
@@ -242,22 +242,99 @@ def test_prompt_attention_scores(tiny, family):
     assert not torch.allclose(scores[0], changed[0])  # prompt-dependent by construction
 
 
-def test_prompt_attention_restores_attention_on_error(tiny, monkeypatch):
+def full_depth_scores(model, adapter, inputs, layer: int) -> list[torch.Tensor]:
+    """FastV scores the slow way: every LLM layer, eager, `output_attentions=True`."""
+    cfg = model.config.text_config
+    before = cfg._attn_implementation
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        adapter.reset_state()
+        attn = model(**inputs, output_attentions=True, use_cache=False).attentions[layer]
+    finally:
+        model.set_attn_implementation({"text_config": before})
+        adapter.reset_state()
+    counts = adapter.placeholder_counts(inputs)
+    _, slots = rewrite_placeholders(
+        inputs, adapter.image_token_id, counts, counts, pad_token_id=adapter._pad_token_id()
+    )
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    out = []
+    for s in slots:
+        q = mask[s.row] & (ids[s.row] != adapter.image_token_id)
+        q[: s.start + s.count] = False
+        out.append(attn[s.row, :, q][:, :, s.start : s.start + s.count].float().mean(dim=(0, 1)))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layer", [0, 1])
+def test_prompt_attention_matches_the_full_depth_forward(tiny, family, layer):
+    model, proc = tiny(family)
+    adapter = for_model(model)
+    inputs = encode(
+        proc, [user_turn("what colour is at row 2 col 3 ?", images=2)], images_of(family, 2)
+    )
+    decoder = model.get_decoder()
+    layers, depth = decoder.layers, model.config.text_config.num_hidden_layers
+    reference = full_depth_scores(model, adapter, inputs, layer)
+    got = prompt_attention(model, adapter, inputs, layer=layer)
+    given = prompt_attention(
+        model, adapter, inputs, layer=layer, visual_tokens=adapter.visual_tokens(inputs)
+    )
+    # Layers 0..K run the same ops on the same values as the full forward; 1e-6 leaves room
+    # only for float32 reduction-order noise on scores of order 1/n.
+    for r, a, b in zip(reference, got, given, strict=True):
+        assert a.dtype == torch.float32
+        assert (a - r).abs().max().item() <= 1e-6
+        assert (b - r).abs().max().item() <= 1e-6
+    assert decoder.layers is layers and len(layers) == depth == 2
+    assert model.config.text_config.num_hidden_layers == depth
+
+
+def test_prompt_attention_skips_the_vision_tower_when_given_tokens(tiny, monkeypatch):
+    model, proc = tiny("llava")
+    adapter = for_model(model)
+    inputs = encode(proc, DIALOGUE[:1], images_of("llava"))
+    x = adapter.visual_tokens(inputs)
+
+    def no_tower(*args, **kwargs):
+        raise AssertionError("vision tower ran although visual_tokens were given")
+
+    monkeypatch.setattr(adapter, "visual_tokens", no_tower)
+    monkeypatch.setattr(model.model.vision_tower, "forward", no_tower)
+    scores = prompt_attention(model, adapter, inputs, layer=0, visual_tokens=x)
+    assert [s.shape[0] for s in scores] == [t.shape[0] for t in x]
+    with pytest.raises(ValueError, match=r"visual_tokens have \[32\] rows.*\[64\]"):
+        prompt_attention(model, adapter, inputs, layer=0, visual_tokens=[x[0][:32]])
+
+
+def test_prompt_attention_restores_the_model_on_error(monkeypatch):
     model, proc = TINY["llava"]()
     adapter = for_model(model)
     inputs = encode(proc, DIALOGUE[:1], images_of("llava"))
-    before = model.config.text_config._attn_implementation
+    cfg = model.config.text_config
+    before = cfg._attn_implementation
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    seen = {}
 
     def boom(*args, **kwargs):
-        assert model.config.text_config._attn_implementation == "eager"
+        seen.update(
+            attn=cfg._attn_implementation, depth=cfg.num_hidden_layers, run=len(decoder.layers)
+        )
         raise RuntimeError("forward failed")
 
     monkeypatch.setattr(model, "forward", boom)
     with pytest.raises(RuntimeError, match="forward failed"):
         prompt_attention(model, adapter, inputs, layer=0)
-    assert model.config.text_config._attn_implementation == before
-    with pytest.raises(ValueError, match="layer=2"):
+    assert seen == {"attn": "eager", "depth": 1, "run": 1}  # truncated during the call
+    assert cfg._attn_implementation == before != "eager"
+    assert decoder.layers is layers and len(layers) == cfg.num_hidden_layers == 2
+    assert all(layers[i] is decoder.layers[i] for i in range(2))
+    with pytest.raises(ValueError, match=r"layer=2 .*2 layers \(0\.\.1\)"):
         prompt_attention(model, adapter, inputs, layer=2)
+    with pytest.raises(ValueError, match="layer=-1"):
+        prompt_attention(model, adapter, inputs, layer=-1)
 
 
 def test_for_model_and_bad_tokens(tiny):

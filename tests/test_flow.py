@@ -113,7 +113,7 @@ FAKE_DVC = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def harness():
     from prefect.testing.utilities import prefect_test_harness
 

@@ -28,7 +28,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from mc_core.compressors import TokenContext
 
-__all__ = ["Adapter", "ImageSlot", "grid_positions", "rewrite_placeholders"]
+__all__ = ["Adapter", "ImageSlot", "grid_positions", "prompt_attention", "rewrite_placeholders"]
 
 _CONTEXT_FIELDS = frozenset({"cls_attention", "keys", "prompt_attention"})
 
@@ -314,3 +314,131 @@ def head_split(x: Tensor, heads: int) -> Tensor:
 
 def scale_for(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def _decoder_layers(model) -> tuple[Any, Any]:
+    """(decoder, its layer ModuleList) of the LVLM's language model."""
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(
+            f"{type(model).__name__}'s decoder {type(decoder).__name__} has no `layers` ModuleList"
+        )
+    return decoder, layers
+
+
+def prompt_attention(
+    model,
+    adapter: Adapter,
+    model_inputs,
+    *,
+    layer: int = 2,
+    visual_tokens: list[Tensor] | None = None,
+) -> list[Tensor]:
+    """FastV scores: attention each visual token receives from the prompt after its image.
+
+    Runs the uncompressed prefix (`model_inputs`: image(s), question, generation prompt) through
+    LLM layers 0..`layer` only: for the call, this model instance's decoder `layers` ModuleList
+    is cut to `layer + 1` entries, `num_hidden_layers` set to match and the LLM switched to eager
+    attention (all three restored afterwards, also on error). A forward hook on layer `layer`'s
+    attention reduces its weights as they are produced, so no other layer's map is kept: the
+    weights are averaged over heads and over the query positions after the image's placeholders
+    (other images' placeholders and padding excluded), keeping that image's columns. The vision
+    tower is skipped when `visual_tokens` are given; the LM head only sees the last position.
+
+    Args:
+        model: the LVLM `adapter` wraps.
+        adapter: `for_model(model)`.
+        model_inputs: processor output for the prefix (batch of dialogues allowed).
+        layer: LLM layer index K (0-based; FastV uses K = 2).
+        visual_tokens: `adapter.visual_tokens(model_inputs)` when the caller already has them
+            (one [n_i, d] tensor per image, uncompressed); computed here otherwise.
+
+    Returns:
+        One [n_i] float32 tensor per image, batch order.
+
+    Raises:
+        ValueError: `layer` out of range (the message names the LLM's depth), `visual_tokens`
+            not matching the placeholders, or an image with no text after it.
+    """
+    text_cfg = getattr(model.config, "text_config", model.config)
+    decoder, layers = _decoder_layers(model)
+    n_layers = len(layers)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise ValueError(
+            f"prompt_attention layer={layer!r} is out of range: the LLM has {n_layers} layers "
+            f"(0..{n_layers - 1})"
+        )
+    counts = adapter.placeholder_counts(model_inputs)
+    if visual_tokens is not None:
+        adapter._check_tokens(visual_tokens, expect=len(counts))
+        got = [int(t.shape[0]) for t in visual_tokens]
+        if got != counts:
+            raise ValueError(
+                f"prompt_attention visual_tokens have {got} rows but the placeholders need "
+                f"{counts} (pass the uncompressed adapter.visual_tokens output)"
+            )
+    # Identity rewrite: same layout, but it tells where each image's placeholders are.
+    _, slots = rewrite_placeholders(
+        model_inputs, adapter.image_token_id, counts, counts, pad_token_id=adapter._pad_token_id()
+    )
+    ids = model_inputs["input_ids"]
+    mask = model_inputs.get("attention_mask")
+    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    text = valid & (ids != adapter.image_token_id)  # (B, L)
+    queries = []
+    for i, s in enumerate(slots):
+        q = text[s.row].clone()
+        q[: s.start + s.count] = False
+        if not q.any():
+            raise ValueError(f"image {i} (row {s.row}) has no prompt text after it")
+        queries.append(q.nonzero().squeeze(1))  # (q_i,)
+
+    with torch.no_grad():
+        # The same forward (P = I is exact) without the vision tower, so only the LLM runs.
+        if visual_tokens is None:
+            visual_tokens = adapter.visual_tokens(model_inputs)
+        inputs = adapter.inputs_with(model_inputs, visual_tokens)
+
+    scores: list[Tensor] = []
+
+    def keep_scores(_module, _args, output) -> None:
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            raise RuntimeError(
+                f"layer {layer}'s attention returned no weights under eager attention"
+            )
+        for s, q in zip(slots, queries, strict=True):
+            rows = weights[s.row, :, q, s.start : s.start + s.count]  # (H, q_i, n_i)
+            scores.append(rows.float().mean(dim=(0, 1)))  # (n_i,)
+
+    # Several configs may hold the depth (the text config, the decoder's own if distinct).
+    configs = [text_cfg] if decoder.config is text_cfg else [text_cfg, decoder.config]
+    depths = [c.num_hidden_layers for c in configs]
+    previous = text_cfg._attn_implementation
+    nested = text_cfg is not model.config
+    hook = None
+    adapter.reset_state()
+    try:
+        # Qwen2-VL's text model loops over every entry of `layers`, Llama/Qwen2 over
+        # `layers[:num_hidden_layers]`: shortening both stops every family after layer K.
+        decoder.layers = torch.nn.ModuleList(list(layers)[: layer + 1])
+        for c in configs:
+            c.num_hidden_layers = layer + 1
+        model.set_attn_implementation({"text_config": "eager"} if nested else "eager")
+        hook = layers[layer].self_attn.register_forward_hook(keep_scores)
+        with torch.no_grad():
+            model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.set_attn_implementation({"text_config": previous} if nested else previous)
+        for c, depth in zip(configs, depths, strict=True):
+            c.num_hidden_layers = depth
+        decoder.layers = layers
+        adapter.reset_state()
+    if len(scores) != len(slots):
+        raise RuntimeError(
+            f"layer {layer}'s attention gave {len(scores)} scores for {len(slots)} images"
+        )
+    return scores
