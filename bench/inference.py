@@ -226,7 +226,9 @@ def run_once(bench: Bench, case: Case) -> dict[str, float]:
         need = frozenset(comp.needs)
         ctxs = adapter.contexts(inputs, need=need - {"prompt_attention"})
         if "prompt_attention" in need:
-            scores = prompt_attention(model, adapter, inputs, layer=bench.fastv_layer)
+            scores = prompt_attention(
+                model, adapter, inputs, layer=bench.fastv_layer, visual_tokens=tokens
+            )
             for ctx, s in zip(ctxs, scores, strict=True):
                 ctx.prompt_attention = s
         clock.mark("context_ms")
