@@ -36,7 +36,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +81,10 @@ class TeacherConfig:
     curve_every_seconds: float = 45.0
     checkpoint_every: int = 50
     target_acc: float = 0.97  # stage 2 stops early once the curve reaches this
+    # Per-architecture changes of the knobs above, e.g. {"tiny-llava-next": {"stage2_batch": 16}}
+    # (its 528-token sequences make a step twice as slow: smaller batches, more steps).
+    arch_overrides: dict[str, dict] = field(
+        default_factory=lambda: {"tiny-llava-next": {"stage2_batch": 16}})
     threads: int = 1  # 2 threads run ~6x slower than 1 when the other core is busy (measured)
 
     @classmethod
@@ -94,7 +98,19 @@ class TeacherConfig:
                 f"{where}: unknown keys {unknown}; expected a subset of {sorted(names)}")
         if "train_type_weights" in d:
             d["train_type_weights"] = tuple(d["train_type_weights"])
-        return cls(**d)
+        cfg = cls(**d)
+        for arch, over in cfg.arch_overrides.items():
+            bad = sorted(set(over) - (names - {"arch_overrides"}))
+            if bad:
+                raise ValueError(f"{where}.arch_overrides.{arch}: unknown keys {bad}")
+        return cfg
+
+    def for_arch(self, arch: str) -> TeacherConfig:
+        """This config with ``arch_overrides[arch]`` applied."""
+        over = dict(self.arch_overrides.get(arch, {}))
+        if "train_type_weights" in over:
+            over["train_type_weights"] = tuple(over["train_type_weights"])
+        return replace(self, **over)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +509,7 @@ def train_teacher(arch: str, out_dir: str | os.PathLike, cfg: TeacherConfig | No
     """
     from tqdm.auto import tqdm
 
-    cfg = cfg or TeacherConfig()
+    cfg = (cfg or TeacherConfig()).for_arch(spec.name if spec else arch)
     world = world or S.WorldConfig()
     callbacks = callbacks or []
     torch.set_num_threads(cfg.threads)
@@ -893,5 +909,3 @@ def write_report(report: dict, path: str | os.PathLike) -> Path:
     os.replace(tmp, path)
     return path
 
-
-_ = field  # dataclasses.field kept for callers building configs programmatically

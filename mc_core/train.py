@@ -67,6 +67,13 @@ _STATE_JSON = "train_state.json"
 class TrainConfig:
     """Every knob of a training run (defaults: the paper's recipe).
 
+    Measured on the trained tiny-llava teacher (rate 0.9, 300 training / 60 held-out synthetic
+    dialogues): with the paper's lr 1e-3 and norm clip 1e-2 a few hundred steps leave the
+    generator at its init (KL unchanged, acc_avg 0.29, below sample 0.32 / pool 0.34); with
+    lambda_ent = lambda_col = 1 the regularisers dominate a KL of ~2 nats and drive P one-hot.
+    lr 0.02, momentum 0.9, grad_clip 1.0, lambdas 0.01, 10 epochs gave acc_avg 0.45 and
+    held-out KL 1.22 (pool 1.58). Tune these per world; the defaults stay the paper's.
+
     Attributes:
         method: the trainable compressor to train (registry name).
         lr: SGD learning rate.

@@ -19,6 +19,10 @@ from typing import Any
 from mc_core import config
 
 PARAMS_ENV = "MC_PARAMS"  # another params file for a one-off run (default: params.yaml)
+# Torch threads per stage process. One thread by default: on 2 shared cores, two threads ran a
+# tiny conversation ~90x slower than one when the other core was busy (measured), and the
+# flow may run two cells at once. Raise it on a machine with cores to spare.
+THREADS_ENV = "MC_TORCH_THREADS"
 DATA_TRAIN = Path("data/train")
 DATA_TEST = Path("data/test")
 
@@ -44,7 +48,13 @@ def state_dir(arch: str, rate: float) -> Path:
 
 
 def load_params(sections: Sequence[str], who: str) -> config.SectionView:
-    """Validate all of params.yaml, then expose only the ``sections`` the stage declares."""
+    """Validate all of params.yaml, then expose only the ``sections`` the stage declares.
+
+    Also fixes the stage's torch thread count (``MC_TORCH_THREADS``, default 1).
+    """
+    import torch
+
+    torch.set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
     view = config.load(os.environ.get(PARAMS_ENV, config.DEFAULT_PATH), sections=sections,
                        who=who)
     assert isinstance(view, config.SectionView)

@@ -151,3 +151,12 @@ def test_fixture_teacher_really_looks():
     # Blind guessing is near majority chance; margins of 0.15 cover 90-question noise.
     assert report["acc_blank_image"] <= report["chance"] + 0.15
     assert report["acc_sample_r0.9"] <= report["acc_avg"] - 0.25
+
+
+def test_arch_overrides_apply_to_their_arch_only():
+    cfg = T.TeacherConfig.from_dict({"stage2_batch": 20,
+                                     "arch_overrides": {"tiny-llava-next": {"stage2_batch": 8}}})
+    assert cfg.for_arch("tiny-llava-next").stage2_batch == 8
+    assert cfg.for_arch("tiny-llava").stage2_batch == 20
+    with pytest.raises(ValueError, match="arch_overrides.tiny-llava: unknown keys"):
+        T.TeacherConfig.from_dict({"arch_overrides": {"tiny-llava": {"lr": 1}}})
