@@ -81,10 +81,12 @@ class TeacherConfig:
     curve_every_seconds: float = 45.0
     checkpoint_every: int = 50
     target_acc: float = 0.97  # stage 2 stops early once the curve reaches this
-    # Per-architecture changes of the knobs above, e.g. {"tiny-llava-next": {"stage2_batch": 16}}
-    # (its 528-token sequences make a step twice as slow: smaller batches, more steps).
+    # Per-architecture changes of the knobs above. LLaVA-NeXT's 528-token sequences make a
+    # step twice as slow (smaller batches, more steps); Qwen's 64-token steps are fast enough
+    # that the time budget, not the step cap, should end stage 2.
     arch_overrides: dict[str, dict] = field(
-        default_factory=lambda: {"tiny-llava-next": {"stage2_batch": 16}})
+        default_factory=lambda: {"tiny-llava-next": {"stage2_batch": 16},
+                                 "tiny-qwen2-vl": {"stage2_max_steps": 8000}})
     threads: int = 1  # 2 threads run ~6x slower than 1 when the other core is busy (measured)
 
     @classmethod
