@@ -1,9 +1,10 @@
 """Stage ``evaluate@<arch>-<rate>``: every method of ``evaluate.methods`` at the cell's rate.
 
 Reads the base model, the cell's trained compressor and ``data/test``; writes
-``reports/eval/<arch>-<rate>.json`` (DESIGN.md metrics schema, a DVC metric) and logs the
-metrics (``eval/<method>/<metric>``), the file and a per-turn accuracy plot to the cell's
-MLflow run.
+``reports/eval/<arch>-<rate>.json`` (DESIGN.md metrics schema, a DVC metric) and
+``reports/tokens/<arch>-<rate>.png`` (for a few test images, where MetaCompress's P draws its
+tokens from beside what FastV keeps), and logs the metrics (``eval/<method>/<metric>``), the
+files and a per-turn accuracy plot to the cell's MLflow run.
 
 Usage: ``python -m tasks.evaluate --arch tiny-llava --rate 0.9``
 """
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         max_new_tokens=ev.max_new_tokens, arch=arch, dataset_name=dataset[0]["source"],
         seed=ev.seed, progress=ev.progress)
     out = meval.write_report(metrics, common.cell_file("eval", arch, rate))
+    tokens_png = _token_maps(model, processor, dataset, compressor, rate, arch)
 
     rate_s = common.config.format_rate(rate)
     ckpt = tracking.checkpoint_hash(ckpt_dir)
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                 flat[f"eval/{method}/{key}"] = value
     tracking.log_metrics(run_id, flat)
     tracking.log_artifacts(run_id, out, "eval")
+    tracking.log_artifacts(run_id, tokens_png, "plots")
     with tempfile.TemporaryDirectory() as tmp:  # the per-turn plot, for the run page only
         from mc_core import plots
 
@@ -68,6 +71,24 @@ def main(argv: list[str] | None = None) -> None:
     tracking.set_tags(run_id, {"eval_dataset": metrics.get("dataset", "unknown")})
     mc = metrics["methods"].get("metacompress", {})
     print(f"evaluate: wrote {out} (metacompress acc_avg={mc.get('acc_avg')})", flush=True)
+
+
+def _token_maps(model, processor, dataset, compressor, rate: float, arch: str) -> Path:
+    """The token-map figure of the first test images: P's column mass beside FastV's choice."""
+    from mc_core import evaluate as meval
+    from mc_core import plots
+    from mc_core.compressors import build
+
+    fastv = build("fastv", rate=rate, dim=compressor.dim)
+    maps = meval.token_maps(model, processor, dataset,
+                            {"metacompress": compressor, "fastv": fastv},
+                            indices=range(min(3, len(dataset))))
+    path = common.cell_file("tokens", arch, rate, ".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    plots.token_maps_figure(maps, tmp)
+    tmp.replace(path)  # atomic: no half-written figure at the declared out
+    return path
 
 
 if __name__ == "__main__":
