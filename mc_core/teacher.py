@@ -81,11 +81,17 @@ class TeacherConfig:
     curve_every_seconds: float = 45.0
     checkpoint_every: int = 50
     target_acc: float = 0.97  # stage 2 stops early once the curve reaches this
+    # A saved base model whose tensors of the same name and shape initialise this one (e.g.
+    # tiny-llava for tiny-llava-next: same tower, projector and LLM shapes, as LLaVA-NeXT
+    # starts from LLaVA-1.5's recipe). None: random init.
+    init_from: str | None = None
     # Per-architecture changes of the knobs above. LLaVA-NeXT's 528-token sequences make a
     # step twice as slow (smaller batches, more steps); Qwen's 64-token steps are fast enough
     # that the time budget, not the step cap, should end stage 2.
     arch_overrides: dict[str, dict] = field(
-        default_factory=lambda: {"tiny-llava-next": {"stage2_batch": 16},
+        default_factory=lambda: {"tiny-llava-next": {"stage2_batch": 16,
+                                                     "init_from": "models/base/tiny-llava",
+                                                     "stage1_seconds": 45.0},
                                  "tiny-qwen2-vl": {"stage2_max_steps": 8000}})
     threads: int = 1  # 2 threads run ~6x slower than 1 when the other core is busy (measured)
 
@@ -531,6 +537,8 @@ def train_teacher(arch: str, out_dir: str | os.PathLike, cfg: TeacherConfig | No
 
     if not state_exists(ckpt_path):
         _init_positions(model)
+        if cfg.init_from:
+            _init_from(model, cfg.init_from)
     state = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
     if state is not None and state.get("arch") != (spec.name if spec else arch):
         state = None
@@ -763,6 +771,24 @@ def train_teacher(arch: str, out_dir: str | os.PathLike, cfg: TeacherConfig | No
 
 def state_exists(path: Path) -> bool:
     return path.exists()
+
+
+def _init_from(model, path: str) -> list[str]:
+    """Copies the tensors of a saved base model with the same name and shape into ``model``.
+
+    Raises:
+        ValueError: ``path`` is not a saved base model, or nothing matches (wrong family).
+    """
+    if not (Path(path) / "zoo.json").is_file():
+        raise ValueError(f"base.init_from={path!r}: no saved base model there (train it first)")
+    source, _ = zoo.load(path)
+    mine = model.state_dict()
+    taken = {k: v for k, v in source.state_dict().items()
+             if k in mine and mine[k].shape == v.shape}
+    if not taken:
+        raise ValueError(f"init_from={path!r}: no tensor matches {type(model).__name__}")
+    model.load_state_dict(taken, strict=False)
+    return sorted(taken)
 
 
 def _sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
