@@ -253,3 +253,13 @@ def tiny():
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: on the shared 2-core machine two threads per process oversubscribe
+    the cores (measured 90x slower for a tiny conversation); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

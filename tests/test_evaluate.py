@@ -16,15 +16,8 @@ from mc_core.conversation import Conversation
 from mc_core.data.schema import FEATURES
 from mc_core.evaluate import evaluate, score_answer, score_turns, token_maps, write_report
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on the shared 2-core machine two threads per process oversubscribe
-    the cores (measured 90x slower for a tiny conversation); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread for this module (tests/conftest.py: one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KEYS = {"acc_turn", "acc_avg", "kl_to_full", "prefill_ms", "visual_tokens", "prefill_tflops"}
