@@ -219,7 +219,7 @@ def run_once(bench: Bench, case: Case) -> dict[str, float]:
     clock.mark("vision_ms")
     comp = case.compressor
     if comp is None:
-        kept = tokens
+        kept, ps = tokens, None
         clock.mark("context_ms")
         clock.mark("compress_ms")
     else:
@@ -232,9 +232,9 @@ def run_once(bench: Bench, case: Case) -> dict[str, float]:
             for ctx, s in zip(ctxs, scores, strict=True):
                 ctx.prompt_attention = s
         clock.mark("context_ms")
-        kept, _ = comp(tokens, ctxs)  # list of (m_i, d)
+        kept, ps = comp(tokens, ctxs)  # lists of (m_i, d) and (m_i, n_i)
         clock.mark("compress_ms")
-    feed = adapter.inputs_with(inputs, kept)
+    feed = adapter.inputs_with(inputs, kept, P=ps)  # Qwen: P-weighted M-RoPE positions
     _reset_state(model, adapter)
     out = model(**feed, use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1:].argmax(-1)  # first token: TTFT ends here

@@ -122,7 +122,7 @@ def compress_inputs(
     dtype = tokens[0].dtype
     ys, ps = compressor([t.float() for t in tokens], contexts)
     ys = [y.to(dtype) for y in ys]
-    return adapter.inputs_with(model_inputs, ys), ys, list(ps)
+    return adapter.inputs_with(model_inputs, ys, P=list(ps)), ys, list(ps)
 
 
 class Conversation:

@@ -131,8 +131,10 @@ def _teacher_logits(
 
 
 @torch.no_grad()
-def _student_logits(model, adapter, full_inputs, positions: Tensor, tokens: list[Tensor]) -> Tensor:
-    inputs = adapter.inputs_with(full_inputs, tokens)
+def _student_logits(
+    model, adapter, full_inputs, positions: Tensor, tokens: list[Tensor], P=None
+) -> Tensor:
+    inputs = adapter.inputs_with(full_inputs, tokens, P=P)
     shift = int(full_inputs["input_ids"].shape[1]) - int(inputs["input_ids"].shape[1])
     reset_state(adapter)
     keep = (positions - shift).to(model_device(model))
@@ -243,7 +245,7 @@ def evaluate(
                 if i not in teacher:
                     teacher[i] = _teacher_logits(model, processor, adapter, row, dev)
                 full_inputs, positions, t_logits = teacher[i]
-                s_logits = _student_logits(model, adapter, full_inputs, positions, c.tokens)
+                s_logits = _student_logits(model, adapter, full_inputs, positions, c.tokens, c.P)
                 kls.append(float(answer_kl(t_logits, s_logits)))
             bar.update(len(chunk))
         acc = score_turns(preds, [r["answer_sets"] for r in rows])

@@ -483,7 +483,7 @@ def student_logits(
         ys, p = compressor(tokens, [_ctx_to(c, device) for c in e.contexts])
         ps += p
         base = to_device(e.base, device, dtype)
-        rows.append(adapter.inputs_with(base, [y.to(dtype) for y in ys]))
+        rows.append(adapter.inputs_with(base, [y.to(dtype) for y in ys], P=p))
     reset_state(adapter)
     batch, _ = collate(rows, pad_token_id=pad_token_id, side="right")
     mask = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)

@@ -54,6 +54,13 @@ def pool(x: torch.Tensor, m: int) -> torch.Tensor:
     return out / torch.bincount(group, minlength=m).to(x.dtype)[:, None]
 
 
+def pool_p(n: int, m: int) -> torch.Tensor:
+    """The [m, n] P of `pool` (row j averages chunk j)."""
+    group = torch.arange(n) * m // n
+    P = torch.zeros(m, n).index_put_((group, torch.arange(n)), torch.ones(n))
+    return P / P.sum(1, keepdim=True)
+
+
 def fresh_logits(model, adapter, inputs):
     adapter.reset_state()
     return model(**inputs).logits
@@ -61,7 +68,8 @@ def fresh_logits(model, adapter, inputs):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("n_images", [1, 2])
-def test_identity_tokens_give_the_untouched_logits(tiny, family, n_images):
+@pytest.mark.parametrize("with_p", [False, True])
+def test_identity_tokens_give_the_untouched_logits(tiny, family, n_images, with_p):
     model, proc = tiny(family)
     adapter = for_model(model)
     turn = user_turn("what colour is at row 2 col 3 ?", images=n_images)
@@ -70,7 +78,10 @@ def test_identity_tokens_give_the_untouched_logits(tiny, family, n_images):
     tokens = adapter.visual_tokens(inputs)
     assert len(tokens) == n_images
     assert [t.shape[0] for t in tokens] == adapter.placeholder_counts(inputs)
-    got = fresh_logits(model, adapter, adapter.inputs_with(inputs, tokens))
+    P = [torch.eye(t.shape[0]) for t in tokens] if with_p else None
+    d = adapter.inputs_with(inputs, tokens, P=P)
+    assert ("position_ids" in d) == (with_p and family.startswith("qwen"))
+    got = fresh_logits(model, adapter, d)
     # Same ops on the same values in the same order: bit-identical, not merely close.
     assert got.shape == reference.shape
     assert (got - reference).abs().max().item() == 0.0
@@ -78,20 +89,30 @@ def test_identity_tokens_give_the_untouched_logits(tiny, family, n_images):
 
 # m = None: a third of the tokens. Qwen with m = 5 on a 2 x 4 grid: no grid fits (1 x 5 is
 # 2.5x too wide), so the 1-D text-position fallback is exercised too.
-@pytest.mark.parametrize("family,m", [(f, None) for f in FAMILIES] + [("qwen2_vl", 5)])
-def test_cached_multiturn_equals_from_scratch(tiny, family, m):
+# with_p: Qwen places the tokens at P-weighted mean positions; the cached turns then rely on
+# the rope_deltas the adapter's hook derives from those explicit positions.
+@pytest.mark.parametrize(
+    "family,m,with_p",
+    [(f, None, False) for f in FAMILIES]
+    + [("qwen2_vl", 5, False)]
+    + [(f, m, True) for f in ("qwen2_vl", "qwen2_5_vl") for m in (None, 5)],
+)
+def test_cached_multiturn_equals_from_scratch(tiny, family, m, with_p):
     model, proc = tiny(family)
     adapter = for_model(model)
     images = images_of(family)
     first = encode(proc, DIALOGUE[:1], images)
-    tokens = [pool(t, m or math.ceil(t.shape[0] / 3)) for t in adapter.visual_tokens(first)]
+    x = adapter.visual_tokens(first)
+    ms = [m or math.ceil(t.shape[0] / 3) for t in x]
+    tokens = [pool(t, k) for t, k in zip(x, ms, strict=True)]
+    P = [pool_p(t.shape[0], k) for t, k in zip(x, ms, strict=True)] if with_p else None
     adapter.reset_state()
     cache = DynamicCache()
-    d = adapter.inputs_with(first, tokens)
+    d = adapter.inputs_with(first, tokens, P=P)
     parts = [model(**d, past_key_values=cache, use_cache=True).logits]
     seen = d["input_ids"]
     for k in (3, 5):  # turns 2 and 3 as text-only chunks over the reused cache
-        d = adapter.inputs_with(encode(proc, DIALOGUE[:k], images), tokens)
+        d = adapter.inputs_with(encode(proc, DIALOGUE[:k], images), tokens, P=P)
         assert torch.equal(d["input_ids"][:, : seen.shape[1]], seen), "prefix property broken"
         chunk = d["input_ids"][:, seen.shape[1] :]
         parts.append(model(input_ids=chunk, past_key_values=cache, use_cache=True).logits)
@@ -105,12 +126,15 @@ def test_cached_multiturn_equals_from_scratch(tiny, family, m):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_generate_with_fewer_tokens(tiny, family):
+@pytest.mark.parametrize("with_p", [False, True])
+def test_generate_with_fewer_tokens(tiny, family, with_p):
     model, proc = tiny(family)
     adapter = for_model(model)
     inputs = encode(proc, DIALOGUE[:1], images_of(family))
-    tokens = [pool(t, max(1, t.shape[0] // 4)) for t in adapter.visual_tokens(inputs)]
-    d = adapter.inputs_with(inputs, tokens)
+    x = adapter.visual_tokens(inputs)
+    tokens = [pool(t, max(1, t.shape[0] // 4)) for t in x]
+    P = [pool_p(t.shape[0], y.shape[0]) for t, y in zip(x, tokens, strict=True)]
+    d = adapter.inputs_with(inputs, tokens, P=P if with_p else None)
     n_before = int((inputs["input_ids"] == adapter.image_token_id).sum())
     assert int((d["input_ids"] == adapter.image_token_id).sum()) == tokens[0].shape[0] < n_before
     first_token = fresh_logits(model, adapter, d)[0, -1].argmax()
@@ -121,8 +145,11 @@ def test_generate_with_fewer_tokens(tiny, family):
     assert out[0, d["input_ids"].shape[1]] == first_token  # greedy step 1 = forward argmax
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_batch_of_two_dialogues_with_padding(tiny, family):
+@pytest.mark.parametrize(
+    "family,with_p",
+    [(f, False) for f in FAMILIES] + [("qwen2_vl", True), ("qwen2_5_vl", True)],
+)
+def test_batch_of_two_dialogues_with_padding(tiny, family, with_p):
     model, proc = tiny(family)
     adapter = for_model(model)
     dialogues = [DIALOGUE[:1], [user_turn("how many red circle are there ?", images=1)]]
@@ -132,13 +159,18 @@ def test_batch_of_two_dialogues_with_padding(tiny, family):
     ]
     batch = proc(images=images, text=texts, padding=True, return_tensors="pt")
     assert (batch["attention_mask"] == 0).any(), "the two prompts should need padding"
-    tokens = [pool(t, math.ceil(t.shape[0] / 3)) for t in adapter.visual_tokens(batch)]
-    d = adapter.inputs_with(batch, tokens)
+    x = adapter.visual_tokens(batch)
+    tokens = [pool(t, math.ceil(t.shape[0] / 3)) for t in x]
+    P = [pool_p(t.shape[0], y.shape[0]) for t, y in zip(x, tokens, strict=True)]
+    P = P if with_p else None
+    d = adapter.inputs_with(batch, tokens, P=P)
     assert d["attention_mask"][:, -1].all()  # still left padded
     batched = fresh_logits(model, adapter, d)[:, -1]
     for b in range(2):
         single = encode(proc, dialogues[b], [images[b]])
-        alone = fresh_logits(model, adapter, adapter.inputs_with(single, [tokens[b]]))[0, -1]
+        pb = [P[b]] if P is not None else None
+        alone = fresh_logits(model, adapter, adapter.inputs_with(single, [tokens[b]], P=pb))
+        alone = alone[0, -1]
         # Padded rows attend over masked slots: float32 summation differs slightly.
         torch.testing.assert_close(batched[b], alone, atol=1e-5, rtol=0)
     adapter.reset_state()
@@ -222,6 +254,53 @@ def test_qwen_positions_grid_or_text_fallback(tiny):
     assert int(d["mm_token_type_ids"][image].sum()) == 2  # the 7 fallback tokens are text
     logits = fresh_logits(model, adapter, d)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_positions_from_p(tiny, family):
+    model, proc = tiny(family)
+    adapter = for_model(model)
+    inputs = encode(proc, [user_turn("what ?", images=2)], images_of(family, 2))
+    x = adapter.visual_tokens(inputs)
+    orig, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+    )  # (3, 1, L)
+    is_image = inputs["input_ids"][0] == adapter.image_token_id
+    src = orig[:, 0, is_image].float()  # (3, n_0 + n_1), image 0 then image 1
+    n0 = x[0].shape[0]
+    # One-hot P (a sampled subset, out of order) for image 0; a pooling P (7: no grid) for 1.
+    keep = torch.tensor([5, 0, 3])
+    P0 = torch.zeros(3, n0).index_put_((torch.arange(3), keep), torch.ones(3))
+    P1 = pool_p(x[1].shape[0], 7)
+    d = adapter.inputs_with(inputs, [x[0][keep], pool(x[1], 7)], P=[P0, P1])
+    pos = d["position_ids"][:, 0]  # (3, L')
+    image = d["input_ids"][0] == adapter.image_token_id
+    got = pos[:, image]  # (3, 10)
+    assert torch.equal(got[:, :3], src[:, keep])  # one-hot: exactly the kept tokens' positions
+    torch.testing.assert_close(got[:, 3:], src[:, n0:] @ P1.T)  # float32 matmul rounding
+    # Text keeps its positions: after the images it continues from the uncompressed maximum.
+    text_out = pos[:, ~image]
+    assert torch.equal(text_out, orig[:, 0, ~is_image].float())
+    # A forward with these positions sets rope_deltas so the next position is max + 1.
+    fresh_logits(model, adapter, d)
+    delta = model.model.rope_deltas
+    assert delta.shape == (1, 1)
+    assert float(delta) == float(pos.max()) + 1 - d["input_ids"].shape[1]
+
+
+def test_bad_p_is_rejected(tiny):
+    model, proc = tiny("qwen2_vl")
+    adapter = for_model(model)
+    inputs = encode(proc, DIALOGUE[:1], images_of("qwen2_vl"))
+    x = adapter.visual_tokens(inputs)
+    y = [pool(x[0], 3)]
+    with pytest.raises(ValueError, match=r"P\[0\] has shape"):
+        adapter.inputs_with(inputs, y, P=[torch.ones(3, x[0].shape[0] + 1)])
+    with pytest.raises(ValueError, match="P must be a list of 1"):
+        adapter.inputs_with(inputs, y, P=[])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -413,7 +492,7 @@ def test_every_registered_compressor_runs_through_the_adapter(tiny, family):
         assert [tuple(p.shape) for p in P] == [
             (m, t.shape[0]) for m, t in zip(kept, x, strict=True)
         ], name
-        logits = fresh_logits(model, adapter, adapter.inputs_with(inputs, y))
+        logits = fresh_logits(model, adapter, adapter.inputs_with(inputs, y, P=P))
         assert torch.isfinite(logits).all(), name
 
 

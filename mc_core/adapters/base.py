@@ -266,12 +266,18 @@ class Adapter:
         """n_i per image as the processor laid them out (no vision tower run)."""
         raise NotImplementedError
 
-    def inputs_with(self, model_inputs, tokens: list[Tensor]) -> dict[str, Any]:
+    def inputs_with(
+        self, model_inputs, tokens: list[Tensor], *, P: list[Tensor] | None = None
+    ) -> dict[str, Any]:
         """Model inputs with image i represented by `tokens[i]` ([m_i, d]) instead of its pixels.
 
         Args:
             model_inputs: what the family's processor returned for the batch.
             tokens: one [m_i, d] tensor per image (batch order), e.g. a compressor's output.
+            P: optional [m_i, n_i] per image, how each token mixes the image's original tokens
+                (the compressor's P). Families whose positions live outside the tokens (Qwen's
+                M-RoPE) give token j the P-weighted mean of its sources' positions; the others
+                ignore it (their tokens carry their own positions).
 
         Returns:
             A dict for `model(**d)` / `model.generate(**d)`: `input_ids` and `attention_mask`
@@ -286,9 +292,30 @@ class Adapter:
             [int(t.shape[0]) for t in tokens],
             pad_token_id=self._pad_token_id(),
         )
+        if P is not None:
+            self._check_p(P, tokens, counts_in)
         out = dict(rewritten)
         out.update(self._mm_encoder_inputs(model_inputs, tokens, slots, rewritten))
+        if P is not None:
+            out.update(self._positions_from_p(model_inputs, P, slots, rewritten))
         return out
+
+    @staticmethod
+    def _check_p(P, tokens: list[Tensor], counts_in: list[int]) -> None:
+        if not isinstance(P, (list, tuple)) or len(P) != len(tokens):
+            got = len(P) if isinstance(P, (list, tuple)) else type(P).__name__
+            raise ValueError(f"P must be a list of {len(tokens)} [m_i, n_i] tensors, got {got}")
+        for i, (p, t, n) in enumerate(zip(P, tokens, counts_in, strict=True)):
+            want = (int(t.shape[0]), n)
+            if not isinstance(p, Tensor) or tuple(p.shape) != want:
+                shape = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                raise ValueError(f"P[{i}] has shape {shape}, expected {want} (tokens[{i}] x n_i)")
+
+    def _positions_from_p(
+        self, model_inputs, P: list[Tensor], slots: list[ImageSlot], rewritten: dict
+    ) -> dict[str, Any]:
+        """Extra inputs that place the compressed tokens by P (none for most families)."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"

@@ -12,6 +12,14 @@ W_i). Otherwise (m_i prime, say) the tokens are marked as text (`mm_token_type_i
 plain 1-D positions; the image is left out of `image_grid_thw`. Either way the features are
 scattered into the placeholders (that is keyed by `input_ids`, not the token types).
 
+With `inputs_with(..., P=P)` (the compressor's [m_i, n_i] mixing matrices) the fake grid is
+bypassed: explicit float `position_ids` (3, B, L) give token j of image i the P-weighted mean of
+its sources' original (t, h, w) positions (RoPE takes fractional positions; a one-hot row is the
+kept token's own position, P = I the untouched model). Text keeps its original positions, so
+text after an image continues from the uncompressed image's max position + 1, as stock. A
+forward pre-hook (installed once per model by the adapter) sets `rope_deltas` from such explicit
+positions on a fresh prefill, so cached text-only turns and `generate` continue after them.
+
 Context. Qwen's tower has no [CLS], so `cls_attention` is the mean attention each token
 receives at the tower's last block (queries: every patch of the same image; heads averaged;
 the four patches of a merged token averaged). It is recomputed from the block's input hidden
@@ -35,9 +43,39 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_position_ids
 
-from mc_core.adapters.base import Adapter, ImageSlot, attention_probs, grid_positions
+from mc_core.adapters.base import (
+    Adapter,
+    ImageSlot,
+    attention_probs,
+    grid_positions,
+    rewrite_placeholders,
+)
 
 __all__ = ["Qwen2VLAdapter", "factor_grid"]
+
+
+def _rope_deltas_from_positions(module, args, kwargs):
+    """Forward pre-hook on the Qwen LLM wrapper: with explicit float M-RoPE positions (the ones
+    `inputs_with(..., P=...)` builds) on a fresh prefill, set `rope_deltas` as `get_rope_index`
+    would (next position minus the valid length), so cached continuations and `generate` steps
+    that rely on it continue after the given positions. Other calls are left alone."""
+    pos = kwargs.get("position_ids")
+    if not isinstance(pos, Tensor) or not pos.is_floating_point() or pos.dim() != 3:
+        return None
+    if pos.shape[0] != 3:
+        return None
+    cache = kwargs.get("past_key_values")
+    if cache is not None and cache.get_seq_length() > 0:
+        return None
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        n_valid = mask.sum(-1).to(pos.dtype)  # (B,)
+        top = pos.masked_fill(~mask.bool()[None], float("-inf")).amax(dim=(0, 2))  # (B,)
+    else:
+        n_valid = torch.full((pos.shape[1],), pos.shape[2], dtype=pos.dtype, device=pos.device)
+        top = pos.amax(dim=(0, 2))
+    module.rope_deltas = (top + 1 - n_valid).unsqueeze(1)  # (B, 1)
+    return None
 
 
 def factor_grid(m: int, height: int, width: int) -> tuple[int, int, float]:
@@ -70,8 +108,65 @@ class Qwen2VLAdapter(Adapter):
     def merge(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
 
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        inner = model.model
+        if not getattr(inner, "_mc_rope_deltas_hook", False):
+            inner.register_forward_pre_hook(_rope_deltas_from_positions, with_kwargs=True)
+            inner._mc_rope_deltas_hook = True
+
     def reset_state(self) -> None:
         self.model.model.rope_deltas = None
+
+    def _positions_from_p(
+        self, model_inputs, P: list[Tensor], slots: list[ImageSlot], rewritten: dict
+    ) -> dict[str, Any]:
+        """`position_ids` (3, B, L) float: token j of image i sits at P_i[j] @ (original (t, h, w)
+        positions of image i's tokens); text keeps its original positions (so the text after an
+        image continues from the uncompressed image's max position + 1, as stock)."""
+        ids = model_inputs["input_ids"]
+        types = model_inputs.get("mm_token_type_ids")
+        if types is None:
+            raise ValueError(
+                "model_inputs has no 'mm_token_type_ids' (returned by the Qwen processor)"
+            )
+        mask_in = model_inputs.get("attention_mask")
+        counts = self.placeholder_counts(model_inputs)
+        orig, _ = self.model.model.get_rope_index(
+            ids,
+            mm_token_type_ids=types,
+            image_grid_thw=model_inputs["image_grid_thw"],
+            attention_mask=mask_in,
+        )  # (3, B, L_in) long
+        _, slots_in = rewrite_placeholders(
+            model_inputs, self.image_token_id, counts, counts, pad_token_id=self._pad_token_id()
+        )
+        mask_out = rewritten.get("attention_mask")
+        ids_out = rewritten["input_ids"]
+        pos = torch.zeros((3, *ids_out.shape), dtype=torch.float32, device=ids_out.device)
+        for b in range(ids.shape[0]):
+            valid = (
+                torch.ones_like(ids[b], dtype=torch.bool) if mask_in is None else mask_in[b].bool()
+            )
+            starts = {s.start: k for k, s in enumerate(slots_in) if s.row == b}
+            cols, j = [], 0
+            while j < ids.shape[1]:
+                if j in starts:
+                    k = starts[j]
+                    src = orig[:, b, j : j + counts[k]].to(pos.device, torch.float32)  # (3, n_k)
+                    # Positions are a layout, not a learning signal: no gradient into P via RoPE.
+                    cols.append(src @ P[k].detach().to(pos.device, torch.float32).T)  # (3, m_k)
+                    j += counts[k]
+                    continue
+                if valid[j]:
+                    cols.append(orig[:, b, j : j + 1].to(pos.device, torch.float32))
+                j += 1
+            row = torch.cat(cols, dim=1)  # (3, L_valid_out)
+            if mask_out is None:
+                pos[:, b] = row
+            else:
+                pos[:, b, mask_out[b].bool()] = row
+        return {"position_ids": pos}
 
     def _grids(self, model_inputs) -> list[tuple[int, int]]:
         thw = model_inputs.get("image_grid_thw")
