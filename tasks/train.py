@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint.save_compressor(tmp / "ckpt", compressor, meta=meta)
         common.publish_dir(tmp / "ckpt", out)
         tmp.rmdir()
+        # The state only serves to resume an interrupted run: a finished one must not be
+        # "resumed" by a later rerun (DVC reruns this stage when the code changed).
+        shutil.rmtree(state, ignore_errors=True)
         final = rows[-1] if rows else {}
         report = {"arch": arch, "rate": rate, "steps": final.get("step", 0),
                   "train_s": round(time.perf_counter() - t0, 2),
