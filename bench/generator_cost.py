@@ -17,17 +17,15 @@ compression saves.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from mc_core import io
 from mc_core.compressors import TokenContext, build
 from mc_core.ops import kept_tokens
 
@@ -143,17 +141,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_json(path: Path, doc: dict) -> None:
-    """Write ``doc`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``doc`` to ``path`` atomically (``mc_core.io``)."""
+    io.write_json(path, doc, indent=2)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

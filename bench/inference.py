@@ -53,7 +53,7 @@ TARGET_RATE = 0.9
 TARGET_MEASURED_OVER_IDEAL = 0.85
 TARGET_VS_SAMPLE = 0.05
 TARGET_OVERHEAD_PCT = 3.0
-FASTV_LAYER = 2  # paper-spec: FastV ranks at LLM layer K = 2
+FASTV_LAYER = 2  # FastV ranks at LLM layer K = 2, as in the paper (docs/method.md)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from mc_core.io import staged_file
 
 # Fields every case row carries (tests check them; docs/benchmarks.md explains them).
 REQUIRED_CASE_FIELDS = (
@@ -24,19 +24,9 @@ REQUIRED_CASE_FIELDS = (
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` then rename onto `path`, so no half-written file is left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are shared files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Call `write(tmp_path)`, then publish it as `path` (``mc_core.io``: no half-written file)."""
+    with staged_file(path) as tmp:
+        write(tmp)
 
 
 def _finite(x):

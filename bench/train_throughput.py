@@ -10,7 +10,7 @@ with a randomly initialised tiny LVLM of the named architecture (the cost does n
 the weights):
 
 - cached: the frozen model's projector output and the teacher's answer-position log-probs are
-  computed once (`build_teacher_cache`, timed and included), then every step runs only the
+  computed once (`build_target_cache`, timed and included), then every step runs only the
   generator and the student forward/backward;
 - uncached: every step re-encodes its dialogues, re-runs the vision tower and the teacher.
 
@@ -23,18 +23,16 @@ shared 2-core box vary with the other processes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from mc_core import zoo
+from mc_core import io, zoo
 from mc_core.data.synthetic import generate
-from mc_core.train import TrainConfig, build_teacher_cache, resolve_device, train
+from mc_core.train import TrainConfig, build_target_cache, resolve_device, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,12 +81,12 @@ def run(args: argparse.Namespace) -> dict:
     results = {}
     weights = {}
     for name, cached in (("cached", True), ("uncached", False)):
-        cfg = TrainConfig(cache_teacher=cached, **base)
+        cfg = TrainConfig(cache_targets=cached, **base)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         cache = (
-            build_teacher_cache(model, processor, data, device=device, progress=False)
+            build_target_cache(model, processor, data, device=device, progress=False)
             if cached
             else None
         )
@@ -137,11 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = parse_args(argv).out
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=out.name + ".tmp-", dir=out.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(res, f, indent=2)
-        os.replace(tmp, out)
+        io.write_json(out, res, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Prefect flow ``train-all``: the DVC pipeline, orchestrated and fanned out.
 
-DVC owns what is stale; this flow owns when and where. It asks DVC for the stages of the
-profile's workspace (``flows.workspace``), runs the shared upstream stages first (``prepare``,
-then each ``base@<arch>`` in turn), then fans the cells out through the task runner, each cell's
-``train@ -> evaluate@ -> register@`` chained, and finally ``report``. Every task is one
-``dvc repro -s <stage>``: DVC skips what is up to date, so re-running the flow is cheap.
-Lock conflicts between concurrent ``dvc repro`` calls are retried; nothing is cached by Prefect
-(DVC decides staleness). The MLflow schema is migrated once before the fan-out.
+DVC owns what is stale; this flow owns when and where. It reads the stage kinds, their fan-out
+and their order from the workspace's ``dvc.yaml`` (``flows.dag``), runs the shared and per-arch
+stages upstream of the cells first (``prepare``, then each ``base@<arch>`` in turn), then fans
+the cells out through the task runner, each cell's per-cell stages chained in ``dvc.yaml``'s
+order (``train@ -> evaluate@ -> register@``), and finally what reads the cells (``report``).
+Every task is one ``dvc repro -s <stage>``: DVC skips what is up to date, so re-running the
+flow is cheap. Lock conflicts between concurrent ``dvc repro`` calls are retried; nothing is
+cached by Prefect (DVC decides staleness). The MLflow schema is migrated once before the fan-out.
 
 Task runners: ``train_all`` uses a thread pool (``MC_MAX_PARALLEL`` workers, default 2);
 ``train_all_dask`` the same flow on Dask (``prefect-dask``): a ``LocalCluster`` by default, or
@@ -22,17 +23,19 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import dag
 from flows import workspace as ws
-from mc_core import config
+from tasks import params
 
 MAX_PARALLEL = int(os.environ.get("MC_MAX_PARALLEL", "2"))
 LOCK_RETRIES = 6
+REGISTRY = "reports/registry"  # the registry stage's records, one JSON per cell
 
 
 def _retry_on_lock(task, task_run, state) -> bool:
@@ -66,7 +69,7 @@ def registered(workspace: str, key: str, uri: str | None = None) -> bool:
     """Whether the version recorded in ``reports/registry/<key>.json`` is in the store."""
     from tasks import tracking
 
-    f = Path(workspace) / "reports" / "registry" / f"{key}.json"
+    f = Path(workspace) / REGISTRY / f"{key}.json"
     if not f.is_file():
         return False
     rec = json.loads(f.read_text())
@@ -102,70 +105,97 @@ def train_all(profile: Literal["default", "smoke", "full"] = "default",
         checkout: the project root (default: this file's checkout).
 
     Returns:
-        ``{"workspace", "stages": [...], "registry": {cell: registry record}}``; the ``report``
-        stage runs only when every cell of the grid was selected.
+        ``{"workspace", "stages": [...], "registry": {cell: registry record}}``; shared stages
+        downstream of the cells (the report) run only when every cell of the grid was selected.
     """
     logger = get_run_logger()
     root = Path(checkout or ws.CHECKOUT).resolve()
     # Params are validated here, before any stage starts: a bad key fails the flow at once.
     workspace = ws.ensure(profile, root)
-    params = config.load(workspace / config.DEFAULT_PATH)
-    assert isinstance(params, config.Params)
-    groups = ws.split_stages(ws.stages(workspace))
-    cells = ws.select_cells(groups["cells"], params.grid, archs, rates)
-    chosen_archs = {a for a in params.grid.archs for k in cells if k.startswith(f"{a}-")}
+    p = params.load(workspace / params.DEFAULT_PATH)
+    assert isinstance(p, params.Params)
+    doc = dag.load(workspace / "dvc.yaml")
+    kinds = dag.kinds_of(doc)
+    names = ws.by_kind(ws.stages(workspace))
+    all_cells = ws.cell_keys(names, kinds)
+    cells = ws.select_cells(all_cells, p.grid, archs, rates)
+    chosen = {a for a in p.grid.archs for k in cells if k.startswith(f"{a}-")}
     logger.info("workspace %s: %d cells %s", workspace, len(cells), cells)
+    run = _Runner(str(workspace), str(root))
 
     migrate_tracking(ws.tracking_env(root)["MLFLOW_TRACKING_URI"])  # before any fan-out
-    ran: list[str] = []
-    for stage in groups["shared_first"]:
-        run_stage(stage, str(workspace), str(root))
-        ran.append(stage)
-    # Base models one at a time: teacher training runs on wall-clock budgets
-    # (base.stage*_seconds), so two at once on shared cores would each get half the steps.
-    bases = [s for s in groups["base"] if s.partition("@")[2] in chosen_archs]
-    for stage in bases:
-        run_stage(stage, str(workspace), str(root))
-    ran += bases
-
-    futures = []
-    for key in cells:
-        t = run_stage.submit(f"train@{key}", str(workspace), str(root))
-        e = run_stage.submit(f"evaluate@{key}", str(workspace), str(root), wait_for=[t])
-        r = run_stage.submit(f"register@{key}", str(workspace), str(root), wait_for=[e])
-        futures += [t, e, r]
-        ran += [f"train@{key}", f"evaluate@{key}", f"register@{key}"]
-    for f in futures:
-        f.wait()  # let every independent cell finish before reporting a failure
-    for f in futures:
-        # Stages downstream of a failure never run (they stay pending): raise the root cause.
-        if f.state.is_failed() or f.state.is_crashed():
-            f.result()
+    later = dag.downstream_of_cells(kinds)
+    for kind in kinds:  # shared and per-arch stages upstream of the cells, in order
+        if kind.fanout != "cell" and kind.name not in later:
+            run.serial(kind, names, chosen)
+    run.cells([k for k in kinds if k.fanout == "cell"], cells)
 
     # The registry lives outside DVC: if the tracking store was reset since a cell's register
     # stage ran, DVC would skip it; re-run those (registration is idempotent by content hash).
+    registrar = dag.writer_of(doc, REGISTRY)
     uri = ws.tracking_env(root)["MLFLOW_TRACKING_URI"]
-    stale = [k for k in cells if not registered(str(workspace), k, uri)]
-    for f in [run_stage.submit(f"register@{k}", str(workspace), str(root), force=True)
-              for k in stale]:
-        f.result()
-    ran += [f"register@{k}" for k in stale if f"register@{k}" not in ran]
+    if registrar is not None:
+        stale = [k for k in cells if not registered(str(workspace), k, uri)]
+        run.again([f"{registrar}@{k}" for k in stale])
 
-    if len(cells) == len(groups["cells"]):
-        for stage in groups["report"]:
-            run_stage(stage, str(workspace), str(root))
-            ran.append(stage)
-    else:
-        logger.info("report skipped: only %d of %d cells selected", len(cells),
-                    len(groups["cells"]))
+    for kind in kinds:  # what reads the cells' outputs (the report)
+        if kind.name not in later:
+            continue
+        if kind.fanout == "shared" and len(cells) != len(all_cells):
+            logger.info("%s skipped: only %d of %d cells selected", kind.name, len(cells),
+                        len(all_cells))
+            continue
+        run.serial(kind, names, chosen)
     registry = {}
     for key in cells:
-        f = workspace / "reports" / "registry" / f"{key}.json"
+        f = workspace / REGISTRY / f"{key}.json"
         registry[key] = json.loads(f.read_text()) if f.is_file() else None
     summary = workspace / "reports" / "summary.md"
-    if summary.is_file() and "report" in ran:
+    if summary.is_file() and later & set(run.ran):  # the report ran: show its table
         print(summary.read_text())
-    return {"workspace": str(workspace), "stages": ran, "registry": registry}
+    return {"workspace": str(workspace), "stages": run.ran, "registry": registry}
+
+
+class _Runner:
+    """Submits ``dvc repro -s`` tasks for one workspace and records what ran, in order."""
+
+    def __init__(self, workspace: str, root: str):
+        self.workspace, self.root = workspace, root
+        self.ran: list[str] = []
+
+    def serial(self, kind: dag.Kind, names: dict[str, list[str]], archs: set[str]) -> None:
+        """A shared stage, or each chosen arch's stage one at a time: base models train on
+        shared cores, where two at once would each run at half speed."""
+        for stage in names.get(kind.name, []):
+            key = stage.partition("@")[2]
+            if kind.fanout == "shared" or key in archs:
+                run_stage(stage, self.workspace, self.root)
+                self.ran.append(stage)
+
+    def cells(self, cell_kinds: list[dag.Kind], keys: list[str]) -> None:
+        """Every cell's chain of per-cell stages, cells in parallel; raise the first failure."""
+        futures = []
+        for key in keys:
+            mine: dict[str, Any] = {}
+            for kind in cell_kinds:  # in order: what a stage waits for is already submitted
+                stage = f"{kind.name}@{key}"
+                waits = [mine[a] for a in kind.after if a in mine]
+                mine[kind.name] = run_stage.submit(stage, self.workspace, self.root,
+                                                   wait_for=waits)
+                self.ran.append(stage)
+            futures += list(mine.values())
+        for f in futures:
+            f.wait()  # let every independent cell finish before reporting a failure
+        for f in futures:
+            # Stages downstream of a failure never run (they stay pending): raise the root cause.
+            if f.state.is_failed() or f.state.is_crashed():
+                f.result()
+
+    def again(self, stages: list[str]) -> None:
+        """Force-run ``stages`` in parallel (``dvc repro -s -f``)."""
+        for f in [run_stage.submit(s, self.workspace, self.root, force=True) for s in stages]:
+            f.result()
+        self.ran += [s for s in stages if s not in self.ran]
 
 
 def _dask_runner():
@@ -186,7 +216,7 @@ train_all_dask = train_all.with_options(task_runner=_dask_runner())
 def main(argv: list[str] | None = None) -> None:
     """``python -m flows.train_all [--profile P] [--archs A ...] [--rates R ...] [--dask]``."""
     ap = argparse.ArgumentParser(description="run the train-all flow once, in this process")
-    ap.add_argument("--profile", default="default", choices=sorted(config.PROFILES))
+    ap.add_argument("--profile", default="default", choices=sorted(params.PROFILES))
     ap.add_argument("--archs", nargs="*")
     ap.add_argument("--rates", nargs="*", type=float)
     ap.add_argument("--dask", action="store_true", help="use the Dask task runner")

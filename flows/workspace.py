@@ -3,7 +3,7 @@
 The ``default`` profile runs in the checkout itself (``params.yaml`` as committed). Any other
 profile (``smoke``, ``full``) runs in ``<checkout>/runs/<profile>/``: a DVC project of its own
 holding a snapshot of ``dvc.yaml``, ``tasks/`` and ``mc_core/`` and the profile's
-``params.yaml`` (``mc_core.config.profile_params``), with its own ``dvc.lock``, cache and
+``params.yaml`` (``tasks.params.profile_params``), with its own ``dvc.lock``, cache and
 outputs. So a smoke run never overwrites the default pipeline's models, and re-running a
 profile is incremental like any DVC project. MLflow stays shared: every workspace logs to the
 checkout's tracking URI.
@@ -20,7 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mc_core import config
+from flows import dag
+from mc_core import io
+from tasks import params
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 LOCK_PATTERNS = ("Unable to acquire lock", "is busy, it is being blocked by",
@@ -51,11 +53,12 @@ def _copy_code(src: Path, dst: Path) -> None:
         if not s.exists():  # a checkout without that part (tests' stand-in projects)
             continue
         if s.is_dir():
-            if d.exists():
-                shutil.rmtree(d)
-            shutil.copytree(s, d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            with io.staged_dir(d) as tmp:
+                shutil.copytree(s, tmp, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
-            shutil.copy2(s, d)
+            with io.staged_file(d) as tmp:
+                shutil.copy2(s, tmp)
 
 
 def ensure(profile: str, checkout: str | Path = CHECKOUT, *,
@@ -67,27 +70,27 @@ def ensure(profile: str, checkout: str | Path = CHECKOUT, *,
     on the checkout's params.yaml (then ``extra``).
     """
     checkout = Path(checkout).resolve()
-    params_file = checkout / config.DEFAULT_PATH
+    params_file = checkout / params.DEFAULT_PATH
     if profile == "default":
         if extra:
             raise ValueError("profile='default' runs params.yaml as is: edit it instead of "
                              f"overriding {sorted(extra)}")
-        config.load(params_file)
+        params.load(params_file)
         return checkout
-    params = config.profile_params(profile, config.read_yaml(params_file), extra=extra)
+    values = params.profile_params(profile, params.read_yaml(params_file), extra=extra)
     ws = checkout / "runs" / profile
     ws.mkdir(parents=True, exist_ok=True)
     # Keep the whole runs/ tree out of git without touching the checkout's .gitignore.
-    (checkout / "runs" / ".gitignore").write_text("*\n")
+    io.write_text(checkout / "runs" / ".gitignore", "*\n")
     _copy_code(checkout, ws)
-    config.dump_yaml(params, ws / config.DEFAULT_PATH,
+    params.dump_yaml(values, ws / params.DEFAULT_PATH,
                      header=f"# Generated for profile {profile!r} by flows/workspace.py from "
                             f"{params_file}; edits are overwritten.\n")
     dvc_dir = ws / ".dvc"
     if not (dvc_dir / "config").is_file():
         dvc_dir.mkdir(exist_ok=True)
         # no_scm: a plain DVC project (git would see it as part of the checkout's repo).
-        (dvc_dir / "config").write_text("[core]\n    no_scm = true\n    analytics = false\n")
+        io.write_text(dvc_dir / "config", "[core]\n    no_scm = true\n    analytics = false\n")
     return ws
 
 
@@ -100,11 +103,21 @@ def dvc(args: list[str], workspace: Path, *, env: dict[str, str] | None = None,
                           timeout=timeout)
 
 
+def recovery_hint(output: str) -> str:
+    """What to run when DVC's output says its own state is damaged ("" otherwise)."""
+    if "dvc.lock" in output and ("is invalid" in output or "validation failed" in output):
+        return ("\ndvc.lock is damaged: restore it (git checkout dvc.lock), or delete it and "
+                "run dvc repro (unchanged stages are restored from DVC's caches)")
+    return ""
+
+
 def stages(workspace: Path) -> list[str]:
     """Stage names of the workspace's dvc.yaml, as DVC expands them (matrix included)."""
     r = dvc(["stage", "list", "--name-only"], workspace)
     if r.returncode != 0:
-        raise DvcStageError(f"dvc stage list failed in {workspace}:\n{r.stderr[-2000:]}")
+        out = (r.stdout or "") + (r.stderr or "")
+        raise DvcStageError(f"dvc stage list failed in {workspace}:\n{out[-2000:]}"
+                            f"{recovery_hint(out)}")
     return [s.strip() for s in r.stdout.splitlines() if s.strip()]
 
 
@@ -117,28 +130,31 @@ def repro_stage(stage: str, workspace: Path, *, env: dict[str, str] | None = Non
         if any(p in out for p in LOCK_PATTERNS):
             raise DvcLockError(f"{stage}: DVC lock held by another process:\n{out[-800:]}")
         raise DvcStageError(f"dvc repro -s {stage} failed in {workspace} "
-                            f"(exit {r.returncode}):\n{out[-4000:]}")
+                            f"(exit {r.returncode}):\n{out[-4000:]}{recovery_hint(out)}")
     return out
 
 
-def split_stages(names: list[str]) -> dict[str, list[str]]:
-    """Group stage names: ``prepare``/``report`` (shared), ``base`` (per arch), cells by key."""
-    groups: dict[str, list[str]] = {"shared_first": [], "base": [], "report": [], "cells": []}
+def by_kind(names: list[str]) -> dict[str, list[str]]:
+    """Stage names grouped by kind (``train@a-0.5`` -> ``train``), in DVC's order."""
+    groups: dict[str, list[str]] = {}
     for n in names:
-        kind, _, key = n.partition("@")
-        if kind == "base":
-            groups["base"].append(n)
-        elif kind in ("train", "evaluate", "register"):
-            if key not in groups["cells"]:
-                groups["cells"].append(key)
-        elif kind == "report":
-            groups["report"].append(n)
-        else:
-            groups["shared_first"].append(n)
+        groups.setdefault(n.partition("@")[0], []).append(n)
     return groups
 
 
-def select_cells(keys: list[str], grid: config.GridParams, archs: list[str] | None,
+def cell_keys(names: dict[str, list[str]], kinds: list[dag.Kind]) -> list[str]:
+    """The cell keys (``<arch>-<rate>``) of the per-cell kinds' stages, in DVC's order."""
+    keys: list[str] = []
+    for kind in kinds:
+        if kind.fanout == "cell":
+            for n in names.get(kind.name, []):
+                key = n.partition("@")[2]
+                if key not in keys:
+                    keys.append(key)
+    return keys
+
+
+def select_cells(keys: list[str], grid: params.GridParams, archs: list[str] | None,
                  rates: list[float] | None) -> list[str]:
     """The cell keys to run: all, or those of ``archs`` x ``rates`` (each must be in the grid)."""
     for a in archs or []:
@@ -147,7 +163,7 @@ def select_cells(keys: list[str], grid: config.GridParams, archs: list[str] | No
     for r in rates or []:
         if float(r) not in grid.rates:
             raise ValueError(f"rates: {r!r} is not in grid.rates={grid.rates} of this profile")
-    want = {config.cell_key(a, r) for a in (archs or grid.archs) for r in (rates or grid.rates)}
+    want = {params.cell_key(a, r) for a in (archs or grid.archs) for r in (rates or grid.rates)}
     return [k for k in keys if k in want]
 
 

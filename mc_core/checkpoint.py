@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mc_core.compressors import Compressor, build
+from mc_core.io import staged_dir, write_text
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "fingerprint", "load_compressor", "save_compressor"]
 
@@ -80,22 +79,9 @@ def save_compressor(path_dir: str | os.PathLike, compressor: Compressor, *, meta
         "meta": _jsonable(meta, "meta"),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in compressor.state_dict().items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"method": compressor.name})
-        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        if target.exists():
-            # os.replace cannot swap a non-empty directory: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "ckpt")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_text(tmp / CONFIG_FILE, json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return target
 
 

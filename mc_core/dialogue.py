@@ -222,14 +222,15 @@ def collate(
                 pad = v.new_full((1, width - v.shape[1]), fill)
                 padded.append(torch.cat([pad, v] if side == "left" else [v, pad], dim=1))
             batch[key] = torch.cat(padded, dim=0)
-        elif key == "position_ids" and values[0].dim() == 3:
-            # Qwen M-RoPE positions (3, 1, L) from an adapter given P: pad along L like the
-            # other sequence keys (padded slots are masked out), join along the batch dim.
+        elif key == "position_ids" and values[0].dim() in (2, 3):
+            # Positions from an adapter under positions="source": (1, L) or Qwen's M-RoPE
+            # (3, 1, L). Pad along L like the other sequence keys (padded slots are masked out),
+            # join along the batch dim.
             padded = []
             for v in values:
-                pad = v.new_zeros((v.shape[0], 1, width - v.shape[2]))
-                padded.append(torch.cat([pad, v] if side == "left" else [v, pad], dim=2))
-            batch[key] = torch.cat(padded, dim=1)
+                pad = v.new_zeros((*v.shape[:-1], width - v.shape[-1]))
+                padded.append(torch.cat([pad, v] if side == "left" else [v, pad], dim=-1))
+            batch[key] = torch.cat(padded, dim=-2)
         elif isinstance(values[0], Tensor):
             batch[key] = torch.cat(values, dim=0)
         else:

@@ -10,32 +10,46 @@ choice), the KV cache is reused, and each turn's greedy answer is scored:
 - `kl_to_full`: KL(p_full || p_method) over the answer tokens of the gold dialogue, teacher
   forced, with the very tokens the conversation used (mean over dialogues);
 - `prefill_ms`: median over dialogues of the turn-1 prefill (vision tower, compression, LLM
-  prefill), one dialogue at a time;
+  prefill), amortised: dialogues run in padded batches of `batch_size` (`BatchConversation`),
+  and each gets its batch's prefill time divided by the batch size;
 - `visual_tokens`: mean visual tokens kept per dialogue; `prefill_tflops`: mean analytic LLM
-  prefill TFLOPs of the turn-1 prompt (`mc_core.flops`).
+  prefill TFLOPs of the turn-1 prompt (`mc_core.flops`);
+- `acc_avg_ci`: the 95% percentile-bootstrap interval `[lo, hi]` of `acc_avg`, resampling
+  dialogues (their turns share an image; `mc_core.stats`, seeded by `seed`).
 
-The result follows DESIGN.md's metrics schema:
-`{"arch", "rate", "dataset", "methods": {name: {"acc_turn", "acc_avg", "kl_to_full",
-"prefill_ms", "visual_tokens", "prefill_tflops"}}}` (plus "history" and "dialogues").
-`none` is the uncompressed reference.
+The result follows the metrics schema of docs/contracts.md:
+`{"arch", "rate", "dataset", "n_dialogues", "methods": {name: {"acc_turn", "acc_avg",
+"acc_avg_ci", "kl_to_full", "prefill_ms", "visual_tokens", "prefill_tflops"}}}` (plus "history"
+and "dialogues", = n_dialogues). `none` is the uncompressed reference.
+
+`evaluate_ceilings` measures the cell's ceilings (`mc_core.ceilings`) with the same loop:
+`{"selector": <method metrics> | {"available": false, "note"}, "oracle": <method metrics> +
+{"dialogues", "indices", "steps", "lr", "eps", "fit_kl", "none_acc_avg", "none_acc_avg_ci"},
+"cls_overlap": {"share", "chance", "dialogues"} | {"available": false, "note"}}`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from mc_core import io
 from mc_core.adapters import for_model
+from mc_core.ceilings import (
+    GT_COLUMN,
+    PlanCompressor,
+    cls_overlap,
+    fixed_plan,
+    oracle_matrix,
+    selector_plan,
+)
 from mc_core.compressors import available, build
 from mc_core.conversation import (
     BatchConversation,
@@ -47,11 +61,21 @@ from mc_core.conversation import (
 from mc_core.data.accuracy import exact_match, vqa_soft_accuracy
 from mc_core.dialogue import encode_dialogue, render, to_device
 from mc_core.flops import prefill_flops
-from mc_core.losses import answer_kl
+from mc_core.losses import align_from_end, answer_kl
 from mc_core.ops import check_rate
+from mc_core.progress import progress as progress_bar
+from mc_core.stats import bootstrap_ci
 from mc_core.train import prepare_model, resolve_device
 
-__all__ = ["evaluate", "score_answer", "score_turns", "token_maps", "write_report"]
+__all__ = [
+    "evaluate",
+    "evaluate_ceilings",
+    "score_answer",
+    "score_dialogues",
+    "score_turns",
+    "token_maps",
+    "write_report",
+]
 
 HISTORIES = ("model", "gold")
 
@@ -135,10 +159,82 @@ def _student_logits(
     model, adapter, full_inputs, positions: Tensor, tokens: list[Tensor], P=None
 ) -> Tensor:
     inputs = adapter.inputs_with(full_inputs, tokens, P=P)
-    shift = int(full_inputs["input_ids"].shape[1]) - int(inputs["input_ids"].shape[1])
     reset_state(adapter)
-    keep = (positions - shift).to(model_device(model))
+    keep = align_from_end(positions, full_inputs["input_ids"].shape[1],
+                          inputs["input_ids"].shape[1]).to(model_device(model))
     return model(**inputs, logits_to_keep=keep).logits[0].float()  # (T, V)
+
+
+def score_dialogues(
+    preds: Sequence[Sequence[str]], answer_sets: Sequence[Sequence[Sequence[str]]]
+) -> list[float]:
+    """Each dialogue's accuracy averaged over its turns (the unit the intervals resample)."""
+    if len(preds) != len(answer_sets):
+        raise ValueError(f"{len(preds)} predicted dialogues vs {len(answer_sets)} references")
+    return [
+        sum(score_answer(p, s) for p, s in zip(ps, sets, strict=True)) / len(sets)
+        for ps, sets in zip(preds, answer_sets, strict=True)
+    ]
+
+
+def _run_method(model, processor, adapter, rows, comp_for, *, history, batch_size,
+                max_new_tokens, teacher, dev, bar, ci_seed) -> dict[str, Any]:
+    """One method over ``rows``: its metrics dict (plus ``acc_avg_ci``).
+
+    ``comp_for(start, chunk)`` gives the compressor of each batch (None: all tokens), so a
+    ceiling can plan a P per dialogue; ``teacher`` caches the full model's gold logits by row.
+    """
+    turns = len(rows[0]["questions"])
+    preds: list[list[str]] = []
+    kls, prefill, kept, flops = [], [], [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        comp = comp_for(start, chunk)
+        conv = BatchConversation(model, processor, comp, images=[_images(r) for r in chunk],
+                                 adapter=adapter, max_new_tokens=max_new_tokens)
+        answers = []
+        for k in range(turns):
+            answers.append(conv.ask([r["questions"][k] for r in chunk]))
+            if history == "gold":
+                conv.set_answers([r["answers"][k] for r in chunk])
+        for j, (row, c) in enumerate(zip(chunk, conv.rows, strict=True)):
+            i = start + j
+            preds.append([a[j] for a in answers])
+            prefill.append(c.prefill_s[0] * 1e3)
+            kept.append(sum(c.visual_tokens))
+            flops.append(prefill_flops(model.config, c.cache_tokens[0]) / 1e12)
+            if comp is None:
+                kls.append(0.0)
+                continue
+            if i not in teacher:
+                teacher[i] = _teacher_logits(model, processor, adapter, row, dev)
+            full_inputs, positions, t_logits = teacher[i]
+            s_logits = _student_logits(model, adapter, full_inputs, positions, c.tokens, c.P)
+            kls.append(float(answer_kl(t_logits, s_logits)))
+        if bar is not None:
+            bar.update(len(chunk))
+    sets = [r["answer_sets"] for r in rows]
+    acc = score_turns(preds, sets)
+    return {
+        "acc_turn": acc,
+        "acc_avg": sum(acc) / len(acc),
+        "acc_avg_ci": bootstrap_ci(score_dialogues(preds, sets), seed=ci_seed),
+        "kl_to_full": sum(kls) / len(kls),
+        "prefill_ms": statistics.median(prefill),
+        "visual_tokens": sum(kept) / len(kept),
+        "prefill_tflops": sum(flops) / len(flops),
+    }
+
+
+def _rows(dataset, max_dialogues: int | None) -> list[dict[str, Any]]:
+    n = len(dataset) if max_dialogues is None else min(len(dataset), int(max_dialogues))
+    if n <= 0:
+        raise ValueError(
+            f"no dialogues to evaluate (dataset has {len(dataset)}, max_dialogues={max_dialogues})"
+        )
+    from mc_core.data.schema import row
+
+    return [row(dataset, i) for i in range(n)]
 
 
 def evaluate(
@@ -169,19 +265,20 @@ def evaluate(
         methods: method names (`none` = all tokens; registry names; keys of `compressors`).
         rate: reduction rate in (0, 1).
         compressors: name -> compressor for methods that are not built from the registry
-            (trained ones, e.g. metacompress).
+            (trained ones, e.g. metacompress; or any extra name such as a registry champion).
         history: "model" (later turns see the model's answers) or "gold".
         max_dialogues: evaluate only the first N dialogues.
         device: "auto", "cpu" or "cuda".
         batch_size: dialogues per `BatchConversation`.
         max_new_tokens: answer length limit.
         arch, dataset_name: recorded in the report.
-        seed: torch seed set before each method (random methods are reproducible).
+        seed: torch seed set before each method (random methods are reproducible); also the
+            bootstrap seed of the intervals.
         adapter: the family adapter (default `for_model(model)`).
-        progress: tqdm bar.
+        progress: progress bar (a tqdm bar on a terminal, log lines elsewhere).
 
     Returns:
-        The metrics dict (module docstring).
+        The metrics dict (module docstring), with `n_dialogues` and per method `acc_avg_ci`.
 
     Raises:
         ValueError: bad rate, unknown method or history, a trainable method without a trained
@@ -192,17 +289,12 @@ def evaluate(
         raise ValueError(f"history={history!r}: expected one of {HISTORIES}")
     if not methods:
         raise ValueError("methods is empty: nothing to evaluate")
-    n = len(dataset) if max_dialogues is None else min(len(dataset), int(max_dialogues))
-    if n <= 0:
-        raise ValueError(
-            f"no dialogues to evaluate (dataset has {len(dataset)}, max_dialogues={max_dialogues})"
-        )
+    rows = _rows(dataset, max_dialogues)
+    n = len(rows)
     dev = resolve_device(device)
     prepare_model(model, dev)
     adapter = adapter if adapter is not None else for_model(model)
     comps = {m: _method_compressor(m, rate, token_dim(model), compressors, dev) for m in methods}
-    rows = [dataset[i] for i in range(n)]
-    turns = len(rows[0]["questions"])
     teacher: dict[int, tuple] = {}
     report: dict[str, Any] = {
         "arch": arch or type(model).__name__,
@@ -210,79 +302,135 @@ def evaluate(
         "dataset": dataset_name or "unknown",
         "history": history,
         "dialogues": n,
+        "n_dialogues": n,
         "methods": {},
     }
-    bar = tqdm(total=n * len(methods), desc=f"evaluate r={rate}", disable=not progress)
+    bar = progress_bar(total=n * len(methods), desc=f"evaluate r={rate}", disable=not progress)
     for name in methods:
-        comp = comps[name]
         torch.manual_seed(seed)
-        preds: list[list[str]] = []
-        kls, prefill, kept, flops = [], [], [], []
-        for start in range(0, n, batch_size):
-            chunk = rows[start : start + batch_size]
-            conv = BatchConversation(
-                model,
-                processor,
-                comp,
-                images=[_images(r) for r in chunk],
-                adapter=adapter,
-                max_new_tokens=max_new_tokens,
-            )
-            answers = []
-            for k in range(turns):
-                answers.append(conv.ask([r["questions"][k] for r in chunk]))
-                if history == "gold":
-                    conv.set_answers([r["answers"][k] for r in chunk])
-            for j, (row, c) in enumerate(zip(chunk, conv.rows, strict=True)):
-                i = start + j
-                preds.append([a[j] for a in answers])
-                prefill.append(c.prefill_s[0] * 1e3)
-                kept.append(sum(c.visual_tokens))
-                flops.append(prefill_flops(model.config, c.cache_tokens[0]) / 1e12)
-                if comp is None:
-                    kls.append(0.0)
-                    continue
-                if i not in teacher:
-                    teacher[i] = _teacher_logits(model, processor, adapter, row, dev)
-                full_inputs, positions, t_logits = teacher[i]
-                s_logits = _student_logits(model, adapter, full_inputs, positions, c.tokens, c.P)
-                kls.append(float(answer_kl(t_logits, s_logits)))
-            bar.update(len(chunk))
-        acc = score_turns(preds, [r["answer_sets"] for r in rows])
-        report["methods"][name] = {
-            "acc_turn": acc,
-            "acc_avg": sum(acc) / len(acc),
-            "kl_to_full": sum(kls) / len(kls),
-            "prefill_ms": statistics.median(prefill),
-            "visual_tokens": sum(kept) / len(kept),
-            "prefill_tflops": sum(flops) / len(flops),
-        }
+        report["methods"][name] = _run_method(
+            model, processor, adapter, rows, lambda _s, _c, comp=comps[name]: comp,
+            history=history, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            teacher=teacher, dev=dev, bar=bar, ci_seed=seed)
     bar.close()
     return report
 
 
+def evaluate_ceilings(
+    model,
+    processor,
+    dataset,
+    rate: float,
+    *,
+    oracle_dialogues: int = 16,
+    oracle_steps: int = 100,
+    oracle_lr: float = 0.1,
+    oracle_eps: float = 0.01,
+    history: str = "model",
+    max_dialogues: int | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    max_new_tokens: int = 4,
+    seed: int = 0,
+    adapter=None,
+) -> dict[str, Any]:
+    """The cell's ceilings (`mc_core.ceilings`): selector, oracle and the [CLS] overlap.
+
+    The selector runs on the same dialogues as `evaluate` where the dataset has the optional
+    `object_centres` column, else it is `{"available": False, "note": ...}`. The oracle runs
+    on a seeded subsample of `oracle_dialogues` dialogues (`none` is scored on the same
+    subsample as its reference); `cls_overlap` is measured on the oracle's P.
+    """
+    check_rate(rate, where="ceilings rate")
+    rows = _rows(dataset, max_dialogues)
+    dev = resolve_device(device)
+    prepare_model(model, dev)
+    adapter = adapter if adapter is not None else for_model(model)
+    dim = token_dim(model)
+    common = {"history": history, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+              "dev": dev, "bar": None, "ci_seed": seed}
+    out: dict[str, Any] = {}
+    if GT_COLUMN in rows[0]:
+        out["selector"] = _run_method(
+            model, processor, adapter, rows,
+            lambda _s, chunk: PlanCompressor(rate=rate, dim=dim, plans=[
+                selector_plan(r[GT_COLUMN], rate) for r in chunk]),
+            teacher={}, **common)
+    else:
+        out["selector"] = {"available": False,
+                           "note": f"the dataset has no {GT_COLUMN!r} ground truth"}
+    k = min(int(oracle_dialogues), len(rows))
+    pick = sorted(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:k]
+                  .tolist())
+    sub = [rows[i] for i in pick]
+    teacher = {j: _teacher_logits(model, processor, adapter, r, dev) for j, r in enumerate(sub)}
+    plans, kls, overlaps, chance = [], [], [], []
+    for j in range(k):
+        inputs, positions, t_logits = teacher[j]
+        P, kl = oracle_matrix(model, adapter, inputs, positions, t_logits, rate,
+                              steps=oracle_steps, lr=oracle_lr, eps=oracle_eps, seed=seed + j)
+        plans.append(fixed_plan(P))
+        kls.append(kl)
+        share = _cls_share(adapter, inputs, P)
+        if share is not None:
+            overlaps.append(share)
+            chance.append(P.shape[0] / P.shape[1])
+    # Batches must replay plans in row order: one queue over the subsample.
+    queue = PlanCompressor(rate=rate, dim=dim, plans=plans)
+    oracle = _run_method(model, processor, adapter, sub, lambda _s, _c: queue,
+                         teacher=teacher, **common)
+    ref = _run_method(model, processor, adapter, sub, lambda _s, _c: None, teacher=teacher,
+                      **common)
+    oracle.update({"dialogues": k, "indices": pick, "steps": int(oracle_steps),
+                   "lr": float(oracle_lr), "eps": float(oracle_eps),
+                   "fit_kl": sum(kls) / max(len(kls), 1),
+                   "none_acc_avg": ref["acc_avg"], "none_acc_avg_ci": ref["acc_avg_ci"]})
+    out["oracle"] = oracle
+    out["cls_overlap"] = (
+        {"share": sum(overlaps) / len(overlaps), "chance": sum(chance) / len(chance),
+         "dialogues": len(overlaps)}
+        if overlaps else {"available": False, "note": "the adapter gives no cls_attention"})
+    return out
+
+
+def _cls_share(adapter, inputs, P: Tensor) -> float | None:
+    """Figure 1 of the paper for one dialogue (None when the family has no [CLS] attention)."""
+    try:
+        with torch.no_grad():
+            ctx = adapter.contexts(inputs, need=frozenset({"cls_attention"}))[0]
+    except (ValueError, NotImplementedError):
+        return None
+    if ctx.cls_attention is None:
+        return None
+    return cls_overlap(P, ctx.cls_attention)
+
+
+def _non_finite(obj: Any, where: str) -> str | None:
+    """The first NaN / infinite number in a nested report, as its key path."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where
+    items = obj.items() if isinstance(obj, Mapping) else (
+        enumerate(obj) if isinstance(obj, list) else ())
+    for k, v in items:
+        bad = _non_finite(v, f"{where}[{k!r}]")
+        if bad:
+            return bad
+    return None
+
+
 def write_report(metrics: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write `metrics` as JSON to `path` atomically (temp file in the same folder, rename).
+    """Write `metrics` as JSON to `path` atomically (`mc_core.io`).
 
     Raises:
-        ValueError: a metric is NaN or infinite (JSON cannot hold it faithfully), or the
-            `methods` section is missing.
+        ValueError: a number anywhere is NaN or infinite (JSON cannot hold it faithfully), or
+            the `methods` section is missing.
     """
     if "methods" not in metrics:
         raise ValueError(f"metrics for {path} have no 'methods' section")
-    for name, m in metrics["methods"].items():
-        for key, value in m.items():
-            values = value if isinstance(value, list) else [value]
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                raise ValueError(f"metrics['methods'][{name!r}][{key!r}]={value!r} is not finite")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    bad = _non_finite(dict(metrics), "metrics")
+    if bad:
+        raise ValueError(f"{bad} is not finite (writing {path})")
+    return io.write_json(path, dict(metrics))
 
 
 @torch.no_grad()
@@ -309,9 +457,11 @@ def token_maps(
     """
     adapter = adapter if adapter is not None else for_model(model)
     device = model_device(model)
+    from mc_core.data import schema
+
     out = []
     for i in indices:
-        row = dataset[int(i)]
+        row = schema.row(dataset, i)
         images = _images(row)
         text = render(processor, row["questions"][:1], [], n_images=len(images))
         inputs = dict(processor(text=[text], images=images, return_tensors="pt"))

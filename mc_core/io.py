@@ -28,7 +28,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["replace_dir", "staged_dir", "staged_file", "write_bytes", "write_json", "write_text"]
+__all__ = [
+    "published",
+    "replace_dir",
+    "staged_dir",
+    "staged_file",
+    "write_bytes",
+    "write_json",
+    "write_text",
+]
+
+# What this process published, in order: stage logs say where the outputs went.
+_PUBLISHED: list[Path] = []
+
+
+def published() -> list[Path]:
+    """Files and folders this process has published so far (targets, in order)."""
+    return list(_PUBLISHED)
+
+
+def _record(target: Path, staged: Path | None = None) -> None:
+    if staged is not None:  # files written inside a staged folder now live in `target`
+        _PUBLISHED[:] = [p for p in _PUBLISHED if not p.is_relative_to(staged)]
+    _PUBLISHED.append(target)
 
 
 def _umask() -> int:
@@ -85,6 +107,7 @@ def staged_file(target: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Pat
         yield tmp
         _publish_mode(tmp)
         _move(tmp, target)
+        _record(target)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise _explain(err, target) from err
@@ -135,6 +158,7 @@ def replace_dir(staged: str | os.PathLike, target: str | os.PathLike) -> Path:
         raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+    _record(target, staged)
     return target
 
 

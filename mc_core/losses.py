@@ -1,4 +1,7 @@
-"""Training losses of MetaCompress (arXiv 2603.21701, Sec. 4.2).
+"""Training losses of MetaCompress (arXiv 2603.21701, Sec. 4.2): the one copy.
+
+Training (``mc_core.train``), evaluation (``mc_core.evaluate``'s KL to the full model) and the
+tests all call these functions.
 
 ``L = KL(p_full || p_comp) + lambda_ent * mean_i H(P_i,:) + lambda_col * max_j sum_i P_ij``:
 the KL keeps the compressed model's answers close to the uncompressed teacher's, the entropy
@@ -64,34 +67,35 @@ def answer_kl(teacher_logits: Tensor, student_logits: Tensor, mask: Tensor | Non
     return per_token[mask].sum() / count
 
 
-def align_from_end(
-    teacher_logits: Tensor, student_logits: Tensor, positions: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Pick the same answer tokens from teacher and student logits of different lengths.
+def align_from_end(positions: Tensor, full_length: int, compressed_length: int) -> Tensor:
+    """The compressed sequence's indices of the full sequence's answer ``positions``.
 
-    The compressed sequence is the full one with n - m visual tokens removed before the text,
-    so every text position is the same distance from the end in both. ``positions`` index the
-    teacher's sequence (as ``encode_dialogue`` returns them for the full prompt).
+    The compressed sequence is the full one with ``full_length - compressed_length`` visual
+    tokens removed before the text, so every answer token is the same distance from the end in
+    both: ``student = positions - (full_length - compressed_length)``. Training and evaluation
+    select the student's logits at these indices (``logits_to_keep``) to compare them with the
+    uncompressed model's logits at ``positions``.
 
     Args:
-        teacher_logits: [L_t, V] logits over the full sequence.
-        student_logits: [L_s, V] logits over the compressed sequence (L_s <= L_t).
-        positions: [T] int indices into the teacher's sequence.
+        positions: [T] int indices into the full sequence (as ``encode_dialogue`` returns them).
+        full_length: length of the full (uncompressed) sequence.
+        compressed_length: length of the compressed sequence (<= ``full_length``).
 
     Returns:
-        ``(teacher [T, V], student [T, V])``.
+        [T] long tensor of indices into the compressed sequence, on ``positions``' device.
 
     Raises:
-        ValueError: A position that falls before the student's sequence or past the end.
+        ValueError: A position that falls before the compressed sequence or past the end.
     """
-    lt, ls = teacher_logits.shape[0], student_logits.shape[0]
-    pos = positions.long().to(teacher_logits.device)
-    if pos.numel() and (int(pos.min()) < lt - ls or int(pos.max()) >= lt):
+    lt, ls = int(full_length), int(compressed_length)
+    pos = positions.long()
+    if ls > lt or (pos.numel() and (int(pos.min()) < lt - ls or int(pos.max()) >= lt)):
+        lo, hi = (int(pos.min()), int(pos.max())) if pos.numel() else (0, -1)
         raise ValueError(
-            f"align_from_end: answer positions [{int(pos.min())}, {int(pos.max())}] must lie in "
-            f"the last {ls} of the teacher's {lt} positions"
+            f"align_from_end: answer positions [{lo}, {hi}] must lie in the last {ls} of the "
+            f"full sequence's {lt} positions"
         )
-    return teacher_logits[pos], student_logits[(pos - (lt - ls)).to(student_logits.device)]
+    return pos - (lt - ls)
 
 
 def _as_list(P: Tensor | list[Tensor]) -> list[Tensor]:

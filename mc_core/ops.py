@@ -135,6 +135,12 @@ def validate(P: Tensor, n: int, m: int | None = None, *, atol: float = 1e-4) -> 
         )
 
 
+# How far (as a factor) a divisor of m may sit from the ideal band count and still be preferred:
+# a regular grid is worth slightly off-square cells (8 x 8 -> 32 keeps 4 bands of 8, cells 2:1),
+# but not one band of strips (8 x 8 -> 7 takes 3 uneven bands instead).
+_REGULAR_SLACK = 1.5
+
+
 def _interval_weights(n: int, m: int, device: torch.device | str | None = None) -> Tensor:
     """Fractional 1-D average pooling [m, n]: output i averages the span [i n/m, (i+1) n/m).
 
@@ -152,14 +158,18 @@ def _interval_weights(n: int, m: int, device: torch.device | str | None = None) 
 def pool_layout(h: int, w: int, m: int) -> list[int]:
     """Cells per pooled row band when pooling an h x w grid to m tokens.
 
-    The number of bands follows the grid's aspect ratio (``h' ~ sqrt(m h / w)``), preferring a
-    nearby divisor of m so the layout is a regular h' x w' grid whenever one fits; otherwise the
-    m cells are spread over the bands as evenly as possible (counts differ by at most one).
+    The number of bands follows the grid's aspect ratio (``h' ~ sqrt(m h / w)``, so cells come
+    out about square). A divisor of m within a factor ``_REGULAR_SLACK`` of that ideal gives a
+    regular h' x w' grid; otherwise (a prime m, say) the bands are uneven: ``round(h')`` bands
+    whose cell counts differ by at most one. Never fewer than 2 bands when the ideal is >= 1.5:
+    one band of m full-height strips (what a prime m used to get) leaves no vertical structure.
+    At most ``h`` bands, so a band never splits a token row into sub-rows.
     """
     ideal = math.sqrt(m * h / w)
-    near = [b for b in range(max(1, math.floor(ideal) - 1), math.ceil(ideal) + 2) if m % b == 0]
-    bands = min(near, key=lambda b: abs(b - ideal)) if near else round(ideal)
-    bands = max(1, min(m, bands))
+    near = [b for b in range(max(1, math.floor(ideal) - 1), math.ceil(ideal) + 2)
+            if m % b == 0 and abs(math.log(b / ideal)) <= math.log(_REGULAR_SLACK)]
+    bands = min(near, key=lambda b: abs(b - ideal)) if near else max(1, round(ideal))
+    bands = max(1, min(m, h, bands))
     return [(r + 1) * m // bands - r * m // bands for r in range(bands)]
 
 

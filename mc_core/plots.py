@@ -4,6 +4,8 @@
   (`acc_avg` against the rate), the uncompressed reference as a dashed horizontal line.
 - `accuracy_per_turn(report, path)`: one cell, one line per method over turns 1..3 (FastV's
   drop after turn 1 is the paper's finding).
+- `ceilings_vs_rate(reports, path)`: per architecture, `acc_avg` with its 95% interval for the
+  given methods beside the cell's ceilings (ground-truth selector, per-dialogue oracle).
 - `token_maps_figure(maps, path)`: per image, where MetaCompress's P draws its tokens from
   (column mass over the patch grid, overlaid on the image) beside the tokens FastV keeps.
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["accuracy_per_turn", "accuracy_vs_rate", "load_reports", "token_maps_figure"]
+from mc_core import io  # noqa: E402
+
+__all__ = [
+    "accuracy_per_turn",
+    "accuracy_vs_rate",
+    "ceilings_vs_rate",
+    "load_reports",
+    "token_maps_figure",
+]
 
 REFERENCE = "none"
 
@@ -48,18 +57,12 @@ def load_reports(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
 
 
 def _save(fig, path: str | os.PathLike, dpi: int) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
+        with io.staged_file(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def accuracy_vs_rate(
@@ -104,6 +107,61 @@ def accuracy_vs_rate(
         ax.set_title(arch)
         ax.set_xlabel("reduction rate")
         ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    return _save(fig, path, dpi)
+
+
+def _point(entry: Mapping[str, Any]) -> tuple[float, float, float] | None:
+    """(acc_avg, lower error, upper error) of a method or ceiling entry; None if it has none."""
+    if "acc_avg" not in entry:
+        return None
+    y = float(entry["acc_avg"])
+    lo, hi = entry.get("acc_avg_ci", (y, y))
+    return y, max(y - float(lo), 0.0), max(float(hi) - y, 0.0)
+
+
+def ceilings_vs_rate(
+    reports: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    methods: Sequence[str] = ("metacompress",),
+    ceilings: Sequence[str] = ("selector", "oracle"),
+    dpi: int = 120,
+) -> Path:
+    """``acc_avg`` with 95% intervals against the rate, per architecture: ``methods`` beside
+    the ceilings of each cell (``report["ceilings"][name]``; cells without one are skipped),
+    the uncompressed reference dashed. The oracle's interval is over its subsample.
+
+    Raises:
+        ValueError: no reports, or no report holds any of the ceilings.
+    """
+    if not reports:
+        raise ValueError("ceilings_vs_rate needs at least one report")
+    if not any(_point(r.get("ceilings", {}).get(c, {})) for r in reports for c in ceilings):
+        raise ValueError(f"no report holds any of the ceilings {list(ceilings)}")
+    archs = sorted({r["arch"] for r in reports})
+    fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), 3.4), squeeze=False)
+    series = [(m, lambda r, m=m: r["methods"].get(m, {}), "o", "-") for m in methods]
+    series += [(c, lambda r, c=c: r.get("ceilings", {}).get(c, {}), "^", ":") for c in ceilings]
+    for ax, arch in zip(axes[0], archs, strict=True):
+        cells = sorted((r for r in reports if r["arch"] == arch), key=lambda r: r["rate"])
+        for k, (label, get, marker, style) in enumerate(series):
+            pts = [(c["rate"], p) for c in cells if (p := _point(get(c)))]
+            if not pts:
+                continue
+            # A small x offset per series keeps overlapping intervals readable.
+            xs = [x + 0.006 * (k - len(series) / 2) for x, _ in pts]
+            ys = [p[0] for _, p in pts]
+            err = np.array([[p[1] for _, p in pts], [p[2] for _, p in pts]])
+            ax.errorbar(xs, ys, yerr=err, marker=marker, linestyle=style, capsize=3,
+                        label=label)
+        refs = [c["methods"][REFERENCE]["acc_avg"] for c in cells if REFERENCE in c["methods"]]
+        if refs:
+            ax.axhline(float(np.mean(refs)), color="k", linestyle="--", label="no reduction")
+        ax.set_title(arch)
+        ax.set_xlabel("reduction rate")
+        ax.set_ylabel("acc_avg (95% CI)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
     return _save(fig, path, dpi)

@@ -1,21 +1,22 @@
 """Offline processors for the LVLM families: a word-level tokenizer inside the real processor class.
 
 `build_processor(family, vocab, **image_cfg)` returns the family's own transformers processor
-(`LlavaProcessor`, `LlavaNextProcessor`, `Qwen2VLProcessor`, `Qwen2_5_VLProcessor`,
-`InternVLProcessor`) built from arguments only: no hub, no download. The tokenizer is a
-`tokenizers` WordLevel model (whitespace + punctuation pre-tokenizer, so "what colour is at row 2
-col 3 ?" is seven words) wrapped in `PreTrainedTokenizerFast` with the family's special tokens;
-the image processor is the `*ImageProcessorPil` variant (torchvision is not installable here).
+(the class its descriptor in `mc_core.families` names) built from arguments only: no hub, no
+download. The tokenizer is a `tokenizers` WordLevel model (whitespace + punctuation
+pre-tokenizer, so "what colour is at row 2 col 3 ?" is seven words) wrapped in
+`PreTrainedTokenizerFast` with the family's special tokens; the image processor is the
+`*ImageProcessorPil` variant (torchvision is not installable here).
 
 Chat template (docs/contracts.md): the image(s) go where the message content puts them (the
 first user turn); every assistant answer ends with the family's end-of-turn token, and the
 generation prompt is exactly how an assistant turn begins, so the rendering of turns 1..k (with
 `add_generation_prompt=True`) is a string prefix of turns 1..k+1, and — because every boundary is
 whitespace or a special token — its token ids are a prefix too. That is what lets a dialogue reuse
-its KV cache turn after turn.
+its KV cache turn after turn. `vicuna_template` and `chatml_template` build the two styles the
+descriptors use.
 
-The Qwen and InternVL processors take a video processor, whose auto-mapping needs torchvision;
-`_NoVideoMixin` lets them run (and save / load) with `video_processor=None`.
+Processors that take a video processor need torchvision for its auto-mapping; `NoVideoMixin`
+lets them run (and save / load) with `video_processor=None`.
 """
 
 from __future__ import annotations
@@ -25,102 +26,42 @@ import os
 from typing import Any
 
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    GotOcr2ImageProcessorPil,
-    InternVLProcessor,
-    LlavaImageProcessorPil,
-    LlavaNextImageProcessorPil,
-    LlavaNextProcessor,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
-    Qwen2_5_VLProcessor,
-    Qwen2VLImageProcessorPil,
-    Qwen2VLProcessor,
-)
+from transformers import PreTrainedTokenizerFast
 from transformers.processing_utils import ProcessorMixin
 
 __all__ = [
-    "FAMILIES",
+    "NoVideoMixin",
     "build_processor",
     "build_tokenizer",
     "chat_template",
+    "chatml_template",
     "load_processor",
+    "norm_cfg",
+    "positive_int",
     "special_tokens",
+    "vicuna_template",
 ]
 
-FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl")
 
-# Words every template emits besides the special tokens (must be in the vocabulary).
-_TEMPLATE_WORDS = {
-    "llava": ["USER", "ASSISTANT", "SYSTEM", ":"],
-    "llava_next": ["USER", "ASSISTANT", "SYSTEM", ":"],
-    "qwen2_vl": ["user", "assistant", "system"],
-    "qwen2_5_vl": ["user", "assistant", "system"],
-    "internvl": ["user", "assistant", "system"],
-}
+def _family(name: str):
+    # Imported here: the descriptors import this module's helpers.
+    from mc_core import families
 
-_VICUNA = {
-    "bos": "<s>",
-    "eos": "</s>",
-    "unk": "<unk>",
-    "pad": "<pad>",
-    "image": "<image>",
-    "end_of_turn": "</s>",
-}
-_QWEN = {
-    "bos": "<|im_start|>",  # Qwen has no BOS; generation_config uses eos/pad only.
-    "eos": "<|im_end|>",
-    "unk": "<unk>",
-    "pad": "<|endoftext|>",
-    "image": "<|image_pad|>",
-    "video": "<|video_pad|>",
-    "vision_start": "<|vision_start|>",
-    "vision_end": "<|vision_end|>",
-    "im_start": "<|im_start|>",
-    "end_of_turn": "<|im_end|>",
-}
-_INTERNVL = {
-    "bos": "<|im_start|>",
-    "eos": "<|im_end|>",
-    "unk": "<unk>",
-    "pad": "<|endoftext|>",
-    "image": "<IMG_CONTEXT>",
-    "img_start": "<img>",
-    "img_end": "</img>",
-    "video": "<video>",
-    "im_start": "<|im_start|>",
-    "end_of_turn": "<|im_end|>",
-}
-_SPECIALS = {
-    "llava": _VICUNA,
-    "llava_next": _VICUNA,
-    "qwen2_vl": _QWEN,
-    "qwen2_5_vl": _QWEN,
-    "internvl": _INTERNVL,
-}
-
-
-def _check_family(family: str, where: str = "family") -> str:
-    if family not in FAMILIES:
-        raise ValueError(
-            f"{where}={family!r} is not a known family; choose one of {list(FAMILIES)}"
-        )
-    return family
+    return families.get(name)
 
 
 def special_tokens(family: str) -> dict[str, str]:
     """The family's special tokens by role.
 
     Args:
-        family: one of `FAMILIES`.
+        family: a registered family (`mc_core.families.available()`).
 
     Returns:
         A new dict with at least `bos`, `eos`, `unk`, `pad`, `image` (the placeholder the chat
         text carries) and `end_of_turn` (what closes every assistant answer), plus
-        family-specific ones (`vision_start`/`vision_end`/`video` for Qwen,
-        `img_start`/`img_end`/`video` for InternVL).
+        family-specific ones (e.g. `vision_start`/`vision_end`/`video` for Qwen).
     """
-    return dict(_SPECIALS[_check_family(family)])
+    return dict(_family(family).specials)
 
 
 # Jinja pieces shared by the templates. `content` is a string or a list of {"type": ...} items.
@@ -139,23 +80,20 @@ def _images(placeholder: str) -> str:
     )
 
 
-def chat_template(family: str) -> str:
-    """The Jinja chat template of `family` (see the module docstring for its prefix property)."""
-    sp = special_tokens(family)
-    if family in ("llava", "llava_next"):
-        # LLaVA-1.5 / vicuna style: "USER: <image> q ASSISTANT: a</s>USER: q2 ASSISTANT:".
-        return (
-            "{{ bos_token }}{% for m in messages %}"
-            "{% if m.role == 'assistant' %}ASSISTANT: " + _TEXT + "{{ eos_token }}"
-            "{% elif m.role == 'system' %}SYSTEM: " + _TEXT + " "
-            "{% else %}USER: " + _images(sp["image"] + " ") + _TEXT + " {% endif %}"
-            "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-        )
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        image = sp["vision_start"] + sp["image"] + sp["vision_end"]
-    else:
-        image = sp["image"] + "\n"
-    # ChatML: "<|im_start|>user\n<image>q<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n".
+def vicuna_template(image: str) -> str:
+    """LLaVA-1.5 / vicuna style: "USER: <image> q ASSISTANT: a</s>USER: q2 ASSISTANT:"."""
+    return (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m.role == 'assistant' %}ASSISTANT: " + _TEXT + "{{ eos_token }}"
+        "{% elif m.role == 'system' %}SYSTEM: " + _TEXT + " "
+        "{% else %}USER: " + _images(image + " ") + _TEXT + " {% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+
+
+def chatml_template(image: str) -> str:
+    """ChatML: "<|im_start|>user\\n<image>q<|im_end|>\\n<|im_start|>assistant\\na<|im_end|>\\n",
+    with `image` the markup written for each image item."""
     return (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n"
         + _images(image)
@@ -164,11 +102,16 @@ def chat_template(family: str) -> str:
     )
 
 
+def chat_template(family: str) -> str:
+    """The Jinja chat template of `family` (see the module docstring for its prefix property)."""
+    return _family(family).chat_template()
+
+
 def build_tokenizer(family: str, vocab: list[str]) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer with the family's special tokens and chat template.
 
     Args:
-        family: one of `FAMILIES`.
+        family: a registered family.
         vocab: the words (no whitespace inside a word); the template's role words and
             punctuation are added, duplicates dropped, order kept, so ids are deterministic.
 
@@ -176,12 +119,13 @@ def build_tokenizer(family: str, vocab: list[str]) -> PreTrainedTokenizerFast:
         A `PreTrainedTokenizerFast`, left padding (batched generation), no automatic BOS (the
         template writes it where the family has one). Unknown words map to `unk`.
     """
-    sp = special_tokens(family)
+    fam = _family(family)
+    sp = dict(fam.specials)
     for i, word in enumerate(vocab):
         if not isinstance(word, str) or not word or any(ch.isspace() for ch in word):
             raise ValueError(f"vocab[{i}]={word!r}: words must be non-empty strings without spaces")
     specials = list(dict.fromkeys(sp.values()))
-    words = [w for w in dict.fromkeys([*_TEMPLATE_WORDS[family], *vocab]) if w not in specials]
+    words = [w for w in dict.fromkeys([*fam.template_words, *vocab]) if w not in specials]
     ids = {tok: i for i, tok in enumerate([*specials, *words])}
     tok = Tokenizer(models.WordLevel(vocab=ids, unk_token=sp["unk"]))
     # Split on whitespace, then isolate every punctuation character: "col 3?" -> col, 3, ?.
@@ -189,14 +133,8 @@ def build_tokenizer(family: str, vocab: list[str]) -> PreTrainedTokenizerFast:
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
     )
     extra = {k + "_token": v for k, v in sp.items() if k not in ("bos", "eos", "unk", "pad")}
-    if family == "internvl":
-        # InternVLProcessor reads these attribute names from the tokenizer.
-        extra.update(
-            start_image_token=sp["img_start"],
-            end_image_token=sp["img_end"],
-            context_image_token=sp["image"],
-        )
-    tokenizer = PreTrainedTokenizerFast(
+    extra.update(fam.tokenizer_extras())
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=sp["bos"],
         eos_token=sp["eos"],
@@ -204,16 +142,16 @@ def build_tokenizer(family: str, vocab: list[str]) -> PreTrainedTokenizerFast:
         pad_token=sp["pad"],
         extra_special_tokens=extra,
         padding_side="left",
-        chat_template=chat_template(family),
+        chat_template=fam.chat_template(),
     )
-    return tokenizer
 
 
-class _NoVideoMixin:
+class NoVideoMixin:
     """Lets a processor that takes a video processor run, save and load without one.
 
     Without torchvision the video auto-mapping cannot be built, so the stock class check and
-    `from_pretrained` both fail even for `video_processor=None`.
+    `from_pretrained` both fail even for `video_processor=None`. Subclasses set
+    `_image_processor_cls`.
     """
 
     _image_processor_cls: type
@@ -238,85 +176,16 @@ class _NoVideoMixin:
         return [image_processor, tokenizer, None]
 
 
-class OfflineQwen2VLProcessor(_NoVideoMixin, Qwen2VLProcessor):
-    """`Qwen2VLProcessor` without a video processor."""
-
-    _image_processor_cls = Qwen2VLImageProcessorPil
-
-
-class OfflineQwen2_5_VLProcessor(_NoVideoMixin, Qwen2_5_VLProcessor):  # noqa: N801
-    """`Qwen2_5_VLProcessor` without a video processor."""
-
-    _image_processor_cls = Qwen2VLImageProcessorPil
-
-
-class OfflineInternVLProcessor(_NoVideoMixin, InternVLProcessor):
-    """`InternVLProcessor` without a video processor.
-
-    The stock class forces `crop_to_patches=True` at call time; here the (saved) image processor's
-    own setting decides, so a tiny model can use single tiles.
-    """
-
-    _image_processor_cls = GotOcr2ImageProcessorPil
-    images_kwargs = {}
-
-
-_PROCESSOR_CLASSES: dict[str, type[ProcessorMixin]] = {
-    "LlavaProcessor": LlavaProcessor,
-    "LlavaNextProcessor": LlavaNextProcessor,
-    "OfflineQwen2VLProcessor": OfflineQwen2VLProcessor,
-    "OfflineQwen2_5_VLProcessor": OfflineQwen2_5_VLProcessor,
-    "OfflineInternVLProcessor": OfflineInternVLProcessor,
-}
-
-# Image-config keys each family accepts (anything else is a typo: ValueError).
-_IMAGE_KEYS = {
-    "llava": {
-        "image_size",
-        "patch_size",
-        "vision_feature_select_strategy",
-        "image_mean",
-        "image_std",
-    },
-    "llava_next": {
-        "image_size",
-        "patch_size",
-        "vision_feature_select_strategy",
-        "grid_pinpoints",
-        "image_mean",
-        "image_std",
-    },
-    "qwen2_vl": {
-        "min_pixels",
-        "max_pixels",
-        "patch_size",
-        "merge_size",
-        "temporal_patch_size",
-        "image_mean",
-        "image_std",
-    },
-    "internvl": {
-        "image_size",
-        "patch_size",
-        "downsample_ratio",
-        "max_patches",
-        "min_patches",
-        "crop_to_patches",
-        "image_mean",
-        "image_std",
-    },
-}
-_IMAGE_KEYS["qwen2_5_vl"] = _IMAGE_KEYS["qwen2_vl"]
-
-
-def _positive_int(cfg: dict[str, Any], key: str, default: int) -> int:
+def positive_int(cfg: dict[str, Any], key: str, default: int) -> int:
+    """`cfg[key]` (or `default`) as a positive int; ValueError naming the key otherwise."""
     value = cfg.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"image_cfg[{key!r}]={value!r}: expected a positive int")
     return value
 
 
-def _norm(cfg: dict[str, Any]) -> dict[str, Any]:
+def norm_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The `image_mean` / `image_std` entries of `cfg`, checked (3 floats each)."""
     out = {}
     for key in ("image_mean", "image_std"):
         if key in cfg:
@@ -331,20 +200,11 @@ def build_processor(family: str, vocab: list[str], **image_cfg: Any) -> Processo
     """The family's real processor, built offline.
 
     Args:
-        family: "llava", "llava_next", "qwen2_vl", "qwen2_5_vl" or "internvl".
+        family: a registered family (`mc_core.families.available()`).
         vocab: words of the tokenizer (see `build_tokenizer`).
-        **image_cfg: per family (defaults in brackets):
-            llava: image_size [336], patch_size [14], vision_feature_select_strategy
-                ["default": drop CLS, n = (image_size / patch_size)^2].
-            llava_next: the same plus grid_pinpoints [[[2s, s], [s, 2s], [2s, 2s]] for s =
-                image_size] (list of [height, width], multiples of image_size).
-            qwen2_vl / qwen2_5_vl: min_pixels [56*56], max_pixels [28*28*1280], patch_size [14],
-                merge_size [2], temporal_patch_size [2].
-            internvl: image_size [448], patch_size [14], downsample_ratio [0.5] (tokens per tile =
-                (image_size / patch_size * downsample_ratio)^2), crop_to_patches [True:
-                dynamic tiling plus a thumbnail, as the real model], min_patches [1],
-                max_patches [12].
-            all: image_mean, image_std (3 floats each; CLIP's by default).
+        **image_cfg: image geometry; the keys each family accepts and their defaults are in its
+            descriptor's `build_processor` (`mc_core/families/<family>.py`). All families take
+            image_mean, image_std (3 floats each; CLIP's by default).
 
     Returns:
         A processor whose `apply_chat_template(messages, add_generation_prompt=True,
@@ -353,99 +213,14 @@ def build_processor(family: str, vocab: list[str], **image_cfg: Any) -> Processo
     Raises:
         ValueError: unknown family, unknown image_cfg key, or an invalid value (named).
     """
-    _check_family(family)
-    unknown = set(image_cfg) - _IMAGE_KEYS[family]
+    fam = _family(family)
+    unknown = set(image_cfg) - fam.image_keys
     if unknown:
         raise ValueError(
             f"image_cfg keys {sorted(unknown)} are not used by family {family!r}; "
-            f"expected a subset of {sorted(_IMAGE_KEYS[family])}"
+            f"expected a subset of {sorted(fam.image_keys)}"
         )
-    tokenizer = build_tokenizer(family, vocab)
-    template = chat_template(family)
-    norm = _norm(image_cfg)
-
-    if family in ("llava", "llava_next"):
-        size = _positive_int(image_cfg, "image_size", 336)
-        patch = _positive_int(image_cfg, "patch_size", 14)
-        if size % patch:
-            raise ValueError(
-                f"image_cfg['image_size']={size} is not a multiple of patch_size={patch}"
-            )
-        strategy = image_cfg.get("vision_feature_select_strategy", "default")
-        if strategy not in ("default", "full"):
-            raise ValueError(
-                f"image_cfg['vision_feature_select_strategy']={strategy!r}: "
-                "expected 'default' or 'full'"
-            )
-        common = dict(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **norm
-        )
-        kwargs = dict(
-            patch_size=patch,
-            vision_feature_select_strategy=strategy,
-            num_additional_image_tokens=1,  # CLIP-style towers add a CLS token
-            chat_template=template,
-            image_token=special_tokens(family)["image"],
-        )
-        if family == "llava":
-            return LlavaProcessor(LlavaImageProcessorPil(**common), tokenizer, **kwargs)
-        pinpoints = image_cfg.get(
-            "grid_pinpoints", [[2 * size, size], [size, 2 * size], [2 * size, 2 * size]]
-        )
-        for hw in pinpoints:
-            if len(hw) != 2 or any(int(v) <= 0 or int(v) % size for v in hw):
-                raise ValueError(
-                    f"image_cfg['grid_pinpoints'] entry {hw!r}: expected [height, width], "
-                    f"positive multiples of image_size={size}"
-                )
-        image_processor = LlavaNextImageProcessorPil(
-            image_grid_pinpoints=[[int(h), int(w)] for h, w in pinpoints], **common
-        )
-        return LlavaNextProcessor(image_processor, tokenizer, **kwargs)
-
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        patch = _positive_int(image_cfg, "patch_size", 14)
-        merge = _positive_int(image_cfg, "merge_size", 2)
-        temporal = _positive_int(image_cfg, "temporal_patch_size", 2)
-        min_pixels = _positive_int(image_cfg, "min_pixels", 56 * 56)
-        max_pixels = _positive_int(image_cfg, "max_pixels", 28 * 28 * 1280)
-        if min_pixels > max_pixels:
-            raise ValueError(f"image_cfg min_pixels={min_pixels} > max_pixels={max_pixels}")
-        image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            patch_size=patch,
-            merge_size=merge,
-            temporal_patch_size=temporal,
-            **norm,
-        )
-        cls = OfflineQwen2VLProcessor if family == "qwen2_vl" else OfflineQwen2_5_VLProcessor
-        return cls(image_processor, tokenizer, None, chat_template=template)
-
-    # internvl
-    size = _positive_int(image_cfg, "image_size", 448)
-    patch = _positive_int(image_cfg, "patch_size", 14)
-    ratio = float(image_cfg.get("downsample_ratio", 0.5))
-    side = size / patch * ratio
-    if size % patch or side != int(side) or side <= 0:
-        raise ValueError(
-            f"image_cfg image_size={size}, patch_size={patch}, downsample_ratio={ratio}: "
-            "image_size / patch_size * downsample_ratio must be a positive integer"
-        )
-    min_patches = _positive_int(image_cfg, "min_patches", 1)
-    max_patches = _positive_int(image_cfg, "max_patches", 12)
-    if min_patches > max_patches:
-        raise ValueError(f"image_cfg min_patches={min_patches} > max_patches={max_patches}")
-    image_processor = GotOcr2ImageProcessorPil(
-        size={"height": size, "width": size},
-        crop_to_patches=bool(image_cfg.get("crop_to_patches", True)),
-        min_patches=min_patches,
-        max_patches=max_patches,
-        **norm,
-    )
-    return OfflineInternVLProcessor(
-        image_processor, tokenizer, None, image_seq_length=int(side) ** 2, chat_template=template
-    )
+    return fam.build_processor(build_tokenizer(family, vocab), dict(image_cfg))
 
 
 def load_processor(path: str | os.PathLike) -> ProcessorMixin:
@@ -455,15 +230,16 @@ def load_processor(path: str | os.PathLike) -> ProcessorMixin:
         path: the directory `processor.save_pretrained(path)` wrote.
 
     Raises:
-        ValueError: no processor config there, or a processor class not built by this module.
+        ValueError: no processor config there, or a processor class no family builds.
     """
+    from mc_core import families
+
     config = os.path.join(os.fspath(path), "processor_config.json")
     if not os.path.isfile(config):
         raise ValueError(f"{config}: no processor_config.json (not a saved processor)")
     with open(config, encoding="utf-8") as f:
         name = json.load(f).get("processor_class")
-    if name not in _PROCESSOR_CLASSES:
-        raise ValueError(
-            f"{config}: processor_class={name!r} is not one of {sorted(_PROCESSOR_CLASSES)}"
-        )
-    return _PROCESSOR_CLASSES[name].from_pretrained(os.fspath(path), local_files_only=True)
+    classes = {f.processor_class.__name__: f.processor_class for f in families.all_families()}
+    if name not in classes:
+        raise ValueError(f"{config}: processor_class={name!r} is not one of {sorted(classes)}")
+    return classes[name].from_pretrained(os.fspath(path), local_files_only=True)

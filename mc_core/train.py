@@ -1,21 +1,23 @@
-"""Training the MetaCompress generator against the frozen LVLM (paper-spec.md recipe).
+"""Training a compressor against the frozen LVLM (the MetaCompress recipe).
 
-Loss per batch of gold 3-turn dialogues (teacher forcing, one pass per dialogue):
+Loss per batch of gold 3-turn dialogues (teacher forcing, one pass per dialogue), computed by
+``mc_core.losses.total_loss``:
 
     KL(p_full || p_comp) over every answer token of every turn
       + lambda_ent * mean row entropy of P + lambda_col * max column sum of P
 
-The teacher is the same frozen LVLM with all visual tokens. Teacher and student answer
-positions are aligned from the end of each sequence (they differ by n - m visual tokens).
+The distillation target is the same frozen LVLM with all visual tokens. Its answer positions
+and the compressed model's are aligned from the end of each sequence
+(``mc_core.losses.align_from_end``: they differ by n - m visual tokens).
 
 Everything the frozen model contributes is fixed while it is frozen, so it is computed once per
-dialogue and kept in a `TeacherCache`: the projector output `X` per image, its token contexts
-(positions / grid), the text-side inputs, and the teacher's answer-position log-probs
+dialogue and kept in a `TargetCache`: the projector output `X` per image, its token contexts
+(positions / grid), the text-side inputs, and the full model's answer-position log-probs
 (`logits_to_keep` selects only those rows of the LM head). Each step then runs only the
-generator and the student forward. The cache does not depend on the rate: build it once
-(`build_teacher_cache`) and pass it to `train` for every rate of an architecture.
+compressor and the compressed forward. The cache does not depend on the rate: build it once
+(`build_target_cache`) and pass it to `train` for every rate of an architecture.
 
-Training state (generator weights, optimizer, step, RNG) is checkpointed atomically every
+Training state (compressor weights, optimizer, step, RNG) is checkpointed atomically every
 `checkpoint_every` steps into `out_dir`; calling `train` again with the same arguments resumes
 from it, and the batch order is a pure function of (seed, epoch), so a resumed run ends
 bit-identical to an uninterrupted one.
@@ -28,7 +30,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,151 +37,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mc_core.adapters import for_model
 from mc_core.compressors import Compressor, TokenContext, build
+from mc_core.config import TrainConfig
 from mc_core.conversation import reset_state, token_dim
 from mc_core.dialogue import collate, encode_dialogue, to_device
-from mc_core.losses import answer_kl, collapse, row_entropy
+from mc_core.io import staged_dir, staged_file, write_json
+from mc_core.losses import align_from_end, total_loss
+from mc_core.progress import progress as progress_bar
 
 __all__ = [
     "CacheEntry",
-    "TeacherCache",
+    "TargetCache",
     "TrainConfig",
-    "build_teacher_cache",
-    "load_teacher_cache",
+    "build_target_cache",
+    "load_target_cache",
     "prepare_model",
     "resolve_device",
-    "save_teacher_cache",
+    "save_target_cache",
     "student_logits",
+    "target_cache_info",
     "train",
 ]
 
 Callback = Callable[[int, dict[str, float]], None]
 _STATE_JSON = "train_state.json"
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a training run (defaults: the paper's recipe).
-
-    Measured on the trained tiny-llava teacher (rate 0.9, 300 training / 60 held-out synthetic
-    dialogues): with the paper's lr 1e-3 and norm clip 1e-2 a few hundred steps leave the
-    generator at its init (KL unchanged, acc_avg 0.29, below sample 0.32 / pool 0.34); with
-    lambda_ent = lambda_col = 1 the regularisers dominate a KL of ~2 nats and drive P one-hot.
-    lr 0.02, momentum 0.9, grad_clip 1.0, lambdas 0.01, 10 epochs gave acc_avg 0.45 and
-    held-out KL 1.22 (pool 1.58). Tune these per world; the defaults stay the paper's.
-
-    Attributes:
-        method: the trainable compressor to train (registry name).
-        lr: SGD learning rate.
-        momentum: SGD momentum (the paper says plain SGD: 0).
-        grad_clip: gradient clipping threshold (None: no clipping; the paper clips at 1e-2, and
-            the collapse term diverges without it).
-        clip_mode: "norm" (total gradient norm) or "value" (each element).
-        epochs: passes over the dataset.
-        batch_size: dialogues per step.
-        lambda_ent, lambda_col: weights of the row-entropy and collapse terms.
-        d_c: generator projection width.
-        checkpoint_every: steps between training-state checkpoints (the last step always
-            saves).
-        seed: generator init and batch order.
-        device: "auto" (cuda with a bf16 model when available, else cpu), "cpu" or "cuda".
-        max_steps: stop after this many steps in total (caps `epochs`).
-        log_every: steps between callback calls (the last step is always reported).
-        explode_factor: the run stops when the loss exceeds this multiple of the first loss.
-        cache_teacher: reuse the teacher cache across steps (False recomputes the frozen
-            model's outputs every step; kept for the throughput benchmark).
-        teacher_batch: dialogues per teacher forward when building the cache.
-        progress: show a tqdm bar.
-    """
-
-    method: str = "metacompress"
-    lr: float = 1e-3
-    momentum: float = 0.0
-    grad_clip: float | None = 1e-2
-    clip_mode: str = "norm"
-    epochs: int = 2
-    batch_size: int = 36
-    lambda_ent: float = 1.0
-    lambda_col: float = 1.0
-    d_c: int = 64
-    checkpoint_every: int = 50
-    seed: int = 0
-    device: str = "auto"
-    max_steps: int | None = None
-    log_every: int = 10
-    explode_factor: float = 100.0
-    cache_teacher: bool = True
-    teacher_batch: int = 16
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
-
-        for name in ("lr", "explode_factor"):
-            v = getattr(self, name)
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, int | float)
-                or not math.isfinite(v)
-                or v <= 0
-            ):
-                raise bad(name, "expected a finite number > 0")
-        for name in ("lambda_ent", "lambda_col"):
-            v = getattr(self, name)
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, int | float)
-                or not math.isfinite(v)
-                or v < 0
-            ):
-                raise bad(name, "expected a finite number >= 0")
-        if not (0 <= self.momentum < 1):
-            raise bad("momentum", "expected 0 <= momentum < 1")
-        if self.grad_clip is not None and not (
-            math.isfinite(self.grad_clip) and self.grad_clip > 0
-        ):
-            raise bad("grad_clip", "expected None or a finite number > 0")
-        if self.clip_mode not in ("norm", "value"):
-            raise bad("clip_mode", "expected 'norm' or 'value'")
-        for name in (
-            "epochs",
-            "batch_size",
-            "d_c",
-            "checkpoint_every",
-            "log_every",
-            "teacher_batch",
-        ):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(name, "expected a positive int")
-        if self.max_steps is not None and (
-            isinstance(self.max_steps, bool)
-            or not isinstance(self.max_steps, int)
-            or self.max_steps < 1
-        ):
-            raise bad("max_steps", "expected None or a positive int")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise bad("device", "expected 'auto', 'cpu' or 'cuda[:i]'")
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The fields a resumed run must share with the run that wrote the checkpoint."""
-        skip = {
-            "max_steps",
-            "epochs",
-            "progress",
-            "device",
-            "log_every",
-            "checkpoint_every",
-            "teacher_batch",
-            "cache_teacher",
-        }
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +96,7 @@ def prepare_model(model, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------
-# The teacher cache
+# The target cache
 
 
 @dataclass
@@ -223,21 +108,22 @@ class CacheEntry:
             per image); pixel tensors are zero-memory stubs of their shape.
         tokens: projector output per image, `[n_i, d]`.
         contexts: `TokenContext` per image.
-        positions: teacher logit positions of the answer tokens, `[T]`.
-        teacher: the teacher's log-probs at those positions, `[T, V]` (float32).
-        length: teacher sequence length.
+        positions: positions of the answer tokens in the full sequence, `[T]`.
+        target: the full model's log-probs at those positions, `[T, V]` (float32): the
+            distillation target.
+        length: full sequence length.
     """
 
     base: dict[str, Any]
     tokens: list[Tensor]
     contexts: list[TokenContext]
     positions: Tensor
-    teacher: Tensor
+    target: Tensor
     length: int
 
 
 @dataclass
-class TeacherCache:
+class TargetCache:
     """Per-dialogue frozen-model outputs, in dataset order; independent of the rate."""
 
     entries: list[CacheEntry] = field(default_factory=list)
@@ -274,8 +160,8 @@ def _pad_id(processor) -> int:
 
 
 @torch.no_grad()
-def _teacher_entries(model, processor, adapter, rows, needs, device, where) -> list[CacheEntry]:
-    """Encode rows, run the vision tower once, the teacher once (batched), return entries."""
+def _target_entries(model, processor, adapter, rows, needs, device, where) -> list[CacheEntry]:
+    """Encode rows, run the vision tower once, the full model once (batched), return entries."""
     encoded = _encode_rows(processor, adapter, rows, where)
     entries: list[CacheEntry] = []
     full_rows = []
@@ -291,7 +177,7 @@ def _teacher_entries(model, processor, adapter, rows, needs, device, where) -> l
                 tokens=[t.detach().cpu() for t in tokens],
                 contexts=[_ctx_to(c, "cpu") for c in contexts],
                 positions=positions,
-                teacher=torch.empty(0),
+                target=torch.empty(0),
                 length=int(inputs["input_ids"].shape[1]),
             )
         )
@@ -305,7 +191,7 @@ def _teacher_entries(model, processor, adapter, rows, needs, device, where) -> l
     logits = model(**batch, logits_to_keep=mask.to(device)).logits  # (sum T, V)
     logp = logits.float().log_softmax(-1).cpu()
     for e, part in zip(entries, logp.split([len(e.positions) for e in entries]), strict=True):
-        e.teacher = part.clone()
+        e.target = part.clone()
     return entries
 
 
@@ -333,10 +219,12 @@ def _ctx_to(ctx: TokenContext, device) -> TokenContext:
 
 
 def _rows(dataset, indices: Iterable[int]) -> list[dict[str, Any]]:
-    return [dataset[int(i)] for i in indices]
+    from mc_core.data.schema import row
+
+    return [row(dataset, i) for i in indices]
 
 
-def build_teacher_cache(
+def build_target_cache(
     model,
     processor,
     dataset,
@@ -346,7 +234,7 @@ def build_teacher_cache(
     batch_size: int = 16,
     device: str | torch.device = "auto",
     progress: bool = True,
-) -> TeacherCache:
+) -> TargetCache:
     """Run the frozen model once over every dialogue of `dataset`.
 
     Args:
@@ -355,9 +243,9 @@ def build_teacher_cache(
         dataset: rows of the dialogue schema (`image`, `questions`, `answers`, ...).
         needs: extra token-context fields the compressor needs (`Compressor.needs`).
         adapter: the family adapter (default `for_model(model)`).
-        batch_size: dialogues per teacher forward.
+        batch_size: dialogues per full-model forward.
         device: see `TrainConfig.device`.
-        progress: tqdm bar.
+        progress: progress bar (a tqdm bar on a terminal, log lines elsewhere).
 
     Returns:
         The cache, in dataset order.
@@ -369,11 +257,11 @@ def build_teacher_cache(
     if n == 0:
         raise ValueError("dataset is empty: nothing to train on")
     t0 = time.perf_counter()
-    cache = TeacherCache(needs=frozenset(needs))
-    bar = tqdm(total=n, desc="teacher cache", disable=not progress, leave=False)
+    cache = TargetCache(needs=frozenset(needs))
+    bar = progress_bar(total=n, desc="target cache", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
         idx = range(start, min(n, start + batch_size))
-        cache.entries += _teacher_entries(
+        cache.entries += _target_entries(
             model,
             processor,
             adapter,
@@ -388,10 +276,14 @@ def build_teacher_cache(
     return cache
 
 
-def save_teacher_cache(cache: TeacherCache, path: str | os.PathLike) -> None:
-    """Write the cache as safetensors + JSON into the directory `path` (atomically)."""
+def save_target_cache(cache: TargetCache, path: str | os.PathLike, *,
+                      info: dict[str, Any] | None = None) -> None:
+    """Write the cache as safetensors + JSON into the directory `path` (atomically).
+
+    `info` (JSON) is stored in `cache.json` as what the cache was built from, so a reader can
+    refuse a cache of other inputs (`target_cache_info`).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     meta: list[dict[str, Any]] = []
     for i, e in enumerate(cache.entries):
@@ -419,30 +311,30 @@ def save_teacher_cache(cache: TeacherCache, path: str | os.PathLike) -> None:
                     cm["t"].append(f.name)
             m["ctx"].append(cm)
         tensors[f"{i}.pos"] = e.positions.contiguous()
-        tensors[f"{i}.teacher"] = e.teacher.contiguous()
+        tensors[f"{i}.target"] = e.target.contiguous()
         meta.append(m)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-    save_file(tensors, str(tmp / "cache.safetensors"))
-    (tmp / "cache.json").write_text(json.dumps({"needs": sorted(cache.needs), "entries": meta}))
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, path)
+    with staged_dir(path) as tmp:
+        save_file(tensors, str(tmp / "cache.safetensors"))
+        write_json(tmp / "cache.json", {"needs": sorted(cache.needs), "info": info or {},
+                                        "entries": meta}, indent=None)
 
 
-def load_teacher_cache(path: str | os.PathLike) -> TeacherCache:
-    """Read a cache written by `save_teacher_cache` (no unpickling)."""
+def target_cache_info(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The `info` a cache at `path` was saved with ({} before it was recorded); None: no cache."""
+    f = Path(path) / "cache.json"
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text()).get("info", {})
+
+
+def load_target_cache(path: str | os.PathLike) -> TargetCache:
+    """Read a cache written by `save_target_cache` (no unpickling)."""
     path = Path(path)
     if not (path / "cache.json").is_file():
-        raise ValueError(f"{path}: no cache.json (not a teacher cache)")
+        raise ValueError(f"{path}: no cache.json (not a target cache)")
     info = json.loads((path / "cache.json").read_text())
     tensors = load_file(str(path / "cache.safetensors"))
-    cache = TeacherCache(needs=frozenset(info["needs"]))
+    cache = TargetCache(needs=frozenset(info["needs"]))
     for i, m in enumerate(info["entries"]):
         contexts = []
         for j, cm in enumerate(m["ctx"]):
@@ -457,7 +349,7 @@ def load_teacher_cache(path: str | os.PathLike) -> TeacherCache:
                 tokens=[tensors[f"{i}.tok.{j}"] for j in range(m["n_images"])],
                 contexts=contexts,
                 positions=tensors[f"{i}.pos"],
-                teacher=tensors[f"{i}.teacher"],
+                target=tensors[f"{i}.target"],
                 length=m["length"],
             )
         )
@@ -473,8 +365,8 @@ def student_logits(
 ) -> tuple[Tensor, list[Tensor]]:
     """Compressed forward over cached dialogues: answer logits `[sum T, V]` and every P.
 
-    The student's answer positions are the teacher's shifted by the visual tokens removed
-    before them (sequences aligned from the end).
+    The compressed answer positions are the full ones shifted by the visual tokens removed
+    before them (`losses.align_from_end`).
     """
     rows, ps = [], []
     dtype = next(model.parameters()).dtype
@@ -488,21 +380,13 @@ def student_logits(
     batch, _ = collate(rows, pad_token_id=pad_token_id, side="right")
     mask = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
     for i, (e, r) in enumerate(zip(entries, rows, strict=True)):
-        shift = e.length - int(r["input_ids"].shape[1])
-        mask[i, e.positions - shift] = True
+        mask[i, align_from_end(e.positions, e.length, r["input_ids"].shape[1])] = True
     logits = model(**batch, logits_to_keep=mask.to(device)).logits  # (sum T, V)
     return logits, ps
 
 
 # ---------------------------------------------------------------------------------------------
 # Checkpointing
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _save_state(out_dir: Path, compressor, opt, step: int, info: dict[str, Any]) -> None:
@@ -517,28 +401,28 @@ def _save_state(out_dir: Path, compressor, opt, step: int, info: dict[str, Any])
             tensors[f"opt.momentum.{i}"] = buf.detach().cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
     name = f"state-{step:08d}.safetensors"
-    fd, tmp = tempfile.mkstemp(prefix=name + ".tmp-", dir=out_dir)
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, out_dir / name)
+    with staged_file(out_dir / name) as tmp:
+        save_file(tensors, str(tmp))
     # The JSON is the commit point: it names the tensor file of the last complete checkpoint.
-    _atomic_write_text(
-        out_dir / _STATE_JSON, json.dumps({**info, "step": step, "file": name}, indent=1)
-    )
+    write_json(out_dir / _STATE_JSON, {**info, "step": step, "file": name}, indent=1)
     for old in out_dir.glob("state-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
 
 
 def _load_state(out_dir: Path, compressor, opt, expect: dict[str, Any]) -> tuple[int, dict]:
-    info = json.loads((out_dir / _STATE_JSON).read_text())
+    try:
+        info = json.loads((out_dir / _STATE_JSON).read_text())
+        tensors = load_file(str(out_dir / info["file"]))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # by hand
+        raise ValueError(f"{out_dir}: unreadable training state ({type(err).__name__}: {err});"
+                         f" delete that folder to train from the start") from None
     for key, value in expect.items():
         if info.get(key) != value:
             raise ValueError(
                 f"{out_dir / _STATE_JSON}: checkpoint has {key}={info.get(key)!r}, this run "
                 f"{value!r}; resume with the same settings or use another out_dir"
             )
-    tensors = load_file(str(out_dir / info["file"]))
     compressor.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("gen.")})
     for i, p in enumerate(compressor.parameters()):
         buf = tensors.get(f"opt.momentum.{i}")
@@ -566,13 +450,13 @@ def train(
     rate: float,
     out_dir: str | os.PathLike | None = None,
     callbacks: Sequence[Callback] | None = None,
-    cache: TeacherCache | None = None,
+    cache: TargetCache | None = None,
     adapter=None,
 ) -> Compressor:
     """Train a compressor for `rate` on `dataset` against the frozen `model`.
 
     Args:
-        cfg: the run's settings.
+        cfg: the run's settings (`cfg.method` and `cfg.compressor_kwargs` choose the method).
         model: the LVLM; frozen (`eval`, `requires_grad_(False)`) and moved to the device.
         processor: its processor.
         dataset: dialogue rows (schema of `mc_core.data.schema`).
@@ -581,8 +465,8 @@ def train(
             None: no checkpoints.
         callbacks: called as `cb(step, metrics)` every `cfg.log_every` steps and at the end;
             `metrics` holds loss, kl, entropy, collapse, grad_norm, epoch, samples_per_s.
-        cache: a `TeacherCache` of this model on `dataset` (built here when None and
-            `cfg.cache_teacher`).
+        cache: a `TargetCache` of this model on `dataset` (built here when None and
+            `cfg.cache_targets`).
         adapter: the family adapter (default `for_model(model)`).
 
     Returns:
@@ -593,124 +477,138 @@ def train(
             `out_dir` written with other settings.
         RuntimeError: the loss or gradient became NaN/inf, or the loss exploded.
     """
-    device = resolve_device(cfg.device)
-    prepare_model(model, device)
-    adapter = adapter if adapter is not None else for_model(model)
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("dataset is empty: nothing to train on")
-    dim = token_dim(model)
-    torch.manual_seed(cfg.seed)
-    compressor = build(cfg.method, rate=rate, dim=dim, d_c=cfg.d_c, seed=cfg.seed)
-    if not compressor.trainable:
-        raise ValueError(f"TrainConfig.method={cfg.method!r} has no trainable parameters")
-    compressor = compressor.float().to(device).train()
-    params = [p for p in compressor.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-    pad_id = _pad_id(processor)
-
-    if cache is None and cfg.cache_teacher:
-        cache = build_teacher_cache(
-            model,
-            processor,
-            dataset,
-            needs=compressor.needs,
-            adapter=adapter,
-            batch_size=cfg.teacher_batch,
-            device=device,
-            progress=cfg.progress,
-        )
-    if cache is not None and len(cache) != n:
-        raise ValueError(f"teacher cache has {len(cache)} dialogues, dataset has {n}")
-    missing = set(compressor.needs) - set(cache.needs) if cache is not None else set()
-    if missing:
-        raise ValueError(
-            f"teacher cache lacks context fields {sorted(missing)} that {cfg.method} needs"
-        )
-
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    info = {"config": cfg.fingerprint(), "rate": float(rate), "dataset_size": n}
+    run = _Run.start(cfg, model, processor, dataset, rate=rate, cache=cache, adapter=adapter)
+    info = {"config": cfg.fingerprint(), "rate": float(rate), "dataset_size": run.n}
     step, first_loss = 0, None
     state_dir = Path(out_dir) if out_dir is not None else None
     if state_dir is not None and (state_dir / _STATE_JSON).is_file():
-        step, saved = _load_state(state_dir, compressor, opt, info)
+        step, saved = _load_state(state_dir, run.compressor, run.opt, info)
         first_loss = saved.get("first_loss")
     callbacks = list(callbacks or [])
-    bar = tqdm(total=total, initial=step, desc=f"train r={rate}", disable=not cfg.progress)
+    bar = progress_bar(
+        total=run.total, initial=step, desc=f"train r={rate}", disable=not cfg.progress
+    )
     t_start, samples = time.perf_counter(), 0
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        idx = _order(n, cfg.seed, epoch)[k * cfg.batch_size : (k + 1) * cfg.batch_size].tolist()
-        if cache is not None:
-            entries = [cache.entries[i] for i in idx]
-        else:
-            entries = _teacher_entries(
-                model,
-                processor,
-                adapter,
-                _rows(dataset, idx),
-                compressor.needs,
-                device,
-                f"dataset rows {idx[:4]}",
-            )
-        logits, ps = student_logits(
-            model, adapter, compressor, entries, pad_token_id=pad_id, device=device
-        )
-        teacher = torch.cat([e.teacher for e in entries]).to(device)
-        kl = answer_kl(teacher, logits.float())
-        ent = row_entropy(ps)
-        col = collapse(ps)
-        loss = kl + cfg.lambda_ent * ent + cfg.lambda_col * col
-        value = float(loss.detach())
-        _check_loss(value, first_loss, step, cfg)
-        if first_loss is None:
-            first_loss = value
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = _clip(params, cfg)
-        if not math.isfinite(grad_norm):
-            raise RuntimeError(
-                f"gradient norm became {grad_norm} at step {step + 1} (loss {value:.4g}): lower "
-                f"TrainConfig.lr (now {cfg.lr}) and keep gradient clipping on (grad_clip, now "
-                f"{cfg.grad_clip})"
-            )
-        opt.step()
+    while step < run.total:
+        epoch, k = divmod(step, run.steps_per_epoch)
+        idx = _order(run.n, cfg.seed, epoch)[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+        metrics = run.step(idx.tolist(), step, first_loss)
+        first_loss = metrics["loss"] if first_loss is None else first_loss
         step += 1
         samples += len(idx)
         bar.update(1)
-        metrics = {
-            "loss": value,
-            "kl": float(kl.detach()),
-            "entropy": float(ent.detach()),
-            "collapse": float(col.detach()),
-            "grad_norm": grad_norm,
-            "epoch": float(epoch),
-            "samples_per_s": samples / max(time.perf_counter() - t_start, 1e-9),
-        }
-        bar.set_postfix(loss=f"{value:.4f}", kl=f"{metrics['kl']:.4f}")
-        if step % cfg.log_every == 0 or step == total:
+        metrics["epoch"] = float(epoch)
+        metrics["samples_per_s"] = samples / max(time.perf_counter() - t_start, 1e-9)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}")
+        if step % cfg.log_every == 0 or step == run.total:
             for cb in callbacks:
                 cb(step, metrics)
-        if state_dir is not None and (step % cfg.checkpoint_every == 0 or step == total):
-            _save_state(state_dir, compressor, opt, step, {**info, "first_loss": first_loss})
+        if state_dir is not None and (step % cfg.checkpoint_every == 0 or step == run.total):
+            _save_state(state_dir, run.compressor, run.opt, step,
+                        {**info, "first_loss": first_loss})
     bar.close()
-    return compressor.eval()
+    return run.compressor.eval()
+
+
+@dataclass
+class _Run:
+    """What one training run holds between steps: the frozen model, compressor, optimizer."""
+
+    cfg: TrainConfig
+    model: Any
+    processor: Any
+    dataset: Any
+    adapter: Any
+    compressor: Compressor
+    opt: torch.optim.Optimizer
+    params: list[Tensor]
+    cache: TargetCache | None
+    device: torch.device
+    pad_id: int
+    n: int
+    steps_per_epoch: int
+    total: int
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, model, processor, dataset, *, rate: float,
+              cache: TargetCache | None, adapter) -> _Run:
+        """Freeze the model, build the compressor and optimizer, check or build the cache."""
+        device = resolve_device(cfg.device)
+        prepare_model(model, device)
+        adapter = adapter if adapter is not None else for_model(model)
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("dataset is empty: nothing to train on")
+        torch.manual_seed(cfg.seed)
+        compressor = build(cfg.method, rate=rate, dim=token_dim(model), **cfg.build_kwargs())
+        if not compressor.trainable:
+            raise ValueError(f"train.method={cfg.method!r} has no trainable parameters")
+        compressor = compressor.float().to(device).train()
+        params = [p for p in compressor.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+        if cache is None and cfg.cache_targets:
+            cache = build_target_cache(model, processor, dataset, needs=compressor.needs,
+                                       adapter=adapter, batch_size=cfg.target_batch,
+                                       device=device, progress=cfg.progress)
+        _check_cache(cache, n, compressor.needs, cfg.method)
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        total = cfg.epochs * steps_per_epoch
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        return cls(cfg, model, processor, dataset, adapter, compressor, opt, params, cache,
+                   device, _pad_id(processor), n, steps_per_epoch, total)
+
+    def entries(self, idx: list[int]) -> list[CacheEntry]:
+        """The batch's cached entries, or freshly computed ones when caching is off."""
+        if self.cache is not None:
+            return [self.cache.entries[i] for i in idx]
+        return _target_entries(self.model, self.processor, self.adapter, _rows(self.dataset, idx),
+                               self.compressor.needs, self.device, f"dataset rows {idx[:4]}")
+
+    def step(self, idx: list[int], step: int, first_loss: float | None) -> dict[str, float]:
+        """One SGD step on the dialogues ``idx``; returns the step's metrics."""
+        cfg = self.cfg
+        entries = self.entries(idx)
+        logits, ps = student_logits(self.model, self.adapter, self.compressor, entries,
+                                    pad_token_id=self.pad_id, device=self.device)
+        target = torch.cat([e.target for e in entries]).to(self.device)
+        loss, parts = total_loss(target, logits.float(), ps, lambda_ent=cfg.lambda_ent,
+                                 lambda_col=cfg.lambda_col)
+        _check_loss(parts["loss"], first_loss, step, cfg)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = _clip(self.params, cfg)
+        if not math.isfinite(grad_norm):
+            raise RuntimeError(
+                f"gradient norm became {grad_norm} at step {step + 1} (loss {parts['loss']:.4g}):"
+                f" lower train.lr (now {cfg.lr}) and keep gradient clipping on (grad_clip, now "
+                f"{cfg.grad_clip})"
+            )
+        self.opt.step()
+        return {**parts, "grad_norm": grad_norm}
+
+
+def _check_cache(cache: TargetCache | None, n: int, needs: frozenset[str], method: str) -> None:
+    if cache is None:
+        return
+    if len(cache) != n:
+        raise ValueError(f"target cache has {len(cache)} dialogues, dataset has {n}")
+    missing = set(needs) - set(cache.needs)
+    if missing:
+        raise ValueError(f"target cache lacks context fields {sorted(missing)} that {method} needs")
 
 
 def _check_loss(value: float, first: float | None, step: int, cfg: TrainConfig) -> None:
     if not math.isfinite(value):
         raise RuntimeError(
-            f"loss became {value} at step {step + 1}: lower TrainConfig.lr (now {cfg.lr}) and keep "
+            f"loss became {value} at step {step + 1}: lower train.lr (now {cfg.lr}) and keep "
             f"gradient clipping on (grad_clip, now {cfg.grad_clip}); the collapse term diverges "
             "without clipping"
         )
     if first is not None and value > cfg.explode_factor * max(first, 1e-6):
         raise RuntimeError(
             f"loss exploded at step {step + 1}: {value:.4g} > {cfg.explode_factor} x the first "
-            f"loss {first:.4g}; lower TrainConfig.lr (now {cfg.lr}) or tighten grad_clip (now "
+            f"loss {first:.4g}; lower train.lr (now {cfg.lr}) or tighten grad_clip (now "
             f"{cfg.grad_clip})"
         )
 

@@ -1,5 +1,8 @@
 """Helpers shared by the stage entry points: params access, cell paths, atomic outputs.
 
+Outputs are published through ``mc_core.io`` (re-exported here: ``write_json``, ``write_text``,
+``staged_dir``; ``write_csv`` on top of ``staged_file``).
+
 Every stage runs from the DVC workspace root (the checkout, or ``runs/<profile>/``), so the paths
 here are relative to the working directory, exactly as ``dvc.yaml`` declares them.
 """
@@ -7,24 +10,34 @@ here are relative to the working directory, exactly as ``dvc.yaml`` declares the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mc_core import config
+from mc_core.io import published, staged_dir, staged_file, write_json, write_text
+from mc_core.progress import format_duration, quiet_library_bars
+from tasks import params
+from tasks.params import cell_key, format_rate
+
+__all__ = ["DATA_TEST", "DATA_TRAIN", "DATA_VAL", "PARAMS_ENV", "THREADS_ENV", "TRACEBACK_ENV",
+           "base_dir", "cell_args", "cell_file", "cell_key", "compressor_dir", "flat",
+           "format_rate", "load_params", "seeds_dir", "staged_dir", "stage", "state_dir",
+           "write_csv", "write_json", "write_text"]
 
 PARAMS_ENV = "MC_PARAMS"  # another params file for a one-off run (default: params.yaml)
 # Torch threads per stage process. One thread by default: on 2 shared cores, two threads ran a
 # tiny conversation ~90x slower than one when the other core was busy (measured), and the
 # flow may run two cells at once. Raise it on a machine with cores to spare.
 THREADS_ENV = "MC_TORCH_THREADS"
+TRACEBACK_ENV = "MC_TRACEBACK"  # set: a stage's ValueError / OSError shows its traceback too
 DATA_TRAIN = Path("data/train")
 DATA_TEST = Path("data/test")
+DATA_VAL = Path("data/val")  # optional (params data.val): tuning and the registry's gate
 
 
 def base_dir(arch: str) -> Path:
@@ -34,20 +47,26 @@ def base_dir(arch: str) -> Path:
 
 def compressor_dir(arch: str, rate: float) -> Path:
     """``models/compressors/<arch>-r<rate>``: the trained compressor (``train@`` out)."""
-    return Path("models/compressors") / f"{arch}-r{config.format_rate(rate)}"
+    return Path("models/compressors") / f"{arch}-r{format_rate(rate)}"
+
+
+def seeds_dir(arch: str, rate: float) -> Path:
+    """``models/compressors/<arch>-r<rate>-seeds``: one ``seed-<k>/`` checkpoint per extra seed
+    (``train.seeds`` > 1; empty otherwise). Not registered: they measure the seed spread."""
+    return Path("models/compressors") / f"{arch}-r{format_rate(rate)}-seeds"
 
 
 def cell_file(kind: str, arch: str, rate: float, suffix: str = ".json") -> Path:
     """``reports/<kind>/<arch>-<rate><suffix>`` (train metrics, curves, eval, registry)."""
-    return Path("reports") / kind / f"{config.cell_key(arch, rate)}{suffix}"
+    return Path("reports") / kind / f"{cell_key(arch, rate)}{suffix}"
 
 
 def state_dir(arch: str, rate: float) -> Path:
     """Resumable training state, outside the DVC out (DVC deletes outs before a stage runs)."""
-    return Path("cache/train-state") / config.cell_key(arch, rate)
+    return Path("cache/train-state") / cell_key(arch, rate)
 
 
-def load_params(sections: Sequence[str], who: str) -> config.SectionView:
+def load_params(sections: Sequence[str], who: str) -> params.SectionView:
     """Validate all of params.yaml, then expose only the ``sections`` the stage declares.
 
     Also fixes the stage's torch thread count (``MC_TORCH_THREADS``, default 1).
@@ -55,9 +74,9 @@ def load_params(sections: Sequence[str], who: str) -> config.SectionView:
     import torch
 
     torch.set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
-    view = config.load(os.environ.get(PARAMS_ENV, config.DEFAULT_PATH), sections=sections,
+    view = params.load(os.environ.get(PARAMS_ENV, params.DEFAULT_PATH), sections=sections,
                        who=who)
-    assert isinstance(view, config.SectionView)
+    assert isinstance(view, params.SectionView)
     return view
 
 
@@ -67,64 +86,24 @@ def cell_args(description: str, argv: Sequence[str] | None = None) -> tuple[str,
     ap.add_argument("--arch", required=True)
     ap.add_argument("--rate", required=True, type=float)
     ns = ap.parse_args(argv)
+    known = params.known_archs()
+    if ns.arch not in known:  # also keeps cell paths inside the workspace (no "../", "/")
+        raise ValueError(f"--arch={ns.arch!r}: unknown arch; known: {', '.join(known)}")
     try:
-        config._check_rate(ns.rate)
+        params.check_rate(ns.rate)
     except ValueError as err:
         raise ValueError(f"--rate={ns.rate!r}: {err}") from None
     return ns.arch, ns.rate
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write text atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-    return path
-
-
 def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]],
               fields: Sequence[str]) -> Path:
     """Write rows as CSV atomically (missing fields empty)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as fh:
+    with staged_file(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
-    return path
-
-
-def fresh_dir(path: str | Path) -> Path:
-    """An empty temporary sibling of ``path`` to build an output folder in (see publish_dir)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-
-
-def publish_dir(tmp: Path, path: str | Path) -> Path:
-    """Replace ``path`` by the finished folder ``tmp`` (rename; the old one is removed first)."""
-    path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def flat(prefix: str, obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -137,3 +116,52 @@ def flat(prefix: str, obj: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def _cell_from_argv(argv: Sequence[str]) -> str | None:
+    """``<arch>-r<rate>`` (or the arch alone) from ``--arch A --rate R`` in ``argv``."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--arch")
+    ap.add_argument("--rate", type=float)
+    ns, _ = ap.parse_known_args(list(argv))
+    if ns.arch and ns.rate is not None:
+        return cell_key(ns.arch, ns.rate)
+    return ns.arch
+
+
+@contextlib.contextmanager
+def stage(name: str, argv: Sequence[str] | None = None) -> Iterator[None]:
+    """Start and end lines of a stage for its log: the cell, the elapsed time and the outputs
+    this process published (``mc_core.io.published``), or the error that ended it.
+
+        [stage train tiny-llava-0.9] start
+        [stage train tiny-llava-0.9] done in 3:12 -> models/compressors/tiny-llava-r0.9, ...
+    """
+    cell = _cell_from_argv(sys.argv[1:] if argv is None else argv)
+    label = f"[stage {name}{' ' + cell if cell else ''}]"
+    quiet_library_bars()  # a captured stage log gets no library bar frames
+    print(f"{label} start", flush=True)
+    before, t0 = len(published()), time.monotonic()
+    try:
+        yield
+    except SystemExit as err:
+        if err.code not in (0, None):
+            print(f"{label} failed after {format_duration(time.monotonic() - t0)}", flush=True)
+        raise
+    except (ValueError, OSError) as err:
+        took = format_duration(time.monotonic() - t0)
+        print(f"{label} failed after {took}: {type(err).__name__}", flush=True)
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        # Bad input (a params key, a dataset row, a file) and disk errors carry their own
+        # explanation, naming what and where: print that, not a traceback.
+        print(f"{label} error: {err}\n(set {TRACEBACK_ENV}=1 for the traceback)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except BaseException as err:
+        took = format_duration(time.monotonic() - t0)
+        print(f"{label} failed after {took}: {type(err).__name__}", flush=True)
+        raise
+    outs = list(dict.fromkeys(str(p) for p in published()[before:] if p.exists()))
+    took = format_duration(time.monotonic() - t0)
+    print(f"{label} done in {took} -> {', '.join(outs) if outs else 'no files'}", flush=True)

@@ -1,10 +1,16 @@
 """Stage ``evaluate@<arch>-<rate>``: every method of ``evaluate.methods`` at the cell's rate.
 
-Reads the base model, the cell's trained compressor and ``data/test``; writes
-``reports/eval/<arch>-<rate>.json`` (DESIGN.md metrics schema, a DVC metric) and
+Reads the base model, the cell's trained compressor, ``data/test`` and ``data/val``; writes
+``reports/eval/<arch>-<rate>.json`` (the metrics schema of docs/contracts.md, a DVC metric) and
 ``reports/tokens/<arch>-<rate>.png`` (for a few test images, where MetaCompress's P draws its
 tokens from beside what FastV keeps), and logs the metrics (``eval/<method>/<metric>``), the
 files and a per-turn accuracy plot to the cell's MLflow run.
+
+Beside ``methods`` (on data/test, each with ``acc_avg_ci``, and ``n_dialogues``) the report
+holds ``ceilings`` (``evaluate.ceilings``: selector, oracle, cls_overlap; mc_core/ceilings.py)
+and, when data/val holds a dataset, ``validation``: ``train.method``, ``evaluate.val_methods``
+and the registry's current champion (``champion``, with its ``version``) on data/val, which
+``tasks.register``'s gate reads. Nothing is chosen on data/test.
 
 Usage: ``python -m tasks.evaluate --arch tiny-llava --rate 0.9``
 """
@@ -14,9 +20,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from tasks import common, tracking
+from mc_core.io import staged_file
+from tasks import common, lineage, tracking
 
-PARAMS = ("evaluate", "tracking")
+PARAMS = ("evaluate", "register", "train", "tracking")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,15 +44,29 @@ def main(argv: list[str] | None = None) -> None:
     ev = p.evaluate
     metrics = meval.evaluate(
         model, processor, dataset, ev.methods, rate,
-        compressors={"metacompress": compressor}, history=ev.history,
+        compressors={p.train.method: compressor}, history=ev.history,
         max_dialogues=ev.max_dialogues, device=ev.device, batch_size=ev.batch_size,
         max_new_tokens=ev.max_new_tokens, arch=arch, dataset_name=dataset[0]["source"],
         seed=ev.seed, progress=ev.progress)
+    if ev.ceilings.enabled:
+        c = ev.ceilings
+        metrics["ceilings"] = meval.evaluate_ceilings(
+            model, processor, dataset, rate, oracle_dialogues=c.oracle_dialogues,
+            oracle_steps=c.oracle_steps, oracle_lr=c.oracle_lr, oracle_eps=c.oracle_eps,
+            history=ev.history, max_dialogues=ev.max_dialogues, device=ev.device,
+            batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, seed=ev.seed)
+    seeds = _seed_spread(p, arch, rate, model, processor, dataset, family,
+                         metrics["methods"][p.train.method]["acc_avg"])
+    if seeds:
+        metrics["methods"][p.train.method]["seeds"] = seeds
+    ckpt = lineage.checkpoint_hash(ckpt_dir)
+    if schema.is_saved_dataset(common.DATA_VAL):
+        metrics["validation"] = _validation(p, arch, rate, model, processor, compressor,
+                                            family, ckpt)
     out = meval.write_report(metrics, common.cell_file("eval", arch, rate))
     tokens_png = _token_maps(model, processor, dataset, compressor, rate, arch)
 
-    rate_s = common.config.format_rate(rate)
-    ckpt = tracking.checkpoint_hash(ckpt_dir)
+    rate_s = common.format_rate(rate)
     run_id = tracking.find_cell_run(p.tracking.experiment, arch, rate_s, ckpt_sha256=ckpt)
     if run_id is None:  # train stage restored from DVC's cache: record the cell anew
         run_id = tracking.start_cell_run(p.tracking.experiment, arch, rate_s,
@@ -54,12 +75,18 @@ def main(argv: list[str] | None = None) -> None:
         tracking.end_run(run_id)
     tracking.log_params(run_id, common.flat("evaluate", ev.model_dump()))
     flat = {}
-    for method, m in metrics["methods"].items():
-        for key, value in m.items():
-            if isinstance(value, list):
-                flat.update({f"eval/{method}/{key}_{i + 1}": v for i, v in enumerate(value)})
-            else:
-                flat[f"eval/{method}/{key}"] = value
+    sections = [("eval", metrics["methods"])]
+    sections += [("val", metrics["validation"]["methods"])] if "validation" in metrics else []
+    sections += [("ceiling", {k: v for k, v in metrics.get("ceilings", {}).items()
+                              if "acc_avg" in v})]
+    for prefix, methods in sections:
+        for method, m in methods.items():
+            for key, value in m.items():
+                if isinstance(value, list) and key != "indices":
+                    flat.update({f"{prefix}/{method}/{key}_{i + 1}": v
+                                 for i, v in enumerate(value)})
+                elif isinstance(value, int | float) and not isinstance(value, bool):
+                    flat[f"{prefix}/{method}/{key}"] = value
     tracking.log_metrics(run_id, flat)
     tracking.log_artifacts(run_id, out, "eval")
     tracking.log_artifacts(run_id, tokens_png, "plots")
@@ -69,27 +96,93 @@ def main(argv: list[str] | None = None) -> None:
         png = plots.accuracy_per_turn(metrics, Path(tmp) / f"turns-{arch}-{rate_s}.png")
         tracking.log_artifacts(run_id, png, "plots")
     tracking.set_tags(run_id, {"eval_dataset": metrics.get("dataset", "unknown")})
-    mc = metrics["methods"].get("metacompress", {})
-    print(f"evaluate: wrote {out} (metacompress acc_avg={mc.get('acc_avg')})", flush=True)
+    mc = metrics["methods"].get(p.train.method, {})
+    print(f"evaluate: wrote {out} ({p.train.method} acc_avg={mc.get('acc_avg')})", flush=True)
+
+
+def _validation(p, arch: str, rate: float, model, processor, compressor, family: str,
+                ckpt: str) -> dict:
+    """``train.method``, ``evaluate.val_methods`` and the current champion on data/val."""
+    from mc_core import evaluate as meval
+    from mc_core.data import schema
+
+    ev, method = p.evaluate, p.train.method
+    val = schema.load(common.DATA_VAL)
+    comps = {method: compressor}
+    champion = _champion(p.register.model_name(arch, rate, method), family, ckpt)
+    if champion is not None and champion["compressor"] is not None:
+        comps["champion"] = champion["compressor"]
+    names = [method, *[m for m in ev.val_methods if m != method], *(
+        ["champion"] if "champion" in comps else [])]
+    report = meval.evaluate(
+        model, processor, val, names, rate, compressors=comps, history=ev.history,
+        device=ev.device, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+        arch=arch, dataset_name=val[0]["source"], seed=ev.seed, progress=ev.progress)
+    out = {"dataset": report["dataset"], "n_dialogues": report["n_dialogues"],
+           "methods": report["methods"]}
+    if champion is not None:
+        entry = out["methods"].get("champion", {})
+        entry.update({"version": champion["version"],
+                      "same_checkpoint": champion["compressor"] is None})
+        out["methods"]["champion"] = entry
+    return out
+
+
+def _seed_spread(p, arch: str, rate: float, model, processor, dataset, family: str,
+                 first: float) -> dict | None:
+    """Test accuracy of the extra-seed compressors (``train.seeds`` > 1) beside the cell's:
+    ``{"seeds", "acc_avg", "mean", "sd"}``; None when the cell was trained with one seed."""
+    from mc_core import checkpoint
+    from mc_core import evaluate as meval
+    from mc_core.stats import mean_sd
+
+    folder = common.seeds_dir(arch, rate)
+    dirs = sorted(folder.glob("seed-*"), key=lambda d: int(d.name.split("-")[1])) \
+        if folder.is_dir() else []
+    if not dirs:
+        return None
+    ev = p.evaluate
+    comps = {d.name: checkpoint.load_compressor(d, expect={"family": family}) for d in dirs}
+    report = meval.evaluate(
+        model, processor, dataset, list(comps), rate, compressors=comps, history=ev.history,
+        max_dialogues=ev.max_dialogues, device=ev.device, batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens, seed=ev.seed, progress=ev.progress)
+    accs = [first] + [report["methods"][d.name]["acc_avg"] for d in dirs]
+    mean, sd = mean_sd(accs)
+    seeds = [p.train.for_cell(arch, rate).seed] + [int(d.name.split("-")[1]) for d in dirs]
+    return {"seeds": seeds, "acc_avg": accs, "mean": mean, "sd": sd}
+
+
+def _champion(name: str, family: str, ckpt: str) -> dict | None:
+    """The registry's current champion of this cell: ``{"version", "compressor"}`` (compressor
+    None when it is this very checkpoint), or None when the cell has no champion yet."""
+    held = tracking.current_champion(name)
+    if held is None:
+        return None
+    version = held[0]
+    if tracking.version_tags(name, version).get("ckpt_sha256") == ckpt:
+        return {"version": version, "compressor": None}
+    comp = tracking.load_compressor(f"models:/{name}/{version}", expect={"family": family})
+    return {"version": version, "compressor": comp}
 
 
 def _token_maps(model, processor, dataset, compressor, rate: float, arch: str) -> Path:
-    """The token-map figure of the first test images: P's column mass beside FastV's choice."""
+    """The token-map figure of the first test images: the trained P's column mass beside
+    FastV's choice."""
     from mc_core import evaluate as meval
     from mc_core import plots
     from mc_core.compressors import build
 
     fastv = build("fastv", rate=rate, dim=compressor.dim)
     maps = meval.token_maps(model, processor, dataset,
-                            {"metacompress": compressor, "fastv": fastv},
+                            {compressor.name: compressor, "fastv": fastv},
                             indices=range(min(3, len(dataset))))
     path = common.cell_file("tokens", arch, rate, ".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    plots.token_maps_figure(maps, tmp)
-    tmp.replace(path)  # atomic: no half-written figure at the declared out
+    with staged_file(path, suffix=".png") as tmp:  # no half-written figure at the declared out
+        plots.token_maps_figure(maps, tmp, left=compressor.name)
     return path
 
 
 if __name__ == "__main__":
-    main()
+    with common.stage("evaluate"):
+        main()

@@ -1,8 +1,10 @@
-"""Stage ``prepare``: the dialogue datasets ``data/train`` and ``data/test``.
+"""Stage ``prepare``: the dialogue datasets ``data/train``, ``data/val`` and ``data/test``.
 
 Each split is the embedded synthetic world (``mc_core.data.synthetic.generate``) or a real
 benchmark built from local files (MT-GQA: ``mc_core.data.gqa.build``; MT-VQA-v2:
-``mc_core.data.vqav2.build``), as ``params.yaml: data.<split>`` says. Writes the Arrow datasets
+``mc_core.data.vqav2.build``), as ``params.yaml: data.<split>`` says. ``data.val`` is where
+recipes are tuned and the registry's champion is chosen; without it ``data/val`` is an empty
+folder (DVC declares it) and the registry's gate is off. Writes the Arrow datasets
 (atomically, via ``mc_core.data.schema.save``) and ``reports/data.json`` (counts per split).
 
 Usage: ``python -m tasks.prepare``
@@ -10,19 +12,17 @@ Usage: ``python -m tasks.prepare``
 
 from __future__ import annotations
 
-from mc_core import config
-from tasks import common
+from tasks import common, params
 
 PARAMS = ("data", "world")
 
 
-def build_split(split: config.SplitParams, world: dict, *, where: str):
+def build_split(split: params.SplitParams, world, *, where: str):
     """The dataset of one split (validated against the dialogue schema by its builder)."""
     if split.source == "synthetic":
         from mc_core.data import synthetic
 
-        cfg = synthetic.WorldConfig.from_dict(world, where="world")
-        return synthetic.generate(split.dialogues, split.seed, cfg)
+        return synthetic.generate(split.dialogues, split.seed, world)  # a validated WorldConfig
     if split.source == "gqa":
         from mc_core.data import gqa
 
@@ -35,13 +35,19 @@ def build_split(split: config.SplitParams, world: dict, *, where: str):
 
 
 def main() -> None:
-    """Build both splits, save them, write the counts."""
+    """Build the splits, save them, write the counts."""
     from mc_core.data import schema
 
     p = common.load_params(PARAMS, who="tasks.prepare")
     counts = {}
-    for name, split, path in (("train", p.data.train, common.DATA_TRAIN),
-                              ("test", p.data.test, common.DATA_TEST)):
+    splits = [("train", p.data.train, common.DATA_TRAIN), ("val", p.data.val, common.DATA_VAL),
+              ("test", p.data.test, common.DATA_TEST)]
+    for name, split, path in splits:
+        if split is None:  # no validation split: an empty folder keeps the DVC out declared
+            with common.staged_dir(path):
+                pass
+            counts[name] = None
+            continue
         print(f"prepare: data/{name} <- {split.source} ({split.dialogues or 'all'} dialogues)",
               flush=True)
         ds = build_split(split, p.world, where=f"data.{name}")
@@ -52,4 +58,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with common.stage("prepare"):
+        main()

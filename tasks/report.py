@@ -17,58 +17,140 @@ import json
 import os
 from pathlib import Path
 
-from mc_core import config
-from tasks import common
+from tasks import common, params
 
 PARAMS = ("grid", "report")
 SUMMARY_MD = Path("reports/summary.md")
 PLOTS = Path("reports/plots")
 
 
-def collect(grid: config.GridParams) -> list[dict]:
+def collect(grid: params.GridParams) -> list[dict]:
     """One record per cell: its eval metrics and registry entry (error names a missing file)."""
     cells = []
     for arch, rate in grid.cells():
         ev = common.cell_file("eval", arch, rate)
         if not ev.is_file():
-            raise ValueError(f"{ev}: missing evaluation of cell {config.cell_key(arch, rate)} "
-                             f"(run `dvc repro evaluate@{config.cell_key(arch, rate)}`)")
+            raise ValueError(f"{ev}: missing evaluation of cell {params.cell_key(arch, rate)} "
+                             f"(run `dvc repro evaluate@{params.cell_key(arch, rate)}`)")
         reg = common.cell_file("registry", arch, rate)
         cells.append({"arch": arch, "rate": rate, "eval": json.loads(ev.read_text()),
                       "registry": json.loads(reg.read_text()) if reg.is_file() else None})
     return cells
 
 
+def _trained(methods: dict) -> str | None:
+    """The trainable method of an eval report (the one the cell's compressor is)."""
+    from mc_core.compressors import available, get_class
+
+    return next((m for m in methods if m in available() and get_class(m).trainable), None)
+
+
+def _heuristics(methods: dict) -> list[str]:
+    """The prompt-agnostic heuristics of an eval report (neither trained, nor the reference,
+    nor prompt-dependent like fastv)."""
+    from mc_core.compressors import available, get_class
+
+    return [m for m in methods if m in available() and m != "none"
+            and not get_class(m).trainable and not get_class(m).prompt_dependent]
+
+
+def _acc(entry: dict) -> str:
+    """``0.612 [0.57, 0.66]`` (95% bootstrap interval over dialogues when recorded)."""
+    if "acc_avg" not in entry:
+        return "-"
+    ci = entry.get("acc_avg_ci")
+    text = f"{entry['acc_avg']:.3f}"
+    seeds = entry.get("seeds")
+    if seeds:  # trained with several seeds: mean +- sd beside the first seed's interval
+        text = f"{seeds['mean']:.3f} ± {seeds['sd']:.3f} (n={len(seeds['acc_avg'])})"
+    return f"{text} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else text
+
+
+def verdict(ms: dict) -> str:
+    """The trained method against the best prompt-agnostic heuristic: ``win`` only where the
+    95% intervals separate, ``loss`` where they separate the other way, else ``tie``."""
+    from mc_core.stats import separated
+
+    mc, heur = _trained(ms), _heuristics(ms)
+    if mc is None or not heur:
+        return "-"
+    best = max(heur, key=lambda m: ms[m]["acc_avg"])
+    a, b = ms[mc].get("acc_avg_ci"), ms[best].get("acc_avg_ci")
+    if a is None or b is None:
+        return f"no CI (vs {best})"
+    if separated(a, b):
+        return f"win vs {best}"
+    if separated(b, a):
+        return f"loss vs {best}"
+    return f"tie vs {best} (CIs overlap)"
+
+
 def table(cells: list[dict], methods: list[str]) -> str:
-    """Markdown: one row per cell, average accuracy per method, metacompress's turns and KL."""
-    head = ["arch", "rate", "dataset", *methods, "mc turns 1/2/3", "mc KL", "registry"]
+    """Markdown: one row per cell, acc_avg [95% CI] per method, the trained method's turns, KL,
+    its verdict against the best heuristic, and the registry's gate."""
+    head = ["arch", "rate", "dialogues", *methods, "mc turns 1/2/3", "fastv turns 1/2/3",
+            "mc KL", "vs best heuristic", "registry"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
         ms = c["eval"]["methods"]
-        accs = [f"{ms[m]['acc_avg']:.3f}" if m in ms else "-" for m in methods]
-        mc = ms.get("metacompress", {})
+        accs = [_acc(ms[m]) if m in ms else "-" for m in methods]
+        mc = ms.get(_trained(ms) or "", {})
         turns = "/".join(f"{a:.2f}" for a in mc.get("acc_turn", []))
+        # FastV keeps turn 1's choice: its later turns show what prompt dependence costs.
+        fastv = "/".join(f"{a:.2f}" for a in ms.get("fastv", {}).get("acc_turn", [])) or "-"
         kl = f"{mc['kl_to_full']:.4f}" if "kl_to_full" in mc else "-"
         reg = c["registry"]
-        where = f"{reg['name']} v{reg['version']} (champion v{reg['champion']})" if reg else "-"
-        lines.append("| " + " | ".join([c["arch"], config.format_rate(c["rate"]),
-                                          str(c["eval"].get("dataset", "?")), *accs, turns, kl,
-                                          where]) + " |")
+        where = "-"
+        if reg:
+            where = f"{reg['name']} v{reg['version']} (champion v{reg['champion'] or '-'})"
+            if reg.get("gate"):
+                where += f": {reg['gate']['reason']}"
+        n = c["eval"].get("n_dialogues", c["eval"].get("dialogues", "?"))
+        lines.append("| " + " | ".join([c["arch"], params.format_rate(c["rate"]), str(n),
+                                          *accs, turns, fastv, kl, verdict(ms), where]) + " |")
     return "\n".join(lines) + "\n"
 
 
+def ceilings_table(cells: list[dict]) -> str:
+    """Markdown: per cell, the trained method beside the selector and oracle ceilings and the
+    [CLS] overlap of the oracle's tokens (the paper's Figure 1)."""
+    head = ["arch", "rate", "trained", "selector", "oracle (subsample)", "full on subsample",
+            "oracle top-m in top-m [CLS]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cells:
+        ce, ms = c["eval"].get("ceilings"), c["eval"]["methods"]
+        if not ce:
+            continue
+        sel, orc, cls = ce.get("selector", {}), ce.get("oracle", {}), ce.get("cls_overlap", {})
+        sel_s = _acc(sel) if "acc_avg" in sel else f"n/a ({sel.get('note', '-')})"
+        orc_s = (f"{_acc(orc)} (n={orc['dialogues']}, {orc['steps']} steps)"
+                 if "acc_avg" in orc else "-")
+        ref = orc.get("none_acc_avg")
+        cls_s = (f"{cls['share']:.2f} (chance {cls['chance']:.2f})" if "share" in cls
+                 else cls.get("note", "-"))
+        lines.append("| " + " | ".join([
+            c["arch"], params.format_rate(c["rate"]), _acc(ms.get(_trained(ms) or "", {})),
+            sel_s, orc_s, f"{ref:.3f}" if ref is not None else "-", cls_s]) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def plots(cells: list[dict], methods: list[str], dpi: int, out: Path) -> list[Path]:
-    """Accuracy vs. rate (all archs) and per-turn accuracy per cell (``mc_core.plots``)."""
+    """Accuracy vs. rate (all archs), the ceilings beside the trained method, and per-turn
+    accuracy per cell (``mc_core.plots``)."""
     from mc_core import plots as mplots
 
     reports = [c["eval"] for c in cells]
     written = [mplots.accuracy_vs_rate(reports, out / "acc-vs-rate.png",
                                        methods=[m for m in methods if m != mplots.REFERENCE],
                                        dpi=dpi)]
+    if any("acc_avg" in v for r in reports for v in r.get("ceilings", {}).values()):
+        trained = sorted({t for r in reports if (t := _trained(r["methods"]))})
+        written.append(mplots.ceilings_vs_rate(reports, out / "ceilings.png", methods=trained,
+                                               dpi=dpi))
     for c in cells:
         present = [m for m in methods if m in c["eval"]["methods"]]
         written.append(mplots.accuracy_per_turn(
-            c["eval"], out / f"turns-{config.cell_key(c['arch'], c['rate'])}.png",
+            c["eval"], out / f"turns-{params.cell_key(c['arch'], c['rate'])}.png",
             methods=present, dpi=dpi))
     return written
 
@@ -98,23 +180,35 @@ def main(argv: list[str] | None = None) -> None:
     p = common.load_params(PARAMS, who="tasks.report")
     cells = collect(p.grid)
     methods = list(p.report.methods)
-    md = "# MetaCompress summary\n\nAccuracy averaged over the 3 turns, per method.\n\n"
+    md = ("# MetaCompress summary\n\nAccuracy averaged over the 3 turns, per method, with its "
+          "95% bootstrap interval over dialogues [lo, hi]. A win is claimed only where the "
+          "intervals separate.\n\n")
     md += table(cells, methods)
+    ceil = ceilings_table(cells)
+    if ceil:
+        md += ("\n## Ceilings\n\nThe ground-truth object-centre selector (all test dialogues) "
+               "and the per-dialogue oracle P (a seeded subsample; its `full` reference on the "
+               "same dialogues beside it), and how many of the oracle's top-m tokens are among "
+               "the top-m [CLS]-attention tokens.\n\n" + ceil)
     common.write_text(SUMMARY_MD, md)
-    summary = {config.cell_key(c["arch"], c["rate"]): {
-        m: {"acc_avg": v["acc_avg"], "kl_to_full": v["kl_to_full"]}
-        for m, v in c["eval"]["methods"].items() if m in methods} for c in cells}
+    summary = {params.cell_key(c["arch"], c["rate"]): {
+        **{m: {k: v[k] for k in ("acc_avg", "acc_avg_ci", "kl_to_full") if k in v}
+           for m, v in c["eval"]["methods"].items() if m in methods},
+        **({"ceilings": {k: {f: v[f] for f in ("acc_avg", "acc_avg_ci", "share", "chance")
+                             if f in v} for k, v in c["eval"]["ceilings"].items()}}
+           if "ceilings" in c["eval"] else {}),
+        "verdict": verdict(c["eval"]["methods"])} for c in cells}
     common.write_json("reports/summary.json", summary)
-    rows = [{"cell": config.cell_key(c["arch"], c["rate"]), "method": m,
+    rows = [{"cell": params.cell_key(c["arch"], c["rate"]), "method": m,
              "acc_avg": c["eval"]["methods"][m]["acc_avg"]}
             for c in cells for m in methods if m in c["eval"]["methods"]]
     common.write_csv("reports/summary.csv", rows, ["cell", "method", "acc_avg"])
-    tmp = common.fresh_dir(PLOTS)
-    plots(cells, methods, p.report.dpi, tmp)
-    common.publish_dir(tmp, PLOTS)
+    with common.staged_dir(PLOTS) as tmp:
+        plots(cells, methods, p.report.dpi, tmp)
     print(f"report: wrote {SUMMARY_MD} and {PLOTS}/ ({len(cells)} cells); "
           "`python -m tasks.report --show` prints it", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    with common.stage("report"):
+        main()

@@ -1,5 +1,7 @@
 """MLflow access for the pipeline: the only module of the project that imports mlflow.
 
+Lineage (git sha, DVC hashes, checkpoint content hashes, file locks) is ``tasks/lineage.py``.
+
 Tracking URI: ``MLFLOW_TRACKING_URI`` when set (a shared server), else
 ``sqlite:///<root>/mlflow.db`` where ``<root>`` is the working directory (DVC runs every stage
 from the checkout). With a SQLite store, artifacts go to ``<db folder>/mlartifacts/<experiment>``
@@ -9,7 +11,8 @@ What is recorded:
 - one run per training cell (arch, rate), found again by its tags by the evaluate and register
   stages: params, per-step curves, metrics, plots, tags ``arch``, ``rate``, ``git_sha``,
   ``dvc.<out>`` (the DVC hash of each input the stage used), ``ckpt_sha256``;
-- one registered model per cell (``metacompress-<arch>-r<rate>``); a new version only when the
+- one registered model per cell (``register.name_template``, e.g.
+  ``metacompress-<arch>-r<rate>``); a new version only when the
   checkpoint's content hash is new; alias ``champion`` on the best version by evaluation.
 
 Loading needs no unpickling: a version's source is the plain checkpoint folder
@@ -22,20 +25,16 @@ before fanning cells out: concurrent first connections race in MLflow's migratio
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import re
-import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from tasks.lineage import checkpoint_hash, dvc_hashes, file_lock, git_sha
 
 ENV_URI = "MLFLOW_TRACKING_URI"
 CHAMPION = "champion"
@@ -62,18 +61,6 @@ def _lock_dir(uri: str) -> Path:
     return base / "mlartifacts" / ".locks"
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if needed); works across processes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def client(uri: str | None = None):
     """An ``MlflowClient`` on ``uri`` (default :func:`tracking_uri`), schema migrated first."""
     from mlflow import MlflowClient
@@ -93,9 +80,21 @@ def migrate(uri: str | None = None) -> str:
     db = _sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+    from mlflow.exceptions import MlflowException
+
     with file_lock(_lock_dir(uri) / "migrate.lock"):
         # The first store access runs MLflow's migrations; the lock serialises processes.
-        MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+        try:
+            MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+        except MlflowException as err:
+            if db is not None:
+                raise
+            # A server that is down: MLflow has already retried (MLFLOW_HTTP_REQUEST_MAX_RETRIES
+            # times, backoff MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR); nothing was written.
+            raise ConnectionError(
+                f"MLflow tracking server {uri} ({ENV_URI}) is unreachable: {err.message}."
+                " Nothing was logged or registered; start the server (make serve) or point "
+                f"{ENV_URI} at a reachable store, then rerun the stage.") from None
     _MIGRATED.add(uri)
     return uri
 
@@ -112,51 +111,6 @@ def experiment_id(name: str, uri: str | None = None) -> str:
     with file_lock(_lock_dir(uri) / "experiments.lock"):
         exp = c.get_experiment_by_name(name)
         return exp.experiment_id if exp else c.create_experiment(name, artifact_location=location)
-
-
-def git_sha(root: str | Path | None = None) -> str:
-    """HEAD's sha (``-dirty`` when tracked files changed), or ``"unknown"`` outside git."""
-    root = str(root or Path.cwd())
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("-dirty" if dirty.strip() else "")
-
-
-def dvc_hashes(paths: list[str], lock: str | Path = "dvc.lock") -> dict[str, str]:
-    """DVC's recorded hash of each of ``paths`` (an out of some stage in ``dvc.lock``).
-
-    Returns ``{"dvc.<path>": md5}`` for the paths found (a stage run outside DVC has none).
-    """
-    lock = Path(lock)
-    if not lock.exists():
-        return {}
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    found: dict[str, str] = {}
-    for stage in stages.values():
-        for out in stage.get("outs", []) or []:
-            if out.get("path") in paths and out.get("md5"):
-                found[f"dvc.{out['path']}"] = out["md5"]
-    return found
-
-
-def checkpoint_hash(path: str | Path) -> str:
-    """SHA-256 over the relative names and bytes of every file of a checkpoint folder."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"{path}: checkpoint folder not found")
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    if not files:
-        raise ValueError(f"{path}: checkpoint folder is empty")
-    for f in files:
-        h.update(str(f.relative_to(path)).encode() + b"\0")
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def _str(v: Any) -> str:
@@ -309,16 +263,37 @@ def set_champion(name: str, *, higher_is_better: bool = True, uri: str | None = 
     return str(best)
 
 
+def current_champion(name: str, *, uri: str | None = None) -> tuple[str, float | None] | None:
+    """``(version, score tag)`` of the version holding alias ``champion``; None without one."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        mv = c.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no such model or no alias yet
+        return None
+    return str(mv.version), _score_of(mv)
+
+
+def version_tags(name: str, version: str, *, uri: str | None = None) -> dict[str, str]:
+    """The tags of one registered version (its ``score``, ``ckpt_sha256``, gate...)."""
+    return dict(client(uri).get_model_version(name, str(version)).tags)
+
+
 def register_checkpoint(name: str, ckpt_dir: str | Path, *, run_id: str, score: float,
                         metric: str, higher_is_better: bool = True,
                         tags: Mapping[str, Any] | None = None,
-                        uri: str | None = None) -> Registration:
+                        uri: str | None = None, promote: bool | None = None) -> Registration:
     """Register a checkpoint folder as a version of ``name`` unless that content already is one.
 
     The checkpoint's SHA-256 is the identity: registering the same bytes again returns the
     existing version (``created=False``). The folder is uploaded to ``run_id``'s artifacts under
     ``compressor/`` and the version's source points at it. Per-name file lock: concurrent
     registrations of one name cannot both mint a version for the same checkpoint.
+
+    ``promote``: None moves alias ``champion`` to the best-scored version (``set_champion``);
+    True points it at this version; False leaves it where it is (a gated registration that
+    failed its gate; ``champion`` is then the current holder, "" when there is none).
     """
     uri = uri or tracking_uri()
     c = client(uri)
@@ -334,8 +309,10 @@ def register_checkpoint(name: str, ckpt_dir: str | Path, *, run_id: str, score: 
         existing = [v for v in c.search_model_versions(f"name = '{name}'")
                     if v.tags.get("ckpt_sha256") == ckpt]
         if existing:
-            version = str(min(int(v.version) for v in existing))
-            created = False
+            # The record names the version's own run (the one that trained it), whichever
+            # later run of the same checkpoint asked.
+            first = min(existing, key=lambda v: int(v.version))
+            version, created, run_id = str(first.version), False, first.run_id or run_id
         else:
             artifact_path = f"compressor-{ckpt[:12]}"
             c.log_artifacts(run_id, str(ckpt_dir), artifact_path)
@@ -344,7 +321,14 @@ def register_checkpoint(name: str, ckpt_dir: str | Path, *, run_id: str, score: 
                         "ckpt_sha256": ckpt, "score": repr(float(score)), "metric": metric}
             mv = c.create_model_version(name, source, run_id=run_id, tags=all_tags)
             version, created = str(mv.version), True
-        champion = set_champion(name, higher_is_better=higher_is_better, uri=uri)
+        if promote is None:
+            champion = set_champion(name, higher_is_better=higher_is_better, uri=uri)
+        elif promote:
+            c.set_registered_model_alias(name, CHAMPION, version)
+            champion = version
+        else:
+            held = current_champion(name, uri=uri)
+            champion = held[0] if held else ""
     return Registration(name=name, version=version, created=created, champion=champion,
                         ckpt_sha256=ckpt, run_id=run_id, score=float(score), metric=metric)
 

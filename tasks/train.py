@@ -1,15 +1,15 @@
-"""Stage ``train@<arch>-<rate>``: train one compressor against the frozen base model.
+"""Stage ``train@<arch>-<rate>``: train the ``train.method`` compressor against the frozen base.
 
 Reads ``models/base/<arch>`` and ``data/train``; writes ``models/compressors/<arch>-r<rate>/``
 (``mc_core.checkpoint`` layout), ``reports/train/<arch>-<rate>.json`` (final metrics) and
 ``reports/curves/<arch>-<rate>.csv`` (per-step curves, a DVC plot). Logs one MLflow run for the
 cell (params, per-step curves, metrics, the curve file, lineage tags).
 
-The teacher's outputs do not depend on the rate, so they are computed once per (base model,
-data) and shared by every rate of the arch through ``cache/teacher/`` (file-locked: concurrent
-cells wait for the first one instead of recomputing). Training state is checkpointed under
-``cache/train-state/<cell>/<settings hash>/`` so an interrupted stage resumes, and changed
-params start afresh.
+The frozen model's distillation targets do not depend on the rate, so they are computed once
+per (base model, data) and shared by every rate of the arch through ``cache/targets/``
+(file-locked: concurrent cells wait for the first one instead of recomputing). Training state
+is checkpointed under ``cache/train-state/<cell>/<settings hash>/`` so an interrupted stage
+resumes, and changed params start afresh.
 
 Usage: ``python -m tasks.train --arch tiny-llava --rate 0.9``
 """
@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tasks import common, tracking
+from tasks import common, lineage, tracking
 
 PARAMS = ("train", "tracking")
 CURVE_FIELDS = ("step", "loss", "kl", "entropy", "collapse", "grad_norm", "epoch",
@@ -36,79 +36,170 @@ def _key(*parts: object) -> str:
 def _input_hashes(arch: str) -> dict[str, str]:
     """DVC hashes of the stage's data inputs (from dvc.lock), else content hashes."""
     paths = [str(common.base_dir(arch)), str(common.DATA_TRAIN)]
-    found = tracking.dvc_hashes(paths)
+    found = lineage.dvc_hashes(paths)
     for p in paths:
-        found.setdefault(f"dvc.{p}", "sha256:" + tracking.checkpoint_hash(p)[:32])
+        found.setdefault(f"dvc.{p}", "sha256:" + lineage.checkpoint_hash(p)[:32])
     return found
 
 
-def teacher_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, cfg):
-    """Load or build (once, under a file lock) the rate-independent teacher cache."""
+# What shapes the targets besides the inputs: a change here must not reuse old targets (DVC
+# reruns the stage on a code change, but the cache outlives the stage).
+_TARGET_CODE = ("train.py", "dialogue.py", "processing.py", "embeds.py", "adapters", "families")
+
+
+def _target_code_hash() -> str:
+    import mc_core
+
+    root = Path(mc_core.__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in _TARGET_CODE:
+        p = root / name
+        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+            if f.is_file():
+                h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _input_stamps(arch: str) -> str:
+    """Digest of the size and mtime of every input file: changes with a hand edit of the data
+    or the base model that dvc.lock (hence ``inputs``) has not recorded yet."""
+    from mc_core.data.schema import file_stamp
+
+    files = sorted(f for p in (common.base_dir(arch), common.DATA_TRAIN)
+                   for f in Path(p).rglob("*") if f.is_file())
+    return _key(file_stamp(files))
+
+
+def target_provenance(*, arch: str, needs, inputs: dict, cfg) -> dict:
+    """Everything the distillation targets depend on (the cache's key and its recorded info)."""
+    import torch
+    import transformers
+
     from mc_core import train as mtrain
 
-    if not cfg.cache_teacher:
+    return {"arch": arch, "inputs": inputs, "files": _input_stamps(arch), "needs": sorted(needs),
+            "device": mtrain.resolve_device(cfg.device).type, "target_batch": cfg.target_batch,
+            "code": _target_code_hash(),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+
+
+def target_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, cfg):
+    """Load or build (once, under a file lock) the rate-independent distillation targets.
+
+    A cache whose recorded provenance differs from this run's (copied from elsewhere, built by
+    older code) is reported and rebuilt, never used.
+    """
+    from mc_core import train as mtrain
+
+    if not cfg.cache_targets:
         return None
-    path = Path("cache/teacher") / f"{arch}-{_key(inputs, sorted(needs))}"
-    with tracking.file_lock(path.parent / f"{path.name}.lock"):  # names may contain dots
-        if (path / "cache.json").is_file():
-            print(f"train: teacher cache {path} (shared across rates)", flush=True)
-            return mtrain.load_teacher_cache(path)
-        cache = mtrain.build_teacher_cache(model, processor, dataset, needs=needs,
-                                           batch_size=cfg.teacher_batch, device=cfg.device,
-                                           progress=cfg.progress)
-        mtrain.save_teacher_cache(cache, path)
+    info = target_provenance(arch=arch, needs=needs, inputs=inputs, cfg=cfg)
+    path = Path("cache/targets") / f"{arch}-{_key(info)}"
+    with lineage.file_lock(path.parent / f"{path.name}.lock"):  # names may contain dots
+        have = mtrain.target_cache_info(path)
+        if have == info:
+            print(f"train: target cache {path} (shared across rates)", flush=True)
+            return mtrain.load_target_cache(path)
+        if have is not None:
+            diff = sorted(k for k in set(info) | set(have) if have.get(k) != info.get(k))
+            print(f"train: target cache {path} was built from other {diff} than this run: "
+                  "rebuilding it", flush=True)
+        cache = mtrain.build_target_cache(model, processor, dataset, needs=needs,
+                                          batch_size=cfg.target_batch, device=cfg.device,
+                                          progress=cfg.progress)
+        mtrain.save_target_cache(cache, path, info=info)
         return cache
+
+
+_CURVE_LOG = "curve.jsonl"  # beside mc_core.train's train_state.json in the state folder
+
+
+def _resumed_rows(state: Path) -> list[dict]:
+    """Curve rows of an interrupted run up to its last checkpoint (rows after it are redone);
+    also rewrites the state's curve log to them. Empty for a fresh run."""
+    info, log = state / "train_state.json", state / _CURVE_LOG
+    rows: list[dict] = []
+    try:
+        last = json.loads(info.read_text()).get("step", 0) if info.is_file() else None
+    except (ValueError, AttributeError):  # damaged: mc_core.train reports it
+        last = None
+    if last is not None:
+        print(f"train: resuming the interrupted run from step {last} ({state})", flush=True)
+        for line in log.read_text().splitlines() if log.is_file() else []:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the line the kill cut
+                break
+            if row.get("step", 0) <= last:
+                rows.append(row)
+    state.mkdir(parents=True, exist_ok=True)
+    common.write_text(state / _CURVE_LOG, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     """Train the cell, save the checkpoint and its reports, track the run."""
     p = common.load_params(PARAMS, who="tasks.train")
     arch, rate = common.cell_args(__doc__.splitlines()[0], argv)
-    cfg = p.train.to_train_config()  # validated before anything heavy is loaded
+    # The cell's validated recipe (shared train keys, then train.overrides), before anything
+    # heavy is loaded.
+    cfg = p.train.for_cell(arch, rate)
 
     from mc_core import checkpoint, zoo
     from mc_core import train as mtrain
-    from mc_core.compressors import build
+    from mc_core.compressors import get_class
     from mc_core.data import schema
 
-    rate_s = common.config.format_rate(rate)
+    rate_s = common.format_rate(rate)
     model, processor = zoo.load(common.base_dir(arch))
     family = zoo.info(common.base_dir(arch)).get("family")
     dataset = schema.load(common.DATA_TRAIN)
     inputs = _input_hashes(arch)
-    needs = build(cfg.method, rate=rate, dim=8).needs  # dim is irrelevant to `needs`
+    needs = get_class(cfg.method).needs
 
     run_id = tracking.start_cell_run(
         p.tracking.experiment, arch, rate_s,
-        params={"arch": arch, "rate": rate, **common.flat("train", p.train.model_dump())},
-        tags={"family": str(family)})
-    rows: list[dict] = []
+        params={"arch": arch, "rate": rate, **common.flat("train", cfg.model_dump())},
+        tags={"family": str(family), "method": cfg.method})
+    state = common.state_dir(arch, rate) / _key(cfg.fingerprint(), rate, inputs, len(dataset))
+    rows = _resumed_rows(state)  # an interrupted run's curve up to its last checkpoint
     steps = tracking.StepLogger(run_id, prefix="train/")
+    for row in rows:
+        steps(row["step"], {k: v for k, v in row.items() if k != "step"})
 
     def on_step(step: int, metrics: dict) -> None:
         rows.append({"step": step, **metrics})
         steps(step, metrics)
+        with open(state / _CURVE_LOG, "a") as fh:  # resume state, not a published output
+            fh.write(json.dumps(rows[-1]) + "\n")
 
     t0 = time.perf_counter()
     try:
-        cache = teacher_cache(model, processor, dataset, arch=arch, needs=needs, inputs=inputs,
-                              cfg=cfg)
-        state = common.state_dir(arch, rate) / _key(cfg.fingerprint(), rate, inputs,
-                                                     len(dataset))
+        cache = target_cache(model, processor, dataset, arch=arch, needs=needs, inputs=inputs,
+                             cfg=cfg)
         compressor = mtrain.train(cfg, model, processor, dataset, rate=rate, out_dir=state,
                                   callbacks=[on_step], cache=cache)
         steps.flush()
         out = common.compressor_dir(arch, rate)
-        tmp = common.fresh_dir(out)
         # Deterministic meta only: the registry identifies checkpoints by content hash.
         meta = {"arch": arch, "family": family, "rate": rate, "train": cfg.fingerprint(),
                 "inputs": inputs}
-        checkpoint.save_compressor(tmp / "ckpt", compressor, meta=meta)
-        common.publish_dir(tmp / "ckpt", out)
-        tmp.rmdir()
+        checkpoint.save_compressor(out, compressor, meta=meta)
         # The state only serves to resume an interrupted run: a finished one must not be
         # "resumed" by a later rerun (DVC reruns this stage when the code changed).
         shutil.rmtree(state, ignore_errors=True)
+        # train.seeds > 1: the same recipe with the next seeds, for the spread over seeds
+        # (tasks.evaluate reports mean +- sd); always written, empty for one seed (a DVC out).
+        with common.staged_dir(common.seeds_dir(arch, rate)) as extra:
+            for k in range(1, p.train.seeds):
+                cfg_k = cfg.model_copy(update={"seed": cfg.seed + k})
+                state_k = common.state_dir(arch, rate) / _key(cfg_k.fingerprint(), rate, inputs,
+                                                               len(dataset))
+                comp_k = mtrain.train(cfg_k, model, processor, dataset, rate=rate,
+                                      out_dir=state_k, cache=cache)
+                checkpoint.save_compressor(extra / f"seed-{cfg_k.seed}", comp_k,
+                                           meta={**meta, "train": cfg_k.fingerprint()})
+                shutil.rmtree(state_k, ignore_errors=True)
         final = rows[-1] if rows else {}
         report = {"arch": arch, "rate": rate, "steps": final.get("step", 0),
                   "train_s": round(time.perf_counter() - t0, 2),
@@ -119,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         tracking.log_metrics(run_id, {f"final/{k}": v for k, v in report.items()
                                       if k not in ("arch", "rate")})
         tracking.log_artifacts(run_id, curve, "curves")
-        tracking.set_tags(run_id, {"ckpt_sha256": tracking.checkpoint_hash(out)})
+        tracking.set_tags(run_id, {"ckpt_sha256": lineage.checkpoint_hash(out)})
         tracking.end_run(run_id)
     except BaseException:
         tracking.end_run(run_id, "FAILED")
@@ -128,4 +219,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with common.stage("train"):
+        main()

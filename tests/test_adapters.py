@@ -7,22 +7,22 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, assistant_turn, make_image, user_turn
+from conftest import FAMILIES, TINY, assistant_turn, make_image, user_turn
 from transformers import DynamicCache
 
-from mc_core.adapters import available, for_model
+from mc_core import families
+from mc_core.adapters import POSITIONS, available, for_model
 from mc_core.adapters.base import prompt_attention, rewrite_placeholders
 from mc_core.adapters.qwen2_vl import Qwen2VLAdapter, factor_grid
 
-FAMILIES = list(TINY)
-# Two image sizes per family, chosen so the token counts differ where the family allows it.
+# Two image sizes per family, chosen so the token counts differ where the family allows it
+# (the default suits the 28-pixel token units of the Qwen test models).
 SIZES = {
     "llava": [(40, 72), (72, 40)],
     "llava_next": [(40, 72), (64, 60)],
-    "qwen2_vl": [(56, 112), (84, 84)],
-    "qwen2_5_vl": [(56, 112), (84, 84)],
     "internvl": [(64, 150), (60, 60)],
 }
+DEFAULT_SIZES = [(56, 112), (84, 84)]
 DIALOGUE = [
     user_turn("what colour is at row 2 col 3 ?", images=1),
     assistant_turn("red"),
@@ -39,7 +39,8 @@ def _no_grad_by_default():
 
 
 def images_of(family: str, count: int = 1, offset: int = 0):
-    return [make_image(*SIZES[family][(i + offset) % 2], seed=i + offset) for i in range(count)]
+    sizes = SIZES.get(family, DEFAULT_SIZES)
+    return [make_image(*sizes[(i + offset) % 2], seed=i + offset) for i in range(count)]
 
 
 def encode(processor, messages, images):
@@ -69,9 +70,10 @@ def fresh_logits(model, adapter, inputs):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("n_images", [1, 2])
 @pytest.mark.parametrize("with_p", [False, True])
-def test_identity_tokens_give_the_untouched_logits(tiny, family, n_images, with_p):
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_identity_tokens_give_the_untouched_logits(tiny, family, n_images, with_p, positions):
     model, proc = tiny(family)
-    adapter = for_model(model)
+    adapter = for_model(model, positions=positions)
     turn = user_turn("what colour is at row 2 col 3 ?", images=n_images)
     inputs = encode(proc, [turn], images_of(family, n_images))
     reference = fresh_logits(model, adapter, inputs)
@@ -80,61 +82,139 @@ def test_identity_tokens_give_the_untouched_logits(tiny, family, n_images, with_
     assert [t.shape[0] for t in tokens] == adapter.placeholder_counts(inputs)
     P = [torch.eye(t.shape[0]) for t in tokens] if with_p else None
     d = adapter.inputs_with(inputs, tokens, P=P)
-    assert ("position_ids" in d) == (with_p and family.startswith("qwen"))
+    assert ("position_ids" in d) == (with_p and positions == "source")
     got = fresh_logits(model, adapter, d)
     # Same ops on the same values in the same order: bit-identical, not merely close.
     assert got.shape == reference.shape
     assert (got - reference).abs().max().item() == 0.0
 
 
-# m = None: a third of the tokens. Qwen with m = 5 on a 2 x 4 grid: no grid fits (1 x 5 is
-# 2.5x too wide), so the 1-D text-position fallback is exercised too.
-# with_p: Qwen places the tokens at P-weighted mean positions; the cached turns then rely on
-# the rope_deltas the adapter's hook derives from those explicit positions.
+def _last_used_plus_one(pos: torch.Tensor, at: int) -> None:
+    """Position(s) at sequence index `at` continue right after the largest one before it."""
+    pos = pos[0] if pos.dim() == 2 else pos[:, 0]  # (L,) or (3, L)
+    before = pos[..., :at].amax(dim=-1)
+    assert torch.equal(pos[..., at], before + 1), (pos[..., at], before)
+
+
+# m = None: a third of the tokens. Qwen packed with m = 5 on a 2 x 4 grid: no grid fits (1 x 5 is
+# 2.5x too wide), so the 1-D text-position fallback is exercised too. Under "source" the cached
+# turns rely on the rope_deltas the adapter's hook derives from the explicit positions.
 @pytest.mark.parametrize(
-    "family,m,with_p",
-    [(f, None, False) for f in FAMILIES]
-    + [("qwen2_vl", 5, False)]
-    + [(f, m, True) for f in ("qwen2_vl", "qwen2_5_vl") for m in (None, 5)],
+    "family,m,positions",
+    [(f, None, p) for f in FAMILIES for p in POSITIONS]
+    + [(f, 5, p) for f in ("qwen2_vl", "qwen2_5_vl") for p in POSITIONS],
 )
-def test_cached_multiturn_equals_from_scratch(tiny, family, m, with_p):
+def test_cached_multiturn_equals_from_scratch(tiny, family, m, positions):
     model, proc = tiny(family)
-    adapter = for_model(model)
+    adapter = for_model(model, positions=positions)
     images = images_of(family)
     first = encode(proc, DIALOGUE[:1], images)
     x = adapter.visual_tokens(first)
     ms = [m or math.ceil(t.shape[0] / 3) for t in x]
     tokens = [pool(t, k) for t, k in zip(x, ms, strict=True)]
-    P = [pool_p(t.shape[0], k) for t, k in zip(x, ms, strict=True)] if with_p else None
+    P = [pool_p(t.shape[0], k) for t, k in zip(x, ms, strict=True)]
     adapter.reset_state()
     cache = DynamicCache()
     d = adapter.inputs_with(first, tokens, P=P)
     parts = [model(**d, past_key_values=cache, use_cache=True).logits]
     seen = d["input_ids"]
+    boundaries = []
     for k in (3, 5):  # turns 2 and 3 as text-only chunks over the reused cache
         d = adapter.inputs_with(encode(proc, DIALOGUE[:k], images), tokens, P=P)
         assert torch.equal(d["input_ids"][:, : seen.shape[1]], seen), "prefix property broken"
         chunk = d["input_ids"][:, seen.shape[1] :]
         parts.append(model(input_ids=chunk, past_key_values=cache, use_cache=True).logits)
+        boundaries.append(seen.shape[1])
         seen = d["input_ids"]
-    if m == 5:
+    if m == 5 and positions == "packed":
         assert "image_grid_thw" not in d and not d["mm_token_type_ids"].any()
+    assert ("position_ids" in d) == (positions == "source")
+    if positions == "source":
+        # A later turn starts right after the last position used (not at the cache length).
+        for at in boundaries:
+            _last_used_plus_one(d["position_ids"], at)
     cached = torch.cat(parts, dim=1)
     scratch = fresh_logits(model, adapter, d)
     # Chunked attention sums keys in a different grouping than one pass: float32 rounding only.
     torch.testing.assert_close(cached, scratch, atol=1e-5, rtol=0)
 
 
+def test_source_and_packed_positions_differ_where_tokens_move(tiny):
+    """The option matters: with fewer tokens, 1-D "source" keeps the text's uncompressed
+    positions, "packed" moves it; the logits differ."""
+    model, proc = tiny("llava")
+    inputs = encode(proc, DIALOGUE[:1], images_of("llava"))
+    packed, source = (for_model(model, positions=p) for p in POSITIONS)
+    x = packed.visual_tokens(inputs)
+    n = x[0].shape[0]
+    keep = torch.tensor([0, 9, 20, 63])  # a one-hot P: these tokens, in this order
+    P = [torch.zeros(4, n).index_put_((torch.arange(4), keep), torch.ones(4))]
+    y = [x[0][keep]]
+    d_packed = packed.inputs_with(inputs, y, P=P)
+    d_source = source.inputs_with(inputs, y, P=P)
+    assert "position_ids" not in d_packed
+    pos = d_source["position_ids"][0]  # (L',)
+    image = d_source["input_ids"][0] == source.image_token_id
+    start = int((inputs["input_ids"][0] == source.image_token_id).nonzero()[0])
+    assert torch.equal(pos[image], keep.float() + start)  # the kept tokens' own positions
+    after = int(image.nonzero()[-1]) + 1
+    assert float(pos[after]) == start + n  # text after the image: its uncompressed position
+    assert torch.equal(pos[:start], torch.arange(start, dtype=torch.float32))
+    a = fresh_logits(model, packed, d_packed)
+    b = fresh_logits(model, source, d_source)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_position_gradients_reach_the_positions_not_the_rotary(tiny):
+    """P-weighted positions are differentiable w.r.t. P; transformers' rotary embeddings run
+    under torch.no_grad (5.23), so the graph stops there: documented, and flagged if it
+    changes."""
+    for family in ("llava", "qwen2_vl"):
+        model, proc = tiny(family)
+        adapter = for_model(model, positions="source")
+        inputs = encode(proc, DIALOGUE[:1], images_of(family))
+        x = adapter.visual_tokens(inputs)
+        m = math.ceil(x[0].shape[0] / 4)
+        with torch.enable_grad():
+            raw = torch.randn(m, x[0].shape[0], requires_grad=True)
+            P = [raw.softmax(dim=1)]
+            d = adapter.inputs_with(inputs, [pool(x[0], m)], P=P)
+            pos = d["position_ids"]
+            assert pos.requires_grad
+            (grad,) = torch.autograd.grad(pos.sum(), raw)
+            assert grad.abs().sum() > 0
+            adapter.reset_state()
+            logits = model(**d).logits  # tokens carry no graph: only positions could
+            (through,) = torch.autograd.grad(logits.sum(), raw, allow_unused=True)
+            assert through is None, f"{family}: rotary now passes gradients to P"
+
+
+def test_positions_option_errors(tiny):
+    model, proc = tiny("llava")
+    with pytest.raises(ValueError, match="positions='nearest'"):
+        for_model(model, positions="nearest")
+    adapter = for_model(model, positions="source")
+    assert adapter.positions == "source" and for_model(model).positions == "packed"
+    inputs = encode(proc, DIALOGUE[:1], images_of("llava"))
+    x = adapter.visual_tokens(inputs)
+    with pytest.raises(ValueError, match="P is None"):
+        adapter.inputs_with(inputs, [pool(x[0], 3)])
+    # Identity without P is the untouched layout: no P needed.
+    assert "position_ids" not in adapter.inputs_with(inputs, x)
+    qwen, _ = tiny("qwen2_vl")
+    assert for_model(qwen).positions == families.get("qwen2_vl").positions == "source"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("with_p", [False, True])
-def test_generate_with_fewer_tokens(tiny, family, with_p):
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_generate_with_fewer_tokens(tiny, family, positions):
     model, proc = tiny(family)
-    adapter = for_model(model)
+    adapter = for_model(model, positions=positions)
     inputs = encode(proc, DIALOGUE[:1], images_of(family))
     x = adapter.visual_tokens(inputs)
     tokens = [pool(t, max(1, t.shape[0] // 4)) for t in x]
     P = [pool_p(t.shape[0], y.shape[0]) for t, y in zip(x, tokens, strict=True)]
-    d = adapter.inputs_with(inputs, tokens, P=P if with_p else None)
+    d = adapter.inputs_with(inputs, tokens, P=P)
     n_before = int((inputs["input_ids"] == adapter.image_token_id).sum())
     assert int((d["input_ids"] == adapter.image_token_id).sum()) == tokens[0].shape[0] < n_before
     first_token = fresh_logits(model, adapter, d)[0, -1].argmax()
@@ -145,13 +225,11 @@ def test_generate_with_fewer_tokens(tiny, family, with_p):
     assert out[0, d["input_ids"].shape[1]] == first_token  # greedy step 1 = forward argmax
 
 
-@pytest.mark.parametrize(
-    "family,with_p",
-    [(f, False) for f in FAMILIES] + [("qwen2_vl", True), ("qwen2_5_vl", True)],
-)
-def test_batch_of_two_dialogues_with_padding(tiny, family, with_p):
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_batch_of_two_dialogues_with_padding(tiny, family, positions):
     model, proc = tiny(family)
-    adapter = for_model(model)
+    adapter = for_model(model, positions=positions)
     dialogues = [DIALOGUE[:1], [user_turn("how many red circle are there ?", images=1)]]
     images = [images_of(family)[0], images_of(family, offset=1)[0]]
     texts = [
@@ -162,14 +240,12 @@ def test_batch_of_two_dialogues_with_padding(tiny, family, with_p):
     x = adapter.visual_tokens(batch)
     tokens = [pool(t, math.ceil(t.shape[0] / 3)) for t in x]
     P = [pool_p(t.shape[0], y.shape[0]) for t, y in zip(x, tokens, strict=True)]
-    P = P if with_p else None
     d = adapter.inputs_with(batch, tokens, P=P)
     assert d["attention_mask"][:, -1].all()  # still left padded
     batched = fresh_logits(model, adapter, d)[:, -1]
     for b in range(2):
         single = encode(proc, dialogues[b], [images[b]])
-        pb = [P[b]] if P is not None else None
-        alone = fresh_logits(model, adapter, adapter.inputs_with(single, [tokens[b]], P=pb))
+        alone = fresh_logits(model, adapter, adapter.inputs_with(single, [tokens[b]], P=[P[b]]))
         alone = alone[0, -1]
         # Padded rows attend over masked slots: float32 summation differs slightly.
         torch.testing.assert_close(batched[b], alone, atol=1e-5, rtol=0)
@@ -240,7 +316,7 @@ def test_qwen_received_attention_reproduces_the_last_block(tiny, family):
 
 def test_qwen_positions_grid_or_text_fallback(tiny):
     model, proc = tiny("qwen2_vl")
-    adapter = for_model(model)
+    adapter = for_model(model, positions="packed")
     assert factor_grid(8, 2, 4)[:2] == (2, 4)
     assert factor_grid(7, 4, 4)[2] > Qwen2VLAdapter.max_aspect_error  # 1 x 7: falls back
     inputs = encode(proc, [user_turn("what ?", images=2)], images_of("qwen2_vl", 2))
@@ -417,7 +493,8 @@ def test_prompt_attention_restores_the_model_on_error(monkeypatch):
 
 
 def test_for_model_and_bad_tokens(tiny):
-    assert available() == ["internvl", "llava", "llava_next", "qwen2_vl"]
+    assert available() == families.available() == FAMILIES
+    assert {"internvl", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"} <= set(available())
     with pytest.raises(ValueError, match="Linear.*internvl.*LlavaForConditionalGeneration"):
         for_model(torch.nn.Linear(2, 2))
     model, proc = tiny("llava")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,8 +50,9 @@ def lvlm_like_tokens(h: int, w: int, d: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_lists_the_contract_methods():
-    assert METHODS == ["none", "random", "sample", "pool", "prumerge", "visionzip", "divprune",
-                       "tome", "fastv", "metacompress"]
+    # none first, the learned method last (the order reports and error messages list them in).
+    assert METHODS == ["none", "divprune", "fastv", "pool", "prumerge", "random", "sample",
+                       "tome", "visionzip", "metacompress"]
     for name in METHODS:
         cls = get_class(name)
         assert cls.name == name and cls.__doc__ and "\n" not in cls.__doc__.strip()
@@ -284,7 +286,7 @@ def test_metacompress_parameters_and_init():
     assert comp.w_q.shape == (DIM, 8) and comp.beta.shape == (8,)
     cfg = comp.generator_config()
     assert cfg["d"] == DIM and cfg["d_c"] == 8 and "pos" in cfg
-    assert build("metacompress", rate=0.9, dim=DIM).d_c == 64  # paper-spec default
+    assert build("metacompress", rate=0.9, dim=DIM).d_c == 64  # default d_c (docs/method.md)
 
 
 def test_metacompress_gradients_reach_only_its_parameters():
@@ -341,3 +343,27 @@ def test_metacompress_init_is_close_to_pooling(grid, rate):
         assert in_window >= 0.75, (seed, in_window)
         assert tv <= 0.6, (seed, tv)
         assert uniform_in_window < 0.05
+
+
+def test_register_decorator_adds_a_method_and_refuses_a_duplicate():
+    import mc_core.compressors as C
+    from mc_core.compressors.base import Compressor
+
+    @C.register("test-keep-first")
+    class KeepFirst(Compressor):
+        def _compress(self, x, ctx):
+            return self._select(x, torch.arange(self.kept(x.shape[0])))
+
+    try:
+        assert KeepFirst.name == "test-keep-first" and "test-keep-first" in C.available()
+        y, p = C.build("test-keep-first", rate=0.5, dim=DIM)(torch.randn(10, DIM))
+        assert y.shape == (5, DIM) and p.shape == (5, 10)
+        with pytest.raises(ValueError, match="registered twice"):
+            C.register("test-keep-first")(type("Other", (Compressor,), {}))
+        with pytest.raises(TypeError, match="Compressor subclass"):
+            C.register("x")(int)
+    finally:
+        C._REGISTRY.pop("test-keep-first")
+    # Every method file registered itself (no central list to forget).
+    files = {p.stem for p in Path(C.__file__).parent.glob("*.py")} - {"__init__", "base"}
+    assert {get_class(n).__module__.rsplit(".", 1)[1] for n in C.available()} == files

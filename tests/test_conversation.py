@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from conftest import make_image
+from conftest import FAMILIES, make_image
 
-from mc_core.adapters import for_model
+from mc_core.adapters import POSITIONS, for_model
 from mc_core.compressors import build
 from mc_core.conversation import (
     BatchConversation,
@@ -47,24 +45,21 @@ def _scratch_logits(model, processor, adapter, conv, k, images, compressor):
         return model(**full).logits[0, -1]
 
 
+# Every registered family (conftest FAMILIES) under both position options (adapters.POSITIONS).
 @pytest.mark.parametrize(
-    ("family", "method"),
-    [
-        ("llava", None),
-        ("llava", "sample"),
-        ("llava", "fastv"),
-        ("llava_next", "pool"),
-        ("qwen2_vl", "sample"),
-        ("internvl", "sample"),
-    ],
+    ("family", "method", "positions"),
+    [("llava", None, None), ("llava", "fastv", None), ("llava_next", "pool", None)]
+    + [(f, "sample", p) for f in FAMILIES for p in POSITIONS],
 )
-def test_cached_turns_equal_from_scratch(tiny, family, method):
+def test_cached_turns_equal_from_scratch(tiny, family, method, positions):
     model, processor = tiny(family)
-    adapter = for_model(model)
+    adapter = for_model(model, positions=positions)
     dim = token_dim(model)
     compressor = None if method is None else build(method, rate=0.5, dim=dim)
     images = [make_image(48, 64, seed=3)]
-    conv = Conversation(model, processor, compressor, images=images, max_new_tokens=3)
+    conv = Conversation(
+        model, processor, compressor, images=images, max_new_tokens=3, adapter=adapter
+    )
     for q in QUESTIONS:
         answer = conv.ask(q)
         assert isinstance(answer, str)
@@ -82,32 +77,7 @@ def test_cached_turns_equal_from_scratch(tiny, family, method):
     assert conv.cache_tokens[1] - conv.cache_tokens[0] < conv.cache_tokens[0]
 
 
-@pytest.mark.parametrize(
-    ("family", "method"), [("llava", "sample"), ("qwen2_vl", None), ("qwen2_vl", "sample")]
-)
-def test_batch_equals_one_by_one(tiny, family, method):
-    """Rows interleave turn by turn; Qwen's per-dialogue M-RoPE offsets (which differ per
-    image size without compression) must not leak from one row to the next."""
-    model, processor = tiny(family)
-    compressor = None if method is None else build(method, rate=0.75, dim=token_dim(model))
-    images = [make_image(h, w, seed=s) for s, (h, w) in enumerate([(64, 64), (56, 112), (112, 84)])]
-    questions = [
-        QUESTIONS,
-        list(reversed(QUESTIONS)),
-        [QUESTIONS[1], QUESTIONS[0], "what shape is at row 0 col 0 ?"],
-    ]
-    batch = BatchConversation(model, processor, compressor, images=images, max_new_tokens=4)
-    batched = [batch.ask([q[k] for q in questions]) for k in range(3)]
-    for i, img in enumerate(images):
-        single = Conversation(model, processor, compressor, images=img, max_new_tokens=4)
-        for k in range(3):
-            assert single.ask(questions[i][k]) == batched[k][i]
-            torch.testing.assert_close(
-                single.first_logits[k], batch.rows[i].first_logits[k], atol=0, rtol=0
-            )
-    if compressor is not None:
-        # m = ceil(0.25 n) per image (n differs per image for Qwen's dynamic resolution).
-        assert batch.visual_tokens == [[math.ceil(0.25 * r.P[0].shape[1])] for r in batch.rows]
+# Batched dialogues against this sequential path: tests/test_batching.py.
 
 
 def test_gold_history_changes_what_later_turns_see(tiny):

@@ -108,6 +108,11 @@ def test_report_schema_and_reference(cell):
         assert m["prefill_ms"] > 0 and math.isfinite(m["kl_to_full"])
     ref = report["methods"]["none"]
     assert ref["acc_turn"] == [1.0, 1.0, 1.0]
+    assert report["n_dialogues"] == 3
+    assert ref["acc_avg_ci"] == [1.0, 1.0]  # every dialogue scores 1: no spread to resample
+    for name, m in report["methods"].items():
+        lo, hi = m["acc_avg_ci"]
+        assert 0.0 <= lo <= m["acc_avg"] <= hi <= 1.0, name
     assert ref["kl_to_full"] == 0.0 and ref["visual_tokens"] == 64
     for name in ("sample", "fastv", "metacompress"):
         m = report["methods"][name]

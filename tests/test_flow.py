@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows import dag
 from flows import train_all as ta
 from flows import workspace as ws
 
@@ -163,18 +164,51 @@ def _time(log, ev: str, stage: str) -> float:
 def test_grouping_and_selection():
     names = ["prepare", "base@a", "train@a-0.5", "evaluate@a-0.5", "register@a-0.5",
              "train@a-0.9", "evaluate@a-0.9", "register@a-0.9", "report"]
-    g = ws.split_stages(names)
-    assert g == {"shared_first": ["prepare"], "base": ["base@a"], "report": ["report"],
-                 "cells": ["a-0.5", "a-0.9"]}
-    from mc_core.config import GridParams
+    groups = ws.by_kind(names)
+    assert groups["train"] == ["train@a-0.5", "train@a-0.9"] and groups["report"] == ["report"]
+    kinds = dag.kinds_of(yaml.safe_load(FAKE_DVC))
+    assert ws.cell_keys(groups, kinds) == ["a-0.5", "a-0.9"]
+    from tasks.params import GridParams
 
     grid = GridParams.model_construct(archs=["a"], rates=[0.5, 0.9])
-    assert ws.select_cells(g["cells"], grid, None, [0.9]) == ["a-0.9"]
+    assert ws.select_cells(["a-0.5", "a-0.9"], grid, None, [0.9]) == ["a-0.9"]
     with pytest.raises(ValueError, match=r"rates: 0.7 is not in grid.rates=\[0.5, 0.9\]"):
-        ws.select_cells(g["cells"], grid, None, [0.7])
+        ws.select_cells(["a-0.5"], grid, None, [0.7])
     with pytest.raises(ValueError, match="archs: 'b' is not in grid.archs"):
-        ws.select_cells(g["cells"], grid, ["b"], None)
+        ws.select_cells(["a-0.5"], grid, ["b"], None)
     assert ws.arch_of("tiny-llava-next-0.75") == "tiny-llava-next"
+
+
+def test_stage_kinds_and_order_come_from_dvc_yaml():
+    kinds = dag.kinds_of(yaml.safe_load(FAKE_DVC))
+    assert [(k.name, k.fanout) for k in kinds] == [
+        ("prepare", "shared"), ("base", "arch"), ("train", "cell"), ("evaluate", "cell"),
+        ("register", "cell"), ("report", "shared")]
+    by = {k.name: k for k in kinds}
+    assert by["evaluate"].after == {"train"} and by["report"].after == {"register"}
+    assert dag.downstream_of_cells(kinds) == {"report"}
+    assert dag.writer_of(yaml.safe_load(FAKE_DVC), "reports/registry") == "register"
+    # A new per-cell stage declared first in the file still runs after what it reads, and a
+    # new shared stage that reads it lands after the cells: no flow code names either.
+    doc = yaml.safe_load(FAKE_DVC)
+    doc["stages"] = {"probe": {"matrix": {"arch": "${grid.archs}", "rate": "${grid.rates}"},
+                               "cmd": "x", "deps": ["reports/eval/${item.arch}-${item.rate}.json"],
+                               "outs": ["probe/${item.arch}-${item.rate}"]},
+                     "digest": {"cmd": "y", "deps": ["probe"], "outs": ["digest.md"]},
+                     **doc["stages"]}
+    order = [k.name for k in dag.kinds_of(doc)]
+    assert order.index("probe") > order.index("evaluate")
+    assert dag.downstream_of_cells(dag.kinds_of(doc)) == {"report", "digest"}
+    doc["stages"]["train"]["deps"].append("digest.md")
+    with pytest.raises(ValueError, match="cycle"):
+        dag.kinds_of(doc)
+    with pytest.raises(ValueError, match=r"stages.x.matrix over \['seed'\]"):
+        dag.kinds_of({"stages": {"x": {"cmd": "z", "matrix": {"seed": [1]}}}})
+    # The real pipeline: prepare and base upstream, the cell chain in order, report last.
+    real = dag.kinds(ROOT / "dvc.yaml")
+    cell = [k.name for k in real if k.fanout == "cell"]
+    assert cell.index("train") < cell.index("evaluate") < cell.index("register")
+    assert "report" in dag.downstream_of_cells(real)
 
 
 @pytest.mark.pipeline

@@ -82,10 +82,14 @@ def test_kl_errors_and_gradient_only_to_student():
 def test_align_from_end():
     teacher = torch.arange(10.0)[:, None].expand(10, 3)  # row value = position
     student = torch.arange(6.0)[:, None].expand(6, 3) + 4  # 4 visual tokens fewer
-    t, s = align_from_end(teacher, student, torch.tensor([7, 9]))
-    torch.testing.assert_close(t, s)
+    pos = torch.tensor([7, 9])
+    idx = align_from_end(pos, 10, 6)
+    assert idx.tolist() == [3, 5]
+    torch.testing.assert_close(teacher[pos], student[idx])
     with pytest.raises(ValueError, match="last 6"):
-        align_from_end(teacher, student, torch.tensor([2]))
+        align_from_end(torch.tensor([2]), 10, 6)
+    with pytest.raises(ValueError, match="last 6"):
+        align_from_end(torch.tensor([10]), 10, 6)
 
 
 def test_total_loss_combines_terms():

@@ -108,3 +108,27 @@ def test_pool_2d_any_m(h, w, m):
     assert sum(counts) == m and max(counts) - min(counts) <= 1
     with pytest.raises(ValueError, match="grid"):
         pool_matrix(h * w + 1, m, (h, w))
+
+
+@pytest.mark.parametrize(("h", "w", "m"), [(8, 8, 7), (8, 8, 13), (16, 16, 29), (16, 16, 31),
+                                           (5, 9, 7), (24, 24, 23)])
+def test_pool_layout_prime_m_is_two_dimensional(h, w, m):
+    # A prime m used to get one band of m full-height strips (8 x 8 -> 7: [7]), leaving the
+    # generator's queries no vertical prior; it must get uneven bands close to square cells.
+    counts = pool_layout(h, w, m)
+    assert sum(counts) == m and max(counts) - min(counts) <= 1
+    assert 2 <= len(counts) <= h
+    ideal = math.sqrt(m * h / w)
+    assert abs(len(counts) - ideal) <= 0.5  # round(ideal) bands: the aspect-matched count
+    P = pool_matrix(h * w, m, (h, w))
+    validate(P, h * w, m, atol=1e-5)
+    rows_touched = (P.reshape(m, h, w) > 0).any(dim=2).sum(dim=1)  # token rows per output
+    assert int(rows_touched.max()) < h  # no output averages a full-height strip
+
+
+def test_pool_layout_regular_when_a_divisor_fits():
+    # Divisible cases keep their regular grid (the generator layouts already trained).
+    assert pool_layout(8, 8, 16) == [4] * 4
+    assert pool_layout(8, 8, 32) == [8] * 4
+    assert pool_layout(16, 16, 64) == [8] * 8
+    assert pool_layout(8, 8, 7) == [2, 2, 3]

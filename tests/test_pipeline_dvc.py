@@ -19,17 +19,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mc_core import config
+from tasks import params as config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Smaller than the smoke profile: this test runs the DAG twice and must stay near 2 minutes.
 TINY = {
     "data": {"train": {"dialogues": 4}, "test": {"dialogues": 2}},
-    "base": {"train_images": 4, "eval_dialogues": 2, "curve_dialogues": 2,
-             "stage1_seconds": 2.0, "stage1_max_steps": 1, "stage2_seconds": 2.0,
-             "stage2_max_steps": 1, "warmup_steps": 1, "stage1_batch": 2, "stage2_batch": 2},
-    "train": {"max_steps": 1, "batch_size": 2, "teacher_batch": 4, "progress": False},
+    # train_images as in the smoke profile: per-arch batch overrides must fit in the pool.
+    "base": {"train_images": 32, "eval_dialogues": 2, "curve_dialogues": 2, "stage1_steps": 1,
+             "stage2_steps": 1, "stage3_steps": 0, "warmup_steps": 1, "stage1_batch": 2,
+             "stage2_batch": 2},
+    "train": {"max_steps": 1, "batch_size": 2, "target_batch": 4, "progress": False},
     "evaluate": {"methods": ["none", "metacompress"], "max_dialogues": 2, "batch_size": 2,
                  "progress": False},
     "report": {"methods": ["none", "metacompress"]},
@@ -98,8 +99,13 @@ def test_repro_all_then_nothing_then_one_cell(repo):
         reg = yaml.safe_load((repo / f"reports/registry/tiny-llava-{rate}.json").read_text())
         name = f"metacompress-tiny-llava-r{rate}"
         assert reg["name"] == name and reg["version"] == "1" and reg["created"] is True
-        mv = c.get_model_version_by_alias(name, "champion")
-        assert str(mv.version) == "1"
+        # The gate decides on the validation split; with 1-step training it may refuse, so
+        # assert the alias agrees with the recorded decision rather than a fixed outcome.
+        gate = reg["gate"]
+        assert gate["reason"], "the registry record must say why"
+        aliases = c.get_registered_model(name).aliases
+        assert ("champion" in aliases) == bool(gate["promote"]), (gate, aliases)
+        mv = c.get_model_version(name, "1")
         assert mv.tags["dvc.data/train"] == data_md5 and mv.tags["git_sha"] == head
         assert mv.tags["arch"] == "tiny-llava" and mv.tags["rate"] == rate
         run = c.get_run(mv.run_id)
@@ -111,9 +117,11 @@ def test_repro_all_then_nothing_then_one_cell(repo):
         assert (repo / f"reports/tokens/tiny-llava-{rate}.png").stat().st_size > 0
         lr = yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"]
         assert run.data.params["train.lr"] == str(lr)  # the run records the params it used
-    comp = tracking.load_compressor("models:/metacompress-tiny-llava-r0.9@champion", uri=uri)
+    comp = tracking.load_compressor("models:/metacompress-tiny-llava-r0.9/1", uri=uri)
     assert comp.name == "metacompress" and comp.rate == pytest.approx(0.9)
-    assert (repo / "reports/summary.md").read_text().count("| tiny-llava |") == 2
+    summary = (repo / "reports/summary.md").read_text()
+    for rate in ("0.5", "0.9"):  # one row in the results table and one in the ceilings table
+        assert summary.count(f"| tiny-llava | {rate} |") == 2
     assert (repo / "reports/plots/acc-vs-rate.png").stat().st_size > 0
 
     assert _repro(repo) == set()  # nothing changed: nothing runs

@@ -4,31 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import QWEN_PIXELS, VOCAB, assistant_turn, make_image, user_turn
-from transformers import (
-    InternVLProcessor,
-    LlavaNextProcessor,
-    LlavaProcessor,
-    Qwen2_5_VLProcessor,
-    Qwen2VLProcessor,
-)
+from conftest import FAMILIES, VOCAB, assistant_turn, make_image, user_turn
 
-from mc_core.processing import FAMILIES, build_processor, load_processor, special_tokens
+from mc_core import families
+from mc_core.processing import build_processor, load_processor, special_tokens
 
-CFG = {
-    "llava": dict(image_size=32, patch_size=8),
-    "llava_next": dict(image_size=32, patch_size=8, grid_pinpoints=[[64, 32], [32, 64]]),
-    "qwen2_vl": QWEN_PIXELS,
-    "qwen2_5_vl": QWEN_PIXELS,
-    "internvl": dict(image_size=32, patch_size=8, max_patches=2),
-}
-STOCK = {
-    "llava": LlavaProcessor,
-    "llava_next": LlavaNextProcessor,
-    "qwen2_vl": Qwen2VLProcessor,
-    "qwen2_5_vl": Qwen2_5_VLProcessor,
-    "internvl": InternVLProcessor,
-}
+
+def _cfg(family: str) -> dict:
+    """Every registered family is swept with its test model's image settings."""
+    return dict(families.get(family).test.image_cfg)
+
+
 DIALOGUE = [
     user_turn("what colour is at row 2 col 3 ?", images=1),
     assistant_turn("red"),
@@ -40,12 +26,15 @@ DIALOGUE = [
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_processor(request):
-    return request.param, build_processor(request.param, VOCAB, **CFG[request.param])
+    return request.param, build_processor(request.param, VOCAB, **_cfg(request.param))
 
 
 def test_real_processor_class_and_words(family_processor):
     family, proc = family_processor
-    assert isinstance(proc, STOCK[family])
+    assert type(proc) is families.get(family).processor_class
+    # The family's own transformers processor class (or an offline subclass of it).
+    stock = [c for c in type(proc).__mro__ if c.__module__.startswith("transformers.models.")]
+    assert stock and stock[0].__name__.endswith("Processor")
     assert type(proc.image_processor).__name__.endswith("ImageProcessorPil")
     tok = proc.tokenizer
     words = tok.convert_ids_to_tokens(tok("what colour is at row 2 col 3 ?")["input_ids"])

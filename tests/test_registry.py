@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tracking
+from tasks import lineage, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_lineage_tags_and_download(store, tmp_path):
     reg = tracking.register_checkpoint("m", ck, run_id=run, score=1.0, metric="acc_avg",
                                        tags={"git_sha": "deadbeef"}, uri=store)
     mv = cl.get_model_version("m", reg.version)
-    assert mv.tags["ckpt_sha256"] == tracking.checkpoint_hash(ck)
+    assert mv.tags["ckpt_sha256"] == lineage.checkpoint_hash(ck)
     assert mv.tags["git_sha"] == "deadbeef" and mv.run_id == run
     # Artifacts land under the db's folder (mlartifacts/), not ./mlruns.
     assert (tmp_path / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
@@ -117,7 +117,7 @@ def test_lineage_tags_and_download(store, tmp_path):
 
 def test_bad_checkpoint_folder_named(store, tmp_path):
     with pytest.raises(ValueError, match="missing-dir: checkpoint folder not found"):
-        tracking.checkpoint_hash(tmp_path / "missing-dir")
+        lineage.checkpoint_hash(tmp_path / "missing-dir")
 
 
 @pytest.mark.pipeline

@@ -35,8 +35,8 @@ def test_other_seed_differs_and_prefix_is_stable(ds):
 def test_schema_columns_and_validation(ds):
     from mc_core.data import schema
 
-    assert tuple(ds.column_names) == schema.COLUMNS
-    assert ds.features == schema.FEATURES
+    assert tuple(ds.column_names) == (*schema.COLUMNS, "object_centres")
+    assert ds.features == {**schema.FEATURES, **schema.OPTIONAL_FEATURES}
     schema.validate(ds, where="synthetic")
     row = ds[0]
     assert row["source"] == "synthetic"

@@ -16,9 +16,9 @@ from mc_core.losses import answer_kl
 from mc_core.train import (
     TrainConfig,
     _order,
-    build_teacher_cache,
-    load_teacher_cache,
-    save_teacher_cache,
+    build_target_cache,
+    load_target_cache,
+    save_target_cache,
     student_logits,
     train,
 )
@@ -61,7 +61,7 @@ def tiny_dataset(n: int, *, sizes: list[tuple[int, int]] = ((64, 64),)) -> datas
 def setup():
     model, processor = build_llava()
     data = tiny_dataset(8)
-    cache = build_teacher_cache(model, processor, data, batch_size=8, progress=False)
+    cache = build_target_cache(model, processor, data, batch_size=8, progress=False)
     return model, processor, data, cache
 
 
@@ -72,7 +72,7 @@ def _cfg(**kw) -> TrainConfig:
         grad_clip=1e-2,
         batch_size=4,
         epochs=2,
-        d_c=16,
+        compressor_kwargs={"d_c": 16},
         checkpoint_every=3,
         log_every=1,
         progress=False,
@@ -81,13 +81,13 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_cache_holds_teacher_answer_logprobs(setup):
+def test_cache_holds_full_model_answer_logprobs(setup):
     model, processor, data, cache = setup
     assert len(cache) == len(data)
     e = cache.entries[0]
     # 3 turns x (one answer word + end of turn); log-probs normalise to 1 per row.
-    assert e.teacher.shape == (6, model.config.text_config.vocab_size)
-    torch.testing.assert_close(e.teacher.exp().sum(-1), torch.ones(6), atol=1e-5, rtol=0)
+    assert e.target.shape == (6, model.config.text_config.vocab_size)
+    torch.testing.assert_close(e.target.exp().sum(-1), torch.ones(6), atol=1e-5, rtol=0)
     assert e.tokens[0].shape == (64, 64)  # n = 64 patches, d = 64
 
 
@@ -155,15 +155,15 @@ def _kl(model, compressor, cache) -> float:
         logits, _ = student_logits(
             model, adapter, compressor, cache.entries, pad_token_id=0, device=torch.device("cpu")
         )
-    return float(answer_kl(torch.cat([e.teacher for e in cache.entries]), logits))
+    return float(answer_kl(torch.cat([e.target for e in cache.entries]), logits))
 
 
 def test_kl_falls_and_beats_pooling(setup):
     """Full-batch, KL only, fixed seed: gradient descent on a fixed objective must lower it.
 
-    On a random frozen model the teacher is barely sensitive to which visual tokens are kept
+    On a random frozen model the full model is barely sensitive to which visual tokens are kept
     (KL ~1e-3), so the step size is far above the paper's lr 1e-3 / clip 1e-2 (tuned for 7B
-    models over 20k dialogues); a trained tiny teacher is the realistic check (tasks.train).
+    models over 20k dialogues); a trained tiny base model is the realistic check (tasks.train).
     """
     model, processor, data, cache = setup
     log = []
@@ -188,8 +188,8 @@ def test_nan_loss_stops_with_advice(setup):
     model, processor, data, cache = setup
     bad = load_like(cache)
     for e in bad.entries:
-        e.teacher = torch.full_like(e.teacher, float("nan"))
-    with pytest.raises(RuntimeError, match="lower TrainConfig.lr"):
+        e.target = torch.full_like(e.target, float("nan"))
+    with pytest.raises(RuntimeError, match="lower train.lr"):
         train(_cfg(max_steps=2), model, processor, data, rate=0.75, cache=bad)
 
 
@@ -198,10 +198,10 @@ def test_exploding_loss_stops_with_advice(setup):
     bad = load_like(cache)
     first = set(_order(len(data), 0, 0)[:4].tolist())
     for i, e in enumerate(bad.entries):
-        if i not in first:  # from the second batch on, the teacher wants a token q rates ~0
-            target = torch.full_like(e.teacher, -1e4)
+        if i not in first:  # from the second batch on, the target wants a token q rates ~0
+            target = torch.full_like(e.target, -1e4)
             target[:, 3] = 0.0
-            e.teacher = target
+            e.target = target
     # KL only: the first loss is the small true KL (~1e-3), the second ~-log q(token 3) >> 100x.
     cfg = _cfg(max_steps=2, lambda_ent=0.0, lambda_col=0.0)
     with pytest.raises(RuntimeError, match="exploded"):
@@ -215,13 +215,13 @@ def load_like(cache):
     return copy.deepcopy(cache)
 
 
-def test_identity_student_matches_teacher(setup, tmp_path):
+def test_identity_student_matches_full_model(setup, tmp_path):
     """P = I through the cached inputs (pixel stubs, right-padded batch, positions aligned
-    from the end) reproduces the teacher: KL ~ 0, also after a disk round trip."""
+    from the end) reproduces the full model: KL ~ 0, also after a disk round trip."""
     model, _, _, cache = setup
     identity = build("none", rate=0.5, dim=64)
-    save_teacher_cache(cache, tmp_path / "c")
-    for c in (cache, load_teacher_cache(tmp_path / "c")):
+    save_target_cache(cache, tmp_path / "c")
+    for c in (cache, load_target_cache(tmp_path / "c")):
         # Same float32 maths, other batch padding: measured ~1e-9; 1e-6 is far below the
         # ~1e-3 KL of any real compression of this model.
         assert abs(_kl(model, identity, c)) < 1e-6
@@ -233,7 +233,7 @@ def test_identity_student_other_families_mixed_sizes(tiny, family):
     """Images of different sizes give different n per dialogue in one right-padded batch."""
     model, processor = tiny(family)
     data = tiny_dataset(3, sizes=[(48, 48), (32, 64), (64, 40)])
-    cache = build_teacher_cache(model, processor, data, batch_size=3, progress=False, device="cpu")
+    cache = build_target_cache(model, processor, data, batch_size=3, progress=False, device="cpu")
     assert len({e.tokens[0].shape[0] for e in cache.entries}) > 1
     assert abs(_kl(model, build("none", rate=0.5, dim=64), cache)) < 1e-6  # as above
     assert _kl(model, build("sample", rate=0.5, dim=64), cache) > 1e-5
@@ -241,12 +241,12 @@ def test_identity_student_other_families_mixed_sizes(tiny, family):
 
 def test_cache_round_trip(setup, tmp_path):
     _, _, _, cache = setup
-    save_teacher_cache(cache, tmp_path / "cache")
-    save_teacher_cache(cache, tmp_path / "cache")  # overwrite in place
-    back = load_teacher_cache(tmp_path / "cache")
+    save_target_cache(cache, tmp_path / "cache")
+    save_target_cache(cache, tmp_path / "cache")  # overwrite in place
+    back = load_target_cache(tmp_path / "cache")
     assert len(back) == len(cache)
     for a, b in zip(cache.entries, back.entries, strict=True):
-        assert torch.equal(a.teacher, b.teacher) and torch.equal(a.positions, b.positions)
+        assert torch.equal(a.target, b.target) and torch.equal(a.positions, b.positions)
         assert torch.equal(a.tokens[0], b.tokens[0]) and a.length == b.length
         assert a.contexts[0].grid == b.contexts[0].grid
         assert set(a.base) == set(b.base)
@@ -266,5 +266,28 @@ def test_cache_round_trip(setup, tmp_path):
     ],
 )
 def test_bad_config_names_the_field(field, value):
-    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+    with pytest.raises(ValueError, match=rf"train\.{field}={value!r}"):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"method": "sample"}, r"train\.method='sample' is not trainable"),
+        ({"method": "magic"}, r"train\.method='magic': unknown compressor"),
+        ({"compressor_kwargs": {"dc": 8}}, r"train\.compressor_kwargs\.dc: not a keyword"),
+        ({"epochs": 2.5}, r"train\.epochs=2\.5"),
+        ({"lrr": 0.1}, r"train\.lrr: Extra inputs are not permitted"),
+    ],
+)
+def test_method_and_kwargs_are_checked_before_training(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
+
+
+def test_compressor_kwargs_reach_the_compressor(setup):
+    model, processor, data, cache = setup
+    comp = train(_cfg(max_steps=1, seed=5, compressor_kwargs={"d_c": 8, "pos_scale": 0.5}),
+                 model, processor, data, rate=0.75, cache=cache)
+    assert comp.name == "metacompress" and comp.d_c == 8 and comp.pos_scale == 0.5
+    assert comp.seed == 5  # train.seed reaches a method that takes one

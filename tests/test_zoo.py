@@ -27,8 +27,9 @@ def image():
     return S.example(0, 0, S.WorldConfig())[1]
 
 
-@pytest.mark.parametrize("arch,n_visual", [("tiny-llava", 256), ("tiny-llava-next", 528),
-                                           ("tiny-qwen2-vl", 64)])
+@pytest.mark.parametrize(
+    "arch,n_visual", [("tiny-llava", 256), ("tiny-llava-next", 528), ("tiny-qwen2-vl", 64)]
+)
 def test_build_runs_with_expected_visual_tokens(arch, n_visual, image):
     model, processor = zoo.build(_small(arch))
     inputs = _inputs(processor, image)
@@ -51,8 +52,12 @@ def test_llava_next_token_count_varies_with_the_image():
     model, processor = zoo.build(_small("tiny-llava-next"))
     wide = S.blank_image(S.WorldConfig()).resize((448, 224))  # (width, height): two crops
     n_wide = int((_inputs(processor, wide)["input_ids"] == model.config.image_token_id).sum())
-    n_square = int((_inputs(processor, S.blank_image(S.WorldConfig()))["input_ids"]
-                    == model.config.image_token_id).sum())
+    n_square = int(
+        (
+            _inputs(processor, S.blank_image(S.WorldConfig()))["input_ids"]
+            == model.config.image_token_id
+        ).sum()
+    )
     assert n_wide != n_square
 
 
@@ -77,8 +82,9 @@ def test_save_load_roundtrip_same_logits(arch, image, tmp_path):
     assert torch.equal(inputs["input_ids"], _inputs(processor, image)["input_ids"])
     with torch.no_grad():
         # Same weights and processor: identical logits (up to float noise of sdpa vs eager).
-        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            loaded(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_errors_name_the_value(tmp_path):
@@ -94,13 +100,41 @@ def test_errors_name_the_value(tmp_path):
 
 def test_real_specs_name_the_checkpoints():
     ids = {s.hf_id for s in zoo.REAL.values()}
-    assert {"llava-hf/llava-1.5-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf",
-            "Qwen/Qwen2-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"} <= ids
+    assert {
+        "llava-hf/llava-1.5-7b-hf",
+        "llava-hf/llava-v1.6-vicuna-7b-hf",
+        "Qwen/Qwen2-VL-7B-Instruct",
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+    } <= ids
     assert any("InternVL" in i for i in ids)
     import transformers
 
-    from mc_core.processing import FAMILIES
+    from mc_core import families
 
     for spec in zoo.REAL.values():
         assert hasattr(transformers, spec.model_class), spec.model_class
-        assert spec.family in FAMILIES
+        # The named class is the one its family's descriptor builds.
+        assert getattr(transformers, spec.model_class) is families.get(spec.family).model_class
+
+
+def test_zoo_names_come_from_the_descriptors():
+    from mc_core import families
+
+    tiny = {n for f in families.all_families() for n in f.tiny}
+    real = {n for f in families.all_families() for n in f.real}
+    assert set(zoo.TINY) == tiny and set(zoo.REAL) == real
+    assert {"tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"} <= tiny
+    for name, spec in zoo.TINY.items():
+        assert spec.name == name and spec.family in families.available()
+
+
+def test_family_of_is_the_registry(tmp_path):
+    from mc_core import families
+
+    model, processor = zoo.build(_small("tiny-llava"))
+    assert zoo._family_of(model) == families.for_model(model).name == "llava"
+    out = zoo.save(model, processor, tmp_path / "m")
+    assert families.for_config(out).name == zoo.info(out)["family"] == "llava"
+    (out / "zoo.json").write_text('{"family": "gpt"}')
+    with pytest.raises(ValueError, match="family='gpt'.*llava"):
+        zoo.load(out)

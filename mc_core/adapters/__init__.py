@@ -1,55 +1,56 @@
-"""One adapter per LVLM family; `for_model(model)` picks it by the model's class.
+"""Adapters wire compression into stock LVLMs; `for_model(model)` picks the model's family's.
 
-    adapter = for_model(model)
+    adapter = for_model(model)                         # positions: the family's default
     x = adapter.visual_tokens(inputs)                  # list of [n_i, d]
     y, P = compressor(x, adapter.contexts(inputs, compressor.needs - {"prompt_attention"}))
-    out = model(**adapter.inputs_with(inputs, y))      # or model.generate(**...)
+    out = model(**adapter.inputs_with(inputs, y, P=P))  # or model.generate(**...)
 
-`prompt_attention` gives FastV its scores (attention at one LLM layer from the first turn's
-prompt to each image's tokens).
+The adapter class of each family and its position default ("packed" or "source", see
+`Adapter`) are declared by the family's descriptor in `mc_core.families`. `prompt_attention`
+gives FastV its scores (attention at one LLM layer from the first turn's prompt to each image's
+tokens).
 """
 
 from __future__ import annotations
 
-from mc_core.adapters.base import Adapter, prompt_attention
-from mc_core.adapters.internvl import InternVLAdapter
-from mc_core.adapters.llava import LlavaAdapter
-from mc_core.adapters.llava_next import LlavaNextAdapter
-from mc_core.adapters.qwen2_vl import Qwen2VLAdapter
+from mc_core.adapters.base import POSITIONS, Adapter, prompt_attention
 
-__all__ = ["Adapter", "available", "for_model", "prompt_attention", "supported_classes"]
-
-_ADAPTERS: tuple[type[Adapter], ...] = (
-    LlavaAdapter,
-    LlavaNextAdapter,
-    Qwen2VLAdapter,
-    InternVLAdapter,
-)
-_BY_CLASS = {name: cls for cls in _ADAPTERS for name in cls.model_classes}
+__all__ = [
+    "POSITIONS",
+    "Adapter",
+    "available",
+    "for_model",
+    "prompt_attention",
+    "supported_classes",
+]
 
 
 def available() -> list[str]:
-    """Families an adapter exists for ("internvl", "llava", "llava_next", "qwen2_vl")."""
-    return sorted(cls.family for cls in _ADAPTERS)
+    """Families an adapter exists for (every registered family)."""
+    from mc_core import families
+
+    return families.available()
 
 
 def supported_classes() -> list[str]:
     """Model class names `for_model` accepts."""
-    return sorted(_BY_CLASS)
+    from mc_core import families
+
+    return sorted(f.model_class.__name__ for f in families.all_families())
 
 
-def for_model(model) -> Adapter:
-    """The adapter of `model`'s family, chosen by the model's class name.
+def for_model(model, *, positions: str | None = None) -> Adapter:
+    """The adapter of `model`'s family.
+
+    Args:
+        model: a stock transformers LVLM of a registered family.
+        positions: "packed" or "source" (see `Adapter`); None: the family's default.
 
     Raises:
-        ValueError: no adapter for this model class (the message lists `available()` and the
-            supported classes).
+        ValueError: no family for this model class (the message lists the families and the
+            supported classes), or an unknown `positions`.
     """
-    name = type(model).__name__
-    if name not in _BY_CLASS:
-        raise ValueError(
-            f"no adapter for model class {name!r}; available families: {available()} "
-            f"(classes {supported_classes()})"
-        )
-    return _BY_CLASS[name](model)
+    from mc_core import families
 
+    fam = families.for_model(model)
+    return fam.adapter_class(model, positions=fam.positions if positions is None else positions)

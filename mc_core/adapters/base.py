@@ -18,7 +18,9 @@ placeholders must be contiguous.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -28,9 +30,17 @@ from torch import Tensor
 if TYPE_CHECKING:
     from mc_core.compressors import TokenContext
 
-__all__ = ["Adapter", "ImageSlot", "grid_positions", "prompt_attention", "rewrite_placeholders"]
+__all__ = [
+    "POSITIONS",
+    "Adapter",
+    "ImageSlot",
+    "grid_positions",
+    "prompt_attention",
+    "rewrite_placeholders",
+]
 
 _CONTEXT_FIELDS = frozenset({"cls_attention", "keys", "prompt_attention"})
+POSITIONS = ("packed", "source")  # see Adapter; mirrored by mc_core.families.POSITIONS
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,48 @@ def _pad_side(mask: Tensor) -> str | None:
     if left and right:
         raise ValueError("model_inputs['attention_mask'] has padding on both sides")
     return "left" if left else ("right" if right else None)
+
+
+def _gather_rows(
+    ids: Tensor, mask: Tensor, image_token_id: int, counts_in: list[int], counts_out: list[int]
+) -> tuple[list[Tensor], list[tuple[int, int, int]]]:
+    """Per row, the input indices the rewritten valid tokens copy (image i's first placeholder
+    repeated m_i times), and (row, start among valid tokens, m_i) per image."""
+    rows: list[Tensor] = []
+    slots: list[tuple[int, int, int]] = []
+    image = 0
+    for b in range(ids.shape[0]):
+        valid = mask[b].bool().nonzero().squeeze(1)  # (L_b,)
+        row_ids = ids[b, valid]
+        pos = (row_ids == image_token_id).nonzero().squeeze(1).tolist()
+        index: list[int] = []
+        cursor = p = 0
+        while p < len(pos):
+            if image >= len(counts_in):
+                raise ValueError(
+                    f"input_ids row {b} has more image placeholders than the {len(counts_in)} "
+                    "images' token counts account for"
+                )
+            n, m = counts_in[image], counts_out[image]
+            run = pos[p : p + n]
+            if len(run) != n or run[-1] - run[0] != n - 1:
+                raise ValueError(
+                    f"image {image} (row {b}) expects {n} contiguous placeholders at position "
+                    f"{pos[p]}, found {len(run)} spanning {run[-1] - run[0] + 1 if run else 0}"
+                )
+            index.extend(range(cursor, run[0]))
+            slots.append((b, len(index), m))
+            index.extend([run[0]] * m)
+            cursor = run[0] + n
+            p += n
+            image += 1
+        index.extend(range(cursor, len(row_ids)))
+        rows.append(valid[torch.tensor(index, dtype=torch.long, device=ids.device)])
+    if image != len(counts_in):
+        raise ValueError(
+            f"input_ids hold placeholders for {image} images but {len(counts_in)} token sets given"
+        )
+    return rows, slots
 
 
 def rewrite_placeholders(
@@ -106,41 +158,7 @@ def rewrite_placeholders(
     if pad_token_id == image_token_id:
         raise ValueError(f"pad_token_id {pad_token_id} equals the image placeholder id")
 
-    rows: list[Tensor] = []  # gather indices into each row (valid tokens only)
-    slots_unpadded: list[tuple[int, int, int]] = []
-    image = 0
-    for b in range(B):
-        valid = mask[b].bool().nonzero().squeeze(1)  # (L_b,)
-        row_ids = ids[b, valid]
-        pos = (row_ids == image_token_id).nonzero().squeeze(1).tolist()
-        index: list[int] = []
-        cursor = p = 0
-        while p < len(pos):
-            if image >= len(counts_in):
-                raise ValueError(
-                    f"input_ids row {b} has more image placeholders than the {len(counts_in)} "
-                    "images' token counts account for"
-                )
-            n, m = counts_in[image], counts_out[image]
-            run = pos[p : p + n]
-            if len(run) != n or run[-1] - run[0] != n - 1:
-                raise ValueError(
-                    f"image {image} (row {b}) expects {n} contiguous placeholders at position "
-                    f"{pos[p]}, found {len(run)} spanning {run[-1] - run[0] + 1 if run else 0}"
-                )
-            index.extend(range(cursor, run[0]))
-            slots_unpadded.append((b, len(index), m))
-            index.extend([run[0]] * m)
-            cursor = run[0] + n
-            p += n
-            image += 1
-        index.extend(range(cursor, len(row_ids)))
-        rows.append(valid[torch.tensor(index, dtype=torch.long, device=ids.device)])
-    if image != len(counts_in):
-        raise ValueError(
-            f"input_ids hold placeholders for {image} images but {len(counts_in)} token sets given"
-        )
-
+    rows, slots_unpadded = _gather_rows(ids, mask, image_token_id, counts_in, counts_out)
     width = max(len(r) for r in rows)
     out = {
         "input_ids": ids.new_full((B, width), pad_token_id),
@@ -180,17 +198,71 @@ def attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
     return torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
 
 
+def _continue_after_positions(module, args, kwargs):
+    """Forward pre-hook on a 1-D RoPE LVLM's inner model (installed by `positions="source"`
+    adapters), mirroring what Qwen does with its `rope_deltas`:
+
+    - on a fresh prefill with explicit `position_ids` [B, L] (those `inputs_with` builds), it
+      records `rope_deltas` [B, 1] = last position + 1 - L, so the next token continues after
+      the last position used (stock forwards would continue from the cache length);
+    - on a cached forward without `position_ids` (a later turn, a decoding step) it passes
+      `cache length + arange + rope_deltas`;
+    - a fresh prefill without positions clears it (the stock layout needs no shift).
+    """
+    pos = kwargs.get("position_ids")
+    cache = kwargs.get("past_key_values")
+    past = cache.get_seq_length() if cache is not None else 0
+    if past == 0:
+        module.rope_deltas = None
+        if isinstance(pos, Tensor) and pos.dim() == 2:
+            width, pos = pos.shape[1], pos.detach().float()
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, Tensor) and mask.dim() == 2:
+                pos = pos.masked_fill(~mask.bool(), float("-inf"))
+            module.rope_deltas = pos.amax(dim=1, keepdim=True) + 1 - width  # (B, 1)
+        return None
+    if pos is not None or getattr(module, "rope_deltas", None) is None:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)  # some wrappers pass it by position
+    embeds = kwargs.get("inputs_embeds")
+    length = (ids if ids is not None else embeds).shape[1]
+    delta = module.rope_deltas
+    steps = torch.arange(past, past + length, device=delta.device, dtype=delta.dtype)
+    kwargs["position_ids"] = steps[None] + delta  # (B, length)
+    return args, kwargs
+
+
 class Adapter:
     """Base class of the per-family adapters (see the module docstring).
 
-    Subclasses set `family` and `model_classes` (class names matched by `for_model`) and
-    implement `visual_tokens`, `contexts` and `_mm_encoder_inputs`.
+    Subclasses set `family` and implement `visual_tokens`, `contexts`, `placeholder_counts` and
+    `_mm_encoder_inputs`; `mc_core.families` maps model classes to them.
+
+    Positions (`positions=`, default: the family descriptor's `positions`):
+        "packed": the m_i compressed tokens take m_i consecutive positions, as the HF models
+            lay out any placeholder run (Qwen: on an h' x w' grid of about the original
+            aspect). This is what a stock model does with fewer tokens, and the default of the
+            LLaVA-like families: their towers give every token an absolute position
+            embedding, so the features say where a token is.
+        "source": with `inputs_with(..., P=P)`, token j of image i takes the P-weighted mean of
+            its sources' positions (`P_i[j] @ positions of image i's tokens`); text keeps its
+            uncompressed positions, so text after an image continues after the uncompressed
+            image's last position, in every turn (cached turns continue after the last
+            position used). The default of the Qwen families: their rotary-only tower puts no
+            location into the features, the LLM reads it from the (M-)RoPE positions alone.
+            1-D RoPE models get explicit `position_ids` [B, L]; a forward pre-hook on the
+            inner model (`rope_deltas`, as Qwen keeps) continues cached forwards after them
+            (manual cached forwards without `position_ids`, as `Conversation` makes; a
+            `generate` call over a pre-filled cache must pass its own `position_ids`).
+    With P = I (or m_i = n_i) both give the untouched model's inputs. The positions stay
+    differentiable w.r.t. P, but transformers' rotary embeddings run under `torch.no_grad`
+    (checked in 5.23: `LlamaRotaryEmbedding.forward`, `Qwen2VLRotaryEmbedding.forward`; they
+    keep float positions, no cast to int), so no gradient reaches P through them today.
     """
 
     family: ClassVar[str] = ""
-    model_classes: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, *, positions: str | None = None) -> None:
         self.model = model
         self.config = model.config
         token = getattr(model.config, "image_token_id", None)
@@ -199,6 +271,23 @@ class Adapter:
         if token is None:
             raise ValueError(f"{type(model).__name__}.config has no image_token_id")
         self.image_token_id = int(token)
+        if positions is None:
+            from mc_core import families
+
+            positions = families.for_model(model).positions
+        if positions not in POSITIONS:
+            raise ValueError(f"positions={positions!r}: expected one of {list(POSITIONS)}")
+        self.positions = positions
+        if positions == "source":
+            self._install_position_hook()
+
+    def _install_position_hook(self) -> None:
+        """1-D RoPE families: continue cached forwards after explicit positions (see above)."""
+        inner = self.model.model
+        if not getattr(inner, "_mc_position_hook", False):
+            inner.register_forward_pre_hook(_continue_after_positions, with_kwargs=True)
+            inner._mc_position_hook = True
+            inner.rope_deltas = None
 
     # -- what subclasses provide ------------------------------------------------------------
     def visual_tokens(self, model_inputs) -> list[Tensor]:
@@ -235,7 +324,11 @@ class Adapter:
         return int(cfg.hidden_size)
 
     def reset_state(self) -> None:
-        """Forget state the model keeps between calls (only Qwen's `rope_deltas` so far)."""
+        """Forget state the model keeps between calls (`rope_deltas`) before an unrelated
+        forward; a cached continuation of the same dialogue must keep it."""
+        inner = getattr(self.model, "model", None)
+        if inner is not None and hasattr(inner, "rope_deltas"):
+            inner.rope_deltas = None
 
     def _pad_token_id(self) -> int:
         for cfg in (
@@ -275,29 +368,41 @@ class Adapter:
             model_inputs: what the family's processor returned for the batch.
             tokens: one [m_i, d] tensor per image (batch order), e.g. a compressor's output.
             P: optional [m_i, n_i] per image, how each token mixes the image's original tokens
-                (the compressor's P). Families whose positions live outside the tokens (Qwen's
-                M-RoPE) give token j the P-weighted mean of its sources' positions; the others
-                ignore it (their tokens carry their own positions).
+                (the compressor's P). Under `positions="source"` it places the tokens (and is
+                required wherever m_i != n_i); under "packed" it is only checked.
 
         Returns:
             A dict for `model(**d)` / `model.generate(**d)`: `input_ids` and `attention_mask`
-            with m_i placeholders per image, `mm_encoder_outputs`, and any family extras.
+            with m_i placeholders per image, `mm_encoder_outputs`, any family extras, and under
+            "source" with P the `position_ids` of the whole sequence. Keep its attention mask:
+            without one, transformers reads jumps in `position_ids` as packed sequences.
+
+        Raises:
+            ValueError: token or P shapes not matching the placeholders, or "source" with
+                compressed tokens and no P.
         """
         counts_in = self.placeholder_counts(model_inputs)
         self._check_tokens(tokens, expect=len(counts_in))
+        counts_out = [int(t.shape[0]) for t in tokens]
         rewritten, slots = rewrite_placeholders(
             model_inputs,
             self.image_token_id,
             counts_in,
-            [int(t.shape[0]) for t in tokens],
+            counts_out,
             pad_token_id=self._pad_token_id(),
         )
         if P is not None:
             self._check_p(P, tokens, counts_in)
+        elif self.positions == "source" and counts_out != counts_in:
+            raise ValueError(
+                f"positions='source' places each compressed token by P, but P is None for "
+                f"{counts_out} tokens from {counts_in}: pass P=..., or build the adapter with "
+                "positions='packed'"
+            )
         out = dict(rewritten)
         out.update(self._mm_encoder_inputs(model_inputs, tokens, slots, rewritten))
-        if P is not None:
-            out.update(self._positions_from_p(model_inputs, P, slots, rewritten))
+        if P is not None and self.positions == "source":
+            out.update(self._positions_from_p(model_inputs, P, rewritten))
         return out
 
     @staticmethod
@@ -311,14 +416,58 @@ class Adapter:
                 shape = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
                 raise ValueError(f"P[{i}] has shape {shape}, expected {want} (tokens[{i}] x n_i)")
 
-    def _positions_from_p(
-        self, model_inputs, P: list[Tensor], slots: list[ImageSlot], rewritten: dict
-    ) -> dict[str, Any]:
-        """Extra inputs that place the compressed tokens by P (none for most families)."""
-        return {}
+    def _original_positions(self, model_inputs) -> Tensor:
+        """[D, B, L] positions of the uncompressed input (D = 1 for 1-D RoPE): each valid
+        token's index among the row's valid tokens (padding: 0)."""
+        ids = model_inputs["input_ids"]
+        mask = model_inputs.get("attention_mask")
+        if mask is None:
+            return torch.arange(ids.shape[1], device=ids.device).expand(1, *ids.shape)
+        return ((mask.long().cumsum(-1) - 1).clamp(min=0))[None]
+
+    def _positions_from_p(self, model_inputs, P: list[Tensor], rewritten: dict) -> dict[str, Any]:
+        """`position_ids` of the rewritten sequence: token j of image k at P_k[j] @ (positions
+        of image k's tokens), text at its original position. Float32, differentiable w.r.t. P;
+        [B, L] for 1-D RoPE, [D, B, L] otherwise."""
+        ids = model_inputs["input_ids"]
+        counts = self.placeholder_counts(model_inputs)
+        orig = self._original_positions(model_inputs)  # (D, B, L_in)
+        _, slots_in = rewrite_placeholders(
+            model_inputs, self.image_token_id, counts, counts, pad_token_id=self._pad_token_id()
+        )
+        mask_in = model_inputs.get("attention_mask")
+        mask_out = rewritten.get("attention_mask")
+        ids_out = rewritten["input_ids"]
+        rows = []
+        for b in range(ids.shape[0]):
+            valid = (
+                torch.ones_like(ids[b], dtype=torch.bool) if mask_in is None else mask_in[b].bool()
+            )
+            starts = {s.start: k for k, s in enumerate(slots_in) if s.row == b}
+            cols, j = [], 0
+            while j < ids.shape[1]:
+                if j in starts:
+                    k = starts[j]
+                    src = orig[:, b, j : j + counts[k]].to(ids_out.device, torch.float32)
+                    p = P[k].to(ids_out.device, torch.float32)
+                    cols.append(src @ p.T)  # (D, m_k)
+                    j += counts[k]
+                    continue
+                if valid[j]:
+                    cols.append(orig[:, b, j : j + 1].to(ids_out.device, torch.float32))
+                j += 1
+            row = torch.cat(cols, dim=1)  # (D, L_valid_out)
+            full = row.new_zeros((row.shape[0], ids_out.shape[1]))
+            if mask_out is None:
+                full = full + row
+            else:
+                full = full.masked_scatter(mask_out[b].bool()[None], row)
+            rows.append(full)
+        pos = torch.stack(rows, dim=1)  # (D, B, L_out)
+        return {"position_ids": pos[0] if pos.shape[0] == 1 else pos}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({type(self.model).__name__})"
+        return f"{type(self).__name__}({type(self.model).__name__}, positions={self.positions!r})"
 
 
 def feature_layer_index(layer: int, num_layers: int, *, where: str) -> int:
@@ -352,6 +501,50 @@ def _decoder_layers(model) -> tuple[Any, Any]:
             f"{type(model).__name__}'s decoder {type(decoder).__name__} has no `layers` ModuleList"
         )
     return decoder, layers
+
+
+def _prompt_queries(model_inputs, image_token_id: int, slots: list[ImageSlot]) -> list[Tensor]:
+    """Per image, the positions of the valid text tokens after its placeholders ([q_i])."""
+    ids = model_inputs["input_ids"]
+    mask = model_inputs.get("attention_mask")
+    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    text = valid & (ids != image_token_id)  # (B, L)
+    queries = []
+    for i, s in enumerate(slots):
+        q = text[s.row].clone()
+        q[: s.start + s.count] = False
+        if not q.any():
+            raise ValueError(f"image {i} (row {s.row}) has no prompt text after it")
+        queries.append(q.nonzero().squeeze(1))  # (q_i,)
+    return queries
+
+
+@contextlib.contextmanager
+def _first_layers_eager(model, adapter: Adapter, layer: int) -> Iterator[None]:
+    """For the block: the LLM runs layers 0..`layer` only, eager attention; all restored after
+    (also on error), and the adapter's model state reset on both sides."""
+    text_cfg = getattr(model.config, "text_config", model.config)
+    decoder, layers = _decoder_layers(model)
+    # Several configs may hold the depth (the text config, the decoder's own if distinct).
+    configs = [text_cfg] if decoder.config is text_cfg else [text_cfg, decoder.config]
+    depths = [c.num_hidden_layers for c in configs]
+    previous = text_cfg._attn_implementation
+    nested = text_cfg is not model.config
+    adapter.reset_state()
+    try:
+        # Qwen2-VL's text model loops over every entry of `layers`, Llama/Qwen2 over
+        # `layers[:num_hidden_layers]`: shortening both stops every family after layer K.
+        decoder.layers = torch.nn.ModuleList(list(layers)[: layer + 1])
+        for c in configs:
+            c.num_hidden_layers = layer + 1
+        model.set_attn_implementation({"text_config": "eager"} if nested else "eager")
+        yield
+    finally:
+        model.set_attn_implementation({"text_config": previous} if nested else previous)
+        for c, depth in zip(configs, depths, strict=True):
+            c.num_hidden_layers = depth
+        decoder.layers = layers
+        adapter.reset_state()
 
 
 def prompt_attention(
@@ -388,8 +581,7 @@ def prompt_attention(
         ValueError: `layer` out of range (the message names the LLM's depth), `visual_tokens`
             not matching the placeholders, or an image with no text after it.
     """
-    text_cfg = getattr(model.config, "text_config", model.config)
-    decoder, layers = _decoder_layers(model)
+    _, layers = _decoder_layers(model)
     n_layers = len(layers)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
         raise ValueError(
@@ -409,17 +601,7 @@ def prompt_attention(
     _, slots = rewrite_placeholders(
         model_inputs, adapter.image_token_id, counts, counts, pad_token_id=adapter._pad_token_id()
     )
-    ids = model_inputs["input_ids"]
-    mask = model_inputs.get("attention_mask")
-    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    text = valid & (ids != adapter.image_token_id)  # (B, L)
-    queries = []
-    for i, s in enumerate(slots):
-        q = text[s.row].clone()
-        q[: s.start + s.count] = False
-        if not q.any():
-            raise ValueError(f"image {i} (row {s.row}) has no prompt text after it")
-        queries.append(q.nonzero().squeeze(1))  # (q_i,)
+    queries = _prompt_queries(model_inputs, adapter.image_token_id, slots)
 
     with torch.no_grad():
         # The same forward (P = I is exact) without the vision tower, so only the LLM runs.
@@ -439,31 +621,13 @@ def prompt_attention(
             rows = weights[s.row, :, q, s.start : s.start + s.count]  # (H, q_i, n_i)
             scores.append(rows.float().mean(dim=(0, 1)))  # (n_i,)
 
-    # Several configs may hold the depth (the text config, the decoder's own if distinct).
-    configs = [text_cfg] if decoder.config is text_cfg else [text_cfg, decoder.config]
-    depths = [c.num_hidden_layers for c in configs]
-    previous = text_cfg._attn_implementation
-    nested = text_cfg is not model.config
-    hook = None
-    adapter.reset_state()
-    try:
-        # Qwen2-VL's text model loops over every entry of `layers`, Llama/Qwen2 over
-        # `layers[:num_hidden_layers]`: shortening both stops every family after layer K.
-        decoder.layers = torch.nn.ModuleList(list(layers)[: layer + 1])
-        for c in configs:
-            c.num_hidden_layers = layer + 1
-        model.set_attn_implementation({"text_config": "eager"} if nested else "eager")
+    with _first_layers_eager(model, adapter, layer):
         hook = layers[layer].self_attn.register_forward_hook(keep_scores)
-        with torch.no_grad():
-            model(**inputs, use_cache=False, logits_to_keep=1)
-    finally:
-        if hook is not None:
+        try:
+            with torch.no_grad():
+                model(**inputs, use_cache=False, logits_to_keep=1)
+        finally:
             hook.remove()
-        model.set_attn_implementation({"text_config": previous} if nested else previous)
-        for c, depth in zip(configs, depths, strict=True):
-            c.num_hidden_layers = depth
-        decoder.layers = layers
-        adapter.reset_state()
     if len(scores) != len(slots):
         raise RuntimeError(
             f"layer {layer}'s attention gave {len(scores)} scores for {len(slots)} images"

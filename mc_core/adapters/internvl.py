@@ -56,7 +56,6 @@ class InternVLAdapter(Adapter):
     """Adapter for `InternVLForConditionalGeneration`."""
 
     family = "internvl"
-    model_classes = ("InternVLForConditionalGeneration",)
 
     def _side(self) -> tuple[int, int]:
         """(patches per tile side, tokens per tile side)."""

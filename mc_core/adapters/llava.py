@@ -73,7 +73,6 @@ class LlavaAdapter(Adapter):
     """Adapter for `LlavaForConditionalGeneration` (LLaVA-1.5)."""
 
     family = "llava"
-    model_classes = ("LlavaForConditionalGeneration",)
 
     def _strategy(self) -> str:
         return self.config.vision_feature_select_strategy

@@ -31,7 +31,6 @@ class LlavaNextAdapter(Adapter):
     """Adapter for `LlavaNextForConditionalGeneration` (LLaVA-1.6)."""
 
     family = "llava_next"
-    model_classes = ("LlavaNextForConditionalGeneration",)
 
     def _sizes(self, model_inputs) -> Tensor:
         sizes = model_inputs.get("image_sizes")

@@ -1,24 +1,25 @@
-"""Qwen2-VL and Qwen2.5-VL: native-resolution tower, 2 x 2 patch merger, M-RoPE positions.
+"""Qwen2-VL: native-resolution tower, 2 x 2 patch merger, M-RoPE positions.
 
 Image i gives `H_i * W_i` tokens, a row-major grid of merged 2 x 2 patch blocks
 (`image_grid_thw[i] = (1, 2 H_i, 2 W_i)` with merge size 2).
 
-Positions of compressed tokens (M-RoPE). The LLM gives an image's tokens 3-D (t, row, col)
-positions from `image_grid_thw`. For m_i tokens, `inputs_with` picks the factorisation
-m_i = h' * w' whose aspect is closest to the original H_i / W_i and, when that aspect is within a
-factor of 2 of the original (`max_aspect_error`), passes a fake `image_grid_thw = (1, 2h', 2w')`:
-the m_i tokens are laid out as a row-major h' x w' grid (exact at m_i = n_i, where h', w' = H_i,
-W_i). Otherwise (m_i prime, say) the tokens are marked as text (`mm_token_type_ids = 0`) and get
-plain 1-D positions; the image is left out of `image_grid_thw`. Either way the features are
-scattered into the placeholders (that is keyed by `input_ids`, not the token types).
+Positions of compressed tokens (M-RoPE), `positions=` of the adapter (default "source", the
+family descriptor's). "packed": the LLM gives an image's tokens 3-D (t, row, col) positions
+from `image_grid_thw`; for m_i tokens, `inputs_with` picks the factorisation m_i = h' * w'
+whose aspect is closest to the original H_i / W_i and, when that aspect is within a factor of 2
+of the original (`max_aspect_error`), passes a fake `image_grid_thw = (1, 2h', 2w')`: the m_i
+tokens are laid out as a row-major h' x w' grid (exact at m_i = n_i). Otherwise (m_i prime, say)
+the tokens are marked as text (`mm_token_type_ids = 0`) and get plain 1-D positions; the image
+is left out of `image_grid_thw`. Either way the features are scattered into the placeholders
+(that is keyed by `input_ids`, not the token types).
 
-With `inputs_with(..., P=P)` (the compressor's [m_i, n_i] mixing matrices) the fake grid is
-bypassed: explicit float `position_ids` (3, B, L) give token j of image i the P-weighted mean of
-its sources' original (t, h, w) positions (RoPE takes fractional positions; a one-hot row is the
-kept token's own position, P = I the untouched model). Text keeps its original positions, so
-text after an image continues from the uncompressed image's max position + 1, as stock. A
-forward pre-hook (installed once per model by the adapter) sets `rope_deltas` from such explicit
-positions on a fresh prefill, so cached text-only turns and `generate` continue after them.
+"source" with `inputs_with(..., P=P)`: explicit float `position_ids` (3, B, L) give token j of
+image i the P-weighted mean of its sources' original (t, h, w) positions (RoPE takes
+fractional positions; a one-hot row is the kept token's own position, P = I the untouched
+model). Text keeps its original positions, so text after an image continues from the
+uncompressed image's max position + 1, as stock. A forward pre-hook (installed once per model)
+sets `rope_deltas` from such explicit positions on a fresh prefill, so cached text-only turns
+and `generate` continue after them.
 
 Context. Qwen's tower has no [CLS], so `cls_attention` is the mean attention each token
 receives at the tower's last block (queries: every patch of the same image; heads averaged;
@@ -48,7 +49,6 @@ from mc_core.adapters.base import (
     ImageSlot,
     attention_probs,
     grid_positions,
-    rewrite_placeholders,
 )
 
 __all__ = ["Qwen2VLAdapter", "factor_grid"]
@@ -97,10 +97,9 @@ def factor_grid(m: int, height: int, width: int) -> tuple[int, int, float]:
 
 
 class Qwen2VLAdapter(Adapter):
-    """Adapter for `Qwen2VLForConditionalGeneration` and `Qwen2_5_VLForConditionalGeneration`."""
+    """Adapter for `Qwen2VLForConditionalGeneration` (and, subclassed, its derivatives)."""
 
     family = "qwen2_vl"
-    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     # Largest |log aspect ratio| change for which compressed tokens keep 3-D positions.
     max_aspect_error = math.log(2.0)
 
@@ -108,65 +107,33 @@ class Qwen2VLAdapter(Adapter):
     def merge(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
 
-    def __init__(self, model) -> None:
-        super().__init__(model)
-        inner = model.model
+    def _install_position_hook(self) -> None:
+        # M-RoPE: Qwen's own forward continues cached calls from `rope_deltas`; the hook only
+        # sets them from explicit positions (see `_rope_deltas_from_positions`).
+        inner = self.model.model
         if not getattr(inner, "_mc_rope_deltas_hook", False):
             inner.register_forward_pre_hook(_rope_deltas_from_positions, with_kwargs=True)
             inner._mc_rope_deltas_hook = True
 
-    def reset_state(self) -> None:
-        self.model.model.rope_deltas = None
-
-    def _positions_from_p(
-        self, model_inputs, P: list[Tensor], slots: list[ImageSlot], rewritten: dict
-    ) -> dict[str, Any]:
-        """`position_ids` (3, B, L) float: token j of image i sits at P_i[j] @ (original (t, h, w)
-        positions of image i's tokens); text keeps its original positions (so the text after an
-        image continues from the uncompressed image's max position + 1, as stock)."""
-        ids = model_inputs["input_ids"]
+    def _original_positions(self, model_inputs) -> Tensor:
+        """(3, B, L) M-RoPE positions of the uncompressed input, as the model computes them."""
         types = model_inputs.get("mm_token_type_ids")
         if types is None:
             raise ValueError(
                 "model_inputs has no 'mm_token_type_ids' (returned by the Qwen processor)"
             )
-        mask_in = model_inputs.get("attention_mask")
-        counts = self.placeholder_counts(model_inputs)
         orig, _ = self.model.model.get_rope_index(
-            ids,
+            model_inputs["input_ids"],
             mm_token_type_ids=types,
             image_grid_thw=model_inputs["image_grid_thw"],
-            attention_mask=mask_in,
-        )  # (3, B, L_in) long
-        _, slots_in = rewrite_placeholders(
-            model_inputs, self.image_token_id, counts, counts, pad_token_id=self._pad_token_id()
+            attention_mask=model_inputs.get("attention_mask"),
         )
-        mask_out = rewritten.get("attention_mask")
-        ids_out = rewritten["input_ids"]
-        pos = torch.zeros((3, *ids_out.shape), dtype=torch.float32, device=ids_out.device)
-        for b in range(ids.shape[0]):
-            valid = (
-                torch.ones_like(ids[b], dtype=torch.bool) if mask_in is None else mask_in[b].bool()
-            )
-            starts = {s.start: k for k, s in enumerate(slots_in) if s.row == b}
-            cols, j = [], 0
-            while j < ids.shape[1]:
-                if j in starts:
-                    k = starts[j]
-                    src = orig[:, b, j : j + counts[k]].to(pos.device, torch.float32)  # (3, n_k)
-                    # Positions are a layout, not a learning signal: no gradient into P via RoPE.
-                    cols.append(src @ P[k].detach().to(pos.device, torch.float32).T)  # (3, m_k)
-                    j += counts[k]
-                    continue
-                if valid[j]:
-                    cols.append(orig[:, b, j : j + 1].to(pos.device, torch.float32))
-                j += 1
-            row = torch.cat(cols, dim=1)  # (3, L_valid_out)
-            if mask_out is None:
-                pos[:, b] = row
-            else:
-                pos[:, b, mask_out[b].bool()] = row
-        return {"position_ids": pos}
+        return orig
+
+    def _patch_order(self, hidden: Tensor, thw: Tensor) -> Tensor:
+        """The tower's hidden states [S, dv] in the processor's patch order (Qwen2-VL: as is;
+        a tower that permutes patches into windows overrides this)."""
+        return hidden
 
     def _grids(self, model_inputs) -> list[tuple[int, int]]:
         thw = model_inputs.get("image_grid_thw")
@@ -221,25 +188,14 @@ class Qwen2VLAdapter(Adapter):
             probs: per image [H, S_i, S_i] float32 attention over that image's patches.
             values: per image [H, S_i, dh].
             h_in, h_out: [S, dv] the block's input and output (the tower's own hidden states).
-            All in the processor's patch order (Qwen2.5-VL's window permutation undone).
+            All in the processor's patch order (`_patch_order`: windowed towers undo theirs).
         """
         visual = self.model.model.visual
         thw = model_inputs["image_grid_thw"]
         out = self._features(model_inputs, hidden=True)
         block = visual.blocks[-1]
         h_in, h_out = out.hidden_states[-2], out.hidden_states[-1]  # (S, dv), tower order
-        if hasattr(visual, "fullatt_block_indexes"):
-            # Qwen2.5-VL runs its blocks on merge units permuted into windows: undo that.
-            from transformers.vision_utils import get_vision_window_index
-
-            window_index, _ = get_vision_window_index(
-                thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
-            )
-            order = torch.argsort(window_index)
-            unit = self.merge**2
-            h_in, h_out = (
-                h.reshape(-1, unit, h.shape[-1])[order].flatten(0, 1) for h in (h_in, h_out)
-            )
+        h_in, h_out = self._patch_order(h_in, thw), self._patch_order(h_out, thw)
         position_ids = get_vision_position_ids(thw, visual.spatial_merge_size)
         cos, sin = visual.rotary_pos_emb(h_in, position_ids)
         heads = block.attn.num_heads

@@ -3,44 +3,53 @@
 ``build(name, rate=..., dim=...)`` returns a module whose call on tokens [n, d] returns
 ``(Y [m, d], P [m, n])`` with ``m = ceil((1 - rate) n)`` and ``Y = P @ tokens``; a list of
 tensors (one per image) returns lists.
+
+Each method registers itself with ``@register("<name>")`` on its class (see ``register``).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from mc_core.compressors.base import Compressor, TokenContext
-from mc_core.compressors.divprune import DivPruneCompressor
-from mc_core.compressors.fastv import FastVCompressor
-from mc_core.compressors.metacompress import MetaCompress
-from mc_core.compressors.none import NoneCompressor
-from mc_core.compressors.pool import PoolCompressor
-from mc_core.compressors.prumerge import PruMergeCompressor
-from mc_core.compressors.random_ import RandomCompressor
-from mc_core.compressors.sample import SampleCompressor
-from mc_core.compressors.tome import ToMeCompressor
-from mc_core.compressors.visionzip import VisionZipCompressor
 
-__all__ = ["Compressor", "TokenContext", "available", "build", "get_class"]
+__all__ = ["Compressor", "TokenContext", "available", "build", "get_class", "register"]
 
-_REGISTRY: dict[str, type[Compressor]] = {
-    cls.name: cls
-    for cls in (
-        NoneCompressor,
-        RandomCompressor,
-        SampleCompressor,
-        PoolCompressor,
-        PruMergeCompressor,
-        VisionZipCompressor,
-        DivPruneCompressor,
-        ToMeCompressor,
-        FastVCompressor,
-        MetaCompress,
-    )
-}
+_REGISTRY: dict[str, type[Compressor]] = {}
+
+def register(name: str):
+    """Class decorator: make a ``Compressor`` subclass buildable as ``name``.
+
+    Sets the class's ``name``; a second class under the same name is an error (two files
+    claiming one method would silently shadow each other).
+    """
+
+    def deco(cls: type[Compressor]) -> type[Compressor]:
+        if not (isinstance(cls, type) and issubclass(cls, Compressor)):
+            raise TypeError(f"@register({name!r}) expects a Compressor subclass, got {cls!r}")
+        other = _REGISTRY.get(name)
+        if other is not None and other is not cls:
+            raise ValueError(f"compressor {name!r} is registered twice: {other.__module__}."
+                             f"{other.__qualname__} and {cls.__module__}.{cls.__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load() -> None:
+    # Every module of the package is a method file (base.py holds the shared machinery):
+    # importing them runs their @register decorators, so a new method is one new file.
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def available() -> list[str]:
-    """Registered method names, in the project's canonical order."""
-    return list(_REGISTRY)
+    """Registered method names: ``none``, the other fixed methods, then the trainable ones."""
+    return sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].trainable, n != "none", n))
 
 
 def get_class(name: str) -> type[Compressor]:
@@ -65,3 +74,6 @@ def build(name: str, *, rate: float, dim: int, **cfg) -> Compressor:
         return cls(rate=rate, dim=dim, **cfg)
     except TypeError as err:
         raise ValueError(f"bad config for compressor {name!r}: {err}") from None
+
+
+_load()

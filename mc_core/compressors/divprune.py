@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mc_core.compressors import register
 from mc_core.compressors.base import Compressor, TokenContext
 
 
+@register("divprune")
 class DivPruneCompressor(Compressor):
     """Max-min diversity pruning (DivPrune, Alvar et al., CVPR 2025, arXiv 2503.02175)."""
-
-    name = "divprune"
 
     def _compress(self, x: Tensor, ctx: TokenContext) -> tuple[Tensor, Tensor]:
         n = x.shape[0]

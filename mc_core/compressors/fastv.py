@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from mc_core.compressors import register
 from mc_core.compressors.base import Compressor, TokenContext, context_tensor
 
 
+@register("fastv")
 class FastVCompressor(Compressor):
     """Prompt-attention pruning (FastV, Chen et al., ECCV 2024, arXiv 2403.06764)."""
 
-    name = "fastv"
     needs = frozenset({"prompt_attention"})
     prompt_dependent = True
 

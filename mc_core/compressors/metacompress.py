@@ -1,6 +1,6 @@
 """The MetaCompress generator: a learned, prompt-agnostic P from pooled queries and token keys.
 
-Paper (arXiv 2603.21701, Sec. 4; see ../shared/paper-spec.md)::
+Paper (arXiv 2603.21701, Sec. 4; see docs/method.md)::
 
     Q = Pool(X + E_pos -> m) W_q      (m, d_c)   fractional average pooling, any n -> any m
     K = (X + E_pos) W_k               (n, d_c)
@@ -36,6 +36,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mc_core.compressors import register
 from mc_core.compressors.base import Compressor, TokenContext
 from mc_core.ops import apply, pool_layout, pool_taps
 
@@ -69,10 +70,10 @@ def sincos_embedding(pos: Tensor, dim: int, cell: tuple[float, ...]) -> Tensor:
 _CACHE_SIZE = 8  # layouts kept per generator (a batch mixes a few image shapes)
 
 
+@register("metacompress")
 class MetaCompress(Compressor):
     """Learned meta-generator of P (MetaCompress, CVPR 2026, arXiv 2603.21701)."""
 
-    name = "metacompress"
     trainable = True
 
     def __init__(

@@ -7,13 +7,13 @@ import math
 import torch
 from torch import Tensor
 
+from mc_core.compressors import register
 from mc_core.compressors.base import Compressor, TokenContext
 
 
+@register("none")
 class NoneCompressor(Compressor):
     """Uncompressed reference (the "no reduction" row of MetaCompress, arXiv 2603.21701)."""
-
-    name = "none"
 
     @classmethod
     def _check_rate(cls, rate: float) -> float:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from mc_core.compressors import register
 from mc_core.compressors.base import Compressor, TokenContext
 from mc_core.ops import pool_matrix
 
 
+@register("pool")
 class PoolCompressor(Compressor):
     """Fractional average pooling (the pooling baseline/prior of MetaCompress, arXiv 2603.21701)."""
-
-    name = "pool"
 
     def _compress(self, x: Tensor, ctx: TokenContext) -> tuple[Tensor, Tensor]:
         n = x.shape[0]

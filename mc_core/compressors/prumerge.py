@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mc_core.compressors import register
 from mc_core.compressors.base import Compressor, TokenContext, context_tensor
 
 # Added to every attention weight so a kept token with (numerically) zero attention still
@@ -13,10 +14,10 @@ from mc_core.compressors.base import Compressor, TokenContext, context_tensor
 _EPS = 1e-8
 
 
+@register("prumerge")
 class PruMergeCompressor(Compressor):
     """[CLS]-attention selection + key-similarity merging (LLaVA-PruMerge, arXiv 2403.15388)."""
 
-    name = "prumerge"
     needs = frozenset({"cls_attention", "keys"})
 
     def _compress(self, x: Tensor, ctx: TokenContext) -> tuple[Tensor, Tensor]:

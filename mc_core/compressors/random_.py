@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mc_core.compressors import register
 from mc_core.compressors.base import Compressor, TokenContext
 
 
+@register("random")
 class RandomCompressor(Compressor):
     """Uniform random token pruning (the Random baseline of MetaCompress, arXiv 2603.21701)."""
-
-    name = "random"
 
     def __init__(self, *, rate: float, dim: int, seed: int = 0) -> None:
         super().__init__(rate=rate, dim=dim)

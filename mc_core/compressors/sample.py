@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mc_core.compressors import register
 from mc_core.compressors.base import Compressor, TokenContext
 
 
+@register("sample")
 class SampleCompressor(Compressor):
     """Equidistant token sampling (the Sample baseline of MetaCompress, arXiv 2603.21701)."""
-
-    name = "sample"
 
     def _compress(self, x: Tensor, ctx: TokenContext) -> tuple[Tensor, Tensor]:
         n = x.shape[0]

@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mc_core.compressors import register
 from mc_core.compressors.base import Compressor, TokenContext, context_tensor
 
 
+@register("tome")
 class ToMeCompressor(Compressor):
     """Size-weighted bipartite token merging (ToMe, Bolya et al., ICLR 2023, arXiv 2210.09461)."""
-
-    name = "tome"
 
     def _compress(self, x: Tensor, ctx: TokenContext) -> tuple[Tensor, Tensor]:
         n = x.shape[0]

@@ -6,13 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mc_core.compressors import register
 from mc_core.compressors.base import Compressor, TokenContext, context_tensor
 
 
+@register("visionzip")
 class VisionZipCompressor(Compressor):
     """Dominant + contextual tokens (VisionZip, Yang et al., CVPR 2025, arXiv 2412.04467)."""
 
-    name = "visionzip"
     needs = frozenset({"cls_attention", "keys"})
 
     def __init__(self, *, rate: float, dim: int, dominant_ratio: float = 54 / 64) -> None:

@@ -28,22 +28,23 @@ API:
     ``FEATURES``: the ``datasets.Features`` of a dialogue row.
     ``validate(ds, where=...)``: raises ``ValueError`` naming ``where``, the column and the row.
     ``save(ds, path)``: validates, then ``save_to_disk`` into a temporary folder beside ``path``
-    and renames it into place (nothing half-written is ever at ``path``).
+    and swaps it in (``mc_core.io.staged_dir``: nothing half-written is ever at ``path``).
     ``load(path)``: ``load_from_disk`` + ``validate``.
+    ``row(ds, i)``: one row, decoded; an undecodable image is a ValueError naming the row.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
 from datasets import Features, List, Value
+
+from mc_core.io import staged_dir
 
 TURNS = 3
 SOURCES = ("synthetic", "gqa", "vqav2")
@@ -63,6 +64,10 @@ FEATURES = Features(
     }
 )
 COLUMNS = tuple(FEATURES)
+# Optional columns: a dataset may carry them (validated when present), none may require them.
+# object_centres: per object, its centre (row, col) in [0, 1] of the image (the synthetic world
+# knows them; real builders do not), the ground truth of the selector ceiling.
+OPTIONAL_FEATURES = Features({"object_centres": List(List(Value("float32")))})
 _PER_TURN = ("questions", "answers", "answer_sets", "question_types", "targets")
 
 
@@ -156,14 +161,17 @@ def validate(ds: datasets.Dataset, *, where: str) -> datasets.Dataset:
         _fail(where, f"expected a datasets.Dataset of dialogues, got {type(ds).__name__}")
     have = set(ds.column_names)
     missing = [c for c in COLUMNS if c not in have]
-    extra = sorted(have - set(COLUMNS))
+    extra = sorted(have - set(COLUMNS) - set(OPTIONAL_FEATURES))
     if missing or extra:
         _fail(where, f"columns differ from the dialogue schema: missing {missing}, "
                      f"unexpected {extra}")
-    for col in COLUMNS:
-        if ds.features[col] != FEATURES[col]:
-            _fail(where, f"feature type {ds.features[col]!r}, expected {FEATURES[col]!r}",
+    expected = {**FEATURES, **OPTIONAL_FEATURES}
+    for col in ds.column_names:
+        if ds.features[col] != expected[col]:
+            _fail(where, f"feature type {ds.features[col]!r}, expected {expected[col]!r}",
                   column=col)
+    if "object_centres" in have:
+        _check_centres(ds["object_centres"], where)
     seen: dict[str, int] = {}
     # Arrow batches: no image decoding, and indices mappings (select/shuffle) are honoured.
     arrow = ds.with_format("arrow")
@@ -184,6 +192,15 @@ def validate(ds: datasets.Dataset, *, where: str) -> datasets.Dataset:
     return ds
 
 
+def _check_centres(column: list, where: str) -> None:
+    """Every optional object centre is a (row, col) pair inside the unit square."""
+    for i, centres in enumerate(column):
+        for c in centres:
+            if len(c) != 2 or not all(0.0 <= v <= 1.0 for v in c):
+                _fail(where, f"object centre {c!r} is not (row, col) in [0, 1]", row=i,
+                      column="object_centres")
+
+
 def _image_presence(col: Any) -> list[dict[str, Any] | None]:
     """Per row, ``{"bytes": b"<n bytes>" or None, "path": ...}`` without copying image bytes."""
     import pyarrow.compute as pc
@@ -199,8 +216,21 @@ def _image_presence(col: Any) -> list[dict[str, Any] | None]:
     ]
 
 
+def row(ds: datasets.Dataset, index: int) -> dict[str, Any]:
+    """Row ``index`` of a dialogue dataset, its image decoded; ValueError naming the row and its
+    ``dialogue_id`` when the image bytes do not decode (a dataset not written by a builder,
+    which decode every image once)."""
+    try:
+        return ds[int(index)]
+    except (OSError, ValueError, SyntaxError) as err:  # what PIL raises on bad bytes
+        did = ds.select_columns(["dialogue_id"])[int(index)]["dialogue_id"]
+        raise ValueError(f"dataset row {index} (dialogue_id={did!r}): cannot decode its image: "
+                         f"{type(err).__name__}: {err}. Rebuild the dataset (dvc repro prepare)"
+                         " or drop that row") from err
+
+
 def save(ds: datasets.Dataset, path: str | os.PathLike) -> Path:
-    """Validates ``ds`` and writes it to ``path`` atomically (temp folder, then rename).
+    """Validates ``ds`` and writes it to ``path`` atomically (temp folder, then swap).
 
     An existing dataset at ``path`` is replaced only once the new one is complete.
 
@@ -209,24 +239,8 @@ def save(ds: datasets.Dataset, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     validate(ds, where=f"dataset to save at {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old = None
-    try:
+    with staged_dir(path) as tmp:
         ds.save_to_disk(str(tmp))
-        if path.exists():
-            # A directory cannot be os.replace'd over a non-empty one: move the old aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "d")
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "d").exists() and not path.exists():
-            os.replace(old / "d", path)  # put the previous dataset back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return path
 
 

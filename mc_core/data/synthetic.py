@@ -4,7 +4,7 @@ An image is a ``grid x grid`` array of square regions over a textured grey backg
 region holds at most one object (a shape in a colour, of a size) placed at a random position
 inside it. Objects are small on purpose: about 1-1.5 visual-token footprints wide (14-21 px at
 224 px for 16 x 16 tokens), so that keeping 10% of the tokens by equidistant sampling loses most
-objects and compression matters (see ``../shared/notes/teacher-training.md``).
+objects and compression matters.
 
 Questions (one-word answers):
     colour at a region  "what colour is at row 2 column 3 ?"  -> "red"
@@ -388,20 +388,22 @@ def generate(n_dialogues: int, seed: int, cfg: WorldConfig | None = None):
         cfg: the world (default ``WorldConfig()``).
 
     Returns:
-        A dataset with the columns of ``mc_core.data.schema.FEATURES`` (image as PNG bytes).
+        A dataset with the columns of ``mc_core.data.schema.FEATURES`` (image as PNG bytes)
+        and the optional ``object_centres`` (each object's centre (row, col) in [0, 1]).
     """
     import datasets
 
-    from mc_core.data.schema import FEATURES  # imported here: the package stays import-light
+    from mc_core.data.schema import FEATURES, OPTIONAL_FEATURES  # the package stays light
 
     cfg = cfg or WorldConfig()
     if isinstance(n_dialogues, bool) or not isinstance(n_dialogues, int) or n_dialogues < 1:
         raise ValueError(f"n_dialogues={n_dialogues!r}: expected a positive int")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r}: expected a non-negative int")
-    rows: dict[str, list] = {k: [] for k in FEATURES}
+    features = datasets.Features({**FEATURES, **OPTIONAL_FEATURES})
+    rows: dict[str, list] = {k: [] for k in features}
     for i in range(n_dialogues):
-        _, image, d = example(seed, i, cfg)
+        scene, image, d = example(seed, i, cfg)
         ident = f"synthetic-s{seed}-{i:06d}"
         rows["dialogue_id"].append(ident)
         rows["source"].append("synthetic")
@@ -412,7 +414,10 @@ def generate(n_dialogues: int, seed: int, cfg: WorldConfig | None = None):
         rows["answer_sets"].append([[a] for a in d.answers])
         rows["question_types"].append(list(d.question_types))
         rows["targets"].append(list(d.targets))
-    return datasets.Dataset.from_dict(rows, features=FEATURES)
+        # Ground truth for the selector ceiling (mc_core.ceilings): object centres on the image.
+        side = float(cfg.image_size)
+        rows["object_centres"].append([[o.cy / side, o.cx / side] for o in scene.objects])
+    return datasets.Dataset.from_dict(rows, features=features)
 
 
 def vocabulary(cfg: WorldConfig | None = None) -> list[str]:

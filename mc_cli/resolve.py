@@ -1,0 +1,165 @@
+"""Turn what a person types (a model folder, a compressor spec, an image path) into objects.
+
+Every failure is a `UsageError` whose message names the argument and the value, so the command
+line can print one line and exit 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "UsageError",
+    "check_compressor",
+    "load_compressor",
+    "load_dataset",
+    "load_model",
+    "open_image",
+]
+
+# Where `make run` puts the embedded default's base models: `--model tiny-llava` works.
+BASE_DIR = Path("models/base")
+
+
+class UsageError(Exception):
+    """A bad argument: printed as one line, exit status 2."""
+
+
+def load_model(spec: str, device: str = "auto"):
+    """`(model, processor)` from a saved model folder (or `models/base/<spec>`)."""
+    import torch
+
+    from mc_core import zoo
+
+    path = Path(spec)
+    if not path.is_dir() and (BASE_DIR / spec).is_dir():
+        path = BASE_DIR / spec
+    if not path.is_dir():
+        raise UsageError(
+            f"--model {spec!r}: no such folder (give a saved model folder, e.g. "
+            f"{BASE_DIR / 'tiny-llava'}, made by `make run`)"
+        )
+    try:
+        model, processor = zoo.load(path)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"--model {spec!r}: {err}") from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as err:
+        raise UsageError(f"--device {device!r}: {err}") from None
+    return model.eval().requires_grad_(False), processor
+
+
+def check_compressor(spec: str | None, rate: float | None) -> None:
+    """What can be checked of a compressor spec before the model loads (names, rate, paths)."""
+    import re
+
+    from mc_core.compressors import available, get_class
+
+    if spec is None or spec == "none":
+        return
+    if spec.startswith("models:/"):
+        if not re.fullmatch(r"models:/[^/@]+(@[^/]+|/\d+)", spec):
+            raise UsageError(
+                f"--compressor {spec!r}: expected models:/<name>@<alias> or models:/<name>/<n>"
+            )
+        from tasks import tracking
+
+        _check_registry(tracking.tracking_uri(), f"--compressor {spec!r}")
+    elif Path(spec).is_dir():
+        return
+    elif spec in available():
+        if rate is None:
+            raise UsageError(f"--compressor {spec!r} is a method name: give --rate too")
+        if get_class(spec).trainable:
+            raise UsageError(
+                f"--compressor {spec!r} must be trained: give its checkpoint folder "
+                f"(models/compressors/...) or a registry URI (models:/...@champion)"
+            )
+    else:
+        raise UsageError(
+            f"--compressor {spec!r}: not a method ({', '.join(available())}), "
+            "a checkpoint folder or a models:/<name>@<alias> URI"
+        )
+
+
+def load_compressor(spec: str | None, model, rate: float | None) -> Any:
+    """A compressor from a method name (needs `rate`), a checkpoint folder or a registry URI
+    (`models:/<name>@champion`); None for `none` or no spec (all visual tokens)."""
+    from mc_core.compressors import build
+    from mc_core.conversation import model_device, token_dim
+
+    check_compressor(spec, rate)
+    if spec is None or spec == "none":
+        return None
+    dim = token_dim(model)
+    if spec.startswith("models:/"):
+        comp = _from_registry(spec, dim)
+    elif Path(spec).is_dir():
+        from mc_core.checkpoint import load_compressor as load_ckpt
+
+        try:
+            comp = load_ckpt(spec, expect={"dim": dim})
+        except (ValueError, OSError) as err:
+            raise UsageError(f"--compressor {spec!r}: {err}") from None
+    else:
+        comp = build(spec, rate=rate, dim=dim)
+    if rate is not None and abs(float(comp.rate) - float(rate)) > 1e-9:
+        raise UsageError(f"--rate {rate} differs from {spec!r}'s own rate {comp.rate}")
+    return comp.to(model_device(model)).eval()
+
+
+def _from_registry(spec: str, dim: int):
+    try:
+        from tasks import tracking
+    except ImportError as err:  # an install without the pipeline packages
+        raise UsageError(
+            f"--compressor {spec!r}: the MLflow registry is unavailable ({err})"
+        ) from None
+    uri = tracking.tracking_uri()
+    _check_registry(uri, "--compressor " + repr(spec))
+    try:
+        return tracking.load_compressor(spec, expect={"dim": dim}, uri=uri)
+    except Exception as err:  # mlflow raises its own types for unknown names and aliases
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--compressor {spec!r} (registry {uri}): {first}") from None
+
+
+def _check_registry(uri: str, what: str) -> None:
+    """A local sqlite registry must exist: opening a missing one would create an empty one."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///") :])
+        if not path.is_file():
+            raise UsageError(
+                f"{what}: no MLflow registry at {uri} (run `make run`, or set "
+                "MLFLOW_TRACKING_URI to a tracking server)"
+            )
+
+
+def open_image(path: str):
+    """An RGB PIL image from `path`."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise UsageError(f"IMAGE {path!r}: no such file")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise UsageError(f"IMAGE {path!r}: not an image PIL can read ({err})") from None
+
+
+def load_dataset(path: str):
+    """A dialogue dataset folder (`mc_core.data.schema`)."""
+    from mc_core.data import schema
+
+    if not Path(path).is_dir():
+        raise UsageError(f"--data {path!r}: no such folder (a dataset saved by tasks.prepare)")
+    try:
+        return schema.load(path)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"--data {path!r}: {err}") from None

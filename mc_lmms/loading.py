@@ -1,0 +1,168 @@
+"""From lmms-eval's ``--model_args`` to a frozen base model and a compressor.
+
+``pretrained`` is a folder written by ``mc_core.zoo.save`` (the tiny teachers), a name of
+``mc_core.zoo.REAL`` or its Hugging Face id, or any other image-text-to-text checkpoint (id or
+local folder) whose class has an adapter (``mc_core.adapters.available()``).
+
+``compressor`` is ``none``, a method name of ``mc_core.compressors.available()`` (heuristics,
+built at ``rate``), a checkpoint folder (``mc_core.checkpoint``) or a registry URI
+``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (``tasks.tracking``, imported only
+then: MLflow is not needed otherwise). Checkpoints are refused when their fingerprint (family,
+token width) or rate differs from the model's and the requested rate.
+
+This module does not import lmms-eval, so it is usable (and tested) without it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mc_core import zoo
+from mc_core.adapters import for_model
+from mc_core.checkpoint import load_compressor
+from mc_core.compressors import available, build
+from mc_core.conversation import token_dim
+from mc_core.ops import check_rate
+from mc_core.train import prepare_model, resolve_device
+
+__all__ = ["load_base", "parse_dtype", "parse_rate", "resolve_compressor"]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_rate(rate: Any) -> float | None:
+    """``rate`` from model_args (a string from the CLI, or a number); None when absent."""
+    if rate is None or (isinstance(rate, str) and not rate.strip()):
+        return None
+    try:
+        value = float(rate)
+    except (TypeError, ValueError):
+        raise ValueError(f"model_args rate={rate!r}: expected a number in (0, 1)") from None
+    return check_rate(value, where="model_args rate")
+
+
+def parse_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    """``auto`` follows the project's evaluator: bfloat16 on CUDA, float32 on CPU."""
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"model_args dtype={dtype!r}: expected auto or one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _is_zoo_folder(path: Path) -> bool:
+    try:
+        zoo.info(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def load_base(pretrained: str, *, device: str | None = None, dtype: Any = None):
+    """The frozen base model (eval mode, no gradients) and its processor.
+
+    Args:
+        pretrained: a ``zoo.save`` folder, a ``zoo.REAL`` name or HF id, or another
+            image-text-to-text checkpoint (HF id or folder).
+        device: ``auto``/None (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``...
+        dtype: ``auto``/None, ``bfloat16``, ``float16`` or ``float32``.
+
+    Returns:
+        ``(model, processor)``.
+
+    Raises:
+        ValueError: an empty ``pretrained``, an unknown dtype, CUDA asked for but absent, or a
+            model class without an adapter (the message lists the supported ones).
+    """
+    if not isinstance(pretrained, str) or not pretrained.strip():
+        raise ValueError(f"model_args pretrained={pretrained!r}: expected a folder or an HF id")
+    dev = resolve_device("auto" if device in (None, "") else str(device))
+    torch_dtype = parse_dtype(dtype, dev)
+    path = Path(pretrained).expanduser()
+    if path.is_dir() and _is_zoo_folder(path):
+        model, processor = zoo.load(path)
+        prepare_model(model, dev)  # the evaluator's placement: bf16 + SDPA on CUDA
+        if dtype not in (None, "", "auto"):
+            model.to(dtype=torch_dtype)
+    else:
+        real = {spec.hf_id: name for name, spec in zoo.REAL.items()}
+        name = pretrained if pretrained in zoo.REAL else real.get(pretrained)
+        if name is not None:
+            model, processor = zoo.load_real(name, dtype=torch_dtype, device_map=str(dev))
+        else:
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            model = AutoModelForImageTextToText.from_pretrained(
+                pretrained, dtype=torch_dtype, device_map=str(dev)
+            )
+            processor = AutoProcessor.from_pretrained(pretrained)
+        model.eval().requires_grad_(False)
+    for_model(model)  # fail now, naming the class, rather than at the first request
+    return model, processor
+
+
+def _load_checkpoint(spec: str, expect: dict[str, Any], tracking_uri: str | None):
+    if spec.startswith("models:/"):
+        try:
+            from tasks.tracking import load_compressor as load_registered
+        except ImportError as err:
+            raise ValueError(
+                f"model_args compressor={spec!r}: registry URIs need the project's tasks "
+                f"package and MLflow ({err})"
+            ) from None
+        return load_registered(spec, expect=expect, uri=tracking_uri)
+    return load_compressor(spec, expect=expect)
+
+
+def resolve_compressor(
+    spec: str | None, *, rate: float | None, model, tracking_uri: str | None = None
+):
+    """The compressor named by model_args, on the model's device, in eval mode (None = all
+    visual tokens).
+
+    Args:
+        spec: ``none``, a method name, a checkpoint folder or a ``models:/`` URI.
+        rate: the requested reduction rate; required for method names, checked against
+            checkpoints when given.
+        model: the base model (its family and token width bind checkpoints).
+        tracking_uri: MLflow tracking URI for ``models:/`` (default: ``$MLFLOW_TRACKING_URI``,
+            else ``mlflow.db`` in the working directory).
+
+    Raises:
+        ValueError: an unknown method, a missing rate, a trainable method without a
+            checkpoint, or a checkpoint for another family, width or rate.
+    """
+    spec = "none" if spec is None else str(spec).strip()
+    if spec in ("", "none"):
+        return None
+    family = for_model(model).family
+    dim = token_dim(model)
+    if spec.startswith("models:/") or Path(spec).expanduser().is_dir():
+        comp = _load_checkpoint(spec, {"family": family, "dim": dim}, tracking_uri)
+        if rate is not None and not math.isclose(float(comp.rate), rate):
+            raise ValueError(
+                f"model_args compressor={spec!r} was trained for rate {comp.rate}, "
+                f"but rate={rate} was requested"
+            )
+    elif spec in available():
+        if rate is None:
+            raise ValueError(f"model_args compressor={spec!r} needs rate=<0..1>, e.g. rate=0.9")
+        comp = build(spec, rate=rate, dim=dim)
+        if comp.trainable:
+            raise ValueError(
+                f"model_args compressor={spec!r} must be trained: pass its checkpoint folder "
+                "or a models:/<name>@champion URI"
+            )
+    else:
+        raise ValueError(
+            f"model_args compressor={spec!r} is not a method ({', '.join(available())}), "
+            "an existing checkpoint folder or a models:/ URI"
+        )
+    device = next(model.parameters()).device
+    return comp.to(device).eval().requires_grad_(False)

@@ -1,0 +1,96 @@
+"""FastV's layer K and the adapters' position mode, each varied on one cell (not a DVC stage).
+
+FastV ranks the visual tokens by the attention the first prompt pays them at LLM layer K; the
+paper uses K = 2, which on a 2-layer tiny teacher is capped at its last layer (a supervised
+layer there). This script reports FastV for K in ``--layers`` (the layer actually read is
+recorded) and, for ``sample`` and the cell's trained compressor, both position modes of the
+adapters (``packed``: consecutive positions, the HF convention; ``source``: each compressed
+token at the P-weighted position of its sources). Dialogues: the first ``--dialogues`` of
+data/test; settings from ``params.yaml: evaluate``. Writes ``reports/sensitivity.json``::
+
+    {"arch", "rate", "dataset", "n_dialogues", "layers": {"K0": {"layer", "acc_turn",
+     "acc_avg", "acc_avg_ci", ...}, ...}, "positions": {"packed": {method: {...}},
+     "source": {...}}, "default_positions"}
+
+Usage: ``python -m tasks.sensitivity --arch tiny-qwen2-vl --rate 0.9 [--dialogues 96]
+[--layers 0,1,2] [--positions packed,source]``
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tasks import common
+
+PARAMS = ("evaluate", "train")
+OUT = Path("reports/sensitivity.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run both sweeps on the cell and write the report."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", required=True)
+    ap.add_argument("--rate", required=True, type=float)
+    ap.add_argument("--layers", default="0,1,2", help="FastV layers K, comma-separated")
+    ap.add_argument("--positions", default="packed,source",
+                    help="adapter position modes, comma-separated")
+    ap.add_argument("--dialogues", type=int, default=96, help="first N test dialogues")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ns = ap.parse_args(argv)
+    try:
+        layers = [int(k) for k in ns.layers.split(",")]
+    except ValueError:
+        raise ValueError(f"--layers={ns.layers!r}: expected comma-separated ints") from None
+    if any(k < 0 for k in layers) or ns.dialogues < 1:
+        raise ValueError(f"--layers={ns.layers!r} / --dialogues={ns.dialogues}: expected "
+                         "layers >= 0 and at least one dialogue")
+    modes = ns.positions.split(",")
+    p = common.load_params(PARAMS, who="tasks.sensitivity")
+
+    from mc_core import checkpoint, zoo
+    from mc_core import evaluate as meval
+    from mc_core.adapters import POSITIONS, for_model
+
+    if not modes or set(modes) - set(POSITIONS):
+        raise ValueError(f"--positions={ns.positions!r}: expected some of {POSITIONS}")
+    from mc_core.compressors import build
+    from mc_core.conversation import token_dim
+    from mc_core.data import schema
+
+    model, processor = zoo.load(common.base_dir(ns.arch))
+    family = zoo.info(common.base_dir(ns.arch)).get("family")
+    dataset = schema.load(common.DATA_TEST)
+    ev = p.evaluate
+    kw = {"history": ev.history, "max_dialogues": ns.dialogues, "device": ev.device,
+          "batch_size": ev.batch_size, "max_new_tokens": ev.max_new_tokens, "seed": ev.seed,
+          "progress": ev.progress, "arch": ns.arch, "dataset_name": dataset[0]["source"]}
+    n_layers = int(model.config.get_text_config().num_hidden_layers)
+    fastv = {}
+    for k in layers:
+        comp = build("fastv", rate=ns.rate, dim=token_dim(model))
+        comp.layer = k  # read by mc_core.conversation.compress_inputs (capped at the last layer)
+        fastv[f"K{k}"] = comp
+    by_layer = meval.evaluate(model, processor, dataset, list(fastv), ns.rate,
+                              compressors=fastv, **kw)
+    out = {"arch": ns.arch, "rate": ns.rate, "dataset": by_layer["dataset"],
+           "n_dialogues": by_layer["n_dialogues"], "layers": {}, "positions": {},
+           "default_positions": for_model(model).positions}
+    for name, m in by_layer["methods"].items():
+        k = int(name[1:])
+        out["layers"][name] = {"requested": k, "layer": min(k, n_layers - 1), **m}
+    trained = {}
+    ckpt = common.compressor_dir(ns.arch, ns.rate)
+    if ckpt.is_dir():
+        trained[p.train.method] = checkpoint.load_compressor(ckpt, expect={"family": family})
+    for mode in modes:
+        res = meval.evaluate(model, processor, dataset, ["sample", *trained], ns.rate,
+                             compressors=trained, adapter=for_model(model, positions=mode), **kw)
+        out["positions"][mode] = res["methods"]
+    common.write_json(ns.out, out)
+    print(f"sensitivity: wrote {ns.out}", flush=True)
+
+
+if __name__ == "__main__":
+    with common.stage("sensitivity"):
+        main()

@@ -1,0 +1,83 @@
+"""tasks.evaluate end to end on a tiny LLaVA and a temporary MLflow store: test metrics with
+intervals, ceilings, the extra seeds' spread, and data/val with the registry's champion."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+from conftest import build_llava
+from test_ceilings import _dataset
+
+from mc_core import checkpoint, zoo
+from mc_core.compressors import build
+from mc_core.data import schema
+from tasks import common, tracking
+from tasks import evaluate as stage
+from tasks.overrides import TrainParams
+from tasks.params import CeilingsParams, EvaluateParams, RegisterParams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ARCH, RATE = "tiny-llava", 0.75
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    model, processor = build_llava()
+    db = tmp_path / "mlflow.db"
+    tracking.migrate(f"sqlite:///{db}")
+    monkeypatch.setenv(tracking.ENV_URI, f"sqlite:///{db}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(zoo, "load", lambda path: (model, processor))
+    monkeypatch.setattr(zoo, "info", lambda path: {"family": "llava"})
+    schema.save(_dataset(3, True), common.DATA_TEST)
+    schema.save(_dataset(2, False), common.DATA_VAL)
+    ev = EvaluateParams(methods=["none", "sample", "metacompress"], device="cpu", batch_size=2,
+                        max_new_tokens=1, progress=False,
+                        ceilings=CeilingsParams(oracle_dialogues=1, oracle_steps=2))
+    params = SimpleNamespace(evaluate=ev, register=RegisterParams(), train=TrainParams(),
+                             tracking=SimpleNamespace(experiment="stage"))
+    monkeypatch.setattr(common, "load_params", lambda sections, who: params)
+
+    def save(path, seed):
+        comp = build("metacompress", rate=RATE, dim=64, d_c=16, seed=seed)
+        checkpoint.save_compressor(path, comp, meta={"family": "llava", "seed": seed})
+
+    return save
+
+
+def _eval() -> dict:
+    stage.main(["--arch", ARCH, "--rate", str(RATE)])
+    return json.loads(common.cell_file("eval", ARCH, RATE).read_text())
+
+
+def test_evaluate_stage_records_ceilings_seeds_and_validation(workspace):
+    workspace(common.compressor_dir(ARCH, RATE), 0)
+    workspace(common.seeds_dir(ARCH, RATE) / "seed-1", 1)
+    first = _eval()
+    assert first["n_dialogues"] == 3
+    mc = first["methods"]["metacompress"]
+    assert len(mc["acc_avg_ci"]) == 2 and mc["seeds"]["seeds"] == [0, 1]
+    assert mc["seeds"]["acc_avg"][0] == mc["acc_avg"] and len(mc["seeds"]["acc_avg"]) == 2
+    assert {"selector", "oracle", "cls_overlap"} <= set(first["ceilings"])
+    val = first["validation"]
+    assert val["n_dialogues"] == 2 and set(val["methods"]) == {"metacompress", "sample"}
+
+    # Make v1 the champion (the gate itself is tested in tests/test_gating.py).
+    name = RegisterParams().model_name(ARCH, RATE, "metacompress")
+    run = tracking.start_cell_run("stage", ARCH, "0.75", params={})
+    tracking.register_checkpoint(name, common.compressor_dir(ARCH, RATE), run_id=run,
+                                 score=0.5, metric="acc_avg", promote=True)
+    again = _eval()  # the champion is this very checkpoint: not evaluated twice
+    assert again["validation"]["methods"]["champion"] == {"version": "1",
+                                                           "same_checkpoint": True}
+    # A second checkpoint: the registered champion (v1) is re-evaluated on data/val beside it.
+    shutil.rmtree(common.seeds_dir(ARCH, RATE))
+    workspace(common.compressor_dir(ARCH, RATE), 5)
+    second = _eval()
+    champ = second["validation"]["methods"]["champion"]
+    assert champ["version"] == "1" and champ["same_checkpoint"] is False
+    assert champ["acc_avg"] == val["methods"]["metacompress"]["acc_avg"]  # same weights
+    assert "seeds" not in second["methods"]["metacompress"]

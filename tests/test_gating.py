@@ -1,0 +1,137 @@
+"""The registry's gate: a version takes `champion` only if it beats the baseline and the
+current champion on data/val (tasks/register.py), on a temporary SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tasks import common, register, tracking
+from tasks.params import RegisterParams
+
+
+def _val(mc: float, sample: float, champion: dict | None = None) -> dict:
+    methods = {"metacompress": {"acc_avg": mc, "kl_to_full": 1.0 - mc},
+               "sample": {"acc_avg": sample, "kl_to_full": 1.0 - sample}}
+    if champion is not None:
+        methods["champion"] = champion
+    return {"methods": {"metacompress": {"acc_avg": 0.5, "kl_to_full": 0.5}},
+            "validation": {"dataset": "synthetic", "n_dialogues": 8, "methods": methods}}
+
+
+def test_gate_refuses_a_version_below_the_baseline():
+    d = register.gate(_val(0.28, 0.32), "metacompress", "acc_avg", "sample", None)
+    assert d["promote"] is False and "does not beat sample" in d["reason"]
+    assert (d["score"], d["baseline"]) == (0.28, 0.32)
+
+
+def test_gate_first_version_and_champion_comparisons():
+    d = register.gate(_val(0.5, 0.3), "metacompress", "acc_avg", "sample", None)
+    assert d["promote"] is True and "no champion yet" in d["reason"]
+    # The champion re-evaluated on data/val by tasks.evaluate is what counts, not its tag.
+    seen = {"acc_avg": 0.6, "version": "3", "same_checkpoint": False}
+    d = register.gate(_val(0.5, 0.3, seen), "metacompress", "acc_avg", "sample", ("3", 0.1))
+    assert d["promote"] is False and d["champion"] == 0.6 and "champion v3" in d["reason"]
+    d = register.gate(_val(0.7, 0.3, seen), "metacompress", "acc_avg", "sample", ("3", 0.9))
+    assert d["promote"] is True and d["champion"] == 0.6
+    # The alias moved since evaluation: the holder's recorded score is the bar.
+    d = register.gate(_val(0.7, 0.3, seen), "metacompress", "acc_avg", "sample", ("4", 0.8))
+    assert d["promote"] is False and "recorded score" in d["reason"]
+    # This very checkpoint already holds the alias: nothing to move.
+    same = {"version": "3", "same_checkpoint": True}
+    d = register.gate(_val(0.7, 0.3, same), "metacompress", "acc_avg", "sample", ("3", 0.7))
+    assert d["promote"] is False and "already is champion" in d["reason"]
+
+
+def test_gate_lower_is_better_for_kl_and_needs_validation():
+    # kl_to_full = 1 - acc here: 0.5 beats sample's 0.7.
+    d = register.gate(_val(0.5, 0.3), "metacompress", "kl_to_full", "sample", None)
+    assert d["promote"] is True
+    with pytest.raises(ValueError, match="validation.methods.metacompress.acc_avg"):
+        register.gate({"methods": {}}, "metacompress", "acc_avg", "sample", None)
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory) -> Path:
+    db = tmp_path_factory.mktemp("mlflow-gate") / "mlflow.db"
+    tracking.migrate(f"sqlite:///{db}")
+    return db
+
+
+@pytest.fixture
+def cell(template_db, tmp_path, monkeypatch):
+    """A workspace with a store, params and a cell's files; returns a function that registers
+    a checkpoint whose validation scores are given."""
+    db = tmp_path / "mlflow.db"
+    shutil.copy(template_db, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv(tracking.ENV_URI, uri)
+    monkeypatch.chdir(tmp_path)
+    params = SimpleNamespace(register=RegisterParams(),
+                             train=SimpleNamespace(method="metacompress"),
+                             tracking=SimpleNamespace(experiment="gate"))
+    monkeypatch.setattr(common, "load_params", lambda sections, who: params)
+    arch, rate = "tiny-llava", 0.9
+
+    def run(payload: str, mc: float, sample: float) -> dict:
+        ckpt = common.compressor_dir(arch, rate)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        ckpt.mkdir(parents=True)
+        (ckpt / "compressor.safetensors").write_bytes(payload.encode())
+        (ckpt / "compressor.json").write_text("{}")
+        name = RegisterParams().model_name(arch, rate, "metacompress")
+        held = tracking.current_champion(name, uri=uri)
+        champion = None
+        if held:  # what tasks.evaluate records: the champion re-evaluated on data/val
+            champion = {"version": held[0], "same_checkpoint": False,
+                        "acc_avg": held[1], "kl_to_full": 1.0 - held[1]}
+        common.write_json(common.cell_file("eval", arch, rate), _val(mc, sample, champion))
+        register.main(["--arch", arch, "--rate", str(rate)])
+        return json.loads(common.cell_file("registry", arch, rate).read_text())
+
+    return run
+
+
+def test_gated_registration_end_to_end(cell):
+    first = cell("w1", mc=0.5, sample=0.3)
+    assert (first["version"], first["champion"], first["gate"]["promote"]) == ("1", "1", True)
+    # A compressor below sample (the 0.28 Qwen 0.9 case): registered, alias stays, reason kept.
+    low = cell("w2", mc=0.28, sample=0.32)
+    assert (low["version"], low["champion"], low["created"]) == ("2", "1", True)
+    assert "does not beat sample" in low["gate"]["reason"]
+    # Beats sample but not the champion on data/val: the alias stays too.
+    mid = cell("w3", mc=0.45, sample=0.3)
+    assert (mid["version"], mid["champion"]) == ("3", "1")
+    assert "champion v1" in mid["gate"]["reason"]
+    # Beats both: it takes the alias, and its score tag is the validation score.
+    top = cell("w4", mc=0.6, sample=0.3)
+    assert (top["version"], top["champion"], top["score"]) == ("4", "4", 0.6)
+    tags = tracking.version_tags(top["name"], "4")
+    assert tags["score_split"] == "val" and float(tags["test_score"]) == 0.5
+
+
+def test_register_checkpoint_promote_flag(cell, tmp_path):
+    uri = tracking.tracking_uri()
+    run = tracking.start_cell_run("gate", "tiny-llava", "0.9", params={}, uri=uri)
+
+    def ck(payload: str) -> Path:
+        d = tmp_path / payload
+        d.mkdir()
+        (d / "compressor.safetensors").write_bytes(payload.encode())
+        return d
+
+    # promote=False on a model without a champion: registered, no alias anywhere.
+    r1 = tracking.register_checkpoint("m", ck("a"), run_id=run, score=0.9, metric="acc_avg",
+                                      promote=False, uri=uri)
+    assert (r1.version, r1.champion) == ("1", "") and tracking.current_champion("m") is None
+    r2 = tracking.register_checkpoint("m", ck("b"), run_id=run, score=0.1, metric="acc_avg",
+                                      promote=True, uri=uri)
+    assert r2.champion == "2" and tracking.current_champion("m") == ("2", 0.1)
+    # promote=False leaves the alias on v2 even though v3 scores higher.
+    r3 = tracking.register_checkpoint("m", ck("c"), run_id=run, score=0.8, metric="acc_avg",
+                                      promote=False, uri=uri)
+    assert r3.champion == "2"
