@@ -23,24 +23,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the ideal speedups beside the measured ones. Random weights at real (GPU) or "
         "cpu-scaled shapes.",
     )
-    p.add_argument("--arch", nargs="+", default=["llava-1.5-7b"], choices=sorted(ARCHS),
-                   help="architecture(s) to benchmark, one result file each")
-    p.add_argument("--scale", default="cpu", choices=SCALES,
-                   help="real: published shapes (GPU); cpu: scaled-down LLM and tower with the "
-                   "real visual token counts; tiny: tests")
+    p.add_argument(
+        "--arch",
+        nargs="+",
+        default=["llava-1.5-7b"],
+        choices=sorted(ARCHS),
+        help="architecture(s) to benchmark, one result file each",
+    )
+    p.add_argument(
+        "--scale",
+        default="cpu",
+        choices=SCALES,
+        help="real: published shapes (GPU); cpu: scaled-down LLM and tower with the "
+        "real visual token counts; tiny: tests",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--rates", nargs="+", type=float, default=list(DEFAULT_RATES))
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help="compressor names; 'none' (uncompressed) is always included")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help="compressor names; 'none' (uncompressed) is always included",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (medians over them)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--new-tokens", type=int, default=4, help="greedy tokens per turn")
     p.add_argument("--turns", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default 1 on CPU: robust on a shared machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1 on CPU: robust on a shared machine)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--machine", default=None,
-                   help="machine label in file names (default: GPU name or cpu-<cores>c)")
+    p.add_argument(
+        "--machine",
+        default=None,
+        help="machine label in file names (default: GPU name or cpu-<cores>c)",
+    )
     p.add_argument("--out", default="bench/results", help="output folder")
     return p.parse_args(argv)
 

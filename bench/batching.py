@@ -70,9 +70,7 @@ def build_model(arch_name: str, scale: str, device: torch.device, seed: int = 0)
 
 def images(count: int, size: tuple[int, int], seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
-    return [
-        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(count)
-    ]
+    return [Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(count)]
 
 
 def run_dialogues(model, processor, comp, imgs, batch: int, new_tokens: int) -> list[list[str]]:
@@ -106,8 +104,7 @@ def measure(args: argparse.Namespace) -> dict:
     ref = answers[args.batches[0]]
     same = all(answers[b] == ref for b in args.batches)
     rows = {
-        str(b): {"seconds": best[b], "dialogues_per_s": len(imgs) / best[b]}
-        for b in args.batches
+        str(b): {"seconds": best[b], "dialogues_per_s": len(imgs) / best[b]} for b in args.batches
     }
     out = {
         "arch": args.arch,

@@ -159,8 +159,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup}, {args.repeats}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
     rows = run(args.n, args.dim, args.rate, args.warmup, args.repeats, devices)
-    print(f"generator cost, rate {args.rate}, d = {args.dim}, median of {args.repeats} "
-          f"(torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")
+    print(
+        f"generator cost, rate {args.rate}, d = {args.dim}, median of {args.repeats} "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} CPU threads)"
+    )
     print(format_table(rows))
     if args.out is not None:
         write_json(

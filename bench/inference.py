@@ -404,8 +404,12 @@ def run(
         raise ValueError("--scale real needs a CUDA device (7B models); use --scale cpu on CPU")
     rates = check_rates(rates)
     methods = check_methods(methods, available())
-    for name, value, low in (("--repeats", repeats, 1), ("--warmup", warmup, 0),
-                             ("--new-tokens", new_tokens, 1), ("--turns", turns, 1)):
+    for name, value, low in (
+        ("--repeats", repeats, 1),
+        ("--warmup", warmup, 0),
+        ("--new-tokens", new_tokens, 1),
+        ("--turns", turns, 1),
+    ):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name}={value!r} must be an integer >= {low}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -417,9 +421,20 @@ def run(
     previous = torch.get_num_threads()
     torch.set_num_threads(n_threads)
     try:
-        return _measure(shape, scale, dev, rates, methods, repeats=repeats, warmup=warmup,
-                        new_tokens=new_tokens, turns=turns, prompt=prompt, seed=seed,
-                        progress=progress)
+        return _measure(
+            shape,
+            scale,
+            dev,
+            rates,
+            methods,
+            repeats=repeats,
+            warmup=warmup,
+            new_tokens=new_tokens,
+            turns=turns,
+            prompt=prompt,
+            seed=seed,
+            progress=progress,
+        )
     finally:  # the thread count is process-wide: leave it as the caller had it
         torch.set_num_threads(previous)
 
@@ -529,15 +544,23 @@ def _scale_note(shape: ArchShape, scale: str) -> str:
     if scale == "real":
         return f"real shapes of {shape.reference}"
     if scale == "cpu":
-        return (f"cpu-scaled: {shape.reference}'s image geometry and visual token counts, "
-                f"LLM and vision tower shrunk ({shape.cpu_text}; vision {shape.cpu_vision})")
+        return (
+            f"cpu-scaled: {shape.reference}'s image geometry and visual token counts, "
+            f"LLM and vision tower shrunk ({shape.cpu_text}; vision {shape.cpu_vision})"
+        )
     return "tiny: test shapes only"
 
 
 def _llm_dims(model) -> dict:
     tc = model.config.get_text_config()
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "vocab_size")
+    keys = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+    )
     params = sum(p.numel() for p in model.parameters())
     return {k: getattr(tc, k, None) for k in keys} | {"params_total": params}
 
@@ -563,8 +586,9 @@ def _summarise(cases: list[Case], arch: str, flops: Callable[[int], float]) -> l
             # is the robust companion of the median there.
             "speedup_measured_min": min(_post_tower(t) for t in base.times)
             / min(_post_tower(t) for t in c.times),
-            "speedup_llm_prefill": _paired(base, c, lambda t: t["prefill_ms"],
-                                           lambda t: t["prefill_ms"]),
+            "speedup_llm_prefill": _paired(
+                base, c, lambda t: t["prefill_ms"], lambda t: t["prefill_ms"]
+            ),
             "speedup_ttft": _paired(base, c, lambda t: t["ttft_ms"], lambda t: t["ttft_ms"]),
             "speedup_e2e": _paired(base, c, lambda t: t["e2e_ms"], lambda t: t["e2e_ms"]),
             "speedup_ideal": base.seq_len / c.seq_len,
@@ -574,7 +598,8 @@ def _summarise(cases: list[Case], arch: str, flops: Callable[[int], float]) -> l
             ),
             "overhead_vs_sample": (
                 _paired(c, sample[c.rate], _post_tower, _post_tower) - 1
-                if c.rate in sample else None
+                if c.rate in sample
+                else None
             ),
             # The same comparison from the calls alone: method and sample feed the LLM the same
             # number of tokens, so their prefills differ only by context + compressor; short
@@ -582,15 +607,15 @@ def _summarise(cases: list[Case], arch: str, flops: Callable[[int], float]) -> l
             "overhead_vs_sample_calls": (
                 _paired(c, sample[c.rate], _calls, _post_tower)
                 - _median([_calls(t) / _post_tower(t) for t in sample[c.rate].times])
-                if c.rate in sample else None
+                if c.rate in sample
+                else None
             ),
             "peak_mem_mb": round(c.peak_mem_mb, 1),
             "peak_mem_delta_mb": round(c.peak_mem_delta_mb, 1),
             "samples": len(c.times),
         }
         # 5 significant digits: enough for ms timings and ratios, keeps tiny FLOP counts.
-        rows.append({k: (float(f"{v:.5g}") if isinstance(v, float) else v)
-                     for k, v in row.items()})
+        rows.append({k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in row.items()})
     return rows
 
 
@@ -614,14 +639,20 @@ def _targets(rows: list[dict]) -> dict:
         if meta["overhead_vs_sample"] is not None:
             v = meta["overhead_vs_sample"]
             out["metacompress_vs_sample"] = {
-                "value": v, "target": f"<= {TARGET_VS_SAMPLE}", "pass": v <= TARGET_VS_SAMPLE
+                "value": v,
+                "target": f"<= {TARGET_VS_SAMPLE}",
+                "pass": v <= TARGET_VS_SAMPLE,
             }
             v = meta["overhead_vs_sample_calls"]
             out["metacompress_vs_sample_calls"] = {
-                "value": v, "target": f"<= {TARGET_VS_SAMPLE}", "pass": v <= TARGET_VS_SAMPLE
+                "value": v,
+                "target": f"<= {TARGET_VS_SAMPLE}",
+                "pass": v <= TARGET_VS_SAMPLE,
             }
         v = meta["compress_pct_of_prefill"]
         out["metacompress_overhead_pct"] = {
-            "value": v, "target": f"<= {TARGET_OVERHEAD_PCT}", "pass": v <= TARGET_OVERHEAD_PCT
+            "value": v,
+            "target": f"<= {TARGET_OVERHEAD_PCT}",
+            "pass": v <= TARGET_OVERHEAD_PCT,
         }
     return out

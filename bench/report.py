@@ -83,16 +83,21 @@ def markdown(result: dict) -> str:
     tail = ["", f"Targets at {result['targets']['rate']:g} reduction:", ""]
     t = result["targets"]
     for method, v in t.get("measured_over_ideal", {}).items():
-        tail.append(f"- {method}: measured / ideal = {f(v['value'], '.2f')} "
-                    f"(target {v['target']}): {'pass' if v['pass'] else 'MISS'}")
-    for key, label in (("metacompress_vs_sample", "metacompress post-tower prefill vs sample"),
-                       ("metacompress_vs_sample_calls",
-                        "metacompress vs sample from the calls alone"),
-                       ("metacompress_overhead_pct", "metacompress call, % of its prefill")):
+        tail.append(
+            f"- {method}: measured / ideal = {f(v['value'], '.2f')} "
+            f"(target {v['target']}): {'pass' if v['pass'] else 'MISS'}"
+        )
+    for key, label in (
+        ("metacompress_vs_sample", "metacompress post-tower prefill vs sample"),
+        ("metacompress_vs_sample_calls", "metacompress vs sample from the calls alone"),
+        ("metacompress_overhead_pct", "metacompress call, % of its prefill"),
+    ):
         if key in t:
             v = t[key]
-            tail.append(f"- {label}: {f(v['value'], '.3g')} (target {v['target']}): "
-                        f"{'pass' if v['pass'] else 'MISS'}")
+            tail.append(
+                f"- {label}: {f(v['value'], '.3g')} (target {v['target']}): "
+                f"{'pass' if v['pass'] else 'MISS'}"
+            )
     if "note" in t:
         tail.append(f"- {t['note']}")
     return "\n".join(head + lines + tail) + "\n"
@@ -108,15 +113,15 @@ def plot(result: dict, path: Path) -> None:
     rows = [r for r in result["cases"] if r["method"] != "none"]
     rates = sorted({r["rate"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, max(1, len(rates)), figsize=(4.2 * max(1, len(rates)), 3.8),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(rates)), figsize=(4.2 * max(1, len(rates)), 3.8), sharey=True, squeeze=False
+    )
     for ax, rate in zip(axes[0], rates, strict=False):
         by = {r["method"]: r for r in rows if r["rate"] == rate}
         xs = range(len(methods))
 
         def get(k, by=by):
-            return [by[m][k] if m in by and by[m][k] is not None else float("nan")
-                    for m in methods]
+            return [by[m][k] if m in by and by[m][k] is not None else float("nan") for m in methods]
 
         ax.bar([x - 0.2 for x in xs], get("speedup_measured"), 0.4, label="measured (post-tower)")
         ax.bar([x + 0.2 for x in xs], get("speedup_ttft"), 0.4, label="measured TTFT", alpha=0.6)

@@ -65,14 +65,21 @@ def kinds_of(doc: dict[str, Any]) -> list[Kind]:
     for name, spec in stages.items():
         axes = tuple(sorted(spec.get("matrix") or {}))
         if axes not in AXES:
-            raise ValueError(f"dvc.yaml: stages.{name}.matrix over {list(axes)}: the flow fans "
-                             "out over nothing, arch, or arch and rate")
+            raise ValueError(
+                f"dvc.yaml: stages.{name}.matrix over {list(axes)}: the flow fans "
+                "out over nothing, arch, or arch and rate"
+            )
         fanout[name] = AXES[axes]
-        outs[name] = _paths(spec.get("outs")) + _paths(spec.get("metrics")) + _paths(
-            spec.get("plots"))
+        outs[name] = (
+            _paths(spec.get("outs")) + _paths(spec.get("metrics")) + _paths(spec.get("plots"))
+        )
         deps[name] = _paths(spec.get("deps"))
-    after = {n: frozenset(o for o in stages if o != n and any(
-        _reads(d, p) for d in deps[n] for p in outs[o])) for n in stages}
+    after = {
+        n: frozenset(
+            o for o in stages if o != n and any(_reads(d, p) for d in deps[n] for p in outs[o])
+        )
+        for n in stages
+    }
     order: list[str] = []
     while len(order) < len(stages):
         ready = [n for n in stages if n not in order and after[n] <= set(order)]

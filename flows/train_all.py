@@ -49,17 +49,22 @@ def _retry_on_lock(task, task_run, state) -> bool:
     return False
 
 
-@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False,
-      retries=LOCK_RETRIES, retry_delay_seconds=[1, 2, 4, 8, 15, 30],
-      retry_condition_fn=_retry_on_lock)
+@task(
+    name="dvc-stage",
+    task_run_name="{stage}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=LOCK_RETRIES,
+    retry_delay_seconds=[1, 2, 4, 8, 15, 30],
+    retry_condition_fn=_retry_on_lock,
+)
 def run_stage(stage: str, workspace: str, checkout: str, force: bool = False) -> str:
     """``dvc repro -s <stage>`` in ``workspace``; returns the last lines of its output.
 
     The environment (venv on PATH, MLflow at the checkout's store) is built here rather than
     passed in, so no environment variable ends up in Prefect's task parameters.
     """
-    out = ws.repro_stage(stage, Path(workspace), env=ws.tracking_env(Path(checkout)),
-                         force=force)
+    out = ws.repro_stage(stage, Path(workspace), env=ws.tracking_env(Path(checkout)), force=force)
     tail = "\n".join(out.strip().splitlines()[-8:])
     get_run_logger().info("%s:\n%s", stage, tail)
     return tail
@@ -90,11 +95,13 @@ def migrate_tracking(uri: str) -> str:
     return tracking.migrate(uri)
 
 
-@flow(name="train-all", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL),
-      log_prints=True)
-def train_all(profile: Literal["default", "smoke", "full"] = "default",
-              archs: list[str] | None = None, rates: list[float] | None = None,
-              checkout: str | None = None) -> dict:
+@flow(name="train-all", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL), log_prints=True)
+def train_all(
+    profile: Literal["default", "smoke", "full"] = "default",
+    archs: list[str] | None = None,
+    rates: list[float] | None = None,
+    checkout: str | None = None,
+) -> dict:
     """Run the pipeline of ``profile`` (all cells, or the ``archs`` x ``rates`` subset).
 
     Args:
@@ -142,8 +149,9 @@ def train_all(profile: Literal["default", "smoke", "full"] = "default",
         if kind.name not in later:
             continue
         if kind.fanout == "shared" and len(cells) != len(all_cells):
-            logger.info("%s skipped: only %d of %d cells selected", kind.name, len(cells),
-                        len(all_cells))
+            logger.info(
+                "%s skipped: only %d of %d cells selected", kind.name, len(cells), len(all_cells)
+            )
             continue
         run.serial(kind, names, chosen)
     registry = {}
@@ -180,8 +188,7 @@ class _Runner:
             for kind in cell_kinds:  # in order: what a stage waits for is already submitted
                 stage = f"{kind.name}@{key}"
                 waits = [mine[a] for a in kind.after if a in mine]
-                mine[kind.name] = run_stage.submit(stage, self.workspace, self.root,
-                                                   wait_for=waits)
+                mine[kind.name] = run_stage.submit(stage, self.workspace, self.root, wait_for=waits)
                 self.ran.append(stage)
             futures += list(mine.values())
         for f in futures:
@@ -205,9 +212,15 @@ def _dask_runner():
     if address:  # an existing cluster (e.g. dask workers on GPU hosts sharing the checkout)
         return DaskTaskRunner(address=address)
     # Tasks only wait on `dvc repro` subprocesses: threads in one worker process suffice.
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                          cluster_kwargs={"n_workers": 1, "threads_per_worker": MAX_PARALLEL,
-                                          "processes": False, "dashboard_address": None})
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": 1,
+            "threads_per_worker": MAX_PARALLEL,
+            "processes": False,
+            "dashboard_address": None,
+        },
+    )
 
 
 train_all_dask = train_all.with_options(task_runner=_dask_runner())

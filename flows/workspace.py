@@ -25,8 +25,12 @@ from mc_core import io
 from tasks import params
 
 CHECKOUT = Path(__file__).resolve().parents[1]
-LOCK_PATTERNS = ("Unable to acquire lock", "is busy, it is being blocked by",
-                 "Lock file", "lock is held")
+LOCK_PATTERNS = (
+    "Unable to acquire lock",
+    "is busy, it is being blocked by",
+    "Lock file",
+    "lock is held",
+)
 _CODE = ("dvc.yaml", "tasks", "mc_core")
 
 
@@ -54,15 +58,18 @@ def _copy_code(src: Path, dst: Path) -> None:
             continue
         if s.is_dir():
             with io.staged_dir(d) as tmp:
-                shutil.copytree(s, tmp, dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                shutil.copytree(
+                    s,
+                    tmp,
+                    dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                )
         else:
             with io.staged_file(d) as tmp:
                 shutil.copy2(s, tmp)
 
 
-def ensure(profile: str, checkout: str | Path = CHECKOUT, *,
-           extra: dict | None = None) -> Path:
+def ensure(profile: str, checkout: str | Path = CHECKOUT, *, extra: dict | None = None) -> Path:
     """The workspace of ``profile`` (created or refreshed); validates its params first.
 
     ``default`` is the checkout itself (its params.yaml validated, never rewritten). Other
@@ -73,8 +80,10 @@ def ensure(profile: str, checkout: str | Path = CHECKOUT, *,
     params_file = checkout / params.DEFAULT_PATH
     if profile == "default":
         if extra:
-            raise ValueError("profile='default' runs params.yaml as is: edit it instead of "
-                             f"overriding {sorted(extra)}")
+            raise ValueError(
+                "profile='default' runs params.yaml as is: edit it instead of "
+                f"overriding {sorted(extra)}"
+            )
         params.load(params_file)
         return checkout
     values = params.profile_params(profile, params.read_yaml(params_file), extra=extra)
@@ -83,9 +92,12 @@ def ensure(profile: str, checkout: str | Path = CHECKOUT, *,
     # Keep the whole runs/ tree out of git without touching the checkout's .gitignore.
     io.write_text(checkout / "runs" / ".gitignore", "*\n")
     _copy_code(checkout, ws)
-    params.dump_yaml(values, ws / params.DEFAULT_PATH,
-                     header=f"# Generated for profile {profile!r} by flows/workspace.py from "
-                            f"{params_file}; edits are overwritten.\n")
+    params.dump_yaml(
+        values,
+        ws / params.DEFAULT_PATH,
+        header=f"# Generated for profile {profile!r} by flows/workspace.py from "
+        f"{params_file}; edits are overwritten.\n",
+    )
     dvc_dir = ws / ".dvc"
     if not (dvc_dir / "config").is_file():
         dvc_dir.mkdir(exist_ok=True)
@@ -94,20 +106,28 @@ def ensure(profile: str, checkout: str | Path = CHECKOUT, *,
     return ws
 
 
-def dvc(args: list[str], workspace: Path, *, env: dict[str, str] | None = None,
-        timeout: float | None = None) -> subprocess.CompletedProcess:
+def dvc(
+    args: list[str],
+    workspace: Path,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``dvc <args>`` in ``workspace`` (output captured)."""
     exe = Path(sys.executable).parent / "dvc"
     cmd = [str(exe) if exe.exists() else "dvc", *args]
-    return subprocess.run(cmd, cwd=workspace, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=workspace, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def recovery_hint(output: str) -> str:
     """What to run when DVC's output says its own state is damaged ("" otherwise)."""
     if "dvc.lock" in output and ("is invalid" in output or "validation failed" in output):
-        return ("\ndvc.lock is damaged: restore it (git checkout dvc.lock), or delete it and "
-                "run dvc repro (unchanged stages are restored from DVC's caches)")
+        return (
+            "\ndvc.lock is damaged: restore it (git checkout dvc.lock), or delete it and "
+            "run dvc repro (unchanged stages are restored from DVC's caches)"
+        )
     return ""
 
 
@@ -116,21 +136,25 @@ def stages(workspace: Path) -> list[str]:
     r = dvc(["stage", "list", "--name-only"], workspace)
     if r.returncode != 0:
         out = (r.stdout or "") + (r.stderr or "")
-        raise DvcStageError(f"dvc stage list failed in {workspace}:\n{out[-2000:]}"
-                            f"{recovery_hint(out)}")
+        raise DvcStageError(
+            f"dvc stage list failed in {workspace}:\n{out[-2000:]}{recovery_hint(out)}"
+        )
     return [s.strip() for s in r.stdout.splitlines() if s.strip()]
 
 
-def repro_stage(stage: str, workspace: Path, *, env: dict[str, str] | None = None,
-                force: bool = False) -> str:
+def repro_stage(
+    stage: str, workspace: Path, *, env: dict[str, str] | None = None, force: bool = False
+) -> str:
     """``dvc repro -s [-f] <stage>``; DvcLockError on a lock conflict (retry), else the output."""
     r = dvc(["repro", "-s", *(["-f"] if force else []), stage], workspace, env=env)
     out = (r.stdout or "") + (r.stderr or "")
     if r.returncode != 0:
         if any(p in out for p in LOCK_PATTERNS):
             raise DvcLockError(f"{stage}: DVC lock held by another process:\n{out[-800:]}")
-        raise DvcStageError(f"dvc repro -s {stage} failed in {workspace} "
-                            f"(exit {r.returncode}):\n{out[-4000:]}{recovery_hint(out)}")
+        raise DvcStageError(
+            f"dvc repro -s {stage} failed in {workspace} "
+            f"(exit {r.returncode}):\n{out[-4000:]}{recovery_hint(out)}"
+        )
     return out
 
 
@@ -154,8 +178,9 @@ def cell_keys(names: dict[str, list[str]], kinds: list[dag.Kind]) -> list[str]:
     return keys
 
 
-def select_cells(keys: list[str], grid: params.GridParams, archs: list[str] | None,
-                 rates: list[float] | None) -> list[str]:
+def select_cells(
+    keys: list[str], grid: params.GridParams, archs: list[str] | None, rates: list[float] | None
+) -> list[str]:
     """The cell keys to run: all, or those of ``archs`` x ``rates`` (each must be in the grid)."""
     for a in archs or []:
         if a not in grid.archs:

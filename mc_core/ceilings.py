@@ -107,8 +107,10 @@ class PlanCompressor(Compressor):
             raise ValueError("PlanCompressor: more images compressed than plans given")
         P = self._plans.pop(0)(x.shape[0], ctx)
         if tuple(P.shape) != (self.kept(x.shape[0]), x.shape[0]):
-            raise ValueError(f"PlanCompressor: planned P {tuple(P.shape)} does not fit "
-                             f"m = {self.kept(x.shape[0])}, n = {x.shape[0]}")
+            raise ValueError(
+                f"PlanCompressor: planned P {tuple(P.shape)} does not fit "
+                f"m = {self.kept(x.shape[0])}, n = {x.shape[0]}"
+            )
         return self._merge(x, P)
 
 
@@ -180,8 +182,19 @@ def oracle_matrix(
         for _ in range(int(steps)):
             # enable_grad: callers may sit in no_grad, and P_raw needs its gradient.
             with torch.enable_grad():
-                kl = _oracle_step(model, adapter, full_inputs, answer_positions, teacher_logits,
-                                  x, p_raw, opt, eps=eps, dtype=dtype, n_full=n_full)
+                kl = _oracle_step(
+                    model,
+                    adapter,
+                    full_inputs,
+                    answer_positions,
+                    teacher_logits,
+                    x,
+                    p_raw,
+                    opt,
+                    eps=eps,
+                    dtype=dtype,
+                    n_full=n_full,
+                )
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -189,8 +202,20 @@ def oracle_matrix(
     return torch.softmax(p_raw.detach(), dim=1).float(), float(kl.detach())
 
 
-def _oracle_step(model, adapter, full_inputs, answer_positions, teacher_logits, x, p_raw, opt,
-                 *, eps: float, dtype, n_full: int) -> Tensor:
+def _oracle_step(
+    model,
+    adapter,
+    full_inputs,
+    answer_positions,
+    teacher_logits,
+    x,
+    p_raw,
+    opt,
+    *,
+    eps: float,
+    dtype,
+    n_full: int,
+) -> Tensor:
     """One Adam step on KL(full || compressed) + eps * row entropy; returns the KL."""
     P = torch.softmax(p_raw, dim=1)
     y = (P @ x).to(dtype)

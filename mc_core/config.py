@@ -58,7 +58,8 @@ def format_errors(err: ValidationError, prefix: str = "", source: str = "") -> s
         elif key and _FIELD_MSG.match(msg):  # a model validator naming one of its fields
             lines.append(f"{head}{key}.{msg}")
         elif e["type"] in ("missing", "extra_forbidden", "unexpected_keyword_argument") or (
-                isinstance(e.get("input"), Mapping)):
+            isinstance(e.get("input"), Mapping)
+        ):
             lines.append(f"{head}{key}: {msg}")
         else:
             lines.append(f"{head}{key}={e['input']!r}: {msg}")
@@ -71,8 +72,18 @@ def raise_named(err: ValidationError, prefix: str, source: str = "") -> None:
 
 
 # Knobs a resumed run may change without invalidating its training state.
-_NOT_FINGERPRINTED = frozenset({"max_steps", "epochs", "progress", "device", "log_every",
-                                "checkpoint_every", "target_batch", "cache_targets"})
+_NOT_FINGERPRINTED = frozenset(
+    {
+        "max_steps",
+        "epochs",
+        "progress",
+        "device",
+        "log_every",
+        "checkpoint_every",
+        "target_batch",
+        "cache_targets",
+    }
+)
 
 
 class TrainConfig(Section):
@@ -155,13 +166,17 @@ class TrainConfig(Section):
         except ValueError as err:
             raise ValueError(f"method={self.method!r}: {err}") from None
         if not cls.trainable:
-            raise ValueError(f"method={self.method!r} is not trainable (it has no parameters); "
-                             "train a method whose class sets trainable = True")
+            raise ValueError(
+                f"method={self.method!r} is not trainable (it has no parameters); "
+                "train a method whose class sets trainable = True"
+            )
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "rate", "dim"}
         for key in self.compressor_kwargs:
             if key not in accepted:
-                raise ValueError(f"compressor_kwargs.{key}: not a keyword of {self.method} "
-                                 f"(accepts: {sorted(accepted)})")
+                raise ValueError(
+                    f"compressor_kwargs.{key}: not a keyword of {self.method} "
+                    f"(accepts: {sorted(accepted)})"
+                )
         return self
 
     def build_kwargs(self) -> dict[str, Any]:
@@ -176,4 +191,3 @@ class TrainConfig(Section):
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run that wrote the checkpoint."""
         return {k: v for k, v in self.model_dump().items() if k not in _NOT_FINGERPRINTED}
-

@@ -160,8 +160,9 @@ def _student_logits(
 ) -> Tensor:
     inputs = adapter.inputs_with(full_inputs, tokens, P=P)
     reset_state(adapter)
-    keep = align_from_end(positions, full_inputs["input_ids"].shape[1],
-                          inputs["input_ids"].shape[1]).to(model_device(model))
+    keep = align_from_end(
+        positions, full_inputs["input_ids"].shape[1], inputs["input_ids"].shape[1]
+    ).to(model_device(model))
     return model(**inputs, logits_to_keep=keep).logits[0].float()  # (T, V)
 
 
@@ -177,8 +178,21 @@ def score_dialogues(
     ]
 
 
-def _run_method(model, processor, adapter, rows, comp_for, *, history, batch_size,
-                max_new_tokens, teacher, dev, bar, ci_seed) -> dict[str, Any]:
+def _run_method(
+    model,
+    processor,
+    adapter,
+    rows,
+    comp_for,
+    *,
+    history,
+    batch_size,
+    max_new_tokens,
+    teacher,
+    dev,
+    bar,
+    ci_seed,
+) -> dict[str, Any]:
     """One method over ``rows``: its metrics dict (plus ``acc_avg_ci``).
 
     ``comp_for(start, chunk)`` gives the compressor of each batch (None: all tokens), so a
@@ -190,8 +204,14 @@ def _run_method(model, processor, adapter, rows, comp_for, *, history, batch_siz
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         comp = comp_for(start, chunk)
-        conv = BatchConversation(model, processor, comp, images=[_images(r) for r in chunk],
-                                 adapter=adapter, max_new_tokens=max_new_tokens)
+        conv = BatchConversation(
+            model,
+            processor,
+            comp,
+            images=[_images(r) for r in chunk],
+            adapter=adapter,
+            max_new_tokens=max_new_tokens,
+        )
         answers = []
         for k in range(turns):
             answers.append(conv.ask([r["questions"][k] for r in chunk]))
@@ -309,9 +329,19 @@ def evaluate(
     for name in methods:
         torch.manual_seed(seed)
         report["methods"][name] = _run_method(
-            model, processor, adapter, rows, lambda _s, _c, comp=comps[name]: comp,
-            history=history, batch_size=batch_size, max_new_tokens=max_new_tokens,
-            teacher=teacher, dev=dev, bar=bar, ci_seed=seed)
+            model,
+            processor,
+            adapter,
+            rows,
+            lambda _s, _c, comp=comps[name]: comp,
+            history=history,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            teacher=teacher,
+            dev=dev,
+            bar=bar,
+            ci_seed=seed,
+        )
     bar.close()
     return report
 
@@ -347,28 +377,53 @@ def evaluate_ceilings(
     prepare_model(model, dev)
     adapter = adapter if adapter is not None else for_model(model)
     dim = token_dim(model)
-    common = {"history": history, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-              "dev": dev, "bar": None, "ci_seed": seed}
+    common = {
+        "history": history,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "dev": dev,
+        "bar": None,
+        "ci_seed": seed,
+    }
     out: dict[str, Any] = {}
     if GT_COLUMN in rows[0]:
         out["selector"] = _run_method(
-            model, processor, adapter, rows,
-            lambda _s, chunk: PlanCompressor(rate=rate, dim=dim, plans=[
-                selector_plan(r[GT_COLUMN], rate) for r in chunk]),
-            teacher={}, **common)
+            model,
+            processor,
+            adapter,
+            rows,
+            lambda _s, chunk: PlanCompressor(
+                rate=rate, dim=dim, plans=[selector_plan(r[GT_COLUMN], rate) for r in chunk]
+            ),
+            teacher={},
+            **common,
+        )
     else:
-        out["selector"] = {"available": False,
-                           "note": f"the dataset has no {GT_COLUMN!r} ground truth"}
+        out["selector"] = {
+            "available": False,
+            "note": f"the dataset has no {GT_COLUMN!r} ground truth",
+        }
     k = min(int(oracle_dialogues), len(rows))
-    pick = sorted(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:k]
-                  .tolist())
+    pick = sorted(
+        torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:k].tolist()
+    )
     sub = [rows[i] for i in pick]
     teacher = {j: _teacher_logits(model, processor, adapter, r, dev) for j, r in enumerate(sub)}
     plans, kls, overlaps, chance = [], [], [], []
     for j in range(k):
         inputs, positions, t_logits = teacher[j]
-        P, kl = oracle_matrix(model, adapter, inputs, positions, t_logits, rate,
-                              steps=oracle_steps, lr=oracle_lr, eps=oracle_eps, seed=seed + j)
+        P, kl = oracle_matrix(
+            model,
+            adapter,
+            inputs,
+            positions,
+            t_logits,
+            rate,
+            steps=oracle_steps,
+            lr=oracle_lr,
+            eps=oracle_eps,
+            seed=seed + j,
+        )
         plans.append(fixed_plan(P))
         kls.append(kl)
         share = _cls_share(adapter, inputs, P)
@@ -377,19 +432,34 @@ def evaluate_ceilings(
             chance.append(P.shape[0] / P.shape[1])
     # Batches must replay plans in row order: one queue over the subsample.
     queue = PlanCompressor(rate=rate, dim=dim, plans=plans)
-    oracle = _run_method(model, processor, adapter, sub, lambda _s, _c: queue,
-                         teacher=teacher, **common)
-    ref = _run_method(model, processor, adapter, sub, lambda _s, _c: None, teacher=teacher,
-                      **common)
-    oracle.update({"dialogues": k, "indices": pick, "steps": int(oracle_steps),
-                   "lr": float(oracle_lr), "eps": float(oracle_eps),
-                   "fit_kl": sum(kls) / max(len(kls), 1),
-                   "none_acc_avg": ref["acc_avg"], "none_acc_avg_ci": ref["acc_avg_ci"]})
+    oracle = _run_method(
+        model, processor, adapter, sub, lambda _s, _c: queue, teacher=teacher, **common
+    )
+    ref = _run_method(
+        model, processor, adapter, sub, lambda _s, _c: None, teacher=teacher, **common
+    )
+    oracle.update(
+        {
+            "dialogues": k,
+            "indices": pick,
+            "steps": int(oracle_steps),
+            "lr": float(oracle_lr),
+            "eps": float(oracle_eps),
+            "fit_kl": sum(kls) / max(len(kls), 1),
+            "none_acc_avg": ref["acc_avg"],
+            "none_acc_avg_ci": ref["acc_avg_ci"],
+        }
+    )
     out["oracle"] = oracle
     out["cls_overlap"] = (
-        {"share": sum(overlaps) / len(overlaps), "chance": sum(chance) / len(chance),
-         "dialogues": len(overlaps)}
-        if overlaps else {"available": False, "note": "the adapter gives no cls_attention"})
+        {
+            "share": sum(overlaps) / len(overlaps),
+            "chance": sum(chance) / len(chance),
+            "dialogues": len(overlaps),
+        }
+        if overlaps
+        else {"available": False, "note": "the adapter gives no cls_attention"}
+    )
     return out
 
 
@@ -409,8 +479,11 @@ def _non_finite(obj: Any, where: str) -> str | None:
     """The first NaN / infinite number in a nested report, as its key path."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return where
-    items = obj.items() if isinstance(obj, Mapping) else (
-        enumerate(obj) if isinstance(obj, list) else ())
+    items = (
+        obj.items()
+        if isinstance(obj, Mapping)
+        else (enumerate(obj) if isinstance(obj, list) else ())
+    )
     for k, v in items:
         bad = _non_finite(v, f"{where}[{k!r}]")
         if bad:

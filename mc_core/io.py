@@ -86,8 +86,10 @@ def _explain(err: OSError, target: Path) -> OSError:
             hint = f"{free:.0f} MiB free on that filesystem"
         except OSError:
             hint = "free space unknown"
-        msg = (f"no space left while writing {target} ({hint}); the previous version is intact."
-               " Free space there (old runs/, cache/, .dvc/cache, mlruns/) and rerun.")
+        msg = (
+            f"no space left while writing {target} ({hint}); the previous version is intact."
+            " Free space there (old runs/, cache/, .dvc/cache, mlruns/) and rerun."
+        )
         return OSError(err.errno, msg)
     return OSError(err.errno, f"{err.strerror} while writing {target}")
 

@@ -82,8 +82,7 @@ def selection_matrix(index: Tensor, n: int, *, dtype: torch.dtype = torch.float3
     index = index.long()
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
         raise ValueError(
-            f"selection index out of range [0, {n}): min {int(index.min())}, "
-            f"max {int(index.max())}"
+            f"selection index out of range [0, {n}): min {int(index.min())}, max {int(index.max())}"
         )
     P = torch.zeros(index.numel(), n, dtype=dtype, device=index.device)
     P[torch.arange(index.numel(), device=index.device), index] = 1.0
@@ -166,8 +165,11 @@ def pool_layout(h: int, w: int, m: int) -> list[int]:
     At most ``h`` bands, so a band never splits a token row into sub-rows.
     """
     ideal = math.sqrt(m * h / w)
-    near = [b for b in range(max(1, math.floor(ideal) - 1), math.ceil(ideal) + 2)
-            if m % b == 0 and abs(math.log(b / ideal)) <= math.log(_REGULAR_SLACK)]
+    near = [
+        b
+        for b in range(max(1, math.floor(ideal) - 1), math.ceil(ideal) + 2)
+        if m % b == 0 and abs(math.log(b / ideal)) <= math.log(_REGULAR_SLACK)
+    ]
     bands = min(near, key=lambda b: abs(b - ideal)) if near else max(1, round(ideal))
     bands = max(1, min(m, h, bands))
     return [(r + 1) * m // bands - r * m // bands for r in range(bands)]

@@ -154,8 +154,7 @@ def ceilings_vs_rate(
             xs = [x + 0.006 * (k - len(series) / 2) for x, _ in pts]
             ys = [p[0] for _, p in pts]
             err = np.array([[p[1] for _, p in pts], [p[2] for _, p in pts]])
-            ax.errorbar(xs, ys, yerr=err, marker=marker, linestyle=style, capsize=3,
-                        label=label)
+            ax.errorbar(xs, ys, yerr=err, marker=marker, linestyle=style, capsize=3, label=label)
         refs = [c["methods"][REFERENCE]["acc_avg"] for c in cells if REFERENCE in c["methods"]]
         if refs:
             ax.axhline(float(np.mean(refs)), color="k", linestyle="--", label="no reduction")

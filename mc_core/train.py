@@ -276,8 +276,9 @@ def build_target_cache(
     return cache
 
 
-def save_target_cache(cache: TargetCache, path: str | os.PathLike, *,
-                      info: dict[str, Any] | None = None) -> None:
+def save_target_cache(
+    cache: TargetCache, path: str | os.PathLike, *, info: dict[str, Any] | None = None
+) -> None:
     """Write the cache as safetensors + JSON into the directory `path` (atomically).
 
     `info` (JSON) is stored in `cache.json` as what the cache was built from, so a reader can
@@ -315,8 +316,11 @@ def save_target_cache(cache: TargetCache, path: str | os.PathLike, *,
         meta.append(m)
     with staged_dir(path) as tmp:
         save_file(tensors, str(tmp / "cache.safetensors"))
-        write_json(tmp / "cache.json", {"needs": sorted(cache.needs), "info": info or {},
-                                        "entries": meta}, indent=None)
+        write_json(
+            tmp / "cache.json",
+            {"needs": sorted(cache.needs), "info": info or {}, "entries": meta},
+            indent=None,
+        )
 
 
 def target_cache_info(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -415,8 +419,10 @@ def _load_state(out_dir: Path, compressor, opt, expect: dict[str, Any]) -> tuple
         info = json.loads((out_dir / _STATE_JSON).read_text())
         tensors = load_file(str(out_dir / info["file"]))
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # by hand
-        raise ValueError(f"{out_dir}: unreadable training state ({type(err).__name__}: {err});"
-                         f" delete that folder to train from the start") from None
+        raise ValueError(
+            f"{out_dir}: unreadable training state ({type(err).__name__}: {err});"
+            f" delete that folder to train from the start"
+        ) from None
     for key, value in expect.items():
         if info.get(key) != value:
             raise ValueError(
@@ -504,8 +510,9 @@ def train(
             for cb in callbacks:
                 cb(step, metrics)
         if state_dir is not None and (step % cfg.checkpoint_every == 0 or step == run.total):
-            _save_state(state_dir, run.compressor, run.opt, step,
-                        {**info, "first_loss": first_loss})
+            _save_state(
+                state_dir, run.compressor, run.opt, step, {**info, "first_loss": first_loss}
+            )
     bar.close()
     return run.compressor.eval()
 
@@ -530,8 +537,17 @@ class _Run:
     total: int
 
     @classmethod
-    def start(cls, cfg: TrainConfig, model, processor, dataset, *, rate: float,
-              cache: TargetCache | None, adapter) -> _Run:
+    def start(
+        cls,
+        cfg: TrainConfig,
+        model,
+        processor,
+        dataset,
+        *,
+        rate: float,
+        cache: TargetCache | None,
+        adapter,
+    ) -> _Run:
         """Freeze the model, build the compressor and optimizer, check or build the cache."""
         device = resolve_device(cfg.device)
         prepare_model(model, device)
@@ -547,33 +563,68 @@ class _Run:
         params = [p for p in compressor.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
         if cache is None and cfg.cache_targets:
-            cache = build_target_cache(model, processor, dataset, needs=compressor.needs,
-                                       adapter=adapter, batch_size=cfg.target_batch,
-                                       device=device, progress=cfg.progress)
+            cache = build_target_cache(
+                model,
+                processor,
+                dataset,
+                needs=compressor.needs,
+                adapter=adapter,
+                batch_size=cfg.target_batch,
+                device=device,
+                progress=cfg.progress,
+            )
         _check_cache(cache, n, compressor.needs, cfg.method)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         total = cfg.epochs * steps_per_epoch
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
-        return cls(cfg, model, processor, dataset, adapter, compressor, opt, params, cache,
-                   device, _pad_id(processor), n, steps_per_epoch, total)
+        return cls(
+            cfg,
+            model,
+            processor,
+            dataset,
+            adapter,
+            compressor,
+            opt,
+            params,
+            cache,
+            device,
+            _pad_id(processor),
+            n,
+            steps_per_epoch,
+            total,
+        )
 
     def entries(self, idx: list[int]) -> list[CacheEntry]:
         """The batch's cached entries, or freshly computed ones when caching is off."""
         if self.cache is not None:
             return [self.cache.entries[i] for i in idx]
-        return _target_entries(self.model, self.processor, self.adapter, _rows(self.dataset, idx),
-                               self.compressor.needs, self.device, f"dataset rows {idx[:4]}")
+        return _target_entries(
+            self.model,
+            self.processor,
+            self.adapter,
+            _rows(self.dataset, idx),
+            self.compressor.needs,
+            self.device,
+            f"dataset rows {idx[:4]}",
+        )
 
     def step(self, idx: list[int], step: int, first_loss: float | None) -> dict[str, float]:
         """One SGD step on the dialogues ``idx``; returns the step's metrics."""
         cfg = self.cfg
         entries = self.entries(idx)
-        logits, ps = student_logits(self.model, self.adapter, self.compressor, entries,
-                                    pad_token_id=self.pad_id, device=self.device)
+        logits, ps = student_logits(
+            self.model,
+            self.adapter,
+            self.compressor,
+            entries,
+            pad_token_id=self.pad_id,
+            device=self.device,
+        )
         target = torch.cat([e.target for e in entries]).to(self.device)
-        loss, parts = total_loss(target, logits.float(), ps, lambda_ent=cfg.lambda_ent,
-                                 lambda_col=cfg.lambda_col)
+        loss, parts = total_loss(
+            target, logits.float(), ps, lambda_ent=cfg.lambda_ent, lambda_col=cfg.lambda_col
+        )
         _check_loss(parts["loss"], first_loss, step, cfg)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -24,8 +24,11 @@ __all__ = ["compare", "lmms_turns", "main"]
 def _results_file(path: Path, task: str) -> Path:
     if path.is_file():
         return path
-    found = [p for p in sorted(path.rglob("*_results.json"), key=lambda p: p.stat().st_mtime)
-             if task in json.loads(p.read_text()).get("results", {})]
+    found = [
+        p
+        for p in sorted(path.rglob("*_results.json"), key=lambda p: p.stat().st_mtime)
+        if task in json.loads(p.read_text()).get("results", {})
+    ]
     if not found:
         raise ValueError(f"{path}: no lmms-eval *_results.json with task {task!r}")
     return found[-1]
@@ -72,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'turn':>5} {'lmms-eval':>10} {'evaluator':>10}")
     for k, (x, y) in enumerate(zip(ours, theirs, strict=False)):
         print(f"{k + 1:>5} {x:>10.4f} {y:>10.4f}")
-    same = len(ours) == len(theirs) and all(abs(x - y) <= a.tol for x, y in zip(ours, theirs,
-                                                                                   strict=True))
+    same = len(ours) == len(theirs) and all(
+        abs(x - y) <= a.tol for x, y in zip(ours, theirs, strict=True)
+    )
     print("agree" if same else "DIFFER")
     return 0 if same else 1
 

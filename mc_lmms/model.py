@@ -99,8 +99,10 @@ class MetaCompress(lmms):
         self._warned_sampling = False
         name = "none" if self.compressor is None else self.compressor.name
         rate_s = "" if self.compressor is None else f" rate {self.compressor.rate}"
-        logger.info(f"metacompress: {type(self.model).__name__} on {self._device}, "
-                    f"compressor {name}{rate_s} ({compressor})")
+        logger.info(
+            f"metacompress: {type(self.model).__name__} on {self._device}, "
+            f"compressor {name}{rate_s} ({compressor})"
+        )
 
     def clean(self) -> None:
         """lmms-eval's cleanup drops the nn.Modules; the adapter holds the model too."""
@@ -111,8 +113,11 @@ class MetaCompress(lmms):
 
     def _images(self, visuals: Any, where: str) -> list:
         flat = visuals if isinstance(visuals, list | tuple) else [visuals]
-        images = [v.convert("RGB") if getattr(v, "mode", "RGB") != "RGB" else v
-                  for v in flat if v is not None and hasattr(v, "convert")]
+        images = [
+            v.convert("RGB") if getattr(v, "mode", "RGB") != "RGB" else v
+            for v in flat
+            if v is not None and hasattr(v, "convert")
+        ]
         if not images or len(images) != len([v for v in flat if v is not None]):
             raise ValueError(
                 f"{where}: the metacompress model takes image documents (PIL images), got "
@@ -127,14 +132,20 @@ class MetaCompress(lmms):
         return text.strip()
 
     def _conversation(self, images: list, gen_kwargs: dict) -> Conversation:
-        if not self._warned_sampling and (gen_kwargs.get("do_sample")
-                                          or float(gen_kwargs.get("temperature") or 0) > 0):
+        if not self._warned_sampling and (
+            gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature") or 0) > 0
+        ):
             logger.warning("metacompress: sampling requested, decoding greedily")
             self._warned_sampling = True
         limit = gen_kwargs.get("max_new_tokens", self.max_new_tokens)
-        return Conversation(self.model, self.processor, self.compressor, images=images,
-                            adapter=self.adapter,
-                            max_new_tokens=_positive_int(limit, "max_new_tokens"))
+        return Conversation(
+            self.model,
+            self.processor,
+            self.compressor,
+            images=images,
+            adapter=self.adapter,
+            max_new_tokens=_positive_int(limit, "max_new_tokens"),
+        )
 
     def _ask(self, conv: Conversation, text: str, gen_kwargs: dict) -> str:
         answer = conv.ask(self._text(text))
@@ -177,7 +188,9 @@ class MetaCompress(lmms):
             info = None
             for round_idx in range(1, _MAX_ROUNDS + 1):
                 visuals, text, terminal, _, info = doc_to_text(
-                    doc, previous_output=list(answers), round_idx=round_idx,
+                    doc,
+                    previous_output=list(answers),
+                    round_idx=round_idx,
                     previous_round_info=info,
                 )
                 if terminal:
@@ -221,8 +234,9 @@ class MetaCompress(lmms):
         answer = target.strip()
         if not answer:
             raise ValueError(f"{where}: empty continuation {target!r}")
-        full, positions = encode_dialogue(self.processor, images, [ctx], [answer],
-                                          include_end=False)
+        full, positions = encode_dialogue(
+            self.processor, images, [ctx], [answer], include_end=False
+        )
         full = to_device(full, self._device, self._dtype)
         prompt_text = render(self.processor, [ctx], [], n_images=len(images))
         prompt = self.processor(text=[prompt_text], images=images, return_tensors="pt")

@@ -107,19 +107,27 @@ def write_task(
     name = name or default_name(dataset)
     if not _NAME.fullmatch(name):
         raise ValueError(f"task name {name!r}: use letters, digits, '_' or '-', letter first")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 1:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive int")
     out = Path(out_dir).resolve()
     turns = len(dataset[0]["questions"])
-    meta = {"data": str(Path(data_dir).resolve()), "dialogues": len(dataset), "turns": turns,
-            "history": "model"}
+    meta = {
+        "data": str(Path(data_dir).resolve()),
+        "dialogues": len(dataset),
+        "turns": turns,
+        "history": "model",
+    }
     with io.staged_dir(out) as tmp:
         dataset.to_parquet(str(tmp / f"{name}.parquet"))
         (tmp / "utils.py").write_text(_UTILS)
         (tmp / f"{name}.yaml").write_text(
-            _yaml(name, out / f"{name}.parquet", turns=turns, max_new_tokens=max_new_tokens,
-                  meta=meta)
+            _yaml(
+                name, out / f"{name}.parquet", turns=turns, max_new_tokens=max_new_tokens, meta=meta
+            )
         )
     return out
 
@@ -133,8 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=4)
     ap.add_argument("--limit", type=int, default=None, help="first N dialogues only")
     a = ap.parse_args(argv)
-    out = write_task(a.data, a.out, name=a.name, max_new_tokens=a.max_new_tokens,
-                     limit=a.limit)
+    out = write_task(a.data, a.out, name=a.name, max_new_tokens=a.max_new_tokens, limit=a.limit)
     name = a.name or next(out.glob("*.yaml")).stem
     print(f"wrote {out}: lmms-eval --include_path {out} --tasks {name}")
 

@@ -24,10 +24,29 @@ from mc_core.progress import format_duration, quiet_library_bars
 from tasks import params
 from tasks.params import cell_key, format_rate
 
-__all__ = ["DATA_TEST", "DATA_TRAIN", "DATA_VAL", "PARAMS_ENV", "THREADS_ENV", "TRACEBACK_ENV",
-           "base_dir", "cell_args", "cell_file", "cell_key", "compressor_dir", "flat",
-           "format_rate", "load_params", "seeds_dir", "staged_dir", "stage", "state_dir",
-           "write_csv", "write_json", "write_text"]
+__all__ = [
+    "DATA_TEST",
+    "DATA_TRAIN",
+    "DATA_VAL",
+    "PARAMS_ENV",
+    "THREADS_ENV",
+    "TRACEBACK_ENV",
+    "base_dir",
+    "cell_args",
+    "cell_file",
+    "cell_key",
+    "compressor_dir",
+    "flat",
+    "format_rate",
+    "load_params",
+    "seeds_dir",
+    "staged_dir",
+    "stage",
+    "state_dir",
+    "write_csv",
+    "write_json",
+    "write_text",
+]
 
 PARAMS_ENV = "MC_PARAMS"  # another params file for a one-off run (default: params.yaml)
 # Torch threads per stage process. One thread by default: on 2 shared cores, two threads ran a
@@ -74,8 +93,7 @@ def load_params(sections: Sequence[str], who: str) -> params.SectionView:
     import torch
 
     torch.set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
-    view = params.load(os.environ.get(PARAMS_ENV, params.DEFAULT_PATH), sections=sections,
-                       who=who)
+    view = params.load(os.environ.get(PARAMS_ENV, params.DEFAULT_PATH), sections=sections, who=who)
     assert isinstance(view, params.SectionView)
     return view
 
@@ -96,8 +114,7 @@ def cell_args(description: str, argv: Sequence[str] | None = None) -> tuple[str,
     return ns.arch, ns.rate
 
 
-def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]],
-              fields: Sequence[str]) -> Path:
+def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> Path:
     """Write rows as CSV atomically (missing fields empty)."""
     with staged_file(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
@@ -155,8 +172,11 @@ def stage(name: str, argv: Sequence[str] | None = None) -> Iterator[None]:
             raise
         # Bad input (a params key, a dataset row, a file) and disk errors carry their own
         # explanation, naming what and where: print that, not a traceback.
-        print(f"{label} error: {err}\n(set {TRACEBACK_ENV}=1 for the traceback)",
-              file=sys.stderr, flush=True)
+        print(
+            f"{label} error: {err}\n(set {TRACEBACK_ENV}=1 for the traceback)",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(1) from None
     except BaseException as err:
         took = format_duration(time.monotonic() - t0)

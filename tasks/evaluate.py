@@ -43,48 +43,85 @@ def main(argv: list[str] | None = None) -> None:
     dataset = schema.load(common.DATA_TEST)
     ev = p.evaluate
     metrics = meval.evaluate(
-        model, processor, dataset, ev.methods, rate,
-        compressors={p.train.method: compressor}, history=ev.history,
-        max_dialogues=ev.max_dialogues, device=ev.device, batch_size=ev.batch_size,
-        max_new_tokens=ev.max_new_tokens, arch=arch, dataset_name=dataset[0]["source"],
-        seed=ev.seed, progress=ev.progress)
+        model,
+        processor,
+        dataset,
+        ev.methods,
+        rate,
+        compressors={p.train.method: compressor},
+        history=ev.history,
+        max_dialogues=ev.max_dialogues,
+        device=ev.device,
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
+        arch=arch,
+        dataset_name=dataset[0]["source"],
+        seed=ev.seed,
+        progress=ev.progress,
+    )
     if ev.ceilings.enabled:
         c = ev.ceilings
         metrics["ceilings"] = meval.evaluate_ceilings(
-            model, processor, dataset, rate, oracle_dialogues=c.oracle_dialogues,
-            oracle_steps=c.oracle_steps, oracle_lr=c.oracle_lr, oracle_eps=c.oracle_eps,
-            history=ev.history, max_dialogues=ev.max_dialogues, device=ev.device,
-            batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, seed=ev.seed)
-    seeds = _seed_spread(p, arch, rate, model, processor, dataset, family,
-                         metrics["methods"][p.train.method]["acc_avg"])
+            model,
+            processor,
+            dataset,
+            rate,
+            oracle_dialogues=c.oracle_dialogues,
+            oracle_steps=c.oracle_steps,
+            oracle_lr=c.oracle_lr,
+            oracle_eps=c.oracle_eps,
+            history=ev.history,
+            max_dialogues=ev.max_dialogues,
+            device=ev.device,
+            batch_size=ev.batch_size,
+            max_new_tokens=ev.max_new_tokens,
+            seed=ev.seed,
+        )
+    seeds = _seed_spread(
+        p,
+        arch,
+        rate,
+        model,
+        processor,
+        dataset,
+        family,
+        metrics["methods"][p.train.method]["acc_avg"],
+    )
     if seeds:
         metrics["methods"][p.train.method]["seeds"] = seeds
     ckpt = lineage.checkpoint_hash(ckpt_dir)
     if schema.is_saved_dataset(common.DATA_VAL):
-        metrics["validation"] = _validation(p, arch, rate, model, processor, compressor,
-                                            family, ckpt)
+        metrics["validation"] = _validation(
+            p, arch, rate, model, processor, compressor, family, ckpt
+        )
     out = meval.write_report(metrics, common.cell_file("eval", arch, rate))
     tokens_png = _token_maps(model, processor, dataset, compressor, rate, arch)
 
     rate_s = common.format_rate(rate)
     run_id = tracking.find_cell_run(p.tracking.experiment, arch, rate_s, ckpt_sha256=ckpt)
     if run_id is None:  # train stage restored from DVC's cache: record the cell anew
-        run_id = tracking.start_cell_run(p.tracking.experiment, arch, rate_s,
-                                         params={"arch": arch, "rate": rate},
-                                         tags={"ckpt_sha256": ckpt, "restored": "true"})
+        run_id = tracking.start_cell_run(
+            p.tracking.experiment,
+            arch,
+            rate_s,
+            params={"arch": arch, "rate": rate},
+            tags={"ckpt_sha256": ckpt, "restored": "true"},
+        )
         tracking.end_run(run_id)
     tracking.log_params(run_id, common.flat("evaluate", ev.model_dump()))
     flat = {}
     sections = [("eval", metrics["methods"])]
     sections += [("val", metrics["validation"]["methods"])] if "validation" in metrics else []
-    sections += [("ceiling", {k: v for k, v in metrics.get("ceilings", {}).items()
-                              if "acc_avg" in v})]
+    sections += [
+        ("ceiling", {k: v for k, v in metrics.get("ceilings", {}).items() if "acc_avg" in v})
+    ]
     for prefix, methods in sections:
         for method, m in methods.items():
             for key, value in m.items():
                 if isinstance(value, list) and key != "indices":
-                    flat.update({f"{prefix}/{method}/{key}_{i + 1}": v
-                                 for i, v in enumerate(value)})
+                    flat.update(
+                        {f"{prefix}/{method}/{key}_{i + 1}": v for i, v in enumerate(value)}
+                    )
                 elif isinstance(value, int | float) and not isinstance(value, bool):
                     flat[f"{prefix}/{method}/{key}"] = value
     tracking.log_metrics(run_id, flat)
@@ -100,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"evaluate: wrote {out} ({p.train.method} acc_avg={mc.get('acc_avg')})", flush=True)
 
 
-def _validation(p, arch: str, rate: float, model, processor, compressor, family: str,
-                ckpt: str) -> dict:
+def _validation(
+    p, arch: str, rate: float, model, processor, compressor, family: str, ckpt: str
+) -> dict:
     """``train.method``, ``evaluate.val_methods`` and the current champion on data/val."""
     from mc_core import evaluate as meval
     from mc_core.data import schema
@@ -112,24 +150,44 @@ def _validation(p, arch: str, rate: float, model, processor, compressor, family:
     champion = _champion(p.register.model_name(arch, rate, method), family, ckpt)
     if champion is not None and champion["compressor"] is not None:
         comps["champion"] = champion["compressor"]
-    names = [method, *[m for m in ev.val_methods if m != method], *(
-        ["champion"] if "champion" in comps else [])]
+    names = [
+        method,
+        *[m for m in ev.val_methods if m != method],
+        *(["champion"] if "champion" in comps else []),
+    ]
     report = meval.evaluate(
-        model, processor, val, names, rate, compressors=comps, history=ev.history,
-        device=ev.device, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-        arch=arch, dataset_name=val[0]["source"], seed=ev.seed, progress=ev.progress)
-    out = {"dataset": report["dataset"], "n_dialogues": report["n_dialogues"],
-           "methods": report["methods"]}
+        model,
+        processor,
+        val,
+        names,
+        rate,
+        compressors=comps,
+        history=ev.history,
+        device=ev.device,
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
+        arch=arch,
+        dataset_name=val[0]["source"],
+        seed=ev.seed,
+        progress=ev.progress,
+    )
+    out = {
+        "dataset": report["dataset"],
+        "n_dialogues": report["n_dialogues"],
+        "methods": report["methods"],
+    }
     if champion is not None:
         entry = out["methods"].get("champion", {})
-        entry.update({"version": champion["version"],
-                      "same_checkpoint": champion["compressor"] is None})
+        entry.update(
+            {"version": champion["version"], "same_checkpoint": champion["compressor"] is None}
+        )
         out["methods"]["champion"] = entry
     return out
 
 
-def _seed_spread(p, arch: str, rate: float, model, processor, dataset, family: str,
-                 first: float) -> dict | None:
+def _seed_spread(
+    p, arch: str, rate: float, model, processor, dataset, family: str, first: float
+) -> dict | None:
     """Test accuracy of the extra-seed compressors (``train.seeds`` > 1) beside the cell's:
     ``{"seeds", "acc_avg", "mean", "sd"}``; None when the cell was trained with one seed."""
     from mc_core import checkpoint
@@ -137,16 +195,30 @@ def _seed_spread(p, arch: str, rate: float, model, processor, dataset, family: s
     from mc_core.stats import mean_sd
 
     folder = common.seeds_dir(arch, rate)
-    dirs = sorted(folder.glob("seed-*"), key=lambda d: int(d.name.split("-")[1])) \
-        if folder.is_dir() else []
+    dirs = (
+        sorted(folder.glob("seed-*"), key=lambda d: int(d.name.split("-")[1]))
+        if folder.is_dir()
+        else []
+    )
     if not dirs:
         return None
     ev = p.evaluate
     comps = {d.name: checkpoint.load_compressor(d, expect={"family": family}) for d in dirs}
     report = meval.evaluate(
-        model, processor, dataset, list(comps), rate, compressors=comps, history=ev.history,
-        max_dialogues=ev.max_dialogues, device=ev.device, batch_size=ev.batch_size,
-        max_new_tokens=ev.max_new_tokens, seed=ev.seed, progress=ev.progress)
+        model,
+        processor,
+        dataset,
+        list(comps),
+        rate,
+        compressors=comps,
+        history=ev.history,
+        max_dialogues=ev.max_dialogues,
+        device=ev.device,
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
+        seed=ev.seed,
+        progress=ev.progress,
+    )
     accs = [first] + [report["methods"][d.name]["acc_avg"] for d in dirs]
     mean, sd = mean_sd(accs)
     seeds = [p.train.for_cell(arch, rate).seed] + [int(d.name.split("-")[1]) for d in dirs]
@@ -174,9 +246,13 @@ def _token_maps(model, processor, dataset, compressor, rate: float, arch: str) -
     from mc_core.compressors import build
 
     fastv = build("fastv", rate=rate, dim=compressor.dim)
-    maps = meval.token_maps(model, processor, dataset,
-                            {compressor.name: compressor, "fastv": fastv},
-                            indices=range(min(3, len(dataset))))
+    maps = meval.token_maps(
+        model,
+        processor,
+        dataset,
+        {compressor.name: compressor, "fastv": fastv},
+        indices=range(min(3, len(dataset))),
+    )
     path = common.cell_file("tokens", arch, rate, ".png")
     with staged_file(path, suffix=".png") as tmp:  # no half-written figure at the declared out
         plots.token_maps_figure(maps, tmp, left=compressor.name)

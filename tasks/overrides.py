@@ -88,8 +88,7 @@ class TrainParams(TrainConfig):
                 raise ValueError(f"{where}: expected a non-empty mapping of train keys")
             unknown = sorted(set(change) - fields)
             if unknown:
-                raise ValueError(f"{where}: {unknown} are not train keys "
-                                 f"(known: {sorted(fields)})")
+                raise ValueError(f"{where}: {unknown} are not train keys (known: {sorted(fields)})")
             try:
                 TrainConfig(**{**base, **change})
             except ValueError as err:

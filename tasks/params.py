@@ -126,8 +126,11 @@ class SplitParams(Section):
 
     @model_validator(mode="after")
     def _needs(self) -> SplitParams:
-        need = {"synthetic": ("dialogues",), "gqa": ("questions", "images"),
-                "vqav2": ("questions", "annotations", "images")}[self.source]
+        need = {
+            "synthetic": ("dialogues",),
+            "gqa": ("questions", "images"),
+            "vqav2": ("questions", "annotations", "images"),
+        }[self.source]
         missing = [k for k in need if getattr(self, k) is None]
         if missing:
             raise ValueError(f"source {self.source!r} needs {missing}")
@@ -151,8 +154,10 @@ class DataParams(Section):
             for name in ("train", "test"):
                 other = getattr(self, name)
                 if other.source == "synthetic" and other.seed == self.val.seed:
-                    raise ValueError(f"val.seed={self.val.seed} equals {name}.seed: the "
-                                     "validation dialogues would repeat that split's")
+                    raise ValueError(
+                        f"val.seed={self.val.seed} equals {name}.seed: the "
+                        "validation dialogues would repeat that split's"
+                    )
         return self
 
 
@@ -250,17 +255,25 @@ class Params(Section):
     def _across(self) -> Params:
         # The registry ranks versions by the trained method's evaluation: it must be evaluated.
         if self.train.method not in self.evaluate.methods:
-            raise ValueError(f"evaluate.methods={self.evaluate.methods!r}: must include "
-                             f"train.method={self.train.method!r} (the registry ranks by it)")
+            raise ValueError(
+                f"evaluate.methods={self.evaluate.methods!r}: must include "
+                f"train.method={self.train.method!r} (the registry ranks by it)"
+            )
         gate = self.register_
-        if gate.gate and self.data.val is not None and (
-                gate.gate_baseline not in self.evaluate.val_methods):
-            raise ValueError(f"register.gate_baseline={gate.gate_baseline!r} must be in "
-                             f"evaluate.val_methods={self.evaluate.val_methods!r}")
+        if (
+            gate.gate
+            and self.data.val is not None
+            and (gate.gate_baseline not in self.evaluate.val_methods)
+        ):
+            raise ValueError(
+                f"register.gate_baseline={gate.gate_baseline!r} must be in "
+                f"evaluate.val_methods={self.evaluate.val_methods!r}"
+            )
         extra = set(self.report.methods) - set(self.evaluate.methods)
         if extra:
-            raise ValueError(f"report.methods={self.report.methods!r}: {sorted(extra)} not in "
-                             "evaluate.methods")
+            raise ValueError(
+                f"report.methods={self.report.methods!r}: {sorted(extra)} not in evaluate.methods"
+            )
         return self
 
 
@@ -305,8 +318,10 @@ class SectionView:
         if name.startswith("_"):
             raise AttributeError(name)
         if name not in self._sections:
-            raise AttributeError(f"{self._who} reads params section {name!r} but declares only "
-                                 f"{sorted(self._sections)} (keep dvc.yaml params in sync)")
+            raise AttributeError(
+                f"{self._who} reads params section {name!r} but declares only "
+                f"{sorted(self._sections)} (keep dvc.yaml params in sync)"
+            )
         return getattr(self._params, "register_" if name == "register" else name)
 
     @property
@@ -315,14 +330,16 @@ class SectionView:
         return self._sections
 
 
-def load(path: str | Path = DEFAULT_PATH, *, sections: Iterable[str] | None = None,
-         who: str = "caller") -> Params | SectionView:
+def load(
+    path: str | Path = DEFAULT_PATH, *, sections: Iterable[str] | None = None, who: str = "caller"
+) -> Params | SectionView:
     """Validate the whole params file, then return it (or a view of the declared ``sections``)."""
     try:
         params = validate(read_yaml(path), source=str(path))
     except ValueError as err:
-        raise ValueError(f"{err}\nFix {path}, then check it with: python -m tasks.params "
-                         f"{path}") from None
+        raise ValueError(
+            f"{err}\nFix {path}, then check it with: python -m tasks.params {path}"
+        ) from None
     return params if sections is None else SectionView(params, sections, who=who)
 
 
@@ -332,15 +349,25 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     "smoke": {
         "grid": {"archs": ["tiny-llava"], "rates": [0.5, 0.9]},
-        "data": {"train": {"dialogues": 24}, "val": {"dialogues": 8},
-                 "test": {"dialogues": 8}},
-        "base": {"train_images": 32, "eval_dialogues": 8, "curve_dialogues": 8,
-                 "stage1_steps": 4, "stage2_steps": 4, "stage3_steps": 2, "warmup_steps": 2,
-                 "curve_every": 1000},
+        "data": {"train": {"dialogues": 24}, "val": {"dialogues": 8}, "test": {"dialogues": 8}},
+        "base": {
+            "train_images": 32,
+            "eval_dialogues": 8,
+            "curve_dialogues": 8,
+            "stage1_steps": 4,
+            "stage2_steps": 4,
+            "stage3_steps": 2,
+            "stage3_bank": 8,
+            "warmup_steps": 2,
+            "curve_every": 1000,
+        },
         "train": {"epochs": 1, "max_steps": 3, "batch_size": 4, "log_every": 1},
-        "evaluate": {"methods": ["none", "sample", "metacompress"], "max_dialogues": 8,
-                     "batch_size": 8,
-                     "ceilings": {"oracle_dialogues": 2, "oracle_steps": 3}},
+        "evaluate": {
+            "methods": ["none", "sample", "metacompress"],
+            "max_dialogues": 8,
+            "batch_size": 8,
+            "ceilings": {"oracle_dialogues": 2, "oracle_steps": 3},
+        },
         "report": {"methods": ["none", "sample", "metacompress"]},
         "tracking": {"experiment": "metacompress-smoke"},
     },
@@ -363,8 +390,9 @@ def _merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def profile_params(name: str, base: Mapping[str, Any], *,
-                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def profile_params(
+    name: str, base: Mapping[str, Any], *, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The params of profile ``name``: its overlay (then ``extra``) merged onto ``base``.
 
     ``base`` is normally the parsed ``params.yaml`` (so a smoke run inherits your real-model or

@@ -26,12 +26,19 @@ def build_split(split: params.SplitParams, world, *, where: str):
     if split.source == "gqa":
         from mc_core.data import gqa
 
-        return gqa.build(split.questions, split.images, max_dialogues=split.dialogues,
-                         seed=split.seed)
+        return gqa.build(
+            split.questions, split.images, max_dialogues=split.dialogues, seed=split.seed
+        )
     from mc_core.data import vqav2
 
-    return vqav2.build(split.questions, split.annotations, split.images, split=split.split,
-                       max_dialogues=split.dialogues, seed=split.seed)
+    return vqav2.build(
+        split.questions,
+        split.annotations,
+        split.images,
+        split=split.split,
+        max_dialogues=split.dialogues,
+        seed=split.seed,
+    )
 
 
 def main() -> None:
@@ -40,20 +47,28 @@ def main() -> None:
 
     p = common.load_params(PARAMS, who="tasks.prepare")
     counts = {}
-    splits = [("train", p.data.train, common.DATA_TRAIN), ("val", p.data.val, common.DATA_VAL),
-              ("test", p.data.test, common.DATA_TEST)]
+    splits = [
+        ("train", p.data.train, common.DATA_TRAIN),
+        ("val", p.data.val, common.DATA_VAL),
+        ("test", p.data.test, common.DATA_TEST),
+    ]
     for name, split, path in splits:
         if split is None:  # no validation split: an empty folder keeps the DVC out declared
             with common.staged_dir(path):
                 pass
             counts[name] = None
             continue
-        print(f"prepare: data/{name} <- {split.source} ({split.dialogues or 'all'} dialogues)",
-              flush=True)
+        print(
+            f"prepare: data/{name} <- {split.source} ({split.dialogues or 'all'} dialogues)",
+            flush=True,
+        )
         ds = build_split(split, p.world, where=f"data.{name}")
         schema.save(ds, path)
-        counts[name] = {"source": split.source, "dialogues": len(ds),
-                        "images": len(set(ds["image_id"]))}
+        counts[name] = {
+            "source": split.source,
+            "dialogues": len(ds),
+            "images": len(set(ds["image_id"])),
+        }
     common.write_json("reports/data.json", counts)
 
 

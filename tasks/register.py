@@ -22,8 +22,13 @@ from tasks import common, lineage, tracking
 PARAMS = ("register", "train", "tracking")
 
 
-def gate(metrics: dict, method: str, metric: str, baseline: str,
-         champion: tuple[str, float | None] | None) -> dict:
+def gate(
+    metrics: dict,
+    method: str,
+    metric: str,
+    baseline: str,
+    champion: tuple[str, float | None] | None,
+) -> dict:
     """Whether this cell's version may take the ``champion`` alias, decided on data/val.
 
     Args:
@@ -44,22 +49,38 @@ def gate(metrics: dict, method: str, metric: str, baseline: str,
     val = metrics.get("validation", {}).get("methods", {})
     for name in (method, baseline):
         if metric not in val.get(name, {}):
-            raise ValueError(f"validation.methods.{name}.{metric} missing from the eval report: "
-                             "the gate needs data/val evaluated (tasks.evaluate)")
+            raise ValueError(
+                f"validation.methods.{name}.{metric} missing from the eval report: "
+                "the gate needs data/val evaluated (tasks.evaluate)"
+            )
     better = (lambda a, b: a > b) if metric == "acc_avg" else (lambda a, b: a < b)
     score, base = float(val[method][metric]), float(val[baseline][metric])
-    out = {"promote": False, "score": score, "baseline": base, "champion": None,
-           "champion_version": champion[0] if champion else None}
+    out = {
+        "promote": False,
+        "score": score,
+        "baseline": base,
+        "champion": None,
+        "champion_version": champion[0] if champion else None,
+    }
     if not better(score, base):
-        return {**out, "reason": f"{method} {metric}={score:.4f} on data/val does not beat "
-                                 f"{baseline} ({base:.4f})"}
+        return {
+            **out,
+            "reason": f"{method} {metric}={score:.4f} on data/val does not beat "
+            f"{baseline} ({base:.4f})",
+        }
     if champion is None:
-        return {**out, "promote": True, "reason": f"beats {baseline} on data/val "
-                                                  f"({score:.4f} vs {base:.4f}); no champion yet"}
+        return {
+            **out,
+            "promote": True,
+            "reason": f"beats {baseline} on data/val ({score:.4f} vs {base:.4f}); no champion yet",
+        }
     seen = val.get("champion", {})
     if seen.get("version") == champion[0] and seen.get("same_checkpoint"):
-        return {**out, "champion": score,
-                "reason": f"this checkpoint already is champion v{champion[0]}"}
+        return {
+            **out,
+            "champion": score,
+            "reason": f"this checkpoint already is champion v{champion[0]}",
+        }
     if seen.get("version") == champion[0] and metric in seen:
         held, how = float(seen[metric]), "re-evaluated on data/val"
     elif champion[1] is not None:  # the alias moved since evaluation: its recorded val score
@@ -68,11 +89,17 @@ def gate(metrics: dict, method: str, metric: str, baseline: str,
         return {**out, "reason": f"champion v{champion[0]} has no score to compare with"}
     out["champion"] = held
     if not better(score, held):
-        return {**out, "reason": f"{method} {metric}={score:.4f} on data/val does not beat "
-                                 f"champion v{champion[0]} ({held:.4f}, {how})"}
-    return {**out, "promote": True,
-            "reason": f"beats {baseline} ({base:.4f}) and champion v{champion[0]} "
-                      f"({held:.4f}, {how}) on data/val with {score:.4f}"}
+        return {
+            **out,
+            "reason": f"{method} {metric}={score:.4f} on data/val does not beat "
+            f"champion v{champion[0]} ({held:.4f}, {how})",
+        }
+    return {
+        **out,
+        "promote": True,
+        "reason": f"beats {baseline} ({base:.4f}) and champion v{champion[0]} "
+        f"({held:.4f}, {how}) on data/val with {score:.4f}",
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,42 +115,75 @@ def main(argv: list[str] | None = None) -> None:
     try:
         test_score = float(metrics["methods"][method][metric])
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{eval_file}: no methods.{method}.{metric} to rank the version "
-                         f"by (register.champion_metric={metric!r})") from None
+        raise ValueError(
+            f"{eval_file}: no methods.{method}.{metric} to rank the version "
+            f"by (register.champion_metric={metric!r})"
+        ) from None
     name = p.register.model_name(arch, rate, method)
     if p.register.gate and "validation" in metrics:
-        decision = gate(metrics, method, metric, p.register.gate_baseline,
-                        tracking.current_champion(name))
+        decision = gate(
+            metrics, method, metric, p.register.gate_baseline, tracking.current_champion(name)
+        )
         score, promote = decision["score"], decision["promote"]
     else:  # no data/val (or gate off): the best test score holds the alias, as before
         why = "register.gate is false" if not p.register.gate else "no data/val evaluation"
-        decision = {"promote": None, "score": test_score,
-                    "reason": f"ungated ({why}): alias on the best-scored version"}
+        decision = {
+            "promote": None,
+            "score": test_score,
+            "reason": f"ungated ({why}): alias on the best-scored version",
+        }
         score, promote = test_score, None
 
     ckpt = lineage.checkpoint_hash(ckpt_dir)
     run_id = tracking.find_cell_run(p.tracking.experiment, arch, rate_s, ckpt_sha256=ckpt)
     if run_id is None:
-        run_id = tracking.start_cell_run(p.tracking.experiment, arch, rate_s,
-                                         params={"arch": arch, "rate": rate},
-                                         tags={"ckpt_sha256": ckpt, "restored": "true"})
+        run_id = tracking.start_cell_run(
+            p.tracking.experiment,
+            arch,
+            rate_s,
+            params={"arch": arch, "rate": rate},
+            tags={"ckpt_sha256": ckpt, "restored": "true"},
+        )
         tracking.end_run(run_id)
-    tags = {"arch": arch, "rate": rate_s, "git_sha": lineage.git_sha(),
-            "experiment": p.tracking.experiment,
-            "eval_dataset": metrics.get("dataset", "unknown"),
-            "score_split": "val" if promote is not None else "test",
-            "test_score": repr(test_score), "gate": decision["reason"],
-            **lineage.dvc_hashes([str(common.base_dir(arch)), str(common.DATA_TRAIN),
-                                  str(common.DATA_VAL), str(common.DATA_TEST), str(ckpt_dir)])}
+    tags = {
+        "arch": arch,
+        "rate": rate_s,
+        "git_sha": lineage.git_sha(),
+        "experiment": p.tracking.experiment,
+        "eval_dataset": metrics.get("dataset", "unknown"),
+        "score_split": "val" if promote is not None else "test",
+        "test_score": repr(test_score),
+        "gate": decision["reason"],
+        **lineage.dvc_hashes(
+            [
+                str(common.base_dir(arch)),
+                str(common.DATA_TRAIN),
+                str(common.DATA_VAL),
+                str(common.DATA_TEST),
+                str(ckpt_dir),
+            ]
+        ),
+    }
     reg = tracking.register_checkpoint(
-        name, ckpt_dir, run_id=run_id, score=score, metric=metric,
-        higher_is_better=(metric == "acc_avg"), tags=tags, promote=promote)
-    out = common.write_json(common.cell_file("registry", arch, rate),
-                            {**reg.to_dict(), "uri": f"models:/{reg.name}@champion",
-                             "gate": decision})
+        name,
+        ckpt_dir,
+        run_id=run_id,
+        score=score,
+        metric=metric,
+        higher_is_better=(metric == "acc_avg"),
+        tags=tags,
+        promote=promote,
+    )
+    out = common.write_json(
+        common.cell_file("registry", arch, rate),
+        {**reg.to_dict(), "uri": f"models:/{reg.name}@champion", "gate": decision},
+    )
     verb = "registered" if reg.created else "already registered"
-    print(f"register: {reg.name} v{reg.version} {verb}; champion v{reg.champion or '-'} "
-          f"({decision['reason']}) -> {out}", flush=True)
+    print(
+        f"register: {reg.name} v{reg.version} {verb}; champion v{reg.champion or '-'} "
+        f"({decision['reason']}) -> {out}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

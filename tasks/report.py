@@ -30,11 +30,19 @@ def collect(grid: params.GridParams) -> list[dict]:
     for arch, rate in grid.cells():
         ev = common.cell_file("eval", arch, rate)
         if not ev.is_file():
-            raise ValueError(f"{ev}: missing evaluation of cell {params.cell_key(arch, rate)} "
-                             f"(run `dvc repro evaluate@{params.cell_key(arch, rate)}`)")
+            raise ValueError(
+                f"{ev}: missing evaluation of cell {params.cell_key(arch, rate)} "
+                f"(run `dvc repro evaluate@{params.cell_key(arch, rate)}`)"
+            )
         reg = common.cell_file("registry", arch, rate)
-        cells.append({"arch": arch, "rate": rate, "eval": json.loads(ev.read_text()),
-                      "registry": json.loads(reg.read_text()) if reg.is_file() else None})
+        cells.append(
+            {
+                "arch": arch,
+                "rate": rate,
+                "eval": json.loads(ev.read_text()),
+                "registry": json.loads(reg.read_text()) if reg.is_file() else None,
+            }
+        )
     return cells
 
 
@@ -50,8 +58,14 @@ def _heuristics(methods: dict) -> list[str]:
     nor prompt-dependent like fastv)."""
     from mc_core.compressors import available, get_class
 
-    return [m for m in methods if m in available() and m != "none"
-            and not get_class(m).trainable and not get_class(m).prompt_dependent]
+    return [
+        m
+        for m in methods
+        if m in available()
+        and m != "none"
+        and not get_class(m).trainable
+        and not get_class(m).prompt_dependent
+    ]
 
 
 def _acc(entry: dict) -> str:
@@ -88,8 +102,17 @@ def verdict(ms: dict) -> str:
 def table(cells: list[dict], methods: list[str]) -> str:
     """Markdown: one row per cell, acc_avg [95% CI] per method, the trained method's turns, KL,
     its verdict against the best heuristic, and the registry's gate."""
-    head = ["arch", "rate", "dialogues", *methods, "mc turns 1/2/3", "fastv turns 1/2/3",
-            "mc KL", "vs best heuristic", "registry"]
+    head = [
+        "arch",
+        "rate",
+        "dialogues",
+        *methods,
+        "mc turns 1/2/3",
+        "fastv turns 1/2/3",
+        "mc KL",
+        "vs best heuristic",
+        "registry",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
         ms = c["eval"]["methods"]
@@ -106,16 +129,38 @@ def table(cells: list[dict], methods: list[str]) -> str:
             if reg.get("gate"):
                 where += f": {reg['gate']['reason']}"
         n = c["eval"].get("n_dialogues", c["eval"].get("dialogues", "?"))
-        lines.append("| " + " | ".join([c["arch"], params.format_rate(c["rate"]), str(n),
-                                          *accs, turns, fastv, kl, verdict(ms), where]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    c["arch"],
+                    params.format_rate(c["rate"]),
+                    str(n),
+                    *accs,
+                    turns,
+                    fastv,
+                    kl,
+                    verdict(ms),
+                    where,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def ceilings_table(cells: list[dict]) -> str:
     """Markdown: per cell, the trained method beside the selector and oracle ceilings and the
     [CLS] overlap of the oracle's tokens (the paper's Figure 1)."""
-    head = ["arch", "rate", "trained", "selector", "oracle (subsample)", "full on subsample",
-            "oracle top-m in top-m [CLS]"]
+    head = [
+        "arch",
+        "rate",
+        "trained",
+        "selector",
+        "oracle (subsample)",
+        "full on subsample",
+        "oracle top-m in top-m [CLS]",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
         ce, ms = c["eval"].get("ceilings"), c["eval"]["methods"]
@@ -123,14 +168,30 @@ def ceilings_table(cells: list[dict]) -> str:
             continue
         sel, orc, cls = ce.get("selector", {}), ce.get("oracle", {}), ce.get("cls_overlap", {})
         sel_s = _acc(sel) if "acc_avg" in sel else f"n/a ({sel.get('note', '-')})"
-        orc_s = (f"{_acc(orc)} (n={orc['dialogues']}, {orc['steps']} steps)"
-                 if "acc_avg" in orc else "-")
+        orc_s = (
+            f"{_acc(orc)} (n={orc['dialogues']}, {orc['steps']} steps)" if "acc_avg" in orc else "-"
+        )
         ref = orc.get("none_acc_avg")
-        cls_s = (f"{cls['share']:.2f} (chance {cls['chance']:.2f})" if "share" in cls
-                 else cls.get("note", "-"))
-        lines.append("| " + " | ".join([
-            c["arch"], params.format_rate(c["rate"]), _acc(ms.get(_trained(ms) or "", {})),
-            sel_s, orc_s, f"{ref:.3f}" if ref is not None else "-", cls_s]) + " |")
+        cls_s = (
+            f"{cls['share']:.2f} (chance {cls['chance']:.2f})"
+            if "share" in cls
+            else cls.get("note", "-")
+        )
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    c["arch"],
+                    params.format_rate(c["rate"]),
+                    _acc(ms.get(_trained(ms) or "", {})),
+                    sel_s,
+                    orc_s,
+                    f"{ref:.3f}" if ref is not None else "-",
+                    cls_s,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
@@ -140,18 +201,29 @@ def plots(cells: list[dict], methods: list[str], dpi: int, out: Path) -> list[Pa
     from mc_core import plots as mplots
 
     reports = [c["eval"] for c in cells]
-    written = [mplots.accuracy_vs_rate(reports, out / "acc-vs-rate.png",
-                                       methods=[m for m in methods if m != mplots.REFERENCE],
-                                       dpi=dpi)]
+    written = [
+        mplots.accuracy_vs_rate(
+            reports,
+            out / "acc-vs-rate.png",
+            methods=[m for m in methods if m != mplots.REFERENCE],
+            dpi=dpi,
+        )
+    ]
     if any("acc_avg" in v for r in reports for v in r.get("ceilings", {}).values()):
         trained = sorted({t for r in reports if (t := _trained(r["methods"]))})
-        written.append(mplots.ceilings_vs_rate(reports, out / "ceilings.png", methods=trained,
-                                               dpi=dpi))
+        written.append(
+            mplots.ceilings_vs_rate(reports, out / "ceilings.png", methods=trained, dpi=dpi)
+        )
     for c in cells:
         present = [m for m in methods if m in c["eval"]["methods"]]
-        written.append(mplots.accuracy_per_turn(
-            c["eval"], out / f"turns-{params.cell_key(c['arch'], c['rate'])}.png",
-            methods=present, dpi=dpi))
+        written.append(
+            mplots.accuracy_per_turn(
+                c["eval"],
+                out / f"turns-{params.cell_key(c['arch'], c['rate'])}.png",
+                methods=present,
+                dpi=dpi,
+            )
+        )
     return written
 
 
@@ -180,33 +252,61 @@ def main(argv: list[str] | None = None) -> None:
     p = common.load_params(PARAMS, who="tasks.report")
     cells = collect(p.grid)
     methods = list(p.report.methods)
-    md = ("# MetaCompress summary\n\nAccuracy averaged over the 3 turns, per method, with its "
-          "95% bootstrap interval over dialogues [lo, hi]. A win is claimed only where the "
-          "intervals separate.\n\n")
+    md = (
+        "# MetaCompress summary\n\nAccuracy averaged over the 3 turns, per method, with its "
+        "95% bootstrap interval over dialogues [lo, hi]. A win is claimed only where the "
+        "intervals separate.\n\n"
+    )
     md += table(cells, methods)
     ceil = ceilings_table(cells)
     if ceil:
-        md += ("\n## Ceilings\n\nThe ground-truth object-centre selector (all test dialogues) "
-               "and the per-dialogue oracle P (a seeded subsample; its `full` reference on the "
-               "same dialogues beside it), and how many of the oracle's top-m tokens are among "
-               "the top-m [CLS]-attention tokens.\n\n" + ceil)
+        md += (
+            "\n## Ceilings\n\nThe ground-truth object-centre selector (all test dialogues) "
+            "and the per-dialogue oracle P (a seeded subsample; its `full` reference on the "
+            "same dialogues beside it), and how many of the oracle's top-m tokens are among "
+            "the top-m [CLS]-attention tokens.\n\n" + ceil
+        )
     common.write_text(SUMMARY_MD, md)
-    summary = {params.cell_key(c["arch"], c["rate"]): {
-        **{m: {k: v[k] for k in ("acc_avg", "acc_avg_ci", "kl_to_full") if k in v}
-           for m, v in c["eval"]["methods"].items() if m in methods},
-        **({"ceilings": {k: {f: v[f] for f in ("acc_avg", "acc_avg_ci", "share", "chance")
-                             if f in v} for k, v in c["eval"]["ceilings"].items()}}
-           if "ceilings" in c["eval"] else {}),
-        "verdict": verdict(c["eval"]["methods"])} for c in cells}
+    summary = {
+        params.cell_key(c["arch"], c["rate"]): {
+            **{
+                m: {k: v[k] for k in ("acc_avg", "acc_avg_ci", "kl_to_full") if k in v}
+                for m, v in c["eval"]["methods"].items()
+                if m in methods
+            },
+            **(
+                {
+                    "ceilings": {
+                        k: {f: v[f] for f in ("acc_avg", "acc_avg_ci", "share", "chance") if f in v}
+                        for k, v in c["eval"]["ceilings"].items()
+                    }
+                }
+                if "ceilings" in c["eval"]
+                else {}
+            ),
+            "verdict": verdict(c["eval"]["methods"]),
+        }
+        for c in cells
+    }
     common.write_json("reports/summary.json", summary)
-    rows = [{"cell": params.cell_key(c["arch"], c["rate"]), "method": m,
-             "acc_avg": c["eval"]["methods"][m]["acc_avg"]}
-            for c in cells for m in methods if m in c["eval"]["methods"]]
+    rows = [
+        {
+            "cell": params.cell_key(c["arch"], c["rate"]),
+            "method": m,
+            "acc_avg": c["eval"]["methods"][m]["acc_avg"],
+        }
+        for c in cells
+        for m in methods
+        if m in c["eval"]["methods"]
+    ]
     common.write_csv("reports/summary.csv", rows, ["cell", "method", "acc_avg"])
     with common.staged_dir(PLOTS) as tmp:
         plots(cells, methods, p.report.dpi, tmp)
-    print(f"report: wrote {SUMMARY_MD} and {PLOTS}/ ({len(cells)} cells); "
-          "`python -m tasks.report --show` prints it", flush=True)
+    print(
+        f"report: wrote {SUMMARY_MD} and {PLOTS}/ ({len(cells)} cells); "
+        "`python -m tasks.report --show` prints it",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arch", required=True)
     ap.add_argument("--rate", required=True, type=float)
     ap.add_argument("--layers", default="0,1,2", help="FastV layers K, comma-separated")
-    ap.add_argument("--positions", default="packed,source",
-                    help="adapter position modes, comma-separated")
+    ap.add_argument(
+        "--positions", default="packed,source", help="adapter position modes, comma-separated"
+    )
     ap.add_argument("--dialogues", type=int, default=96, help="first N test dialogues")
     ap.add_argument("--out", type=Path, default=OUT)
     ns = ap.parse_args(argv)
@@ -43,8 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         raise ValueError(f"--layers={ns.layers!r}: expected comma-separated ints") from None
     if any(k < 0 for k in layers) or ns.dialogues < 1:
-        raise ValueError(f"--layers={ns.layers!r} / --dialogues={ns.dialogues}: expected "
-                         "layers >= 0 and at least one dialogue")
+        raise ValueError(
+            f"--layers={ns.layers!r} / --dialogues={ns.dialogues}: expected "
+            "layers >= 0 and at least one dialogue"
+        )
     modes = ns.positions.split(",")
     p = common.load_params(PARAMS, who="tasks.sensitivity")
 
@@ -62,20 +65,35 @@ def main(argv: list[str] | None = None) -> None:
     family = zoo.info(common.base_dir(ns.arch)).get("family")
     dataset = schema.load(common.DATA_TEST)
     ev = p.evaluate
-    kw = {"history": ev.history, "max_dialogues": ns.dialogues, "device": ev.device,
-          "batch_size": ev.batch_size, "max_new_tokens": ev.max_new_tokens, "seed": ev.seed,
-          "progress": ev.progress, "arch": ns.arch, "dataset_name": dataset[0]["source"]}
+    kw = {
+        "history": ev.history,
+        "max_dialogues": ns.dialogues,
+        "device": ev.device,
+        "batch_size": ev.batch_size,
+        "max_new_tokens": ev.max_new_tokens,
+        "seed": ev.seed,
+        "progress": ev.progress,
+        "arch": ns.arch,
+        "dataset_name": dataset[0]["source"],
+    }
     n_layers = int(model.config.get_text_config().num_hidden_layers)
     fastv = {}
     for k in layers:
         comp = build("fastv", rate=ns.rate, dim=token_dim(model))
         comp.layer = k  # read by mc_core.conversation.compress_inputs (capped at the last layer)
         fastv[f"K{k}"] = comp
-    by_layer = meval.evaluate(model, processor, dataset, list(fastv), ns.rate,
-                              compressors=fastv, **kw)
-    out = {"arch": ns.arch, "rate": ns.rate, "dataset": by_layer["dataset"],
-           "n_dialogues": by_layer["n_dialogues"], "layers": {}, "positions": {},
-           "default_positions": for_model(model).positions}
+    by_layer = meval.evaluate(
+        model, processor, dataset, list(fastv), ns.rate, compressors=fastv, **kw
+    )
+    out = {
+        "arch": ns.arch,
+        "rate": ns.rate,
+        "dataset": by_layer["dataset"],
+        "n_dialogues": by_layer["n_dialogues"],
+        "layers": {},
+        "positions": {},
+        "default_positions": for_model(model).positions,
+    }
     for name, m in by_layer["methods"].items():
         k = int(name[1:])
         out["layers"][name] = {"requested": k, "layer": min(k, n_layers - 1), **m}
@@ -84,8 +102,16 @@ def main(argv: list[str] | None = None) -> None:
     if ckpt.is_dir():
         trained[p.train.method] = checkpoint.load_compressor(ckpt, expect={"family": family})
     for mode in modes:
-        res = meval.evaluate(model, processor, dataset, ["sample", *trained], ns.rate,
-                             compressors=trained, adapter=for_model(model, positions=mode), **kw)
+        res = meval.evaluate(
+            model,
+            processor,
+            dataset,
+            ["sample", *trained],
+            ns.rate,
+            compressors=trained,
+            adapter=for_model(model, positions=mode),
+            **kw,
+        )
         out["positions"][mode] = res["methods"]
     common.write_json(ns.out, out)
     print(f"sensitivity: wrote {ns.out}", flush=True)

@@ -94,7 +94,8 @@ def migrate(uri: str | None = None) -> str:
             raise ConnectionError(
                 f"MLflow tracking server {uri} ({ENV_URI}) is unreachable: {err.message}."
                 " Nothing was logged or registered; start the server (make serve) or point "
-                f"{ENV_URI} at a reachable store, then rerun the stage.") from None
+                f"{ENV_URI} at a reachable store, then rerun the stage."
+            ) from None
     _MIGRATED.add(uri)
     return uri
 
@@ -119,8 +120,10 @@ def _str(v: Any) -> str:
 
 # -- runs ---------------------------------------------------------------------------------------
 
-def find_cell_run(experiment: str, arch: str, rate: str, *, ckpt_sha256: str | None = None,
-                  uri: str | None = None) -> str | None:
+
+def find_cell_run(
+    experiment: str, arch: str, rate: str, *, ckpt_sha256: str | None = None, uri: str | None = None
+) -> str | None:
     """The newest training run of a cell (optionally of one checkpoint), or None."""
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
@@ -129,19 +132,37 @@ def find_cell_run(experiment: str, arch: str, rate: str, *, ckpt_sha256: str | N
     flt = f"tags.arch = '{arch}' and tags.rate = '{rate}' and tags.kind = 'train'"
     if ckpt_sha256:
         flt += f" and tags.ckpt_sha256 = '{ckpt_sha256}'"
-    runs = c.search_runs([exp.experiment_id], filter_string=flt,
-                         order_by=["attributes.start_time DESC"], max_results=1)
+    runs = c.search_runs(
+        [exp.experiment_id],
+        filter_string=flt,
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 
-def start_cell_run(experiment: str, arch: str, rate: str, *, params: Mapping[str, Any],
-                   tags: Mapping[str, str] | None = None, uri: str | None = None) -> str:
+def start_cell_run(
+    experiment: str,
+    arch: str,
+    rate: str,
+    *,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+    uri: str | None = None,
+) -> str:
     """Create the training run of a cell (status RUNNING); returns its id."""
     c = client(uri)
-    all_tags = {"arch": arch, "rate": rate, "kind": "train", "git_sha": git_sha(),
-                **dvc_hashes(["data/train", "data/test", f"models/base/{arch}"]), **(tags or {})}
-    run = c.create_run(experiment_id(experiment, uri), run_name=f"train-{arch}-r{rate}",
-                       tags=all_tags)
+    all_tags = {
+        "arch": arch,
+        "rate": rate,
+        "kind": "train",
+        "git_sha": git_sha(),
+        **dvc_hashes(["data/train", "data/test", f"models/base/{arch}"]),
+        **(tags or {}),
+    }
+    run = c.create_run(
+        experiment_id(experiment, uri), run_name=f"train-{arch}-r{rate}", tags=all_tags
+    )
     log_params(run.info.run_id, params, uri=uri)
     return run.info.run_id
 
@@ -155,14 +176,18 @@ def log_params(run_id: str, params: Mapping[str, Any], *, uri: str | None = None
         client(uri).log_batch(run_id, params=items)
 
 
-def log_metrics(run_id: str, metrics: Mapping[str, float], *, step: int | None = None,
-                uri: str | None = None) -> None:
+def log_metrics(
+    run_id: str, metrics: Mapping[str, float], *, step: int | None = None, uri: str | None = None
+) -> None:
     """Log numeric metrics (non-finite or non-numeric values are skipped) at ``step``."""
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    items = [Metric(_metric_key(k), float(v), ts, step or 0) for k, v in metrics.items()
-             if isinstance(v, int | float) and not isinstance(v, bool) and v == v]
+    items = [
+        Metric(_metric_key(k), float(v), ts, step or 0)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and v == v
+    ]
     if items:
         client(uri).log_batch(run_id, metrics=items)
 
@@ -179,8 +204,9 @@ def set_tags(run_id: str, tags: Mapping[str, Any], *, uri: str | None = None) ->
     client(uri).log_batch(run_id, tags=[RunTag(k, _str(v)) for k, v in tags.items()])
 
 
-def log_artifacts(run_id: str, path: str | Path, artifact_path: str | None = None, *,
-                  uri: str | None = None) -> None:
+def log_artifacts(
+    run_id: str, path: str | Path, artifact_path: str | None = None, *, uri: str | None = None
+) -> None:
     """Upload a file or folder to the run's artifacts."""
     c = client(uri)
     path = Path(path)
@@ -201,8 +227,9 @@ class StepLogger:
     Call it as ``logger(step, {"loss": ..., "kl": ...})``; :meth:`flush` at the end.
     """
 
-    def __init__(self, run_id: str, *, prefix: str = "train/", flush_every: int = 20,
-                 uri: str | None = None):
+    def __init__(
+        self, run_id: str, *, prefix: str = "train/", flush_every: int = 20, uri: str | None = None
+    ):
         self.run_id, self.prefix, self.flush_every, self.uri = run_id, prefix, flush_every, uri
         self._buf: list[Any] = []
 
@@ -224,6 +251,7 @@ class StepLogger:
 
 
 # -- registry -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Registration:
@@ -280,10 +308,18 @@ def version_tags(name: str, version: str, *, uri: str | None = None) -> dict[str
     return dict(client(uri).get_model_version(name, str(version)).tags)
 
 
-def register_checkpoint(name: str, ckpt_dir: str | Path, *, run_id: str, score: float,
-                        metric: str, higher_is_better: bool = True,
-                        tags: Mapping[str, Any] | None = None,
-                        uri: str | None = None, promote: bool | None = None) -> Registration:
+def register_checkpoint(
+    name: str,
+    ckpt_dir: str | Path,
+    *,
+    run_id: str,
+    score: float,
+    metric: str,
+    higher_is_better: bool = True,
+    tags: Mapping[str, Any] | None = None,
+    uri: str | None = None,
+    promote: bool | None = None,
+) -> Registration:
     """Register a checkpoint folder as a version of ``name`` unless that content already is one.
 
     The checkpoint's SHA-256 is the identity: registering the same bytes again returns the
@@ -306,8 +342,11 @@ def register_checkpoint(name: str, ckpt_dir: str | Path, *, run_id: str, score: 
         except MlflowException as err:
             if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
                 raise
-        existing = [v for v in c.search_model_versions(f"name = '{name}'")
-                    if v.tags.get("ckpt_sha256") == ckpt]
+        existing = [
+            v
+            for v in c.search_model_versions(f"name = '{name}'")
+            if v.tags.get("ckpt_sha256") == ckpt
+        ]
         if existing:
             # The record names the version's own run (the one that trained it), whichever
             # later run of the same checkpoint asked.
@@ -317,8 +356,12 @@ def register_checkpoint(name: str, ckpt_dir: str | Path, *, run_id: str, score: 
             artifact_path = f"compressor-{ckpt[:12]}"
             c.log_artifacts(run_id, str(ckpt_dir), artifact_path)
             source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
-            all_tags = {**{k: _str(v) for k, v in (tags or {}).items()},
-                        "ckpt_sha256": ckpt, "score": repr(float(score)), "metric": metric}
+            all_tags = {
+                **{k: _str(v) for k, v in (tags or {}).items()},
+                "ckpt_sha256": ckpt,
+                "score": repr(float(score)),
+                "metric": metric,
+            }
             mv = c.create_model_version(name, source, run_id=run_id, tags=all_tags)
             version, created = str(mv.version), True
         if promote is None:
@@ -329,8 +372,16 @@ def register_checkpoint(name: str, ckpt_dir: str | Path, *, run_id: str, score: 
         else:
             held = current_champion(name, uri=uri)
             champion = held[0] if held else ""
-    return Registration(name=name, version=version, created=created, champion=champion,
-                        ckpt_sha256=ckpt, run_id=run_id, score=float(score), metric=metric)
+    return Registration(
+        name=name,
+        version=version,
+        created=created,
+        champion=champion,
+        ckpt_sha256=ckpt,
+        run_id=run_id,
+        score=float(score),
+        metric=metric,
+    )
 
 
 def resolve(model_uri: str, *, uri: str | None = None) -> tuple[str, str]:
@@ -353,9 +404,9 @@ def download(model_uri: str, dst: str | Path | None = None, *, uri: str | None =
     # Resolved here rather than through mlflow's models:/ repository, which reads the global
     # registry URI instead of the one we were given.
     source = client(uri).get_model_version_download_uri(name, version)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=source,
-                                                dst_path=str(dst) if dst else None,
-                                                tracking_uri=uri)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=source, dst_path=str(dst) if dst else None, tracking_uri=uri
+    )
     return Path(local)
 
 

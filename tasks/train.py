@@ -25,8 +25,7 @@ from pathlib import Path
 from tasks import common, lineage, tracking
 
 PARAMS = ("train", "tracking")
-CURVE_FIELDS = ("step", "loss", "kl", "entropy", "collapse", "grad_norm", "epoch",
-                "samples_per_s")
+CURVE_FIELDS = ("step", "loss", "kl", "entropy", "collapse", "grad_norm", "epoch", "samples_per_s")
 
 
 def _key(*parts: object) -> str:
@@ -65,8 +64,12 @@ def _input_stamps(arch: str) -> str:
     or the base model that dvc.lock (hence ``inputs``) has not recorded yet."""
     from mc_core.data.schema import file_stamp
 
-    files = sorted(f for p in (common.base_dir(arch), common.DATA_TRAIN)
-                   for f in Path(p).rglob("*") if f.is_file())
+    files = sorted(
+        f
+        for p in (common.base_dir(arch), common.DATA_TRAIN)
+        for f in Path(p).rglob("*")
+        if f.is_file()
+    )
     return _key(file_stamp(files))
 
 
@@ -77,10 +80,16 @@ def target_provenance(*, arch: str, needs, inputs: dict, cfg) -> dict:
 
     from mc_core import train as mtrain
 
-    return {"arch": arch, "inputs": inputs, "files": _input_stamps(arch), "needs": sorted(needs),
-            "device": mtrain.resolve_device(cfg.device).type, "target_batch": cfg.target_batch,
-            "code": _target_code_hash(),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    return {
+        "arch": arch,
+        "inputs": inputs,
+        "files": _input_stamps(arch),
+        "needs": sorted(needs),
+        "device": mtrain.resolve_device(cfg.device).type,
+        "target_batch": cfg.target_batch,
+        "code": _target_code_hash(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
 
 
 def target_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, cfg):
@@ -102,11 +111,20 @@ def target_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, c
             return mtrain.load_target_cache(path)
         if have is not None:
             diff = sorted(k for k in set(info) | set(have) if have.get(k) != info.get(k))
-            print(f"train: target cache {path} was built from other {diff} than this run: "
-                  "rebuilding it", flush=True)
-        cache = mtrain.build_target_cache(model, processor, dataset, needs=needs,
-                                          batch_size=cfg.target_batch, device=cfg.device,
-                                          progress=cfg.progress)
+            print(
+                f"train: target cache {path} was built from other {diff} than this run: "
+                "rebuilding it",
+                flush=True,
+            )
+        cache = mtrain.build_target_cache(
+            model,
+            processor,
+            dataset,
+            needs=needs,
+            batch_size=cfg.target_batch,
+            device=cfg.device,
+            progress=cfg.progress,
+        )
         mtrain.save_target_cache(cache, path, info=info)
         return cache
 
@@ -158,9 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     needs = get_class(cfg.method).needs
 
     run_id = tracking.start_cell_run(
-        p.tracking.experiment, arch, rate_s,
+        p.tracking.experiment,
+        arch,
+        rate_s,
         params={"arch": arch, "rate": rate, **common.flat("train", cfg.model_dump())},
-        tags={"family": str(family), "method": cfg.method})
+        tags={"family": str(family), "method": cfg.method},
+    )
     state = common.state_dir(arch, rate) / _key(cfg.fingerprint(), rate, inputs, len(dataset))
     rows = _resumed_rows(state)  # an interrupted run's curve up to its last checkpoint
     steps = tracking.StepLogger(run_id, prefix="train/")
@@ -175,15 +196,29 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     try:
-        cache = target_cache(model, processor, dataset, arch=arch, needs=needs, inputs=inputs,
-                             cfg=cfg)
-        compressor = mtrain.train(cfg, model, processor, dataset, rate=rate, out_dir=state,
-                                  callbacks=[on_step], cache=cache)
+        cache = target_cache(
+            model, processor, dataset, arch=arch, needs=needs, inputs=inputs, cfg=cfg
+        )
+        compressor = mtrain.train(
+            cfg,
+            model,
+            processor,
+            dataset,
+            rate=rate,
+            out_dir=state,
+            callbacks=[on_step],
+            cache=cache,
+        )
         steps.flush()
         out = common.compressor_dir(arch, rate)
         # Deterministic meta only: the registry identifies checkpoints by content hash.
-        meta = {"arch": arch, "family": family, "rate": rate, "train": cfg.fingerprint(),
-                "inputs": inputs}
+        meta = {
+            "arch": arch,
+            "family": family,
+            "rate": rate,
+            "train": cfg.fingerprint(),
+            "inputs": inputs,
+        }
         checkpoint.save_compressor(out, compressor, meta=meta)
         # The state only serves to resume an interrupted run: a finished one must not be
         # "resumed" by a later rerun (DVC reruns this stage when the code changed).
@@ -193,22 +228,31 @@ def main(argv: list[str] | None = None) -> None:
         with common.staged_dir(common.seeds_dir(arch, rate)) as extra:
             for k in range(1, p.train.seeds):
                 cfg_k = cfg.model_copy(update={"seed": cfg.seed + k})
-                state_k = common.state_dir(arch, rate) / _key(cfg_k.fingerprint(), rate, inputs,
-                                                               len(dataset))
-                comp_k = mtrain.train(cfg_k, model, processor, dataset, rate=rate,
-                                      out_dir=state_k, cache=cache)
-                checkpoint.save_compressor(extra / f"seed-{cfg_k.seed}", comp_k,
-                                           meta={**meta, "train": cfg_k.fingerprint()})
+                state_k = common.state_dir(arch, rate) / _key(
+                    cfg_k.fingerprint(), rate, inputs, len(dataset)
+                )
+                comp_k = mtrain.train(
+                    cfg_k, model, processor, dataset, rate=rate, out_dir=state_k, cache=cache
+                )
+                checkpoint.save_compressor(
+                    extra / f"seed-{cfg_k.seed}",
+                    comp_k,
+                    meta={**meta, "train": cfg_k.fingerprint()},
+                )
                 shutil.rmtree(state_k, ignore_errors=True)
         final = rows[-1] if rows else {}
-        report = {"arch": arch, "rate": rate, "steps": final.get("step", 0),
-                  "train_s": round(time.perf_counter() - t0, 2),
-                  **{k: final[k] for k in ("loss", "kl", "entropy", "collapse") if k in final}}
+        report = {
+            "arch": arch,
+            "rate": rate,
+            "steps": final.get("step", 0),
+            "train_s": round(time.perf_counter() - t0, 2),
+            **{k: final[k] for k in ("loss", "kl", "entropy", "collapse") if k in final},
+        }
         common.write_json(common.cell_file("train", arch, rate), report)
-        curve = common.write_csv(common.cell_file("curves", arch, rate, ".csv"), rows,
-                                 CURVE_FIELDS)
-        tracking.log_metrics(run_id, {f"final/{k}": v for k, v in report.items()
-                                      if k not in ("arch", "rate")})
+        curve = common.write_csv(common.cell_file("curves", arch, rate, ".csv"), rows, CURVE_FIELDS)
+        tracking.log_metrics(
+            run_id, {f"final/{k}": v for k, v in report.items() if k not in ("arch", "rate")}
+        )
         tracking.log_artifacts(run_id, curve, "curves")
         tracking.set_tags(run_id, {"ckpt_sha256": lineage.checkpoint_hash(out)})
         tracking.end_run(run_id)

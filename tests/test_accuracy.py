@@ -5,22 +5,25 @@ import pytest
 from mc_core.data.accuracy import exact_match, normalize_answer, vqa_soft_accuracy
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ("Yes", "yes"),
-    ("  Two\tdogs!\n", "2 dogs"),             # number word -> digit; "!" touches nothing -> " "
-    ("The red one", "red 1"),                  # article dropped
-    ("an apple", "apple"),
-    ("none", "0"),
-    ("black/white", "black white"),            # "/" inside a word becomes a space
-    ("black / white", "black white"),          # "/" touching a space is removed
-    ("1,000", "1000"),                         # thousands comma: all punctuation removed
-    ("3.5", "3.5"),                            # decimal point kept
-    ("yes.", "yes"),                           # final period removed
-    ("dont know", "don't know"),               # contraction restored
-    ("well", "well"),                          # not a contraction ("we'll" is not guessed)
-    ("t-shirt", "t shirt"),
-    ("(tennis)", "tennis"),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Yes", "yes"),
+        ("  Two\tdogs!\n", "2 dogs"),  # number word -> digit; "!" touches nothing -> " "
+        ("The red one", "red 1"),  # article dropped
+        ("an apple", "apple"),
+        ("none", "0"),
+        ("black/white", "black white"),  # "/" inside a word becomes a space
+        ("black / white", "black white"),  # "/" touching a space is removed
+        ("1,000", "1000"),  # thousands comma: all punctuation removed
+        ("3.5", "3.5"),  # decimal point kept
+        ("yes.", "yes"),  # final period removed
+        ("dont know", "don't know"),  # contraction restored
+        ("well", "well"),  # not a contraction ("we'll" is not guessed)
+        ("t-shirt", "t shirt"),
+        ("(tennis)", "tennis"),
+    ],
+)
 def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected
 
@@ -53,8 +56,9 @@ def _ten(k: int, answer: str = "red", other: str = "blue") -> list[str]:
 #   k=3: (3*(2/3) + 7*1)     / 10 = (2+7)/10        = 0.9   (not 1.0: 3 subsets keep only 2 matches)
 #   k=4: (4*1     + 6*1)     / 10                   = 1.0
 #   k=10:                                           = 1.0
-@pytest.mark.parametrize(("k", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0),
-                                             (7, 1.0), (10, 1.0)])
+@pytest.mark.parametrize(
+    ("k", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (7, 1.0), (10, 1.0)]
+)
 def test_vqa_soft_accuracy_leave_one_out(k, expected):
     # Sums of thirds in floating point: 1e-12 absorbs rounding, far below the 0.1 steps.
     assert vqa_soft_accuracy("red", _ten(k)) == pytest.approx(expected, abs=1e-12)

@@ -24,8 +24,16 @@ RATES = [0.5, 0.9]
 def result():
     torch.set_num_threads(1)
     return inference.run(
-        "llava-1.5-7b", "tiny", device="cpu", rates=RATES, methods=METHODS,
-        repeats=2, warmup=0, new_tokens=2, turns=3, threads=1,
+        "llava-1.5-7b",
+        "tiny",
+        device="cpu",
+        rates=RATES,
+        methods=METHODS,
+        repeats=2,
+        warmup=0,
+        new_tokens=2,
+        turns=3,
+        threads=1,
     )
 
 
@@ -73,14 +81,18 @@ def test_overhead_vs_sample_defined_per_rate(result):
     t = result["targets"]
     assert t["rate"] == 0.9
     assert set(t["measured_over_ideal"]) == set(METHODS[1:])
-    assert {"metacompress_vs_sample", "metacompress_vs_sample_calls",
-            "metacompress_overhead_pct"} <= set(t)
+    assert {
+        "metacompress_vs_sample",
+        "metacompress_vs_sample_calls",
+        "metacompress_overhead_pct",
+    } <= set(t)
 
 
 def test_write_all_outputs(result, tmp_path):
     paths = report.write_all(result, tmp_path, "testbox")
     assert {p.name for p in tmp_path.iterdir()} == {
-        "testbox-llava-1.5-7b-tiny.json", "testbox-llava-1.5-7b-tiny.md",
+        "testbox-llava-1.5-7b-tiny.json",
+        "testbox-llava-1.5-7b-tiny.md",
         "testbox-llava-1.5-7b-tiny.png",
     }
     umask = os.umask(0)
@@ -109,10 +121,34 @@ def test_cli_writes_results(tmp_path, capsys):
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # differs from --threads 1 below, so restoring it is visible
     try:
-        rc = main(["--arch", "llava-1.5-7b", "--scale", "tiny", "--device", "cpu", "--rates",
-                   "0.75", "--methods", "sample", "--repeats", "1", "--warmup", "0",
-                   "--threads", "1", "--new-tokens", "1", "--turns", "2", "--machine", "m",
-                   "--out", str(tmp_path)])
+        rc = main(
+            [
+                "--arch",
+                "llava-1.5-7b",
+                "--scale",
+                "tiny",
+                "--device",
+                "cpu",
+                "--rates",
+                "0.75",
+                "--methods",
+                "sample",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--threads",
+                "1",
+                "--new-tokens",
+                "1",
+                "--turns",
+                "2",
+                "--machine",
+                "m",
+                "--out",
+                str(tmp_path),
+            ]
+        )
         assert torch.get_num_threads() == 2  # the run's thread count does not leak out
     finally:
         torch.set_num_threads(before)

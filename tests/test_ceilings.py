@@ -123,8 +123,9 @@ def test_oracle_lowers_kl_below_its_pooling_start(llava):
     row = _dataset(1, False)[0]
     inputs, positions, t_logits = _teacher_logits(model, processor, adapter, row, "cpu")
     rate = 0.75
-    P, fit_kl = oracle_matrix(model, adapter, inputs, positions, t_logits, rate, steps=15,
-                              lr=0.3, eps=0.0, seed=0)
+    P, fit_kl = oracle_matrix(
+        model, adapter, inputs, positions, t_logits, rate, steps=15, lr=0.3, eps=0.0, seed=0
+    )
     validate(P, 64, 16, atol=1e-5)
     # The start point: pooling (the oracle's init up to the 1e-3 floor and the noise).
     with torch.no_grad():
@@ -132,17 +133,29 @@ def test_oracle_lowers_kl_below_its_pooling_start(llava):
         P0 = pool_matrix(64, 16, (8, 8))
         s = adapter.inputs_with(inputs, [P0 @ x], P=[P0])
         shift = inputs["input_ids"].shape[1] - s["input_ids"].shape[1]
-        start_kl = float(answer_kl(t_logits, model(**s, logits_to_keep=positions - shift)
-                                   .logits[0]))
+        start_kl = float(
+            answer_kl(t_logits, model(**s, logits_to_keep=positions - shift).logits[0])
+        )
     assert fit_kl < start_kl  # 15 Adam steps on this dialogue's KL must improve on the start
     assert all(p.grad is None for p in model.parameters())  # only P_raw was trained
 
 
 def test_evaluate_ceilings_report(llava):
     model, processor = llava
-    out = evaluate_ceilings(model, processor, _dataset(3, True), 0.75, oracle_dialogues=2,
-                            oracle_steps=2, oracle_lr=0.1, oracle_eps=0.01, device="cpu",
-                            batch_size=2, max_new_tokens=1, seed=1)
+    out = evaluate_ceilings(
+        model,
+        processor,
+        _dataset(3, True),
+        0.75,
+        oracle_dialogues=2,
+        oracle_steps=2,
+        oracle_lr=0.1,
+        oracle_eps=0.01,
+        device="cpu",
+        batch_size=2,
+        max_new_tokens=1,
+        seed=1,
+    )
     sel, orc = out["selector"], out["oracle"]
     assert set(sel) >= {"acc_turn", "acc_avg", "acc_avg_ci", "kl_to_full", "visual_tokens"}
     assert sel["visual_tokens"] == 16
@@ -152,8 +165,16 @@ def test_evaluate_ceilings_report(llava):
     cls = out["cls_overlap"]
     assert 0.0 <= cls["share"] <= 1.0 and cls["chance"] == pytest.approx(16 / 64)
     # A dataset without the optional ground truth skips the selector with a note.
-    bare = evaluate_ceilings(model, processor, _dataset(2, False), 0.75, oracle_dialogues=1,
-                             oracle_steps=1, device="cpu", max_new_tokens=1)
+    bare = evaluate_ceilings(
+        model,
+        processor,
+        _dataset(2, False),
+        0.75,
+        oracle_dialogues=1,
+        oracle_steps=1,
+        device="cpu",
+        max_new_tokens=1,
+    )
     assert bare["selector"]["available"] is False and "object_centres" in bare["selector"]["note"]
     assert bare["oracle"]["dialogues"] == 1
 

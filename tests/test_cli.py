@@ -55,8 +55,18 @@ def test_help_lists_every_command(capsys):
 
 def test_chat_transcript_matches_conversation(saved, capsys):
     code, out, _ = _run(
-        capsys, "chat", saved["image"], "--model", saved["llava"], "--compressor", "sample",
-        "--rate", "0.75", "--max-new-tokens", "3", *sum((["-q", q] for q in QUESTIONS), []),
+        capsys,
+        "chat",
+        saved["image"],
+        "--model",
+        saved["llava"],
+        "--compressor",
+        "sample",
+        "--rate",
+        "0.75",
+        "--max-new-tokens",
+        "3",
+        *sum((["-q", q] for q in QUESTIONS), []),
     )
     assert code == 0
     turns = re.findall(r"^\[turn (\d)\] tokens kept (\d+)/(\d+) \| prefill [\d.]+ ms$", out, re.M)
@@ -64,8 +74,11 @@ def test_chat_transcript_matches_conversation(saved, capsys):
     answers = re.findall(r"^A: (.*)$", out, re.M)
     model, processor = zoo.load(saved["llava"])
     conv = Conversation(
-        model, processor, build("sample", rate=0.75, dim=token_dim(model)),
-        images=make_image(48, 64, seed=5), max_new_tokens=3,
+        model,
+        processor,
+        build("sample", rate=0.75, dim=token_dim(model)),
+        images=make_image(48, 64, seed=5),
+        max_new_tokens=3,
     )
     assert answers == [conv.ask(q) for q in QUESTIONS]
 
@@ -83,8 +96,17 @@ def test_compress_writes_engine_embeddings(saved, tmp_path, capsys):
 
     out = tmp_path / "emb.safetensors"
     code, text, _ = _run(
-        capsys, "compress", saved["image"], "--model", saved["qwen2_vl"], "--compressor",
-        "pool", "--rate", "0.5", "-o", out,
+        capsys,
+        "compress",
+        saved["image"],
+        "--model",
+        saved["qwen2_vl"],
+        "--compressor",
+        "pool",
+        "--rate",
+        "0.5",
+        "-o",
+        out,
     )
     assert code == 0 and str(out) in text
     emb = load_embeds(out)
@@ -94,19 +116,34 @@ def test_compress_writes_engine_embeddings(saved, tmp_path, capsys):
 
 
 def _dataset(path: Path) -> Path:
-    rows: dict[str, list] = {k: [] for k in ("dialogue_id", "source", "image_id", "image",
-                                             "questions", "answers", "answer_sets",
-                                             "question_types", "targets")}
+    rows: dict[str, list] = {
+        k: []
+        for k in (
+            "dialogue_id",
+            "source",
+            "image_id",
+            "image",
+            "questions",
+            "answers",
+            "answer_sets",
+            "question_types",
+            "targets",
+        )
+    }
     for i in range(3):
         buf = io.BytesIO()
         make_image(64, 64, seed=i).save(buf, format="PNG")
-        for key, value in (("dialogue_id", f"d{i}"), ("source", "synthetic"),
-                           ("image_id", f"i{i}"), ("image", {"bytes": buf.getvalue(),
-                                                              "path": None}),
-                           ("questions", QUESTIONS), ("answers", ["red", "2", "yes"]),
-                           ("answer_sets", [["red"], ["2"], ["yes"]]),
-                           ("question_types", ["colour", "count", "exist"]),
-                           ("targets", ["", "", ""])):
+        for key, value in (
+            ("dialogue_id", f"d{i}"),
+            ("source", "synthetic"),
+            ("image_id", f"i{i}"),
+            ("image", {"bytes": buf.getvalue(), "path": None}),
+            ("questions", QUESTIONS),
+            ("answers", ["red", "2", "yes"]),
+            ("answer_sets", [["red"], ["2"], ["yes"]]),
+            ("question_types", ["colour", "count", "exist"]),
+            ("targets", ["", "", ""]),
+        ):
             rows[key].append(value)
     from mc_core.data import schema
 
@@ -116,8 +153,19 @@ def _dataset(path: Path) -> Path:
 def test_evaluate_prints_per_turn_accuracy(saved, tmp_path, capsys):
     data = _dataset(tmp_path / "data")
     code, out, _ = _run(
-        capsys, "evaluate", "--model", saved["llava"], "--data", data, "--methods", "none",
-        "sample", "--rate", "0.75", "--json", tmp_path / "m.json",
+        capsys,
+        "evaluate",
+        "--model",
+        saved["llava"],
+        "--data",
+        data,
+        "--methods",
+        "none",
+        "sample",
+        "--rate",
+        "0.75",
+        "--json",
+        tmp_path / "m.json",
     )
     assert code == 0
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:4]}
@@ -132,20 +180,59 @@ def test_evaluate_prints_per_turn_accuracy(saved, tmp_path, capsys):
     [
         (["chat", "nope.png", "--model", "{llava}", "-q", "hi ?"], "IMAGE 'nope.png': no such"),
         (["chat", "{image}", "--model", "no/such/model", "-q", "hi ?"], "--model 'no/such/model'"),
-        (["chat", "{image}", "--model", "{llava}", "--compressor", "zipzap", "--rate", "0.5"],
-         "--compressor 'zipzap': not a method"),
+        (
+            ["chat", "{image}", "--model", "{llava}", "--compressor", "zipzap", "--rate", "0.5"],
+            "--compressor 'zipzap': not a method",
+        ),
         (["chat", "{image}", "--model", "{llava}", "--compressor", "sample"], "give --rate"),
-        (["chat", "{image}", "--model", "{llava}", "--compressor", "metacompress", "--rate",
-          "0.5"], "must be trained"),
-        (["compress", "{image}", "--model", "{llava}", "--compressor", "fastv", "--rate", "0.5",
-          "-o", "x.safetensors"], "prompt-dependent"),
-        (["evaluate", "--model", "{llava}", "--data", "no/data", "--methods", "none", "--rate",
-          "0.5"], "--data 'no/data': no such folder"),
+        (
+            [
+                "chat",
+                "{image}",
+                "--model",
+                "{llava}",
+                "--compressor",
+                "metacompress",
+                "--rate",
+                "0.5",
+            ],
+            "must be trained",
+        ),
+        (
+            [
+                "compress",
+                "{image}",
+                "--model",
+                "{llava}",
+                "--compressor",
+                "fastv",
+                "--rate",
+                "0.5",
+                "-o",
+                "x.safetensors",
+            ],
+            "prompt-dependent",
+        ),
+        (
+            [
+                "evaluate",
+                "--model",
+                "{llava}",
+                "--data",
+                "no/data",
+                "--methods",
+                "none",
+                "--rate",
+                "0.5",
+            ],
+            "--data 'no/data': no such folder",
+        ),
         (["list"], "no MLflow registry at sqlite:///"),
     ],
 )
-def test_bad_arguments_give_one_line_and_status_2(saved, capsys, monkeypatch, tmp_path, argv,
-                                                   message):
+def test_bad_arguments_give_one_line_and_status_2(
+    saved, capsys, monkeypatch, tmp_path, argv, message
+):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/absent.db")
     argv = [a.format(llava=saved["llava"], image=saved["image"]) for a in argv]
     code, _, err = _run(capsys, *argv)
@@ -175,15 +262,32 @@ def test_registry_champion_lists_and_chats(saved, tmp_path, capsys, monkeypatch)
     ckpt = save_compressor(tmp_path / "ckpt", comp, meta={"family": "llava"})
     run = tracking.start_cell_run("exp", "tiny-llava", "0.75", params={}, tags={}, uri=uri)
     tracking.log_metrics(run, {"eval/acc_avg": 0.5}, uri=uri)
-    tracking.register_checkpoint("mc-tiny", ckpt, run_id=run, score=0.5, metric="acc_avg",
-                                 uri=uri)
+    tracking.register_checkpoint("mc-tiny", ckpt, run_id=run, score=0.5, metric="acc_avg", uri=uri)
     code, out, _ = _run(capsys, "list")
     assert code == 0
     assert re.search(r"mc-tiny: champion v1 acc_avg=0.5 .*eval/acc_avg=0.5", out), out
-    code, out, _ = _run(capsys, "chat", saved["image"], "--model", saved["llava"],
-                        "--compressor", "models:/mc-tiny@champion", "-q", QUESTIONS[0])
+    code, out, _ = _run(
+        capsys,
+        "chat",
+        saved["image"],
+        "--model",
+        saved["llava"],
+        "--compressor",
+        "models:/mc-tiny@champion",
+        "-q",
+        QUESTIONS[0],
+    )
     assert code == 0 and "tokens kept 16/64" in out
-    code, _, err = _run(capsys, "chat", saved["image"], "--model", saved["llava"],
-                        "--compressor", "models:/nope@champion", "-q", "hi ?")
+    code, _, err = _run(
+        capsys,
+        "chat",
+        saved["image"],
+        "--model",
+        saved["llava"],
+        "--compressor",
+        "models:/nope@champion",
+        "-q",
+        "hi ?",
+    )
     assert code == 2 and "models:/nope@champion" in err
     shutil.rmtree(tmp_path / "ckpt")

@@ -25,8 +25,9 @@ def synthetic_context(
     g = torch.Generator().manual_seed(seed)
     if grid is not None:
         h, w = grid
-        rr, cc = torch.meshgrid(torch.arange(h) / max(h - 1, 1), torch.arange(w) / max(w - 1, 1),
-                                indexing="ij")
+        rr, cc = torch.meshgrid(
+            torch.arange(h) / max(h - 1, 1), torch.arange(w) / max(w - 1, 1), indexing="ij"
+        )
         positions = torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=1)
     else:
         positions = torch.rand(n, 2, generator=g)
@@ -51,8 +52,18 @@ def lvlm_like_tokens(h: int, w: int, d: int, seed: int = 0) -> torch.Tensor:
 
 def test_registry_lists_the_contract_methods():
     # none first, the learned method last (the order reports and error messages list them in).
-    assert METHODS == ["none", "divprune", "fastv", "pool", "prumerge", "random", "sample",
-                       "tome", "visionzip", "metacompress"]
+    assert METHODS == [
+        "none",
+        "divprune",
+        "fastv",
+        "pool",
+        "prumerge",
+        "random",
+        "sample",
+        "tome",
+        "visionzip",
+        "metacompress",
+    ]
     for name in METHODS:
         cls = get_class(name)
         assert cls.name == name and cls.__doc__ and "\n" not in cls.__doc__.strip()
@@ -137,8 +148,9 @@ def test_any_dtype_y_follows_tokens_p_stays_float32(name):
 def test_runs_on_cuda(name):
     n = 64
     ctx = synthetic_context(n)
-    ctx = TokenContext(**{k: (v.cuda() if isinstance(v, torch.Tensor) else v)
-                          for k, v in vars(ctx).items()})
+    ctx = TokenContext(
+        **{k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in vars(ctx).items()}
+    )
     comp = build(name, rate=0.5, dim=DIM).cuda()
     y, P = comp(torch.randn(n, DIM, device="cuda"), ctx)
     assert y.is_cuda and P.is_cuda
@@ -226,8 +238,9 @@ def test_prumerge_keeps_top_attention_and_merges_every_pruned_token_once():
     # Weights inside a row are proportional to [CLS] attention.
     row = P[0]
     cols = row.nonzero().squeeze(1)
-    torch.testing.assert_close(row[cols], ctx.cls_attention[cols] / ctx.cls_attention[cols].sum(),
-                               atol=1e-6, rtol=1e-4)  # float32 normalisation, attention + 1e-8
+    torch.testing.assert_close(
+        row[cols], ctx.cls_attention[cols] / ctx.cls_attention[cols].sum(), atol=1e-6, rtol=1e-4
+    )  # float32 normalisation, attention + 1e-8
 
 
 def test_visionzip_dominant_and_contextual_split():

@@ -16,9 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 # The params sections each stage's task reads (tasks/<stage>.py: PARAMS).
-TASK_PARAMS = {"prepare": "tasks.prepare", "base": "tasks.base", "train": "tasks.train",
-               "evaluate": "tasks.evaluate", "register": "tasks.register",
-               "report": "tasks.report"}
+TASK_PARAMS = {
+    "prepare": "tasks.prepare",
+    "base": "tasks.base",
+    "train": "tasks.train",
+    "evaluate": "tasks.evaluate",
+    "register": "tasks.register",
+    "report": "tasks.report",
+}
 
 
 def _bad(**changes) -> dict:
@@ -107,28 +112,34 @@ def test_section_view_refuses_undeclared_sections():
     reg = config.SectionView(config.validate(RAW), ("register",), who="t")
     assert reg.register.model_name("tiny-llava", 0.9) == "metacompress-tiny-llava-r0.9"
     assert reg.register.model_name("tiny-llava", 0.9, "other") in (
-        "other-tiny-llava-r0.9", "metacompress-tiny-llava-r0.9")  # {method} is optional
+        "other-tiny-llava-r0.9",
+        "metacompress-tiny-llava-r0.9",
+    )  # {method} is optional
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"grid__rates__1": 1.5}, r"params.yaml: grid.rates\[1\]=1.5: rate must be in \(0, 1\)"),
-    ({"grid__rates__0": 0.0}, r"grid.rates\[0\]=0.0: rate must be in \(0, 1\)"),
-    ({"grid__archs__1": "tiny-gpt"}, r"grid.archs\[1\]='tiny-gpt': unknown arch; known: "),
-    ({"train__lrr": 0.1}, r"params.yaml: train.lrr: Extra inputs are not permitted"),
-    ({"train__lr": -1.0}, r"params.yaml: train.lr=-1.0: Input should be greater than 0"),
-    ({"train__epochs": 2.5}, r"params.yaml: train.epochs=2.5: Input should be a valid integer"),
-    ({"train__method": "sample"}, r"params.yaml: train.method='sample' is not trainable"),
-    ({"train__compressor_kwargs": {"dc": 8}},
-     r"params.yaml: train.compressor_kwargs.dc: not a keyword of metacompress"),
-    ({"evaluate__methods__0": "magic"}, r"evaluate.methods\[0\]='magic': unknown method"),
-    ({"evaluate__methods": ["none", "sample"]},
-     r"must include train.method='metacompress'"),
-    ({"world__grid": 12}, r"params.yaml: world: WorldConfig.grid=12"),
-    ({"world__grdi": 4}, r"params.yaml: world.grdi: Unexpected keyword argument"),
-    ({"base__stage1_lrr": 1}, r"params.yaml: base.stage1_lrr: Extra inputs are not permitted"),
-    ({"data__test": {"source": "gqa"}}, r"data.test: .*source 'gqa' needs \['questions'"),
-    ({"register__name_template": "x-{arch}"}, r"register.name_template='x-\{arch\}'"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"grid__rates__1": 1.5}, r"params.yaml: grid.rates\[1\]=1.5: rate must be in \(0, 1\)"),
+        ({"grid__rates__0": 0.0}, r"grid.rates\[0\]=0.0: rate must be in \(0, 1\)"),
+        ({"grid__archs__1": "tiny-gpt"}, r"grid.archs\[1\]='tiny-gpt': unknown arch; known: "),
+        ({"train__lrr": 0.1}, r"params.yaml: train.lrr: Extra inputs are not permitted"),
+        ({"train__lr": -1.0}, r"params.yaml: train.lr=-1.0: Input should be greater than 0"),
+        ({"train__epochs": 2.5}, r"params.yaml: train.epochs=2.5: Input should be a valid integer"),
+        ({"train__method": "sample"}, r"params.yaml: train.method='sample' is not trainable"),
+        (
+            {"train__compressor_kwargs": {"dc": 8}},
+            r"params.yaml: train.compressor_kwargs.dc: not a keyword of metacompress",
+        ),
+        ({"evaluate__methods__0": "magic"}, r"evaluate.methods\[0\]='magic': unknown method"),
+        ({"evaluate__methods": ["none", "sample"]}, r"must include train.method='metacompress'"),
+        ({"world__grid": 12}, r"params.yaml: world: WorldConfig.grid=12"),
+        ({"world__grdi": 4}, r"params.yaml: world.grdi: Unexpected keyword argument"),
+        ({"base__stage1_lrr": 1}, r"params.yaml: base.stage1_lrr: Extra inputs are not permitted"),
+        ({"data__test": {"source": "gqa"}}, r"data.test: .*source 'gqa' needs \['questions'"),
+        ({"register__name_template": "x-{arch}"}, r"register.name_template='x-\{arch\}'"),
+    ],
+)
 def test_bad_params_name_the_key(changes, message):
     with pytest.raises(ValueError, match=message):
         config.validate(_bad(**changes), source="params.yaml")
@@ -158,21 +169,25 @@ def test_params_file_errors_name_the_file(tmp_path):
 
 def test_cli_validates_and_prints_cells(tmp_path, capsys):
     config.main([str(ROOT / "params.yaml")])
-    assert capsys.readouterr().out.split() == [config.cell_key(a, r) for a, r in
-                                               config.validate(RAW).grid.cells()]
+    assert capsys.readouterr().out.split() == [
+        config.cell_key(a, r) for a, r in config.validate(RAW).grid.cells()
+    ]
     bad = tmp_path / "p.yaml"
     bad.write_text(yaml.safe_dump(_bad(grid__rates__1=1.5)))
     with pytest.raises(ValueError, match=r"grid.rates\[1\]=1.5"):
         config.main([str(bad)])
 
 
-@pytest.mark.parametrize("module, argv", [
-    ("tasks.prepare", None),
-    ("tasks.train", ["--arch", "tiny-llava", "--rate", "0.5"]),
-    ("tasks.evaluate", ["--arch", "tiny-llava", "--rate", "0.5"]),
-    ("tasks.register", ["--arch", "tiny-llava", "--rate", "0.5"]),
-    ("tasks.report", []),
-])
+@pytest.mark.parametrize(
+    "module, argv",
+    [
+        ("tasks.prepare", None),
+        ("tasks.train", ["--arch", "tiny-llava", "--rate", "0.5"]),
+        ("tasks.evaluate", ["--arch", "tiny-llava", "--rate", "0.5"]),
+        ("tasks.register", ["--arch", "tiny-llava", "--rate", "0.5"]),
+        ("tasks.report", []),
+    ],
+)
 def test_stages_fail_before_compute(module, argv, tmp_path, monkeypatch):
     """Every stage validates the whole params file before loading data or models."""
     import mc_core.data.schema as schema

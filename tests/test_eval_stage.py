@@ -34,11 +34,20 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "info", lambda path: {"family": "llava"})
     schema.save(_dataset(3, True), common.DATA_TEST)
     schema.save(_dataset(2, False), common.DATA_VAL)
-    ev = EvaluateParams(methods=["none", "sample", "metacompress"], device="cpu", batch_size=2,
-                        max_new_tokens=1, progress=False,
-                        ceilings=CeilingsParams(oracle_dialogues=1, oracle_steps=2))
-    params = SimpleNamespace(evaluate=ev, register=RegisterParams(), train=TrainParams(),
-                             tracking=SimpleNamespace(experiment="stage"))
+    ev = EvaluateParams(
+        methods=["none", "sample", "metacompress"],
+        device="cpu",
+        batch_size=2,
+        max_new_tokens=1,
+        progress=False,
+        ceilings=CeilingsParams(oracle_dialogues=1, oracle_steps=2),
+    )
+    params = SimpleNamespace(
+        evaluate=ev,
+        register=RegisterParams(),
+        train=TrainParams(),
+        tracking=SimpleNamespace(experiment="stage"),
+    )
     monkeypatch.setattr(common, "load_params", lambda sections, who: params)
 
     def save(path, seed):
@@ -68,11 +77,16 @@ def test_evaluate_stage_records_ceilings_seeds_and_validation(workspace):
     # Make v1 the champion (the gate itself is tested in tests/test_gating.py).
     name = RegisterParams().model_name(ARCH, RATE, "metacompress")
     run = tracking.start_cell_run("stage", ARCH, "0.75", params={})
-    tracking.register_checkpoint(name, common.compressor_dir(ARCH, RATE), run_id=run,
-                                 score=0.5, metric="acc_avg", promote=True)
+    tracking.register_checkpoint(
+        name,
+        common.compressor_dir(ARCH, RATE),
+        run_id=run,
+        score=0.5,
+        metric="acc_avg",
+        promote=True,
+    )
     again = _eval()  # the champion is this very checkpoint: not evaluated twice
-    assert again["validation"]["methods"]["champion"] == {"version": "1",
-                                                           "same_checkpoint": True}
+    assert again["validation"]["methods"]["champion"] == {"version": "1", "same_checkpoint": True}
     # A second checkpoint: the registered champion (v1) is re-evaluated on data/val beside it.
     shutil.rmtree(common.seeds_dir(ARCH, RATE))
     workspace(common.compressor_dir(ARCH, RATE), 5)

@@ -132,8 +132,9 @@ def checkout(tmp_path, monkeypatch, template_db) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["grid"] = {"archs": ["tiny-llava"], "rates": [0.5, 0.9]}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "--no-scm", "-q"],
-                   cwd=root, check=True)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "init", "--no-scm", "-q"], cwd=root, check=True
+    )
     shutil.copy(template_db, root / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     monkeypatch.delenv("FAIL_STAGE", raising=False)
@@ -162,8 +163,17 @@ def _time(log, ev: str, stage: str) -> float:
 
 
 def test_grouping_and_selection():
-    names = ["prepare", "base@a", "train@a-0.5", "evaluate@a-0.5", "register@a-0.5",
-             "train@a-0.9", "evaluate@a-0.9", "register@a-0.9", "report"]
+    names = [
+        "prepare",
+        "base@a",
+        "train@a-0.5",
+        "evaluate@a-0.5",
+        "register@a-0.5",
+        "train@a-0.9",
+        "evaluate@a-0.9",
+        "register@a-0.9",
+        "report",
+    ]
     groups = ws.by_kind(names)
     assert groups["train"] == ["train@a-0.5", "train@a-0.9"] and groups["report"] == ["report"]
     kinds = dag.kinds_of(yaml.safe_load(FAKE_DVC))
@@ -182,8 +192,13 @@ def test_grouping_and_selection():
 def test_stage_kinds_and_order_come_from_dvc_yaml():
     kinds = dag.kinds_of(yaml.safe_load(FAKE_DVC))
     assert [(k.name, k.fanout) for k in kinds] == [
-        ("prepare", "shared"), ("base", "arch"), ("train", "cell"), ("evaluate", "cell"),
-        ("register", "cell"), ("report", "shared")]
+        ("prepare", "shared"),
+        ("base", "arch"),
+        ("train", "cell"),
+        ("evaluate", "cell"),
+        ("register", "cell"),
+        ("report", "shared"),
+    ]
     by = {k.name: k for k in kinds}
     assert by["evaluate"].after == {"train"} and by["report"].after == {"register"}
     assert dag.downstream_of_cells(kinds) == {"report"}
@@ -191,11 +206,16 @@ def test_stage_kinds_and_order_come_from_dvc_yaml():
     # A new per-cell stage declared first in the file still runs after what it reads, and a
     # new shared stage that reads it lands after the cells: no flow code names either.
     doc = yaml.safe_load(FAKE_DVC)
-    doc["stages"] = {"probe": {"matrix": {"arch": "${grid.archs}", "rate": "${grid.rates}"},
-                               "cmd": "x", "deps": ["reports/eval/${item.arch}-${item.rate}.json"],
-                               "outs": ["probe/${item.arch}-${item.rate}"]},
-                     "digest": {"cmd": "y", "deps": ["probe"], "outs": ["digest.md"]},
-                     **doc["stages"]}
+    doc["stages"] = {
+        "probe": {
+            "matrix": {"arch": "${grid.archs}", "rate": "${grid.rates}"},
+            "cmd": "x",
+            "deps": ["reports/eval/${item.arch}-${item.rate}.json"],
+            "outs": ["probe/${item.arch}-${item.rate}"],
+        },
+        "digest": {"cmd": "y", "deps": ["probe"], "outs": ["digest.md"]},
+        **doc["stages"],
+    }
     order = [k.name for k in dag.kinds_of(doc)]
     assert order.index("probe") > order.index("evaluate")
     assert dag.downstream_of_cells(dag.kinds_of(doc)) == {"report", "digest"}

@@ -15,12 +15,16 @@ from tasks.params import RegisterParams
 
 
 def _val(mc: float, sample: float, champion: dict | None = None) -> dict:
-    methods = {"metacompress": {"acc_avg": mc, "kl_to_full": 1.0 - mc},
-               "sample": {"acc_avg": sample, "kl_to_full": 1.0 - sample}}
+    methods = {
+        "metacompress": {"acc_avg": mc, "kl_to_full": 1.0 - mc},
+        "sample": {"acc_avg": sample, "kl_to_full": 1.0 - sample},
+    }
     if champion is not None:
         methods["champion"] = champion
-    return {"methods": {"metacompress": {"acc_avg": 0.5, "kl_to_full": 0.5}},
-            "validation": {"dataset": "synthetic", "n_dialogues": 8, "methods": methods}}
+    return {
+        "methods": {"metacompress": {"acc_avg": 0.5, "kl_to_full": 0.5}},
+        "validation": {"dataset": "synthetic", "n_dialogues": 8, "methods": methods},
+    }
 
 
 def test_gate_refuses_a_version_below_the_baseline():
@@ -71,9 +75,11 @@ def cell(template_db, tmp_path, monkeypatch):
     uri = f"sqlite:///{db}"
     monkeypatch.setenv(tracking.ENV_URI, uri)
     monkeypatch.chdir(tmp_path)
-    params = SimpleNamespace(register=RegisterParams(),
-                             train=SimpleNamespace(method="metacompress"),
-                             tracking=SimpleNamespace(experiment="gate"))
+    params = SimpleNamespace(
+        register=RegisterParams(),
+        train=SimpleNamespace(method="metacompress"),
+        tracking=SimpleNamespace(experiment="gate"),
+    )
     monkeypatch.setattr(common, "load_params", lambda sections, who: params)
     arch, rate = "tiny-llava", 0.9
 
@@ -87,8 +93,12 @@ def cell(template_db, tmp_path, monkeypatch):
         held = tracking.current_champion(name, uri=uri)
         champion = None
         if held:  # what tasks.evaluate records: the champion re-evaluated on data/val
-            champion = {"version": held[0], "same_checkpoint": False,
-                        "acc_avg": held[1], "kl_to_full": 1.0 - held[1]}
+            champion = {
+                "version": held[0],
+                "same_checkpoint": False,
+                "acc_avg": held[1],
+                "kl_to_full": 1.0 - held[1],
+            }
         common.write_json(common.cell_file("eval", arch, rate), _val(mc, sample, champion))
         register.main(["--arch", arch, "--rate", str(rate)])
         return json.loads(common.cell_file("registry", arch, rate).read_text())
@@ -125,13 +135,16 @@ def test_register_checkpoint_promote_flag(cell, tmp_path):
         return d
 
     # promote=False on a model without a champion: registered, no alias anywhere.
-    r1 = tracking.register_checkpoint("m", ck("a"), run_id=run, score=0.9, metric="acc_avg",
-                                      promote=False, uri=uri)
+    r1 = tracking.register_checkpoint(
+        "m", ck("a"), run_id=run, score=0.9, metric="acc_avg", promote=False, uri=uri
+    )
     assert (r1.version, r1.champion) == ("1", "") and tracking.current_champion("m") is None
-    r2 = tracking.register_checkpoint("m", ck("b"), run_id=run, score=0.1, metric="acc_avg",
-                                      promote=True, uri=uri)
+    r2 = tracking.register_checkpoint(
+        "m", ck("b"), run_id=run, score=0.1, metric="acc_avg", promote=True, uri=uri
+    )
     assert r2.champion == "2" and tracking.current_champion("m") == ("2", 0.1)
     # promote=False leaves the alias on v2 even though v3 scores higher.
-    r3 = tracking.register_checkpoint("m", ck("c"), run_id=run, score=0.8, metric="acc_avg",
-                                      promote=False, uri=uri)
+    r3 = tracking.register_checkpoint(
+        "m", ck("c"), run_id=run, score=0.8, metric="acc_avg", promote=False, uri=uri
+    )
     assert r3.champion == "2"

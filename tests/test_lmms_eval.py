@@ -39,15 +39,17 @@ RATE = 0.9
 MAX_NEW = 4
 DIALOGUES = 4
 REGISTERED = "metacompress-lmms-parity-r0.9"
-SPEC = zoo.TINY["tiny-llava"].with_sizes(text_hidden=64, text_intermediate=128,
-                                         vision_hidden=32, vision_intermediate=64,
-                                         vision_heads=2)
+SPEC = zoo.TINY["tiny-llava"].with_sizes(
+    text_hidden=64, text_intermediate=128, vision_hidden=32, vision_intermediate=64, vision_heads=2
+)
 
 
 def _lmms_missing() -> str | None:
     if not (LMMS_VENV / ".installed").is_file():
-        return (f"lmms-eval venv {LMMS_VENV} is not built: `make lmms-env` builds it "
-                "(.ci/run does when its time guard allows)")
+        return (
+            f"lmms-eval venv {LMMS_VENV} is not built: `make lmms-env` builds it "
+            "(.ci/run does when its time guard allows)"
+        )
     return None
 
 
@@ -61,18 +63,26 @@ def test_doc_to_text_walks_the_turns_then_stops():
     doc = {"questions": ["q1 ?", "q2 ?", "q3 ?"]}
     assert task_utils.doc_to_text(doc) == "q1 ?"
     assert task_utils.doc_to_text(doc, None, previous_output=["a"], round_idx=1) == (
-        None, "q2 ?", False, ["a"], None)
+        None,
+        "q2 ?",
+        False,
+        ["a"],
+        None,
+    )
     assert task_utils.doc_to_text(doc, round_idx=2, previous_output=["a", "b"])[1] == "q3 ?"
     assert task_utils.doc_to_text(doc, round_idx=3, previous_output=["a", "b", "c"])[2] is True
 
 
 def test_process_results_uses_the_evaluators_metric():
-    doc = {"dialogue_id": "d0",
-           "answer_sets": [["red"], ["2"], ["yes"] * 2 + ["no"] * 8]}
+    doc = {"dialogue_id": "d0", "answer_sets": [["red"], ["2"], ["yes"] * 2 + ["no"] * 8]}
     out = task_utils.process_results(doc, [["Red.", "two", "yes"]])
     # exact match after VQA normalisation; 2 of 10 humans agreeing -> soft accuracy 0.6
-    assert out == {"acc_turn_1": 1.0, "acc_turn_2": 1.0, "acc_turn_3": pytest.approx(0.6),
-                   "acc_avg": pytest.approx(2.6 / 3)}
+    assert out == {
+        "acc_turn_1": 1.0,
+        "acc_turn_2": 1.0,
+        "acc_turn_3": pytest.approx(0.6),
+        "acc_avg": pytest.approx(2.6 / 3),
+    }
     with pytest.raises(ValueError, match="d0.*2 answers for 3 turns"):
         task_utils.process_results(doc, [["red", "2"]])
 
@@ -95,12 +105,14 @@ def test_resolve_compressor_errors_name_the_value(tiny_llava, tmp_path):
         loading.resolve_compressor("metacompress", rate=0.9, model=model)
     with pytest.raises(ValueError, match="model_args rate.*1.5"):
         loading.parse_rate("1.5")
-    ckpt = save_compressor(tmp_path / "c", build("metacompress", rate=0.9, dim=64),
-                           meta={"family": "qwen2_vl"})
+    ckpt = save_compressor(
+        tmp_path / "c", build("metacompress", rate=0.9, dim=64), meta={"family": "qwen2_vl"}
+    )
     with pytest.raises(ValueError, match="family"):
         loading.resolve_compressor(str(ckpt), rate=0.9, model=model)
-    ckpt = save_compressor(tmp_path / "c", build("metacompress", rate=0.9, dim=64),
-                           meta={"family": "llava"})
+    ckpt = save_compressor(
+        tmp_path / "c", build("metacompress", rate=0.9, dim=64), meta={"family": "llava"}
+    )
     assert loading.resolve_compressor(str(ckpt), rate=None, model=model).rate == 0.9
     with pytest.raises(ValueError, match="trained for rate 0.9, but rate=0.5"):
         loading.resolve_compressor(str(ckpt), rate=0.5, model=model)
@@ -110,13 +122,20 @@ def test_write_task_checks_its_input(tmp_path):
     ds = synthetic.generate(2, seed=0)
     schema.save(ds, tmp_path / "data")
     out = write_task(tmp_path / "data", tmp_path / "task")
-    assert sorted(p.name for p in out.iterdir()) == ["mt_synthetic.parquet",
-                                                    "mt_synthetic.yaml", "utils.py"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "mt_synthetic.parquet",
+        "mt_synthetic.yaml",
+        "utils.py",
+    ]
     text = (out / "mt_synthetic.yaml").read_text()
     assert "output_type: generate_until_multi_round" in text
     assert f'test: "{out / "mt_synthetic.parquet"}"' in text
-    back = datasets.load_dataset("parquet", data_files=str(out / "mt_synthetic.parquet"),
-                                 split="train", cache_dir=str(tmp_path / "cache"))
+    back = datasets.load_dataset(
+        "parquet",
+        data_files=str(out / "mt_synthetic.parquet"),
+        split="train",
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert back["questions"] == ds["questions"] and back[0]["image"].size == ds[0]["image"].size
     with pytest.raises(ValueError, match="task name 'a b'"):
         write_task(tmp_path / "data", tmp_path / "t2", name="a b")
@@ -129,17 +148,22 @@ def test_write_task_checks_its_input(tmp_path):
 def test_compare_puts_turns_side_by_side(tmp_path, capsys):
     out = tmp_path / "runs" / "model"
     out.mkdir(parents=True)
-    res = {"results": {"mt_x": {"acc_turn_1,none": 0.5, "acc_turn_2,none": 0.25,
-                                 "acc_avg,none": 0.375}}}
+    res = {
+        "results": {
+            "mt_x": {"acc_turn_1,none": 0.5, "acc_turn_2,none": 0.25, "acc_avg,none": 0.375}
+        }
+    }
     (out / "20260101_results.json").write_text(json.dumps(res))
     report = tmp_path / "eval.json"
     report.write_text(json.dumps({"methods": {"m": {"acc_turn": [0.5, 0.25]}}}))
-    assert compare.main([str(tmp_path / "runs"), str(report), "--task", "mt_x",
-                         "--method", "m"]) == 0
+    assert (
+        compare.main([str(tmp_path / "runs"), str(report), "--task", "mt_x", "--method", "m"]) == 0
+    )
     assert "agree" in capsys.readouterr().out
     report.write_text(json.dumps({"methods": {"m": {"acc_turn": [0.5, 0.3]}}}))
-    assert compare.main([str(tmp_path / "runs"), str(report), "--task", "mt_x",
-                         "--method", "m"]) == 1
+    assert (
+        compare.main([str(tmp_path / "runs"), str(report), "--task", "mt_x", "--method", "m"]) == 1
+    )
     with pytest.raises(ValueError, match="no method 'z'"):
         compare.compare(tmp_path / "runs", report, task="mt_x", method="z")
     with pytest.raises(ValueError, match="no lmms-eval .*'mt_y'"):
@@ -152,26 +176,50 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ERROR = re.compile(r"\|\s*(ERROR|CRITICAL)\s*\||Traceback \(most recent call last\)")
 
 
-def run_lmms(world: dict, compressor: str, out: Path, *,
-             tasks: str = "mc_parity,mc_single,mc_choice"):
+def run_lmms(
+    world: dict, compressor: str, out: Path, *, tasks: str = "mc_parity,mc_single,mc_choice"
+):
     """lmms-eval's CLI in its venv, offline; returns (results, {task: samples by doc_id}).
 
     Raises AssertionError when it fails, logs an error (its CLI exits 0 then) or writes no
     results."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_HOME": str(world["root"] / "hf"), "OMP_NUM_THREADS": "1",
-           "MLFLOW_TRACKING_URI": world["uri"], "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(world["root"] / "hf"),
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_TRACKING_URI": world["uri"],
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     args = f"pretrained={world['model']},compressor={compressor},rate={RATE}"
-    cmd = [str(LMMS_VENV / "bin" / "python"), "-m", "lmms_eval", "--model", "metacompress",
-           "--model_args", args, "--tasks", tasks, "--include_path", str(world["tasks"]),
-           "--output_path", str(out), "--log_samples", "--batch_size", "1"]
+    cmd = [
+        str(LMMS_VENV / "bin" / "python"),
+        "-m",
+        "lmms_eval",
+        "--model",
+        "metacompress",
+        "--model_args",
+        args,
+        "--tasks",
+        tasks,
+        "--include_path",
+        str(world["tasks"]),
+        "--output_path",
+        str(out),
+        "--log_samples",
+        "--batch_size",
+        "1",
+    ]
     # A hang guard only: a run takes about 10 s.
-    proc = subprocess.run(cmd, cwd=world["root"], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        cmd, cwd=world["root"], env=env, capture_output=True, text=True, timeout=600
+    )
     log = _ANSI.sub("", proc.stdout + proc.stderr)
     errors = [line for line in log.splitlines() if _ERROR.search(line)]
     assert proc.returncode == 0 and not errors, (
-        f"lmms-eval (rc={proc.returncode}) reported errors: {errors[:3]}\n{log[-3000:]}")
+        f"lmms-eval (rc={proc.returncode}) reported errors: {errors[:3]}\n{log[-3000:]}"
+    )
     found = sorted(out.rglob("*_results.json"))
     assert found, f"lmms-eval wrote no results under {out}\n{log[-3000:]}"
     samples = {}
@@ -183,7 +231,7 @@ def run_lmms(world: dict, compressor: str, out: Path, *,
     return json.loads(found[-1].read_text()), samples
 
 
-_TURN1_UTILS = '''from mc_core.evaluate import score_answer
+_TURN1_UTILS = """from mc_core.evaluate import score_answer
 from mc_lmms.task_utils import doc_to_visual
 
 CHOICES = {choices!r}
@@ -207,9 +255,9 @@ def single_target(doc):
 
 def process_single(doc, results):
     return {{"acc": score_answer(results[0], doc["answer_sets"][0])}}
-'''
+"""
 
-_TURN1_YAML = '''task: {task}
+_TURN1_YAML = """task: {task}
 dataset_path: parquet
 dataset_kwargs:
   data_files:
@@ -222,7 +270,7 @@ doc_to_text: !function utils.doc_to_text
   - metric: acc
     aggregation: mean
     higher_is_better: true
-'''
+"""
 
 
 def _turn1_tasks(ds: datasets.Dataset, folder: Path) -> list[str]:
@@ -233,15 +281,25 @@ def _turn1_tasks(ds: datasets.Dataset, folder: Path) -> list[str]:
     parquet = folder / "turn1.parquet"
     ds.to_parquet(str(parquet))
     (folder / "utils.py").write_text(_TURN1_UTILS.format(choices=choices))
-    (folder / "mc_choice.yaml").write_text(_TURN1_YAML.format(
-        task="mc_choice", parquet=json.dumps(str(parquet)), output_type="multiple_choice",
-        extra="doc_to_choice: !function utils.doc_to_choice\n"
-              "doc_to_target: !function utils.doc_to_target\n"))
-    (folder / "mc_single.yaml").write_text(_TURN1_YAML.format(
-        task="mc_single", parquet=json.dumps(str(parquet)), output_type="generate_until",
-        extra="doc_to_target: !function utils.single_target\n"
-              "process_results: !function utils.process_single\n"
-              f"generation_kwargs:\n  max_new_tokens: {MAX_NEW}\n"))
+    (folder / "mc_choice.yaml").write_text(
+        _TURN1_YAML.format(
+            task="mc_choice",
+            parquet=json.dumps(str(parquet)),
+            output_type="multiple_choice",
+            extra="doc_to_choice: !function utils.doc_to_choice\n"
+            "doc_to_target: !function utils.doc_to_target\n",
+        )
+    )
+    (folder / "mc_single.yaml").write_text(
+        _TURN1_YAML.format(
+            task="mc_single",
+            parquet=json.dumps(str(parquet)),
+            output_type="generate_until",
+            extra="doc_to_target: !function utils.single_target\n"
+            "process_results: !function utils.process_single\n"
+            f"generation_kwargs:\n  max_new_tokens: {MAX_NEW}\n",
+        )
+    )
     return choices
 
 
@@ -251,8 +309,7 @@ def _dialogues(model, processor, ds: datasets.Dataset) -> datasets.Dataset:
     answers, soft accuracy)."""
     rows = ds.to_list()  # images stay encoded here; ds[i] decodes them
     for i, row in enumerate(rows):
-        conv = Conversation(model, processor, None, images=[ds[i]["image"]],
-                            max_new_tokens=MAX_NEW)
+        conv = Conversation(model, processor, None, images=[ds[i]["image"]], max_new_tokens=MAX_NEW)
         own = [conv.ask(q) for q in row["questions"]]
         answers = [own[k] if (i + k) % 2 == 0 else a for k, a in enumerate(row["answers"])]
         row["answers"] = answers
@@ -270,8 +327,7 @@ def _register(root: Path, ckpt: Path) -> str:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     tracking.migrate(uri)
     run = tracking.start_cell_run("lmms-parity", "tiny-llava", "0.9", params={}, uri=uri)
-    tracking.register_checkpoint(REGISTERED, ckpt, run_id=run, score=0.5, metric="acc_avg",
-                                 uri=uri)
+    tracking.register_checkpoint(REGISTERED, ckpt, run_id=run, score=0.5, metric="acc_avg", uri=uri)
     return uri
 
 
@@ -294,30 +350,48 @@ def world(tmp_path_factory, one_thread):
     original = synthetic.generate(DIALOGUES, seed=3)
     ds = _dialogues(model, processor, original)
     schema.save(ds, root / "data")
-    write_task(root / "data", root / "tasks" / "mc_parity", name="mc_parity",
-               max_new_tokens=MAX_NEW)
+    write_task(
+        root / "data", root / "tasks" / "mc_parity", name="mc_parity", max_new_tokens=MAX_NEW
+    )
     choices = _turn1_tasks(original, root / "tasks" / "turn1")  # one-word answers
-    comps = {"none": None, "sample": build("sample", rate=RATE, dim=SPEC.text_hidden),
-             "metacompress": load_compressor(root / "ckpt")}
+    comps = {
+        "none": None,
+        "sample": build("sample", rate=RATE, dim=SPEC.text_hidden),
+        "metacompress": load_compressor(root / "ckpt"),
+    }
     convs = {}
     for name, c in comps.items():
         convs[name] = []
         for row in ds:
-            conv = Conversation(model, processor, c, images=[row["image"]],
-                                max_new_tokens=MAX_NEW)
+            conv = Conversation(model, processor, c, images=[row["image"]], max_new_tokens=MAX_NEW)
             for q in row["questions"]:
                 conv.ask(q)
             convs[name].append(conv)
-    report = meval.evaluate(model, processor, ds, list(comps), RATE,
-                            compressors={"metacompress": comps["metacompress"]},
-                            device="cpu", max_new_tokens=MAX_NEW, progress=False)
-    return {"root": root, "model": root / "model", "tasks": root / "tasks", "uri": uri,
-            "ds": ds, "choices": choices, "convs": convs, "report": report,
-            "tokenizer": processor.tokenizer}
+    report = meval.evaluate(
+        model,
+        processor,
+        ds,
+        list(comps),
+        RATE,
+        compressors={"metacompress": comps["metacompress"]},
+        device="cpu",
+        max_new_tokens=MAX_NEW,
+        progress=False,
+    )
+    return {
+        "root": root,
+        "model": root / "model",
+        "tasks": root / "tasks",
+        "uri": uri,
+        "ds": ds,
+        "choices": choices,
+        "convs": convs,
+        "report": report,
+        "tokenizer": processor.tokenizer,
+    }
 
 
-METHODS = {"none": "none", "sample": "sample",
-           "metacompress": f"models:/{REGISTERED}@champion"}
+METHODS = {"none": "none", "sample": "sample", "metacompress": f"models:/{REGISTERED}@champion"}
 
 
 @needs_lmms
@@ -344,8 +418,9 @@ def test_lmms_eval_matches_conversation_and_evaluator(world, method, tmp_path):
     got, want = compare.compare(tmp_path / "out", report, task="mc_parity", method=method)
     # Same scores summed in the same order: equal up to float rounding.
     assert len(got) == 3 and got == pytest.approx(want, abs=1e-12)
-    assert results["results"]["mc_parity"]["acc_avg,none"] == pytest.approx(mine["acc_avg"],
-                                                                           abs=1e-12)
+    assert results["results"]["mc_parity"]["acc_avg,none"] == pytest.approx(
+        mine["acc_avg"], abs=1e-12
+    )
 
     for i, conv in enumerate(convs):  # one question: turn 1 of the same conversation
         single = samples["mc_single"][i]
@@ -365,7 +440,8 @@ def test_lmms_eval_matches_conversation_and_evaluator(world, method, tmp_path):
         # another order, so log-probabilities agree to ~1e-5, not bit for bit.
         assert got_lp == pytest.approx(want, abs=1e-4), f"dialogue {i}"
         assert [r[1] == "True" for r in sample["filtered_resps"]] == [
-            j == int(logp.argmax()) for j in ids]
+            j == int(logp.argmax()) for j in ids
+        ]
         # the choice prompt is turn 1's: same compressed prompt length
         assert sample["token_counts"][0] == {"input_tokens": conv.cache_tokens[0]}
         hits.append(float(max(range(len(ids)), key=want.__getitem__) == int(sample["target"])))

@@ -35,8 +35,11 @@ def test_collapse():
     everything_on_one = torch.zeros(m, n)
     everything_on_one[:, 3] = 1
     assert float(collapse(everything_on_one)) == m
-    assert math.isclose(float(collapse([torch.full((m, n), 1 / n), everything_on_one])),
-                        (m / n + m) / 2, rel_tol=1e-6)
+    assert math.isclose(
+        float(collapse([torch.full((m, n), 1 / n), everything_on_one])),
+        (m / n + m) / 2,
+        rel_tol=1e-6,
+    )
 
 
 def test_kl_zero_for_identical_positive_otherwise():

@@ -34,8 +34,16 @@ def test_check_rate_accepts_open_interval():
 
 @pytest.mark.parametrize(
     ("n", "rate", "m"),
-    [(576, 0.9, 58), (1000, 0.9, 100), (37, 0.5, 19), (577, 0.5, 289), (10, 0.9, 1), (1, 0.99, 1),
-     (4, 0.75, 1), (2880, 0.9, 288)],
+    [
+        (576, 0.9, 58),
+        (1000, 0.9, 100),
+        (37, 0.5, 19),
+        (577, 0.5, 289),
+        (10, 0.9, 1),
+        (1, 0.99, 1),
+        (4, 0.75, 1),
+        (2880, 0.9, 288),
+    ],
 )
 def test_kept_tokens_is_ceil(n, rate, m):
     # 1000 * (1 - 0.9) is 99.99999999999997 in floats: the count must still be exactly 100.
@@ -110,8 +118,9 @@ def test_pool_2d_any_m(h, w, m):
         pool_matrix(h * w + 1, m, (h, w))
 
 
-@pytest.mark.parametrize(("h", "w", "m"), [(8, 8, 7), (8, 8, 13), (16, 16, 29), (16, 16, 31),
-                                           (5, 9, 7), (24, 24, 23)])
+@pytest.mark.parametrize(
+    ("h", "w", "m"), [(8, 8, 7), (8, 8, 13), (16, 16, 29), (16, 16, 31), (5, 9, 7), (24, 24, 23)]
+)
 def test_pool_layout_prime_m_is_two_dimensional(h, w, m):
     # A prime m used to get one band of m full-height strips (8 x 8 -> 7: [7]), leaving the
     # generator's queries no vertical prior; it must get uneven bands close to square cells.

@@ -27,30 +27,46 @@ BIN = Path(sys.executable).parent
 TINY = {
     "data": {"train": {"dialogues": 4}, "test": {"dialogues": 2}},
     # train_images as in the smoke profile: per-arch batch overrides must fit in the pool.
-    "base": {"train_images": 32, "eval_dialogues": 2, "curve_dialogues": 2, "stage1_steps": 1,
-             "stage2_steps": 1, "stage3_steps": 0, "warmup_steps": 1, "stage1_batch": 2,
-             "stage2_batch": 2},
+    "base": {
+        "train_images": 32,
+        "eval_dialogues": 2,
+        "curve_dialogues": 2,
+        "stage1_steps": 1,
+        "stage2_steps": 1,
+        "stage3_steps": 0,
+        "warmup_steps": 1,
+        "stage1_batch": 2,
+        "stage2_batch": 2,
+    },
     "train": {"max_steps": 1, "batch_size": 2, "target_batch": 4, "progress": False},
-    "evaluate": {"methods": ["none", "metacompress"], "max_dialogues": 2, "batch_size": 2,
-                 "progress": False},
+    "evaluate": {
+        "methods": ["none", "metacompress"],
+        "max_dialogues": 2,
+        "batch_size": 2,
+        "progress": False,
+    },
     "report": {"methods": ["none", "metacompress"]},
 }
 
 
 def _env(repo: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}",
-               MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env['PATH']}",
+        MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     env.pop("MC_PARAMS", None)
     return env
 
 
 def _run(cmd: list[str], repo: Path) -> str:
-    r = subprocess.run(cmd, cwd=repo, env=_env(repo), capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(cmd, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout + r.stderr
 
@@ -67,8 +83,9 @@ def repo(tmp_path_factory) -> Path:
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
     for name in ("tasks", "mc_core"):
-        shutil.copytree(ROOT / name, repo / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
     raw = config.read_yaml(ROOT / "params.yaml")
     params = config.profile_params("smoke", raw, extra=TINY)
     config.dump_yaml(params, repo / "params.yaml")
@@ -113,7 +130,9 @@ def test_repro_all_then_nothing_then_one_cell(repo):
         assert "eval/metacompress/acc_avg" in run.data.metrics
         assert c.get_metric_history(mv.run_id, "train/loss"), "per-step curve missing"
         assert sorted(a.path for a in c.list_artifacts(mv.run_id, "plots")) == [
-            f"plots/tiny-llava-{rate}.png", f"plots/turns-tiny-llava-{rate}.png"]
+            f"plots/tiny-llava-{rate}.png",
+            f"plots/turns-tiny-llava-{rate}.png",
+        ]
         assert (repo / f"reports/tokens/tiny-llava-{rate}.png").stat().st_size > 0
         lr = yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"]
         assert run.data.params["train.lr"] == str(lr)  # the run records the params it used
@@ -130,7 +149,11 @@ def test_repro_all_then_nothing_then_one_cell(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["grid"]["rates"] = [0.5, 0.8]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _repro(repo) == {"train@tiny-llava-0.8", "evaluate@tiny-llava-0.8",
-                            "register@tiny-llava-0.8", "report"}
+    assert _repro(repo) == {
+        "train@tiny-llava-0.8",
+        "evaluate@tiny-llava-0.8",
+        "register@tiny-llava-0.8",
+        "report",
+    }
     # The untouched cell kept its single version (dedup itself: tests/test_registry.py).
     assert len(c.search_model_versions("name = 'metacompress-tiny-llava-r0.5'")) == 1

@@ -115,15 +115,19 @@ def test_ceilings_vs_rate_draws_methods_and_ceilings(tmp_path, monkeypatch):
         for rate in (0.5, 0.9):
             r = _report(arch, rate)
             r["methods"]["metacompress"]["acc_avg_ci"] = [0.75, 0.85]
-            r["ceilings"] = {"selector": {"acc_avg": 0.9, "acc_avg_ci": [0.85, 0.95]},
-                             "oracle": {"acc_avg": 0.95, "acc_avg_ci": [0.9, 1.0]}}
+            r["ceilings"] = {
+                "selector": {"acc_avg": 0.9, "acc_avg_ci": [0.85, 0.95]},
+                "oracle": {"acc_avg": 0.95, "acc_avg_ci": [0.9, 1.0]},
+            }
             if arch == "tiny-qwen2-vl":  # a dataset without ground truth skips the selector
                 r["ceilings"]["selector"] = {"available": False, "note": "no object_centres"}
             reports.append(r)
     out = plots.ceilings_vs_rate(reports, tmp_path / "ceilings.png")
     assert _is_png(out)
     # metacompress, selector, oracle + the reference on llava; qwen has no selector.
-    assert labels[0] == [["no reduction", "metacompress", "selector", "oracle"],
-                         ["no reduction", "metacompress", "oracle"]]
+    assert labels[0] == [
+        ["no reduction", "metacompress", "selector", "oracle"],
+        ["no reduction", "metacompress", "oracle"],
+    ]
     with pytest.raises(ValueError, match="ceilings"):
         plots.ceilings_vs_rate([_report("tiny-llava", 0.5)], tmp_path / "none.png")

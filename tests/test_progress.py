@@ -110,8 +110,10 @@ def test_stage_lines_name_cell_time_and_outputs(tmp_path, capsys):
     assert done.endswith(f"-> {out}, {folder}")
     with pytest.raises(KeyError), stage("report", []):
         raise KeyError("x")
-    assert capsys.readouterr().out.splitlines()[-1].startswith(
-        "[stage report] failed after 0:00: KeyError"
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[-1]
+        .startswith("[stage report] failed after 0:00: KeyError")
     )
 
 

@@ -88,8 +88,11 @@ def test_gqa_reads_saved_datasets(tmp_path):
 
 def test_gqa_missing_field_names_file_and_question(tmp_path):
     bad = FIX / "gqa" / "questions_missing_answer.json"
-    with pytest.raises(ValueError, match=r"questions_missing_answer\.json: question '2002': "
-                                         r"missing field 'answer'"):
+    with pytest.raises(
+        ValueError,
+        match=r"questions_missing_answer\.json: question '2002': "
+        r"missing field 'answer'",
+    ):
         _gqa(tmp_path, questions=bad)
     recs = json.loads(GQA_Q.read_text())
     del recs["3001"]["types"]
@@ -171,15 +174,21 @@ def _write(tmp_path, name, data) -> Path:
 
 def test_vqav2_bad_annotations_name_file_and_row(tmp_path):
     bad = FIX / "vqav2" / "annotations_missing_answer.json"
-    with pytest.raises(ValueError, match=r"annotations_missing_answer\.json: row 3 "
-                                         r"\(question_id=73000\): missing field "
-                                         r"'multiple_choice_answer'"):
+    with pytest.raises(
+        ValueError,
+        match=r"annotations_missing_answer\.json: row 3 "
+        r"\(question_id=73000\): missing field "
+        r"'multiple_choice_answer'",
+    ):
         _vqa(tmp_path, annotations=bad)
     a = json.loads(VQA_A.read_text())
     a["annotations"][5]["answers"].pop()
     qid = a["annotations"][5]["question_id"]
-    with pytest.raises(ValueError, match=rf"a\.json: row 5 \(question_id={qid}\): expected 10 "
-                                         r"answers, got 9"):
+    with pytest.raises(
+        ValueError,
+        match=rf"a\.json: row 5 \(question_id={qid}\): expected 10 "
+        r"answers, got 9",
+    ):
         _vqa(tmp_path, annotations=_write(tmp_path, "a.json", a))
     a = json.loads(VQA_A.read_text())
     a["annotations"][2]["image_id"] = 999
@@ -194,14 +203,20 @@ def test_vqav2_bad_annotations_name_file_and_row(tmp_path):
 def test_vqav2_bad_question_row_and_image(tmp_path):
     q = json.loads(VQA_Q.read_text())
     q["questions"][4]["question"] = ""
-    with pytest.raises(ValueError, match=r"q\.json: row 4 \(question_id=\d+\): bad value '' "
-                                         r"for field 'question'"):
+    with pytest.raises(
+        ValueError,
+        match=r"q\.json: row 4 \(question_id=\d+\): bad value '' "
+        r"for field 'question'",
+    ):
         _vqa(tmp_path, questions=_write(tmp_path, "q.json", q))
     images = tmp_path / "images"
     shutil.copytree(VQA_IMG, images)
     (images / "COCO_val2014_000000000073.jpg").write_bytes(b"\xff\xd8broken")
-    with pytest.raises(ValueError, match=r"COCO_val2014_000000000073\.jpg: unreadable image "
-                                         r"needed by questions \['73000', '73001', '73002'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"COCO_val2014_000000000073\.jpg: unreadable image "
+        r"needed by questions \['73000', '73001', '73002'\]",
+    ):
         _vqa(tmp_path, images=images)
 
 
@@ -212,15 +227,43 @@ def test_cli_writes_loadable_datasets_and_reports_errors(tmp_path, capsys):
     from mc_core.data import build
 
     out = tmp_path / "mt-gqa"
-    rc = build.main(["--source", "gqa", "--questions", str(GQA_Q), "--images", str(GQA_IMG),
-                     "--out", str(out), "--cache-dir", str(tmp_path / "c")])
+    rc = build.main(
+        [
+            "--source",
+            "gqa",
+            "--questions",
+            str(GQA_Q),
+            "--images",
+            str(GQA_IMG),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ]
+    )
     assert rc == 0 and "wrote 3 gqa dialogues" in capsys.readouterr().out
     assert len(schema.load(out)) == 3
-    assert build.main(["--source", "vqav2", "--questions", str(VQA_Q), "--annotations",
-                       str(VQA_A), "--count"]) == 0
+    assert (
+        build.main(
+            ["--source", "vqav2", "--questions", str(VQA_Q), "--annotations", str(VQA_A), "--count"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == "4"
     bad = FIX / "vqav2" / "annotations_missing_answer.json"
-    rc = build.main(["--source", "vqav2", "--questions", str(VQA_Q), "--annotations", str(bad),
-                     "--images", str(VQA_IMG), "--out", str(tmp_path / "v")])
+    rc = build.main(
+        [
+            "--source",
+            "vqav2",
+            "--questions",
+            str(VQA_Q),
+            "--annotations",
+            str(bad),
+            "--images",
+            str(VQA_IMG),
+            "--out",
+            str(tmp_path / "v"),
+        ]
+    )
     assert rc == 2 and "row 3 (question_id=73000)" in capsys.readouterr().err
     assert not (tmp_path / "v").exists()

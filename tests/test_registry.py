@@ -44,31 +44,42 @@ def _ckpt(path: Path, payload: str) -> Path:
 
 
 def _run(store: str, arch="tiny-llava", rate="0.9") -> str:
-    return tracking.start_cell_run("exp", arch, rate, params={"lr": 1e-3, "grid": [1, 2]},
-                                   tags={"profile": "test"}, uri=store)
+    return tracking.start_cell_run(
+        "exp", arch, rate, params={"lr": 1e-3, "grid": [1, 2]}, tags={"profile": "test"}, uri=store
+    )
 
 
 def test_versions_alias_and_dedup(store, tmp_path):
     run = _run(store)
     a = _ckpt(tmp_path / "a", "weights-a")
-    r1 = tracking.register_checkpoint("m-tiny-r0.9", a, run_id=run, score=0.6, metric="acc_avg",
-                                      tags={"arch": "tiny-llava", "rate": "0.9"}, uri=store)
+    r1 = tracking.register_checkpoint(
+        "m-tiny-r0.9",
+        a,
+        run_id=run,
+        score=0.6,
+        metric="acc_avg",
+        tags={"arch": "tiny-llava", "rate": "0.9"},
+        uri=store,
+    )
     assert (r1.version, r1.created, r1.champion) == ("1", True, "1")
 
     # Same bytes again (a DVC re-run, a forced stage): no new version.
-    again = tracking.register_checkpoint("m-tiny-r0.9", a, run_id=run, score=0.6,
-                                         metric="acc_avg", uri=store)
+    again = tracking.register_checkpoint(
+        "m-tiny-r0.9", a, run_id=run, score=0.6, metric="acc_avg", uri=store
+    )
     assert (again.version, again.created) == ("1", False)
 
     # A changed but worse checkpoint: version 2, champion stays on 1.
     b = _ckpt(tmp_path / "b", "weights-b")
-    r2 = tracking.register_checkpoint("m-tiny-r0.9", b, run_id=run, score=0.4, metric="acc_avg",
-                                      uri=store)
+    r2 = tracking.register_checkpoint(
+        "m-tiny-r0.9", b, run_id=run, score=0.4, metric="acc_avg", uri=store
+    )
     assert (r2.version, r2.created, r2.champion) == ("2", True, "1")
     # A better one takes the alias.
     c = _ckpt(tmp_path / "c", "weights-c")
-    r3 = tracking.register_checkpoint("m-tiny-r0.9", c, run_id=run, score=0.8, metric="acc_avg",
-                                      uri=store)
+    r3 = tracking.register_checkpoint(
+        "m-tiny-r0.9", c, run_id=run, score=0.8, metric="acc_avg", uri=store
+    )
     assert (r3.version, r3.champion) == ("3", "3")
     cl = tracking.client(store)
     assert str(cl.get_model_version_by_alias("m-tiny-r0.9", "champion").version) == "3"
@@ -81,7 +92,8 @@ def test_versions_alias_and_dedup(store, tmp_path):
 def test_lineage_tags_and_download(store, tmp_path):
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  prepare:\n    cmd: x\n    outs:\n"
-        "    - path: data/train\n      md5: abc123.dir\n")
+        "    - path: data/train\n      md5: abc123.dir\n"
+    )
     run = _run(store)
     tracking.log_metrics(run, {"acc": 0.5, "nan": float("nan"), "flag": True}, uri=store)
     steps = tracking.StepLogger(run, flush_every=2, uri=store)
@@ -101,8 +113,9 @@ def test_lineage_tags_and_download(store, tmp_path):
     assert tracking.find_cell_run("exp", "tiny-llava", "0.5", uri=store) is None
 
     ck = _ckpt(tmp_path / "ck", "payload")
-    reg = tracking.register_checkpoint("m", ck, run_id=run, score=1.0, metric="acc_avg",
-                                       tags={"git_sha": "deadbeef"}, uri=store)
+    reg = tracking.register_checkpoint(
+        "m", ck, run_id=run, score=1.0, metric="acc_avg", tags={"git_sha": "deadbeef"}, uri=store
+    )
     mv = cl.get_model_version("m", reg.version)
     assert mv.tags["ckpt_sha256"] == lineage.checkpoint_hash(ck)
     assert mv.tags["git_sha"] == "deadbeef" and mv.run_id == run
@@ -140,9 +153,16 @@ def test_four_cells_register_at_once(store, tmp_path):
         print(r.version, r2.version)
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(i), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(1, 5)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(i), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(1, 5)
+    ]
     outs = [p.communicate(timeout=180) for p in procs]
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]

@@ -28,8 +28,9 @@ def _dataset(n: int) -> datasets.Dataset:
         for k, v in (("dialogue_id", f"s{i}"), ("source", "synthetic"), ("image_id", f"s{i}")):
             rows[k].append(v)
         rows["image"].append({"bytes": buf.getvalue(), "path": None})
-        rows["questions"].append(["what colour is at row 1 col 2 ?", "how many red circle ?",
-                                  "is there a blue square ?"])
+        rows["questions"].append(
+            ["what colour is at row 1 col 2 ?", "how many red circle ?", "is there a blue square ?"]
+        )
         rows["answers"].append(["red", "two", "yes"])
         rows["answer_sets"].append([["red"], ["two"], ["yes"]])
         rows["question_types"].append(["colour", "count", "exist"])
@@ -44,25 +45,34 @@ def cell(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "load", lambda path: (model, processor))
     monkeypatch.setattr(zoo, "info", lambda path: {"family": "llava"})
     monkeypatch.setattr(schema, "load", lambda path: _dataset(3))
-    ev = SimpleNamespace(history="model", device="cpu", batch_size=2, max_new_tokens=1, seed=0,
-                         progress=False)
-    monkeypatch.setattr(common, "load_params", lambda sections, who: SimpleNamespace(
-        evaluate=ev, train=SimpleNamespace(method="metacompress")))
+    ev = SimpleNamespace(
+        history="model", device="cpu", batch_size=2, max_new_tokens=1, seed=0, progress=False
+    )
+    monkeypatch.setattr(
+        common,
+        "load_params",
+        lambda sections, who: SimpleNamespace(
+            evaluate=ev, train=SimpleNamespace(method="metacompress")
+        ),
+    )
     meta = build("metacompress", rate=0.75, dim=64, d_c=16)
-    checkpoint.save_compressor(common.compressor_dir("tiny-llava", 0.75), meta,
-                               meta={"family": "llava"})
+    checkpoint.save_compressor(
+        common.compressor_dir("tiny-llava", 0.75), meta, meta={"family": "llava"}
+    )
     return model, tmp_path / "reports/sensitivity.json"
 
 
 def test_sensitivity_layers_and_packed_positions(cell):
     model, path = cell
-    sensitivity.main(["--arch", "tiny-llava", "--rate", "0.75", "--dialogues", "2",
-                      "--positions", "packed"])
+    sensitivity.main(
+        ["--arch", "tiny-llava", "--rate", "0.75", "--dialogues", "2", "--positions", "packed"]
+    )
     out = json.loads(path.read_text())
     assert out["n_dialogues"] == 2
     n_layers = model.config.get_text_config().num_hidden_layers
     assert [(v["requested"], v["layer"]) for v in out["layers"].values()] == [
-        (k, min(k, n_layers - 1)) for k in (0, 1, 2)]
+        (k, min(k, n_layers - 1)) for k in (0, 1, 2)
+    ]
     assert set(out["positions"]["packed"]) == {"sample", "metacompress"}
     assert out["positions"]["packed"]["sample"]["visual_tokens"] == 16
     for bad in (["--layers", "x"], ["--positions", "diagonal"]):
@@ -72,6 +82,18 @@ def test_sensitivity_layers_and_packed_positions(cell):
 
 def test_sensitivity_source_positions(cell):
     _, path = cell
-    sensitivity.main(["--arch", "tiny-llava", "--rate", "0.75", "--dialogues", "2",
-                      "--layers", "0", "--positions", "source"])
+    sensitivity.main(
+        [
+            "--arch",
+            "tiny-llava",
+            "--rate",
+            "0.75",
+            "--dialogues",
+            "2",
+            "--layers",
+            "0",
+            "--positions",
+            "source",
+        ]
+    )
     assert set(json.loads(path.read_text())["positions"]) == {"source"}

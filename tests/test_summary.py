@@ -10,10 +10,18 @@ def _m(acc: float, ci: tuple[float, float]) -> dict:
 
 
 def _cell(mc_ci, sample_ci, ceilings=None) -> dict:
-    ev = {"arch": "tiny-llava", "rate": 0.9, "n_dialogues": 300,
-          "methods": {"none": _m(0.9, (0.87, 0.93)), "sample": _m(0.4, sample_ci),
-                      "pool": _m(0.35, (0.3, 0.4)), "fastv": _m(0.7, (0.65, 0.75)),
-                      "metacompress": _m(sum(mc_ci) / 2, mc_ci)}}
+    ev = {
+        "arch": "tiny-llava",
+        "rate": 0.9,
+        "n_dialogues": 300,
+        "methods": {
+            "none": _m(0.9, (0.87, 0.93)),
+            "sample": _m(0.4, sample_ci),
+            "pool": _m(0.35, (0.3, 0.4)),
+            "fastv": _m(0.7, (0.65, 0.75)),
+            "metacompress": _m(sum(mc_ci) / 2, mc_ci),
+        },
+    }
     if ceilings:
         ev["ceilings"] = ceilings
     return {"arch": "tiny-llava", "rate": 0.9, "eval": ev, "registry": None}
@@ -25,8 +33,7 @@ def test_verdict_needs_separated_intervals():
     tie = report.verdict(_cell((0.42, 0.53), (0.35, 0.45))["eval"]["methods"])
     assert tie.startswith("tie vs sample")
     # fastv (prompt-dependent) is no heuristic here, though it scores higher.
-    assert report.verdict(_cell((0.2, 0.3), (0.35, 0.45))["eval"]["methods"]) == \
-        "loss vs sample"
+    assert report.verdict(_cell((0.2, 0.3), (0.35, 0.45))["eval"]["methods"]) == "loss vs sample"
 
 
 def test_table_shows_intervals_and_dialogues():
@@ -37,10 +44,11 @@ def test_table_shows_intervals_and_dialogues():
 
 
 def test_ceilings_table():
-    ce = {"selector": {"available": False, "note": "no object_centres"},
-          "oracle": {**_m(0.8, (0.7, 0.9)), "dialogues": 24, "steps": 150,
-                     "none_acc_avg": 0.85},
-          "cls_overlap": {"share": 0.12, "chance": 0.1, "dialogues": 24}}
+    ce = {
+        "selector": {"available": False, "note": "no object_centres"},
+        "oracle": {**_m(0.8, (0.7, 0.9)), "dialogues": 24, "steps": 150, "none_acc_avg": 0.85},
+        "cls_overlap": {"share": 0.12, "chance": 0.1, "dialogues": 24},
+    }
     md = report.ceilings_table([_cell((0.5, 0.6), (0.35, 0.45), ce)])
     row = md.splitlines()[2]
     assert "n/a (no object_centres)" in row and "(n=24, 150 steps)" in row

@@ -48,8 +48,12 @@ def test_turns_target_distinct_regions_and_attributes(ds):
     for targets, types in zip(ds["targets"], ds["question_types"], strict=True):
         assert len(set(targets)) == 3, targets
         for t, q in zip(targets, types, strict=True):
-            prefix = {"colour": "region:", "shape": "region:", "count": "colour:",
-                      "exist": "pair:"}[q]
+            prefix = {
+                "colour": "region:",
+                "shape": "region:",
+                "count": "colour:",
+                "exist": "pair:",
+            }[q]
             assert t.startswith(prefix)
 
 
@@ -63,8 +67,9 @@ def test_answers_consistent_with_scene():
     for i in range(40):
         scene, image, d = S.example(7, i, cfg)
         pixels = np.asarray(image, dtype=np.float64)
-        for q, a, t, target in zip(d.questions, d.answers, d.question_types, d.targets,
-                                   strict=True):
+        for q, a, t, target in zip(
+            d.questions, d.answers, d.question_types, d.targets, strict=True
+        ):
             seen_types.add(t)
             if t in ("colour", "shape"):
                 r, c = (int(v) for v in target.split(":")[1].split(","))

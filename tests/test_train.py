@@ -287,7 +287,13 @@ def test_method_and_kwargs_are_checked_before_training(changes, message):
 
 def test_compressor_kwargs_reach_the_compressor(setup):
     model, processor, data, cache = setup
-    comp = train(_cfg(max_steps=1, seed=5, compressor_kwargs={"d_c": 8, "pos_scale": 0.5}),
-                 model, processor, data, rate=0.75, cache=cache)
+    comp = train(
+        _cfg(max_steps=1, seed=5, compressor_kwargs={"d_c": 8, "pos_scale": 0.5}),
+        model,
+        processor,
+        data,
+        rate=0.75,
+        cache=cache,
+    )
     assert comp.name == "metacompress" and comp.d_c == 8 and comp.pos_scale == 0.5
     assert comp.seed == 5  # train.seed reaches a method that takes one

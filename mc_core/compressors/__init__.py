@@ -18,6 +18,7 @@ __all__ = ["Compressor", "TokenContext", "available", "build", "get_class", "reg
 
 _REGISTRY: dict[str, type[Compressor]] = {}
 
+
 def register(name: str):
     """Class decorator: make a ``Compressor`` subclass buildable as ``name``.
 
@@ -30,8 +31,10 @@ def register(name: str):
             raise TypeError(f"@register({name!r}) expects a Compressor subclass, got {cls!r}")
         other = _REGISTRY.get(name)
         if other is not None and other is not cls:
-            raise ValueError(f"compressor {name!r} is registered twice: {other.__module__}."
-                             f"{other.__qualname__} and {cls.__module__}.{cls.__qualname__}")
+            raise ValueError(
+                f"compressor {name!r} is registered twice: {other.__module__}."
+                f"{other.__qualname__} and {cls.__module__}.{cls.__qualname__}"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls

@@ -48,9 +48,7 @@ class TokenContext:
                     f"for n = {n} tokens"
                 )
         if self.keys is not None and (self.keys.dim() != 2 or self.keys.shape[0] != n):
-            raise ValueError(
-                f"{where}.keys has shape {tuple(self.keys.shape)}, expected ({n}, k)"
-            )
+            raise ValueError(f"{where}.keys has shape {tuple(self.keys.shape)}, expected ({n}, k)")
         if self.grid is not None:
             h, w = self.grid
             if h * w != n:

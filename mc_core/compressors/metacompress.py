@@ -90,8 +90,10 @@ class MetaCompress(Compressor):
         if isinstance(d_c, bool) or not isinstance(d_c, int) or d_c < 1:
             raise ValueError(f"metacompress d_c must be a positive int, got {d_c!r}")
         for key, value in (("beta_init", beta_init), ("pos_scale", pos_scale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value >= 0
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value >= 0)
             ):
                 raise ValueError(f"metacompress {key} must be a finite number >= 0, got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):

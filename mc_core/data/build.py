@@ -23,20 +23,32 @@ from mc_core.data import gqa, schema, vqav2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mc_core.data.build", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m mc_core.data.build",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--source", required=True, choices=["gqa", "vqav2"])
     p.add_argument("--questions", required=True, help="questions JSON (or saved dataset, gqa)")
     p.add_argument("--annotations", help="VQAv2 annotations JSON (vqav2 only)")
     p.add_argument("--images", help="image folder (or saved dataset of images)")
     p.add_argument("--out", help="output folder of the Arrow dataset")
-    p.add_argument("--split", help="COCO split in image file names (vqav2; default: the "
-                                   "questions' data_subtype)")
-    p.add_argument("--max-dialogues", type=int, default=None,
-                   help="seeded random subset of this many dialogues (training subsets)")
+    p.add_argument(
+        "--split",
+        help="COCO split in image file names (vqav2; default: the questions' data_subtype)",
+    )
+    p.add_argument(
+        "--max-dialogues",
+        type=int,
+        default=None,
+        help="seeded random subset of this many dialogues (training subsets)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-verify-images", action="store_true",
-                   help="skip decoding each image once before writing")
+    p.add_argument(
+        "--no-verify-images",
+        action="store_true",
+        help="skip decoding each image once before writing",
+    )
     p.add_argument("--cache-dir", help="datasets cache folder for the Arrow shards")
     p.add_argument("--count", action="store_true", help="only print the number of dialogues")
     return p
@@ -60,13 +72,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 n = len(vqav2.plan(args.questions, args.annotations)[0])
             print(n)
             return 0
-        common = dict(max_dialogues=args.max_dialogues, seed=args.seed,
-                      verify_images=not args.no_verify_images, cache_dir=args.cache_dir)
+        common = dict(
+            max_dialogues=args.max_dialogues,
+            seed=args.seed,
+            verify_images=not args.no_verify_images,
+            cache_dir=args.cache_dir,
+        )
         if args.source == "gqa":
             ds = gqa.build(args.questions, args.images, **common)
         else:
-            ds = vqav2.build(args.questions, args.annotations, args.images, split=args.split,
-                             **common)
+            ds = vqav2.build(
+                args.questions, args.annotations, args.images, split=args.split, **common
+            )
         out = schema.save(ds, args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -57,9 +57,11 @@ def read_questions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     if is_saved_dataset(path):
         ds = datasets.load_from_disk(str(path))
         if not isinstance(ds, datasets.Dataset) or "id" not in ds.column_names:
-            raise ValueError(f"{path}: expected one dataset of GQA questions with an 'id' "
-                             f"column, got {type(ds).__name__} "
-                             f"{getattr(ds, 'column_names', None)}")
+            raise ValueError(
+                f"{path}: expected one dataset of GQA questions with an 'id' "
+                f"column, got {type(ds).__name__} "
+                f"{getattr(ds, 'column_names', None)}"
+            )
         return {str(r["id"]): r for r in ds}
     try:
         with open(path, encoding="utf-8") as f:
@@ -67,8 +69,9 @@ def read_questions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read GQA questions: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object {{question_id: question}}, got "
-                         f"{type(data).__name__}")
+        raise ValueError(
+            f"{path}: expected a JSON object {{question_id: question}}, got {type(data).__name__}"
+        )
     return data
 
 
@@ -105,8 +108,9 @@ def plan(questions: dict[str, dict[str, Any]], *, where: str) -> list[dict[str, 
     for qid, rec in questions.items():
         qid = str(qid)
         if not isinstance(rec, dict):
-            raise ValueError(f"{where}: question {qid!r}: expected an object, got "
-                             f"{type(rec).__name__}")
+            raise ValueError(
+                f"{where}: question {qid!r}: expected an object, got {type(rec).__name__}"
+            )
         types = rec.get("types")
         if not isinstance(types, dict):
             raise ValueError(f"{where}: question {qid!r}: missing field 'types'")
@@ -123,17 +127,19 @@ def plan(questions: dict[str, dict[str, Any]], *, where: str) -> list[dict[str, 
         qids = sorted(by_image[image_id], key=id_sort_key)
         for j, group in enumerate(group_turns(qids)):
             turns = [parsed[q] for q in group]
-            plans.append({
-                "dialogue_id": f"{SOURCE}-{image_id}-{j}",
-                "source": SOURCE,
-                "image_id": image_id,
-                "questions": [t["question"] for t in turns],
-                "answers": [t["answer"] for t in turns],
-                "answer_sets": [[t["answer"]] for t in turns],
-                "question_types": [t["type"] for t in turns],
-                "targets": [t["target"] for t in turns],
-                "qids": list(group),
-            })
+            plans.append(
+                {
+                    "dialogue_id": f"{SOURCE}-{image_id}-{j}",
+                    "source": SOURCE,
+                    "image_id": image_id,
+                    "questions": [t["question"] for t in turns],
+                    "answers": [t["answer"] for t in turns],
+                    "answer_sets": [[t["answer"]] for t in turns],
+                    "question_types": [t["type"] for t in turns],
+                    "targets": [t["target"] for t in turns],
+                    "qids": list(group),
+                }
+            )
     return plans
 
 
@@ -142,9 +148,15 @@ def count_dialogues(questions_path: str | os.PathLike) -> int:
     return len(plan(read_questions(questions_path), where=str(questions_path)))
 
 
-def build(questions_path: str | os.PathLike, images: str | os.PathLike, *,
-          max_dialogues: int | None = None, seed: int = 0, verify_images: bool = True,
-          cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
+def build(
+    questions_path: str | os.PathLike,
+    images: str | os.PathLike,
+    *,
+    max_dialogues: int | None = None,
+    seed: int = 0,
+    verify_images: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> datasets.Dataset:
     """Builds MT-GQA dialogues.
 
     Args:
@@ -168,5 +180,11 @@ def build(questions_path: str | os.PathLike, images: str | os.PathLike, *,
     plans = [plans[i] for i in keep]
     source = ImageSource(images, filename=lambda image_id: f"{image_id}.jpg")
     parts = [SOURCE, _VERSION, max_dialogues, seed, str(Path(questions_path).resolve())]
-    return build_from_plans(plans, source, fingerprint_parts=parts,
-                            verify_images=verify_images, cache_dir=cache_dir, where=where)
+    return build_from_plans(
+        plans,
+        source,
+        fingerprint_parts=parts,
+        verify_images=verify_images,
+        cache_dir=cache_dir,
+        where=where,
+    )

@@ -71,8 +71,14 @@ OPTIONAL_FEATURES = Features({"object_centres": List(List(Value("float32")))})
 _PER_TURN = ("questions", "answers", "answer_sets", "question_types", "targets")
 
 
-def _fail(where: str, msg: str, *, row: int | None = None, column: str | None = None,
-          dialogue_id: Any = None) -> None:
+def _fail(
+    where: str,
+    msg: str,
+    *,
+    row: int | None = None,
+    column: str | None = None,
+    dialogue_id: Any = None,
+) -> None:
     parts = [str(where)]
     if row is not None:
         parts.append(f"row {row}" + (f" (dialogue_id={dialogue_id!r})" if dialogue_id else ""))
@@ -122,8 +128,12 @@ def check_row(row: dict[str, Any], *, where: str, index: int) -> None:
     empty_cell = isinstance(image, dict) and not image.get("bytes") and not image.get("path")
     if image is None or empty_cell:
         fail("image", f"no image (got {image!r})")
-    for col, allow_empty in (("questions", False), ("answers", False),
-                             ("question_types", False), ("targets", True)):
+    for col, allow_empty in (
+        ("questions", False),
+        ("answers", False),
+        ("question_types", False),
+        ("targets", True),
+    ):
         problem = _check_str_list(row[col], allow_empty=allow_empty)
         if problem:
             fail(col, problem)
@@ -135,11 +145,16 @@ def check_row(row: dict[str, Any], *, where: str, index: int) -> None:
             fail("answer_sets", f"turn {t}: expected a list of strings, got {accepted!r}")
         if row["source"] == "vqav2":
             if len(accepted) != VQA_ANSWERS:
-                fail("answer_sets", f"turn {t}: VQAv2 needs {VQA_ANSWERS} human answers, "
-                                    f"got {len(accepted)}")
+                fail(
+                    "answer_sets",
+                    f"turn {t}: VQAv2 needs {VQA_ANSWERS} human answers, got {len(accepted)}",
+                )
         elif accepted != [answer]:
-            fail("answer_sets", f"turn {t}: expected [answer] = {[answer]!r} for source "
-                                f"{row['source']!r}, got {accepted!r}")
+            fail(
+                "answer_sets",
+                f"turn {t}: expected [answer] = {[answer]!r} for source "
+                f"{row['source']!r}, got {accepted!r}",
+            )
 
 
 def validate(ds: datasets.Dataset, *, where: str) -> datasets.Dataset:
@@ -163,13 +178,15 @@ def validate(ds: datasets.Dataset, *, where: str) -> datasets.Dataset:
     missing = [c for c in COLUMNS if c not in have]
     extra = sorted(have - set(COLUMNS) - set(OPTIONAL_FEATURES))
     if missing or extra:
-        _fail(where, f"columns differ from the dialogue schema: missing {missing}, "
-                     f"unexpected {extra}")
+        _fail(
+            where, f"columns differ from the dialogue schema: missing {missing}, unexpected {extra}"
+        )
     expected = {**FEATURES, **OPTIONAL_FEATURES}
     for col in ds.column_names:
         if ds.features[col] != expected[col]:
-            _fail(where, f"feature type {ds.features[col]!r}, expected {expected[col]!r}",
-                  column=col)
+            _fail(
+                where, f"feature type {ds.features[col]!r}, expected {expected[col]!r}", column=col
+            )
     if "object_centres" in have:
         _check_centres(ds["object_centres"], where)
     seen: dict[str, int] = {}
@@ -185,8 +202,12 @@ def validate(ds: datasets.Dataset, *, where: str) -> datasets.Dataset:
             check_row(row, where=where, index=start + k)
             did = row["dialogue_id"]
             if did in seen:
-                _fail(where, f"duplicate dialogue_id {did!r} (first at row {seen[did]})",
-                      row=start + k, column="dialogue_id")
+                _fail(
+                    where,
+                    f"duplicate dialogue_id {did!r} (first at row {seen[did]})",
+                    row=start + k,
+                    column="dialogue_id",
+                )
             seen[did] = start + k
         start += batch.num_rows
     return ds
@@ -197,8 +218,12 @@ def _check_centres(column: list, where: str) -> None:
     for i, centres in enumerate(column):
         for c in centres:
             if len(c) != 2 or not all(0.0 <= v <= 1.0 for v in c):
-                _fail(where, f"object centre {c!r} is not (row, col) in [0, 1]", row=i,
-                      column="object_centres")
+                _fail(
+                    where,
+                    f"object centre {c!r} is not (row, col) in [0, 1]",
+                    row=i,
+                    column="object_centres",
+                )
 
 
 def _image_presence(col: Any) -> list[dict[str, Any] | None]:
@@ -206,8 +231,9 @@ def _image_presence(col: Any) -> list[dict[str, Any] | None]:
     import pyarrow.compute as pc
 
     col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
-    has_bytes = pc.fill_null(pc.greater(pc.binary_length(pc.struct_field(col, "bytes")), 0),
-                             False).to_pylist()
+    has_bytes = pc.fill_null(
+        pc.greater(pc.binary_length(pc.struct_field(col, "bytes")), 0), False
+    ).to_pylist()
     paths = pc.struct_field(col, "path").to_pylist()
     valid = col.is_valid().to_pylist()
     return [
@@ -224,9 +250,11 @@ def row(ds: datasets.Dataset, index: int) -> dict[str, Any]:
         return ds[int(index)]
     except (OSError, ValueError, SyntaxError) as err:  # what PIL raises on bad bytes
         did = ds.select_columns(["dialogue_id"])[int(index)]["dialogue_id"]
-        raise ValueError(f"dataset row {index} (dialogue_id={did!r}): cannot decode its image: "
-                         f"{type(err).__name__}: {err}. Rebuild the dataset (dvc repro prepare)"
-                         " or drop that row") from err
+        raise ValueError(
+            f"dataset row {index} (dialogue_id={did!r}): cannot decode its image: "
+            f"{type(err).__name__}: {err}. Rebuild the dataset (dvc repro prepare)"
+            " or drop that row"
+        ) from err
 
 
 def save(ds: datasets.Dataset, path: str | os.PathLike) -> Path:
@@ -271,7 +299,7 @@ def group_turns(ids: Sequence[str], turns: int = TURNS) -> list[tuple[str, ...]]
     [('1', '2', '3'), ('4', '5', '6')]
     """
     usable = len(ids) - len(ids) % turns
-    return [tuple(ids[i:i + turns]) for i in range(0, usable, turns)]
+    return [tuple(ids[i : i + turns]) for i in range(0, usable, turns)]
 
 
 def id_sort_key(qid: str) -> tuple[int, int, str]:
@@ -325,8 +353,13 @@ def take_subset(n: int, max_items: int | None, seed: int, *, where: str) -> list
     return sorted(random.Random(seed).sample(range(n), max_items))
 
 
-def dataset_from_rows(rows: Callable[[], Iterator[dict[str, Any]]], *, fingerprint: str,
-                      cache_dir: str | os.PathLike | None, where: str) -> datasets.Dataset:
+def dataset_from_rows(
+    rows: Callable[[], Iterator[dict[str, Any]]],
+    *,
+    fingerprint: str,
+    cache_dir: str | os.PathLike | None,
+    where: str,
+) -> datasets.Dataset:
     """Materialises dialogue rows into an Arrow-backed dataset, streaming (bounded memory).
 
     Args:
@@ -337,7 +370,9 @@ def dataset_from_rows(rows: Callable[[], Iterator[dict[str, Any]]], *, fingerpri
         where: quoted in validation errors.
     """
     ds = datasets.Dataset.from_generator(
-        rows, features=FEATURES, cache_dir=None if cache_dir is None else str(cache_dir),
+        rows,
+        features=FEATURES,
+        cache_dir=None if cache_dir is None else str(cache_dir),
         fingerprint=fingerprint,
     )
     return validate(ds, where=where)
@@ -380,12 +415,15 @@ class ImageSource:
         if is_saved_dataset(self.root):
             ds = datasets.load_from_disk(str(self.root))
             if not isinstance(ds, datasets.Dataset):
-                raise ValueError(f"{self.root}: expected one dataset of images, got "
-                                 f"{type(ds).__name__}")
+                raise ValueError(
+                    f"{self.root}: expected one dataset of images, got {type(ds).__name__}"
+                )
             id_col = next((c for c in self.ID_COLUMNS if c in ds.column_names), None)
             if id_col is None or "image" not in ds.column_names:
-                raise ValueError(f"{self.root}: an image dataset needs an id column (one of "
-                                 f"{list(self.ID_COLUMNS)}) and 'image'; has {ds.column_names}")
+                raise ValueError(
+                    f"{self.root}: an image dataset needs an id column (one of "
+                    f"{list(self.ID_COLUMNS)}) and 'image'; has {ds.column_names}"
+                )
             self._ds = ds.cast_column("image", datasets.Image(decode=False))
             self._index = {str(v): i for i, v in enumerate(ds[id_col])}
         elif not self.root.is_dir():
@@ -423,9 +461,15 @@ class ImageSource:
         return data
 
 
-def build_from_plans(plans: Sequence[dict[str, Any]], images: ImageSource, *,
-                     fingerprint_parts: Any, verify_images: bool,
-                     cache_dir: str | os.PathLike | None, where: str) -> datasets.Dataset:
+def build_from_plans(
+    plans: Sequence[dict[str, Any]],
+    images: ImageSource,
+    *,
+    fingerprint_parts: Any,
+    verify_images: bool,
+    cache_dir: str | os.PathLike | None,
+    where: str,
+) -> datasets.Dataset:
     """Turns planned dialogues (rows without ``image``, plus ``qids``) into a dataset.
 
     Every image is read (and decoded, when ``verify_images``) once before anything is written,
@@ -444,24 +488,29 @@ def build_from_plans(plans: Sequence[dict[str, Any]], images: ImageSource, *,
     import json
 
     if not plans:
-        raise ValueError(f"{where}: no dialogue to build (every image has fewer than "
-                         f"{TURNS} questions, or the input is empty)")
+        raise ValueError(
+            f"{where}: no dialogue to build (every image has fewer than "
+            f"{TURNS} questions, or the input is empty)"
+        )
     needed: dict[str, str] = {}
     for p in plans:
         needed.setdefault(p["image_id"], f"questions {list(p['qids'])}")
     for image_id, row in needed.items():
         images.read(image_id, row=row, verify=verify_images)
-    digest = hashlib.sha256(json.dumps(
-        [fingerprint_parts, images.stamp(sorted(needed)), list(plans)], sort_keys=True,
-        default=str).encode()).hexdigest()[:32]
+    digest = hashlib.sha256(
+        json.dumps(
+            [fingerprint_parts, images.stamp(sorted(needed)), list(plans)],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()[:32]
 
     def rows() -> Iterator[dict[str, Any]]:
         last_id, last_bytes = None, b""
         for p in plans:
             if p["image_id"] != last_id:
                 last_id = p["image_id"]
-                last_bytes = images.read(last_id, row=f"questions {list(p['qids'])}",
-                                         verify=False)
+                last_bytes = images.read(last_id, row=f"questions {list(p['qids'])}", verify=False)
             row = {k: v for k, v in p.items() if k != "qids"}
             row["image"] = {"bytes": last_bytes, "path": None}
             yield row

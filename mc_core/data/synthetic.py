@@ -50,8 +50,23 @@ __all__ = [
 
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "count", "exist")
 COUNT_WORDS: tuple[str, ...] = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
 )
 _RGB = {
     "red": (215, 35, 35),
@@ -106,7 +121,7 @@ class WorldConfig:
         if not 0.0 < self.occupancy <= 1.0:
             bad("occupancy", "expected 0 < occupancy <= 1")
         if not 3 <= self.min_objects <= self.grid * self.grid:
-            bad("min_objects", f"expected 3 <= min_objects <= grid^2 = {self.grid ** 2}")
+            bad("min_objects", f"expected 3 <= min_objects <= grid^2 = {self.grid**2}")
         lo, hi = self.size_range
         region = self.image_size / self.grid
         if not 2 <= lo <= hi <= region - 2:
@@ -135,7 +150,8 @@ class WorldConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(
-                f"{where}: unknown keys {unknown}; expected a subset of {sorted(names)}")
+                f"{where}: unknown keys {unknown}; expected a subset of {sorted(names)}"
+            )
         for key in ("size_range", "colours", "shapes", "type_weights"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -143,8 +159,10 @@ class WorldConfig:
 
     def to_dict(self) -> dict:
         """Plain, YAML/JSON-friendly mapping (tuples become lists)."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in fields(self)}
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in fields(self)
+        }
 
     @property
     def region_px(self) -> float:
@@ -215,8 +233,9 @@ def make_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
         cx = col * region + float(rng.uniform(half, region - half))
         base = np.array(_RGB[colour])
         rgb = np.clip(base + rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1, 3), 0, 255)
-        objects.append(SceneObject(row, col, colour, shape, size, cy, cx,
-                                   tuple(int(v) for v in rgb)))
+        objects.append(
+            SceneObject(row, col, colour, shape, size, cy, cx, tuple(int(v) for v in rgb))
+        )
     background = {
         "grey": float(rng.uniform(95, 165)),
         "tint": [float(v) for v in rng.uniform(-10, 10, 3)],
@@ -234,8 +253,9 @@ def _background(scene: Scene, side: int) -> np.ndarray:
     b = scene.background
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float64)
     if b["kind"] == "stripes":
-        t = np.sin(2 * math.pi * (xx * math.cos(b["angle"]) + yy * math.sin(b["angle"]))
-                   / b["period"])
+        t = np.sin(
+            2 * math.pi * (xx * math.cos(b["angle"]) + yy * math.sin(b["angle"])) / b["period"]
+        )
     elif b["kind"] == "checker":
         p = b["period"]
         t = (((xx // p) + (yy // p)) % 2) * 2.0 - 1.0
@@ -252,8 +272,9 @@ def _background(scene: Scene, side: int) -> np.ndarray:
     return img
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cy: float, cx: float, size: float,
-                fill) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cy: float, cx: float, size: float, fill
+) -> None:
     h = size / 2
     if shape == "circle":
         draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
@@ -310,8 +331,9 @@ def _loc_text(row: int, col: int) -> str:
     return f"row {row + 1} column {col + 1}"
 
 
-def _question(qtype: str, scene: Scene, rng: np.random.Generator, cfg: WorldConfig,
-              used: set[str]) -> tuple[str, str, str] | None:
+def _question(
+    qtype: str, scene: Scene, rng: np.random.Generator, cfg: WorldConfig, used: set[str]
+) -> tuple[str, str, str] | None:
     """One (question, answer, target) of ``qtype`` whose target is not in ``used``, or None."""
     if qtype in ("colour", "shape"):
         free = [o for o in scene.objects if f"region:{o.row},{o.col}" not in used]
@@ -331,8 +353,11 @@ def _question(qtype: str, scene: Scene, rng: np.random.Generator, cfg: WorldConf
     present = sorted({(o.colour, o.shape) for o in scene.objects})
     absent = [(c, s) for c in cfg.colours for s in cfg.shapes if (c, s) not in present]
     want_yes = bool(rng.random() < 0.5)
-    pool = [p for p in (present if want_yes or not absent else absent)
-            if f"pair:{p[0]},{p[1]}" not in used]
+    pool = [
+        p
+        for p in (present if want_yes or not absent else absent)
+        if f"pair:{p[0]},{p[1]}" not in used
+    ]
     if not pool:
         return None
     c, s = pool[int(rng.integers(len(pool)))]
@@ -340,8 +365,9 @@ def _question(qtype: str, scene: Scene, rng: np.random.Generator, cfg: WorldConf
     return f"is there a {c} {s} ?", answer, f"pair:{c},{s}"
 
 
-def make_dialogue(scene: Scene, rng: np.random.Generator, cfg: WorldConfig,
-                  turns: int = 3) -> Dialogue:
+def make_dialogue(
+    scene: Scene, rng: np.random.Generator, cfg: WorldConfig, turns: int = 3
+) -> Dialogue:
     """Draws ``turns`` questions about ``scene`` with pairwise distinct targets."""
     weights = np.asarray(cfg.type_weights, dtype=np.float64)
     weights = weights / weights.sum()
@@ -354,8 +380,10 @@ def make_dialogue(scene: Scene, rng: np.random.Generator, cfg: WorldConfig,
             if got is not None:
                 break
         else:  # pragma: no cover - min_objects >= 3 guarantees three free regions
-            raise ValueError(f"could not draw {turns} distinct turns for a scene "
-                             f"with {len(scene.objects)} objects")
+            raise ValueError(
+                f"could not draw {turns} distinct turns for a scene "
+                f"with {len(scene.objects)} objects"
+            )
         q, a, t = got
         used.add(t)
         qs.append(q)
@@ -423,8 +451,24 @@ def generate(n_dialogues: int, seed: int, cfg: WorldConfig | None = None):
 def vocabulary(cfg: WorldConfig | None = None) -> list[str]:
     """Every word the world's questions and answers use, in a fixed order (tokenizer vocab)."""
     cfg = cfg or WorldConfig()
-    words = ["what", "colour", "shape", "is", "at", "row", "column", "?", "how", "many",
-             "objects", "are", "there", "a", "yes", "no"]
+    words = [
+        "what",
+        "colour",
+        "shape",
+        "is",
+        "at",
+        "row",
+        "column",
+        "?",
+        "how",
+        "many",
+        "objects",
+        "are",
+        "there",
+        "a",
+        "yes",
+        "no",
+    ]
     words += [str(i + 1) for i in range(cfg.grid)]
     words += list(cfg.colours) + list(cfg.shapes)
     words += list(COUNT_WORDS[: cfg.grid * cfg.grid + 1])
@@ -452,9 +496,14 @@ def chance_accuracy(answers_by_type: dict[str, Sequence[str]]) -> float:
     return hits / total
 
 
-def patch_labels(ids: np.ndarray, scene: Scene, cfg: WorldConfig, grid: tuple[int, int],
-                 window: tuple[float, float, float, float] | None = None,
-                 min_cover: float = 0.25) -> dict[str, np.ndarray]:
+def patch_labels(
+    ids: np.ndarray,
+    scene: Scene,
+    cfg: WorldConfig,
+    grid: tuple[int, int],
+    window: tuple[float, float, float, float] | None = None,
+    min_cover: float = 0.25,
+) -> dict[str, np.ndarray]:
     """Per-token ground truth for a ``grid = (h, w)`` of token footprints over ``window``.
 
     Args:
@@ -484,8 +533,10 @@ def patch_labels(ids: np.ndarray, scene: Scene, cfg: WorldConfig, grid: tuple[in
     ys = np.linspace(y0, y1, h + 1)
     xs = np.linspace(x0, x1, w + 1)
     n_obj = len(scene.objects)
-    out = {k: np.zeros(h * w, dtype=np.int64) for k in ("object", "colour", "shape", "centre",
-                                                       "row", "col")}
+    out = {
+        k: np.zeros(h * w, dtype=np.int64)
+        for k in ("object", "colour", "shape", "centre", "row", "col")
+    }
     cover = np.zeros(h * w, dtype=np.float64)
     col_idx = {c: i for i, c in enumerate(cfg.colours)}
     shp_idx = {c: i for i, c in enumerate(cfg.shapes)}

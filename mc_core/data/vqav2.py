@@ -62,16 +62,22 @@ def _field(rec: Any, key: str, kind: type, *, where: Path, index: int) -> Any:
     if key not in rec:
         raise ValueError(f"{where}: {row}: missing field {key!r}")
     value = rec[key]
-    bad = (not isinstance(value, kind) or isinstance(value, bool)
-           or (isinstance(value, str) and not value.strip()))
+    bad = (
+        not isinstance(value, kind)
+        or isinstance(value, bool)
+        or (isinstance(value, str) and not value.strip())
+    )
     if bad:
-        raise ValueError(f"{where}: {row}: bad value {value!r} for field {key!r} "
-                         f"(expected {'a non-empty ' if kind is str else ''}{kind.__name__})")
+        raise ValueError(
+            f"{where}: {row}: bad value {value!r} for field {key!r} "
+            f"(expected {'a non-empty ' if kind is str else ''}{kind.__name__})"
+        )
     return value.strip() if isinstance(value, str) else value
 
 
-def plan(questions_path: str | os.PathLike, annotations_path: str | os.PathLike
-         ) -> tuple[list[dict[str, Any]], str | None]:
+def plan(
+    questions_path: str | os.PathLike, annotations_path: str | os.PathLike
+) -> tuple[list[dict[str, Any]], str | None]:
     """The dialogues (rows without images, plus ``qids``) and the questions' ``data_subtype``.
 
     Raises:
@@ -89,12 +95,16 @@ def plan(questions_path: str | os.PathLike, annotations_path: str | os.PathLike
         _field(rec, "answer_type", str, where=apath, index=i)
         answers = _field(rec, "answers", list, where=apath, index=i)
         if len(answers) != VQA_ANSWERS:
-            raise ValueError(f"{apath}: row {i} (question_id={qid}): expected "
-                             f"{VQA_ANSWERS} answers, got {len(answers)}")
+            raise ValueError(
+                f"{apath}: row {i} (question_id={qid}): expected "
+                f"{VQA_ANSWERS} answers, got {len(answers)}"
+            )
         for k, a in enumerate(answers):
             if not isinstance(a, dict) or not isinstance(a.get("answer"), str):
-                raise ValueError(f"{apath}: row {i} (question_id={qid}): answers[{k}] has no "
-                                 f"'answer' string: {a!r}")
+                raise ValueError(
+                    f"{apath}: row {i} (question_id={qid}): answers[{k}] has no "
+                    f"'answer' string: {a!r}"
+                )
         ann[qid] = (i, rec)
 
     by_image: dict[int, list[int]] = defaultdict(list)
@@ -104,29 +114,34 @@ def plan(questions_path: str | os.PathLike, annotations_path: str | os.PathLike
         image_id = _field(rec, "image_id", int, where=qpath, index=i)
         texts[qid] = _field(rec, "question", str, where=qpath, index=i)
         if qid not in ann:
-            raise ValueError(f"{qpath}: row {i} (question_id={qid}): no annotation for it in "
-                             f"{apath}")
+            raise ValueError(
+                f"{qpath}: row {i} (question_id={qid}): no annotation for it in {apath}"
+            )
         j, a = ann[qid]
         if a["image_id"] != image_id:
-            raise ValueError(f"{apath}: row {j} (question_id={qid}): image_id {a['image_id']} "
-                             f"but the question (row {i} of {qpath}) has {image_id}")
+            raise ValueError(
+                f"{apath}: row {j} (question_id={qid}): image_id {a['image_id']} "
+                f"but the question (row {i} of {qpath}) has {image_id}"
+            )
         by_image[image_id].append(qid)
 
     plans = []
     for image_id in sorted(by_image):
         for j, group in enumerate(group_turns(sorted(by_image[image_id]))):
             recs = [ann[q][1] for q in group]
-            plans.append({
-                "dialogue_id": f"{SOURCE}-{image_id}-{j}",
-                "source": SOURCE,
-                "image_id": str(image_id),
-                "questions": [texts[q] for q in group],
-                "answers": [r["multiple_choice_answer"].strip() for r in recs],
-                "answer_sets": [[a["answer"] for a in r["answers"]] for r in recs],
-                "question_types": [r["answer_type"].strip() for r in recs],
-                "targets": [""] * len(group),
-                "qids": [str(q) for q in group],
-            })
+            plans.append(
+                {
+                    "dialogue_id": f"{SOURCE}-{image_id}-{j}",
+                    "source": SOURCE,
+                    "image_id": str(image_id),
+                    "questions": [texts[q] for q in group],
+                    "answers": [r["multiple_choice_answer"].strip() for r in recs],
+                    "answer_sets": [[a["answer"] for a in r["answers"]] for r in recs],
+                    "question_types": [r["answer_type"].strip() for r in recs],
+                    "targets": [""] * len(group),
+                    "qids": [str(q) for q in group],
+                }
+            )
     subtype = qdata.get("data_subtype")
     return plans, subtype if isinstance(subtype, str) and subtype else None
 
@@ -136,10 +151,17 @@ def image_filename(image_id: str, split: str) -> str:
     return f"COCO_{split}_{int(image_id):012d}.jpg"
 
 
-def build(questions_path: str | os.PathLike, annotations_path: str | os.PathLike,
-          images: str | os.PathLike, *, split: str | None = None,
-          max_dialogues: int | None = None, seed: int = 0, verify_images: bool = True,
-          cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
+def build(
+    questions_path: str | os.PathLike,
+    annotations_path: str | os.PathLike,
+    images: str | os.PathLike,
+    *,
+    split: str | None = None,
+    max_dialogues: int | None = None,
+    seed: int = 0,
+    verify_images: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> datasets.Dataset:
     """Builds MT-VQA-v2 dialogues.
 
     Args:
@@ -163,12 +185,27 @@ def build(questions_path: str | os.PathLike, annotations_path: str | os.PathLike
     plans, subtype = plan(questions_path, annotations_path)
     split = split or subtype
     if not split:
-        raise ValueError(f"{questions_path}: no 'data_subtype' in the questions file; pass "
-                         f"split= (e.g. 'val2014') to name the COCO image files")
+        raise ValueError(
+            f"{questions_path}: no 'data_subtype' in the questions file; pass "
+            f"split= (e.g. 'val2014') to name the COCO image files"
+        )
     keep = take_subset(len(plans), max_dialogues, seed, where=where)
     plans = [plans[i] for i in keep]
     source = ImageSource(images, filename=lambda image_id: image_filename(image_id, split))
-    parts = [SOURCE, _VERSION, split, max_dialogues, seed,
-             str(Path(questions_path).resolve()), str(Path(annotations_path).resolve())]
-    return build_from_plans(plans, source, fingerprint_parts=parts,
-                            verify_images=verify_images, cache_dir=cache_dir, where=where)
+    parts = [
+        SOURCE,
+        _VERSION,
+        split,
+        max_dialogues,
+        seed,
+        str(Path(questions_path).resolve()),
+        str(Path(annotations_path).resolve()),
+    ]
+    return build_from_plans(
+        plans,
+        source,
+        fingerprint_parts=parts,
+        verify_images=verify_images,
+        cache_dir=cache_dir,
+        where=where,
+    )
