@@ -346,6 +346,32 @@ def evaluate(
     return report
 
 
+def _fit_oracles(model, adapter, teacher: dict, rate: float, *, steps, lr, eps, seed):
+    """One oracle P per subsampled dialogue; its fit KL and its [CLS] overlap with chance."""
+    plans, kls, overlaps, chance = [], [], [], []
+    for j in range(len(teacher)):
+        inputs, positions, t_logits = teacher[j]
+        P, kl = oracle_matrix(
+            model,
+            adapter,
+            inputs,
+            positions,
+            t_logits,
+            rate,
+            steps=steps,
+            lr=lr,
+            eps=eps,
+            seed=seed + j,
+        )
+        plans.append(fixed_plan(P))
+        kls.append(kl)
+        share = _cls_share(adapter, inputs, P)
+        if share is not None:
+            overlaps.append(share)
+            chance.append(P.shape[0] / P.shape[1])
+    return plans, kls, overlaps, chance
+
+
 def evaluate_ceilings(
     model,
     processor,
@@ -409,27 +435,9 @@ def evaluate_ceilings(
     )
     sub = [rows[i] for i in pick]
     teacher = {j: _teacher_logits(model, processor, adapter, r, dev) for j, r in enumerate(sub)}
-    plans, kls, overlaps, chance = [], [], [], []
-    for j in range(k):
-        inputs, positions, t_logits = teacher[j]
-        P, kl = oracle_matrix(
-            model,
-            adapter,
-            inputs,
-            positions,
-            t_logits,
-            rate,
-            steps=oracle_steps,
-            lr=oracle_lr,
-            eps=oracle_eps,
-            seed=seed + j,
-        )
-        plans.append(fixed_plan(P))
-        kls.append(kl)
-        share = _cls_share(adapter, inputs, P)
-        if share is not None:
-            overlaps.append(share)
-            chance.append(P.shape[0] / P.shape[1])
+    plans, kls, overlaps, chance = _fit_oracles(
+        model, adapter, teacher, rate, steps=oracle_steps, lr=oracle_lr, eps=oracle_eps, seed=seed
+    )
     # Batches must replay plans in row order: one queue over the subsample.
     queue = PlanCompressor(rate=rate, dim=dim, plans=plans)
     oracle = _run_method(

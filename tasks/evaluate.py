@@ -109,6 +109,22 @@ def main(argv: list[str] | None = None) -> None:
         )
         tracking.end_run(run_id)
     tracking.log_params(run_id, common.flat("evaluate", ev.model_dump()))
+    flat = _flat_metrics(metrics)
+    tracking.log_metrics(run_id, flat)
+    tracking.log_artifacts(run_id, out, "eval")
+    tracking.log_artifacts(run_id, tokens_png, "plots")
+    with tempfile.TemporaryDirectory() as tmp:  # the per-turn plot, for the run page only
+        from mc_core import plots
+
+        png = plots.accuracy_per_turn(metrics, Path(tmp) / f"turns-{arch}-{rate_s}.png")
+        tracking.log_artifacts(run_id, png, "plots")
+    tracking.set_tags(run_id, {"eval_dataset": metrics.get("dataset", "unknown")})
+    mc = metrics["methods"].get(p.train.method, {})
+    print(f"evaluate: wrote {out} ({p.train.method} acc_avg={mc.get('acc_avg')})", flush=True)
+
+
+def _flat_metrics(metrics: dict) -> dict[str, float]:
+    """``<split>/<method>/<key>`` scalars (lists become ``_1``, ``_2``...) for MLflow."""
     flat = {}
     sections = [("eval", metrics["methods"])]
     sections += [("val", metrics["validation"]["methods"])] if "validation" in metrics else []
@@ -124,17 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                     )
                 elif isinstance(value, int | float) and not isinstance(value, bool):
                     flat[f"{prefix}/{method}/{key}"] = value
-    tracking.log_metrics(run_id, flat)
-    tracking.log_artifacts(run_id, out, "eval")
-    tracking.log_artifacts(run_id, tokens_png, "plots")
-    with tempfile.TemporaryDirectory() as tmp:  # the per-turn plot, for the run page only
-        from mc_core import plots
-
-        png = plots.accuracy_per_turn(metrics, Path(tmp) / f"turns-{arch}-{rate_s}.png")
-        tracking.log_artifacts(run_id, png, "plots")
-    tracking.set_tags(run_id, {"eval_dataset": metrics.get("dataset", "unknown")})
-    mc = metrics["methods"].get(p.train.method, {})
-    print(f"evaluate: wrote {out} ({p.train.method} acc_avg={mc.get('acc_avg')})", flush=True)
+    return flat
 
 
 def _validation(

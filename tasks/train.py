@@ -155,6 +155,28 @@ def _resumed_rows(state: Path) -> list[dict]:
     return rows
 
 
+def _train_extra_seeds(seeds, cfg, arch, rate, model, processor, dataset, cache, meta) -> None:
+    """Seeds 2..n of the same recipe into the cell's seeds folder (always written, empty for
+    one seed: it is a DVC out); tasks.evaluate reports mean +- sd over them."""
+    from mc_core import checkpoint
+    from mc_core import train as mtrain
+
+    inputs = meta["inputs"]
+    with common.staged_dir(common.seeds_dir(arch, rate)) as extra:
+        for k in range(1, seeds):
+            cfg_k = cfg.model_copy(update={"seed": cfg.seed + k})
+            state_k = common.state_dir(arch, rate) / _key(
+                cfg_k.fingerprint(), rate, inputs, len(dataset)
+            )
+            comp_k = mtrain.train(
+                cfg_k, model, processor, dataset, rate=rate, out_dir=state_k, cache=cache
+            )
+            checkpoint.save_compressor(
+                extra / f"seed-{cfg_k.seed}", comp_k, meta={**meta, "train": cfg_k.fingerprint()}
+            )
+            shutil.rmtree(state_k, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train the cell, save the checkpoint and its reports, track the run."""
     p = common.load_params(PARAMS, who="tasks.train")
@@ -225,21 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(state, ignore_errors=True)
         # train.seeds > 1: the same recipe with the next seeds, for the spread over seeds
         # (tasks.evaluate reports mean +- sd); always written, empty for one seed (a DVC out).
-        with common.staged_dir(common.seeds_dir(arch, rate)) as extra:
-            for k in range(1, p.train.seeds):
-                cfg_k = cfg.model_copy(update={"seed": cfg.seed + k})
-                state_k = common.state_dir(arch, rate) / _key(
-                    cfg_k.fingerprint(), rate, inputs, len(dataset)
-                )
-                comp_k = mtrain.train(
-                    cfg_k, model, processor, dataset, rate=rate, out_dir=state_k, cache=cache
-                )
-                checkpoint.save_compressor(
-                    extra / f"seed-{cfg_k.seed}",
-                    comp_k,
-                    meta={**meta, "train": cfg_k.fingerprint()},
-                )
-                shutil.rmtree(state_k, ignore_errors=True)
+        _train_extra_seeds(p.train.seeds, cfg, arch, rate, model, processor, dataset, cache, meta)
         final = rows[-1] if rows else {}
         report = {
             "arch": arch,
