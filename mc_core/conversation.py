@@ -130,6 +130,16 @@ def compress_inputs(
     return adapter.inputs_with(model_inputs, ys, P=list(ps)), ys, list(ps)
 
 
+def _check_max_new_tokens(max_new_tokens) -> None:
+    """Shared by `Conversation` and `BatchConversation`: a positive int, bools refused."""
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive int")
+
+
 class Conversation:
     """One dialogue on one set of images: compress once, then `ask` turn after turn.
 
@@ -165,12 +175,7 @@ class Conversation:
         adapter=None,
         max_new_tokens: int = 4,
     ) -> None:
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, int)
-            or max_new_tokens < 1
-        ):
-            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive int")
+        _check_max_new_tokens(max_new_tokens)
         self.model = model
         self.processor = processor
         self.compressor = compressor
@@ -369,12 +374,7 @@ class BatchConversation:
     ) -> None:
         if not images:
             raise ValueError("images is empty: a batch needs at least one dialogue")
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, int)
-            or max_new_tokens < 1
-        ):
-            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive int")
+        _check_max_new_tokens(max_new_tokens)
         self.model = model
         self.processor = processor
         self.compressor = compressor
