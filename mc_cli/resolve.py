@@ -144,11 +144,13 @@ def open_image(path: str):
     """An RGB PIL image from `path`."""
     from PIL import Image, UnidentifiedImageError
 
+    from mc_core.data.images import to_rgb
+
     if not os.path.isfile(path):
         raise UsageError(f"IMAGE {path!r}: no such file")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im.copy())
     except (UnidentifiedImageError, OSError) as err:
         raise UsageError(f"IMAGE {path!r}: not an image PIL can read ({err})") from None
 

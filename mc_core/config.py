@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mc_core.distributed import DistributedConfig
+
 __all__ = ["Section", "TrainConfig", "format_errors", "raise_named"]
 
 
@@ -82,6 +84,7 @@ _NOT_FINGERPRINTED = frozenset(
         "checkpoint_every",
         "target_batch",
         "cache_targets",
+        "distributed",  # same steps up to float summation order, so a resume may change it
     }
 )
 
@@ -118,7 +121,11 @@ class TrainConfig(Section):
         cache_targets: reuse the frozen model's distillation targets across steps (False
             recomputes them every step; kept for the throughput benchmark).
         target_batch: dialogues per frozen-model forward when building the target cache.
+        target_topk: the target cache keeps the teacher's top-k log-probs per answer token plus
+            the tail mass (None: the whole vocabulary); docs/benchmarks.md measures k.
         progress: show a progress bar.
+        dtype: the frozen model's weights: "auto" (bfloat16 on CUDA, float32 on CPU) or a dtype.
+        distributed: data-parallel training over processes (``mc_core.distributed``).
     """
 
     method: str = "metacompress"
@@ -139,7 +146,11 @@ class TrainConfig(Section):
     explode_factor: float = Field(100.0, gt=0, allow_inf_nan=False)
     cache_targets: bool = True
     target_batch: int = Field(16, gt=0)
+    target_topk: int | None = Field(64, ge=1)
+    targets: Literal["gold", "teacher"] = "gold"  # answers the KL is taught on (mc_core.train)
     progress: bool = True
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     # Strict ints: 2.0 epochs or True as a batch size are mistakes, not values to coerce.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)

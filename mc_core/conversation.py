@@ -27,16 +27,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 from transformers import DynamicCache
 
 from mc_core.adapters import for_model, prompt_attention
+from mc_core.data.images import to_rgb
 from mc_core.dialogue import render, to_device
 
 __all__ = [
     "BatchConversation",
     "Conversation",
     "compress_inputs",
+    "greedy_answers",
     "model_device",
     "reset_state",
     "token_dim",
@@ -140,6 +143,13 @@ def _check_max_new_tokens(max_new_tokens) -> None:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive int")
 
 
+def _as_rgb(images: Any) -> list[Any]:
+    """The dialogue's images, each PIL image in RGB by the project's one conversion (alpha on
+    white, 16-bit grey scaled), so inference sees what training saw; other objects pass."""
+    flat = list(images) if isinstance(images, list | tuple) else [images]
+    return [to_rgb(im) if isinstance(im, Image.Image) else im for im in flat]
+
+
 class Conversation:
     """One dialogue on one set of images: compress once, then `ask` turn after turn.
 
@@ -151,6 +161,8 @@ class Conversation:
         images: the image(s) of the first turn (a PIL image or a list).
         adapter: the family adapter (default `mc_core.adapters.for_model(model)`).
         max_new_tokens: answer length limit per turn (greedy decoding).
+        instruction: appended to every question (None: `mc_core.dialogue.default_instruction`,
+            the short-answer instruction for real tokenizers, none for the synthetic world).
 
     Attributes:
         questions, answers: the dialogue so far (answers = the model's own, unless replaced
@@ -174,13 +186,15 @@ class Conversation:
         images,
         adapter=None,
         max_new_tokens: int = 4,
+        instruction: str | None = None,
     ) -> None:
         _check_max_new_tokens(max_new_tokens)
+        self.instruction = instruction
         self.model = model
         self.processor = processor
         self.compressor = compressor
         self.adapter = adapter if adapter is not None else for_model(model)
-        self.images = list(images) if isinstance(images, list | tuple) else [images]
+        self.images = _as_rgb(images)
         if not self.images:
             raise ValueError("images is empty: a conversation needs at least one image")
         self.max_new_tokens = max_new_tokens
@@ -225,7 +239,13 @@ class Conversation:
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"question={question!r}: expected a non-empty string")
         self.questions.append(question)
-        text = render(self.processor, self.questions, self.answers, n_images=len(self.images))
+        text = render(
+            self.processor,
+            self.questions,
+            self.answers,
+            n_images=len(self.images),
+            instruction=self.instruction,
+        )
         first = self._cache is None
         logits = self._prefill_first(text) if first else self._prefill_more(text)
         self._text = text
@@ -299,7 +319,7 @@ class _Dialogue:
     """One row of a `BatchConversation`: the per-dialogue record `Conversation` keeps too."""
 
     def __init__(self, images: list[Any]) -> None:
-        self.images = images
+        self.images = _as_rgb(images)
         self.questions: list[str] = []
         self.answers: list[str] = []
         self.visual_tokens: list[int] | None = None
@@ -352,7 +372,8 @@ class BatchConversation:
     `Conversation`.
 
     Args:
-        model, processor, compressor, adapter, max_new_tokens: as for `Conversation`.
+        model, processor, compressor, adapter, max_new_tokens, instruction: as for
+            `Conversation`.
         images: one entry per dialogue (a PIL image or a list of them).
 
     Attributes:
@@ -371,7 +392,9 @@ class BatchConversation:
         images: Sequence[Any],
         adapter=None,
         max_new_tokens: int = 4,
+        instruction: str | None = None,
     ) -> None:
+        self.instruction = instruction
         if not images:
             raise ValueError("images is empty: a batch needs at least one dialogue")
         _check_max_new_tokens(max_new_tokens)
@@ -414,7 +437,13 @@ class BatchConversation:
         for row, q in zip(self.rows, questions, strict=True):
             row.questions.append(q)
             texts.append(
-                render(self.processor, row.questions, row.answers, n_images=len(row.images))
+                render(
+                    self.processor,
+                    row.questions,
+                    row.answers,
+                    n_images=len(row.images),
+                    instruction=self.instruction,
+                )
             )
         _sync(self._device)
         t0 = time.perf_counter()
@@ -561,3 +590,54 @@ class BatchConversation:
     def prefill_s(self) -> list[list[float]]:
         """Per-turn prefill seconds per dialogue (amortised over the batch)."""
         return [row.prefill_s for row in self.rows]
+
+
+@torch.no_grad()
+def greedy_answers(
+    model,
+    processor,
+    images: Sequence[Any],
+    questions: Sequence[Sequence[str]],
+    *,
+    max_new_tokens: int = 16,
+    instruction: str | None = None,
+    adapter=None,
+    batch_size: int = 16,
+) -> list[list[str]]:
+    """The model's own greedy answers to every turn of every dialogue, with all visual tokens.
+
+    Turn after turn each dialogue sees its own earlier answers (what the model would have said),
+    so teacher forcing on the result reproduces the prompts the answers were generated from.
+
+    Args:
+        model, processor, adapter, instruction: as for `BatchConversation`.
+        images: one entry per dialogue (a PIL image or a list).
+        questions: the questions of each dialogue (all dialogues of a batch as many turns).
+        max_new_tokens: answer length limit per turn (generation stops earlier at EOS /
+            end of turn).
+        batch_size: dialogues per `BatchConversation`.
+
+    Returns:
+        Per dialogue, one answer per question (special tokens removed, stripped).
+    """
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} image entries for {len(questions)} dialogues")
+    out: list[list[str]] = []
+    for start in range(0, len(images), batch_size):
+        qs = [list(q) for q in questions[start : start + batch_size]]
+        turns = {len(q) for q in qs}
+        if len(turns) != 1:
+            raise ValueError(f"dialogues {start}+ have different turn counts {sorted(turns)}")
+        conv = BatchConversation(
+            model,
+            processor,
+            None,
+            images=list(images[start : start + batch_size]),
+            adapter=adapter,
+            max_new_tokens=max_new_tokens,
+            instruction=instruction,
+        )
+        for k in range(turns.pop()):
+            conv.ask([q[k] for q in qs])
+        out += [list(row.answers) for row in conv.rows]
+    return out

@@ -9,6 +9,14 @@ forcing uses it to find each answer inside the one-pass encoding of the whole go
 Positions returned here are *logit* positions: `answer_positions[t]` is the index `i` whose
 next-token logits (`logits[:, i]`) predict answer token `t` (at `i + 1`). They can be passed to
 the model as `logits_to_keep` so only those rows of the LM head are computed.
+
+Instruction: every question may carry a fixed instruction after a newline, as LLaVA's GQA / VQAv2
+evaluation appends `SHORT_ANSWER` ("q\nAnswer the question using a single word or phrase.").
+`instruction=None` (the default everywhere: `render`, `encode_dialogue`, `Conversation`,
+`BatchConversation`, `evaluate`, the target cache) means `default_instruction(processor)`:
+none for the library's word-level processors (the synthetic world's tiny teachers were trained
+on bare questions), `SHORT_ANSWER` for any other (real) tokenizer. Training targets and
+evaluation render through here, so both always see the same prompts.
 """
 
 from __future__ import annotations
@@ -20,8 +28,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "SHORT_ANSWER",
     "answer_token_ids",
     "collate",
+    "default_instruction",
     "encode_dialogue",
     "messages",
     "render",
@@ -31,8 +41,32 @@ __all__ = [
 # Keys whose tensors run along the token sequence ([B, L]) and the value each is padded with.
 _SEQUENCE_PAD = {"attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
 
+SHORT_ANSWER = "Answer the question using a single word or phrase."
 
-def messages(questions: Sequence[str], answers: Sequence[str], *, n_images: int = 1) -> list[dict]:
+
+def default_instruction(processor) -> str:
+    """The instruction real models get by default: `SHORT_ANSWER`, except for word-level
+    tokenizers (`mc_core.processing`, the synthetic world), whose prompts stay bare."""
+    from tokenizers import models
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or isinstance(backend.model, models.WordLevel):
+        return ""
+    return SHORT_ANSWER
+
+
+def _instruction(processor, instruction: str | None) -> str:
+    if instruction is None:
+        return default_instruction(processor)
+    if not isinstance(instruction, str):
+        raise ValueError(f"instruction={instruction!r}: expected a string or None (default)")
+    return instruction
+
+
+def messages(
+    questions: Sequence[str], answers: Sequence[str], *, n_images: int = 1, instruction: str = ""
+) -> list[dict]:
     """Chat messages for a dialogue: `len(questions)` user turns, `len(answers)` answers.
 
     Args:
@@ -40,6 +74,7 @@ def messages(questions: Sequence[str], answers: Sequence[str], *, n_images: int 
         answers: the assistant answers given so far (as many as `questions`, or one fewer when
             the last question is still open).
         n_images: image placeholders put in the first user turn.
+        instruction: appended to every question after a newline ("" = none).
 
     Raises:
         ValueError: the counts do not fit, or a turn is not a string.
@@ -54,7 +89,8 @@ def messages(questions: Sequence[str], answers: Sequence[str], *, n_images: int 
         if not isinstance(q, str):
             raise ValueError(f"questions[{k}]={q!r} is not a string")
         content: list[dict[str, Any]] = [{"type": "image"}] * (n_images if k == 0 else 0)
-        out.append({"role": "user", "content": [*content, {"type": "text", "text": q}]})
+        text = f"{q}\n{instruction}" if instruction else q
+        out.append({"role": "user", "content": [*content, {"type": "text", "text": text}]})
         if k < len(answers):
             if not isinstance(answers[k], str):
                 raise ValueError(f"answers[{k}]={answers[k]!r} is not a string")
@@ -63,12 +99,20 @@ def messages(questions: Sequence[str], answers: Sequence[str], *, n_images: int 
 
 
 def render(
-    processor, questions: Sequence[str], answers: Sequence[str], *, n_images: int = 1
+    processor,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    *,
+    n_images: int = 1,
+    instruction: str | None = None,
 ) -> str:
-    """The chat text of a dialogue; ends with the generation prompt when a question is open."""
+    """The chat text of a dialogue; ends with the generation prompt when a question is open.
+
+    `instruction`: appended to every question (None: `default_instruction(processor)`)."""
     open_question = len(answers) < len(questions)
+    instruction = _instruction(processor, instruction)
     return processor.apply_chat_template(
-        messages(questions, answers, n_images=n_images),
+        messages(questions, answers, n_images=n_images, instruction=instruction),
         add_generation_prompt=open_question,
         tokenize=False,
     )
@@ -77,6 +121,22 @@ def render(
 def _n_tokens(processor, text: str) -> int:
     # The processor tokenizes with the tokenizer's defaults; count the same way.
     return len(processor.tokenizer(text)["input_ids"])
+
+
+def _answer_tokens(processor, prompt: str, done: str, answer: str) -> int:
+    """How many tokens the answer takes inside the rendered turn.
+
+    Counted in context: a byte-level BPE tokenizer splits " red" (after "ASSISTANT:") unlike
+    "red" alone, so the answer is tokenized as the template places it (prompt + what the turn
+    writes up to the answer's end; pre-tokenizers split at the space or special token that
+    follows, so this is a prefix of the full encoding). Templates that do not write the answer
+    verbatim fall back to tokenizing it alone.
+    """
+    tail = done[len(prompt) :]
+    at = tail.find(answer) if answer else -1
+    if at < 0:
+        return len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
+    return _n_tokens(processor, prompt + tail[: at + len(answer)]) - _n_tokens(processor, prompt)
 
 
 def answer_token_ids(model_inputs: Mapping[str, Any], answer_positions: Tensor) -> Tensor:
@@ -91,6 +151,7 @@ def encode_dialogue(
     answers: Sequence[str],
     *,
     include_end: bool = True,
+    instruction: str | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Encode a whole gold dialogue for teacher forcing in one pass.
 
@@ -100,7 +161,9 @@ def encode_dialogue(
         questions: the user turns.
         answers: the gold answers, one per question.
         include_end: also supervise the end-of-turn token that closes each answer (what makes
-            generation stop), not only the answer words.
+            generation stop), not only the answer words; templates that write none after an
+            answer (llava-hf's) supervise the words only.
+        instruction: appended to every question (None: `default_instruction(processor)`).
 
     Returns:
         `(model_inputs, answer_positions)`: the processor's output for the full dialogue (batch
@@ -117,17 +180,23 @@ def encode_dialogue(
             f"teacher forcing needs one answer per question: got {len(questions)} questions, "
             f"{len(answers)} answers"
         )
-    full_text = render(processor, questions, answers, n_images=len(images))
+    instruction = _instruction(processor, instruction)
+    full_text = render(processor, questions, answers, n_images=len(images), instruction=instruction)
     inputs = dict(processor(text=[full_text], images=images, return_tensors="pt"))
     ids = inputs["input_ids"][0]
     # The image placeholders expand inside the processor; every prefix contains the image, so
     # text-token counts shift by one constant.
     offset = len(ids) - _n_tokens(processor, full_text)
     end_ids = {processor.tokenizer.eos_token_id}
+    n = len(images)
     positions: list[int] = []
     for k in range(len(questions)):
-        prompt = render(processor, questions[: k + 1], answers[:k], n_images=len(images))
-        done = render(processor, questions[: k + 1], answers[: k + 1], n_images=len(images))
+        prompt = render(
+            processor, questions[: k + 1], answers[:k], n_images=n, instruction=instruction
+        )
+        done = render(
+            processor, questions[: k + 1], answers[: k + 1], n_images=n, instruction=instruction
+        )
         if not full_text.startswith(prompt) or not done.startswith(prompt):
             raise ValueError(
                 "chat template lacks the prefix property: the prompt of turn "
@@ -136,7 +205,7 @@ def encode_dialogue(
         start = _n_tokens(processor, prompt) + offset
         stop = _n_tokens(processor, done) + offset
         span = list(range(start, stop))
-        n_words = len(processor.tokenizer(answers[k], add_special_tokens=False)["input_ids"])
+        n_words = _answer_tokens(processor, prompt, done, answers[k])
         if n_words == 0:
             raise ValueError(f"answers[{k}]={answers[k]!r} tokenizes to nothing")
         keep = span[:n_words]

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from mc_core import io
@@ -59,6 +60,7 @@ from mc_core.conversation import (
     token_dim,
 )
 from mc_core.data.accuracy import exact_match, vqa_soft_accuracy
+from mc_core.data.images import to_rgb
 from mc_core.dialogue import encode_dialogue, render, to_device
 from mc_core.flops import prefill_flops
 from mc_core.losses import align_from_end, answer_kl
@@ -68,6 +70,8 @@ from mc_core.stats import bootstrap_ci
 from mc_core.train import prepare_model, resolve_device
 
 __all__ = [
+    "base_report",
+    "chance",
     "evaluate",
     "evaluate_ceilings",
     "score_answer",
@@ -120,7 +124,8 @@ def score_turns(
 def _images(row: Mapping[str, Any]) -> list[Any]:
     image = row["image"]
     images = list(image) if isinstance(image, list | tuple) else [image]
-    return [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for im in images]
+    # PIL images go through the project's one RGB conversion (alpha on white, 16-bit scaled).
+    return [to_rgb(im) if isinstance(im, Image.Image) else im for im in images]
 
 
 def _method_compressor(name: str, rate: float, dim: int, compressors, device):
@@ -145,9 +150,11 @@ def _method_compressor(name: str, rate: float, dim: int, compressors, device):
 
 @torch.no_grad()
 def _teacher_logits(
-    model, processor, adapter, row, device
+    model, processor, adapter, row, device, instruction: str | None = None
 ) -> tuple[dict[str, Any], Tensor, Tensor]:
-    inputs, positions = encode_dialogue(processor, _images(row), row["questions"], row["answers"])
+    inputs, positions = encode_dialogue(
+        processor, _images(row), row["questions"], row["answers"], instruction=instruction
+    )
     inputs = to_device(inputs, device, next(model.parameters()).dtype)
     reset_state(adapter)
     logits = model(**inputs, logits_to_keep=positions.to(device)).logits[0]  # (T, V)
@@ -192,11 +199,14 @@ def _run_method(
     dev,
     bar,
     ci_seed,
+    with_kl: bool = True,
+    instruction: str | None = None,
 ) -> dict[str, Any]:
     """One method over ``rows``: its metrics dict (plus ``acc_avg_ci``).
 
     ``comp_for(start, chunk)`` gives the compressor of each batch (None: all tokens), so a
     ceiling can plan a P per dialogue; ``teacher`` caches the full model's gold logits by row.
+    ``with_kl=False`` skips the two teacher-forced forwards of ``kl_to_full`` (then None).
     """
     turns = len(rows[0]["questions"])
     preds: list[list[str]] = []
@@ -211,6 +221,7 @@ def _run_method(
             images=[_images(r) for r in chunk],
             adapter=adapter,
             max_new_tokens=max_new_tokens,
+            instruction=instruction,
         )
         answers = []
         for k in range(turns):
@@ -223,11 +234,11 @@ def _run_method(
             prefill.append(c.prefill_s[0] * 1e3)
             kept.append(sum(c.visual_tokens))
             flops.append(prefill_flops(model.config, c.cache_tokens[0]) / 1e12)
-            if comp is None:
+            if comp is None or not with_kl:
                 kls.append(0.0)
                 continue
             if i not in teacher:
-                teacher[i] = _teacher_logits(model, processor, adapter, row, dev)
+                teacher[i] = _teacher_logits(model, processor, adapter, row, dev, instruction)
             full_inputs, positions, t_logits = teacher[i]
             s_logits = _student_logits(model, adapter, full_inputs, positions, c.tokens, c.P)
             kls.append(float(answer_kl(t_logits, s_logits)))
@@ -239,7 +250,7 @@ def _run_method(
         "acc_turn": acc,
         "acc_avg": sum(acc) / len(acc),
         "acc_avg_ci": bootstrap_ci(score_dialogues(preds, sets), seed=ci_seed),
-        "kl_to_full": sum(kls) / len(kls),
+        "kl_to_full": sum(kls) / len(kls) if with_kl else None,
         "prefill_ms": statistics.median(prefill),
         "visual_tokens": sum(kept) / len(kept),
         "prefill_tflops": sum(flops) / len(flops),
@@ -275,6 +286,7 @@ def evaluate(
     seed: int = 0,
     adapter=None,
     progress: bool = True,
+    instruction: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate `methods` at `rate` on the dialogues of `dataset`.
 
@@ -296,6 +308,9 @@ def evaluate(
             bootstrap seed of the intervals.
         adapter: the family adapter (default `for_model(model)`).
         progress: progress bar (a tqdm bar on a terminal, log lines elsewhere).
+        instruction: appended to every question, in the prompts and in the full model's KL
+            targets (None: `mc_core.dialogue.default_instruction`: LLaVA's short-answer
+            instruction for real tokenizers, none for the synthetic world).
 
     Returns:
         The metrics dict (module docstring), with `n_dialogues` and per method `acc_avg_ci`.
@@ -341,9 +356,115 @@ def evaluate(
             dev=dev,
             bar=bar,
             ci_seed=seed,
+            instruction=instruction,
         )
     bar.close()
     return report
+
+
+def _blank_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The row with every image replaced by a uniform grey one of the same size."""
+    from PIL import Image
+
+    grey = [Image.new("RGB", im.size, (128, 128, 128)) for im in _images(row)]
+    return {**row, "image": grey if isinstance(row["image"], list | tuple) else grey[0]}
+
+
+def chance(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """Majority-answer accuracy per question type (the best blind guess), where every turn has
+    one gold answer and a question type; None otherwise (e.g. VQAv2's ten human answers)."""
+    from mc_core.data.synthetic import chance_accuracy
+
+    by_type: dict[str, list[str]] = {}
+    for r in rows:
+        types, sets = r.get("question_types") or [], r.get("answer_sets") or []
+        if len(types) != len(sets) or any(len(s) != 1 for s in sets):
+            return None
+        for t, s in zip(types, sets, strict=True):
+            by_type.setdefault(t, []).append(s[0])
+    return chance_accuracy(by_type) if by_type else None
+
+
+def _round4(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 4)
+
+
+def base_report(
+    model,
+    processor,
+    dataset,
+    *,
+    rate: float = 0.9,
+    history: str = "model",
+    max_dialogues: int | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    max_new_tokens: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """How a base model uses the image, on the dialogues of ``dataset`` (the base report).
+
+    The same batched conversations as :func:`evaluate`, under four conditions: all tokens,
+    a blank image of the same size, equidistant ``sample`` at ``rate``, and (where the
+    dataset has ``object_centres``) the ground-truth selector, packed.
+
+    Returns:
+        ``acc_avg``, ``acc_turn``, ``acc_avg_ci``, ``acc_blank_image``, ``acc_sample_r<rate>``,
+        ``acc_selector_packed_r<rate>`` (None without ground truth), ``chance`` (see
+        :func:`chance`), ``n_dialogues``, ``visual_tokens`` (mean per dialogue, all tokens).
+    """
+    check_rate(rate, where="base report rate")
+    rows = _rows(dataset, max_dialogues)
+    dev = resolve_device(device)
+    prepare_model(model, dev)
+    adapter, dim = for_model(model), token_dim(model)
+    n_runs = 4 if GT_COLUMN in rows[0] else 3
+    bar = progress_bar(total=len(rows) * n_runs, desc="base report", disable=not progress)
+    common = {
+        "history": history,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "dev": dev,
+        "bar": bar,
+        "ci_seed": seed,
+        "teacher": {},
+        "with_kl": False,
+    }
+
+    def run(rows_, comp_for, adapter_=adapter) -> dict[str, Any]:
+        torch.manual_seed(seed)
+        return _run_method(model, processor, adapter_, rows_, comp_for, **common)
+
+    full = run(rows, lambda _s, _c: None)
+    blank = run([_blank_row(r) for r in rows], lambda _s, _c: None)
+    sample = build("sample", rate=rate, dim=dim).to(dev).eval()
+    sampled = run(rows, lambda _s, _c: sample)
+    selector = None
+    if GT_COLUMN in rows[0]:
+        # Packed, as the name says: the kept tokens take consecutive positions.
+        packed = for_model(model, positions="packed")
+        selector = run(
+            rows,
+            lambda _s, chunk: PlanCompressor(
+                rate=rate, dim=dim, plans=[selector_plan(r[GT_COLUMN], rate) for r in chunk]
+            ),
+            packed,
+        )["acc_avg"]
+    bar.close()
+    r4 = _round4
+    tokens = full["visual_tokens"]
+    return {
+        "acc_avg": r4(full["acc_avg"]),
+        "acc_turn": [r4(a) for a in full["acc_turn"]],
+        "acc_avg_ci": [r4(a) for a in full["acc_avg_ci"]],
+        "acc_blank_image": r4(blank["acc_avg"]),
+        "chance": r4(chance(rows)),
+        f"acc_sample_r{rate:g}": r4(sampled["acc_avg"]),
+        f"acc_selector_packed_r{rate:g}": r4(selector),
+        "n_dialogues": len(rows),
+        "visual_tokens": int(tokens) if float(tokens).is_integer() else round(tokens, 2),
+    }
 
 
 def _fit_oracles(model, adapter, teacher: dict, rate: float, *, steps, lr, eps, seed):

@@ -13,9 +13,12 @@ and the compressed model's are aligned from the end of each sequence
 Everything the frozen model contributes is fixed while it is frozen, so it is computed once per
 dialogue and kept in a `TargetCache`: the projector output `X` per image, its token contexts
 (positions / grid), the text-side inputs, and the full model's answer-position log-probs
-(`logits_to_keep` selects only those rows of the LM head). Each step then runs only the
-compressor and the compressed forward. The cache does not depend on the rate: build it once
-(`build_target_cache`) and pass it to `train` for every rate of an architecture.
+(`logits_to_keep` selects only those rows of the LM head), by default only their top-k and
+tail mass (`TrainConfig.target_topk`, `losses.TopKTarget`: a real vocabulary's full rows do not
+fit on disk for a training set), trained against with the bucketed KL (`losses.topk_kl`). Each
+step then runs only the compressor and the compressed forward. The cache does not depend on the
+rate: build it once (`build_target_cache`) and pass it to `train` for every rate of an
+architecture.
 
 Training state (compressor weights, optimizer, step, RNG) is checkpointed atomically every
 `checkpoint_every` steps into `out_dir`; calling `train` again with the same arguments resumes
@@ -41,13 +44,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mc_core import distributed
 from mc_core.adapters import for_model
 from mc_core.compressors import Compressor, TokenContext, build
 from mc_core.config import TrainConfig
 from mc_core.conversation import reset_state, token_dim
 from mc_core.dialogue import collate, encode_dialogue, to_device
 from mc_core.io import staged_dir, staged_file, write_json
-from mc_core.losses import align_from_end, total_loss
+from mc_core.losses import TopKTarget, align_from_end, total_loss
 from mc_core.progress import progress as progress_bar
 
 __all__ = [
@@ -73,26 +77,74 @@ _STATE_JSON = "train_state.json"
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without CUDA raises ValueError."""
+    """'auto' -> cuda when available, else cpu; 'cuda' without CUDA raises ValueError.
+
+    Under torchrun a CUDA device without an index is this process's ``cuda:LOCAL_RANK``: one
+    GPU per rank.
+    """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available")
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available")
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return dev
 
 
-def prepare_model(model, device: torch.device):
-    """Freeze the LVLM (eval, no gradients) and move it; on CUDA use bf16 and SDPA attention."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The frozen model's dtype: 'auto' -> bfloat16 on CUDA (half the weight and activation
+    memory of float32, native on Ampere+), float32 on CPU (bf16 matmuls are slow there)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(
+            f"train.dtype={dtype!r}: expected 'auto', 'float32', 'bfloat16' or 'float16'"
+        )
+    return getattr(torch, dtype)
+
+
+def prepare_model(model, device: torch.device, dtype: str | torch.dtype = "auto"):
+    """Freeze the LVLM (eval, no gradients), cast it to `dtype` (`resolve_dtype`) and move it;
+    on CUDA use SDPA attention (fused kernels: no [L, L] attention matrix kept for backward)."""
     model.eval().requires_grad_(False)
+    model.to(device=device, dtype=resolve_dtype(dtype, device))
     if device.type == "cuda":
-        model.to(device=device, dtype=torch.bfloat16)
         # Classes without the setter keep what their config chose.
         with contextlib.suppress(AttributeError, ValueError):
             model.set_attn_implementation("sdpa")
-    else:
-        model.to(device)
     return model
+
+
+def _frozen_entries(*args, **kwargs) -> list[CacheEntry]:
+    """`_target_entries` under inference mode (no autograd bookkeeping for the frozen model),
+    its tensors turned into ordinary ones: the student step saves cached tokens and targets for
+    its backward, which inference tensors refuse."""
+    with torch.inference_mode():
+        entries = _target_entries(*args, **kwargs)
+    return _plain(entries)
+
+
+def _plain(obj):
+    """`obj` with every inference tensor inside (dataclasses, dicts, lists, tuples) copied."""
+    if isinstance(obj, Tensor):
+        if not obj.is_inference():
+            return obj
+        if obj.numel() and all(s == 0 for s in obj.stride()):  # a shape stub stays zero-memory
+            return torch.zeros((), dtype=obj.dtype, device=obj.device).expand(obj.shape)
+        return obj.clone()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            object.__setattr__(obj, f.name, _plain(getattr(obj, f.name)))
+        return obj
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,8 +161,8 @@ class CacheEntry:
         tokens: projector output per image, `[n_i, d]`.
         contexts: `TokenContext` per image.
         positions: positions of the answer tokens in the full sequence, `[T]`.
-        target: the full model's log-probs at those positions, `[T, V]` (float32): the
-            distillation target.
+        target: the distillation target, the full model's log-probs at those positions: all of
+            them, `[T, V]` float32, or their top-k and tail mass (`TopKTarget`).
         length: full sequence length.
     """
 
@@ -118,17 +170,21 @@ class CacheEntry:
     tokens: list[Tensor]
     contexts: list[TokenContext]
     positions: Tensor
-    target: Tensor
+    target: Tensor | TopKTarget
     length: int
 
 
 @dataclass
 class TargetCache:
-    """Per-dialogue frozen-model outputs, in dataset order; independent of the rate."""
+    """Per-dialogue frozen-model outputs, in dataset order; independent of the rate.
+
+    `topk`: the k of every entry's `TopKTarget`, or None when the targets are full rows.
+    """
 
     entries: list[CacheEntry] = field(default_factory=list)
     needs: frozenset[str] = frozenset()
     build_s: float = 0.0
+    topk: int | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -145,11 +201,39 @@ def _rgb(img):
     return img.convert("RGB") if hasattr(img, "convert") and img.mode != "RGB" else img
 
 
-def _encode_rows(processor, adapter, rows: Sequence[dict[str, Any]], where: str):
+# Answer length limit of `targets="teacher"` generation: a real model's short answer ends with
+# its end-of-turn token well before this; the cut only bounds a rambling one.
+TEACHER_ANSWER_TOKENS = 16
+
+
+def _encode_rows(
+    processor, adapter, rows: Sequence[dict[str, Any]], where: str, model=None, targets="gold"
+):
+    images = [[_rgb(im) for im in _row_images(row, where)] for row in rows]
+    answers = [row["answers"] for row in rows]
+    if targets == "teacher":
+        # The frozen model's own greedy answers (all visual tokens, its own history), so the KL
+        # covers exactly the tokens it would say, however many per turn.
+        from mc_core.conversation import greedy_answers
+
+        said = greedy_answers(
+            model,
+            processor,
+            images,
+            [row["questions"] for row in rows],
+            max_new_tokens=TEACHER_ANSWER_TOKENS,
+            adapter=adapter,
+        )
+        # An empty answer (EOS first) has no tokens to teacher-force: that turn keeps gold.
+        answers = [
+            [t or g for t, g in zip(ts, gs, strict=True)]
+            for ts, gs in zip(said, answers, strict=True)
+        ]
+    elif targets != "gold":
+        raise ValueError(f"train.targets={targets!r}: expected 'gold' or 'teacher'")
     out = []
-    for row in rows:
-        images = [_rgb(im) for im in _row_images(row, where)]
-        inputs, positions = encode_dialogue(processor, images, row["questions"], row["answers"])
+    for row, ims, ans in zip(rows, images, answers, strict=True):
+        inputs, positions = encode_dialogue(processor, ims, row["questions"], ans)
         out.append((inputs, positions))
     return out
 
@@ -160,9 +244,13 @@ def _pad_id(processor) -> int:
 
 
 @torch.no_grad()
-def _target_entries(model, processor, adapter, rows, needs, device, where) -> list[CacheEntry]:
-    """Encode rows, run the vision tower once, the full model once (batched), return entries."""
-    encoded = _encode_rows(processor, adapter, rows, where)
+def _target_entries(
+    model, processor, adapter, rows, needs, device, where, topk: int | None = None, targets="gold"
+) -> list[CacheEntry]:
+    """Encode rows, run the vision tower once, the full model once (batched), return entries
+    whose targets keep the top-`topk` log-probs (None: all); `targets` ("gold" / "teacher"):
+    whose answers are teacher-forced (`TrainConfig.targets`)."""
+    encoded = _encode_rows(processor, adapter, rows, where, model, targets)
     entries: list[CacheEntry] = []
     full_rows = []
     for inputs, positions in encoded:
@@ -191,8 +279,22 @@ def _target_entries(model, processor, adapter, rows, needs, device, where) -> li
     logits = model(**batch, logits_to_keep=mask.to(device)).logits  # (sum T, V)
     logp = logits.float().log_softmax(-1).cpu()
     for e, part in zip(entries, logp.split([len(e.positions) for e in entries]), strict=True):
-        e.target = part.clone()
+        e.target = part.clone() if topk is None else TopKTarget.from_logprobs(part, topk)
     return entries
+
+
+def _check_topk(topk: Any, where: str) -> int | None:
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise ValueError(f"{where}={topk!r}: expected an int >= 1 or None (full vocabulary)")
+    return topk
+
+
+def _batch_target(entries: Sequence[CacheEntry], device) -> Tensor | TopKTarget:
+    """The batch's targets as one [sum T, V] tensor or one `TopKTarget`, on `device`."""
+    targets = [e.target for e in entries]
+    if isinstance(targets[0], TopKTarget):
+        return TopKTarget.cat(targets).to(device)
+    return torch.cat(targets).to(device)
 
 
 def _shape_stub(value):
@@ -234,6 +336,9 @@ def build_target_cache(
     batch_size: int = 16,
     device: str | torch.device = "auto",
     progress: bool = True,
+    topk: int | None = TrainConfig.model_fields["target_topk"].default,
+    dtype: str | torch.dtype = "auto",
+    targets: str = "gold",
 ) -> TargetCache:
     """Run the frozen model once over every dialogue of `dataset`.
 
@@ -246,22 +351,28 @@ def build_target_cache(
         batch_size: dialogues per full-model forward.
         device: see `TrainConfig.device`.
         progress: progress bar (a tqdm bar on a terminal, log lines elsewhere).
+        topk: keep the top-k log-probs + tail mass per answer token (`TrainConfig.target_topk`,
+            whose default this is); None keeps the whole vocabulary.
+        dtype: the frozen model's dtype (`resolve_dtype`; see `TrainConfig.dtype`).
+        targets: "gold" (teacher-force the dataset's answers) or "teacher" (the frozen model's
+            own greedy answers, up to `TEACHER_ANSWER_TOKENS` per turn; `TrainConfig.targets`).
 
     Returns:
         The cache, in dataset order.
     """
+    topk = _check_topk(topk, "build_target_cache: topk")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    prepare_model(model, dev)
+    prepare_model(model, dev, dtype)
     adapter = adapter if adapter is not None else for_model(model)
     n = len(dataset)
     if n == 0:
         raise ValueError("dataset is empty: nothing to train on")
     t0 = time.perf_counter()
-    cache = TargetCache(needs=frozenset(needs))
+    cache = TargetCache(needs=frozenset(needs), topk=topk)
     bar = progress_bar(total=n, desc="target cache", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
         idx = range(start, min(n, start + batch_size))
-        cache.entries += _target_entries(
+        cache.entries += _frozen_entries(
             model,
             processor,
             adapter,
@@ -269,6 +380,8 @@ def build_target_cache(
             cache.needs,
             dev,
             f"dataset rows {start}+",
+            topk,
+            targets=targets,
         )
         bar.update(len(idx))
     bar.close()
@@ -312,13 +425,18 @@ def save_target_cache(
                     cm["t"].append(f.name)
             m["ctx"].append(cm)
         tensors[f"{i}.pos"] = e.positions.contiguous()
-        tensors[f"{i}.target"] = e.target.contiguous()
+        if isinstance(e.target, TopKTarget):
+            tensors[f"{i}.target.values"] = e.target.values.contiguous()
+            tensors[f"{i}.target.index"] = e.target.index.contiguous()
+            tensors[f"{i}.target.tail"] = e.target.tail.contiguous()
+        else:
+            tensors[f"{i}.target"] = e.target.contiguous()
         meta.append(m)
     with staged_dir(path) as tmp:
         save_file(tensors, str(tmp / "cache.safetensors"))
         write_json(
             tmp / "cache.json",
-            {"needs": sorted(cache.needs), "info": info or {}, "entries": meta},
+            {"needs": sorted(cache.needs), "topk": cache.topk, "info": info or {}, "entries": meta},
             indent=None,
         )
 
@@ -331,14 +449,28 @@ def target_cache_info(path: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(f.read_text()).get("info", {})
 
 
-def load_target_cache(path: str | os.PathLike) -> TargetCache:
-    """Read a cache written by `save_target_cache` (no unpickling)."""
+_ANY = object()  # load_target_cache's `topk` default: accept any k
+
+
+def load_target_cache(path: str | os.PathLike, *, topk: Any = _ANY) -> TargetCache:
+    """Read a cache written by `save_target_cache` (no unpickling).
+
+    Args:
+        topk: when given, the k the cache must have been built with (None: full rows); a cache
+            of another k raises ValueError (rebuild it with `build_target_cache(topk=...)`).
+    """
     path = Path(path)
     if not (path / "cache.json").is_file():
         raise ValueError(f"{path}: no cache.json (not a target cache)")
     info = json.loads((path / "cache.json").read_text())
+    built = info.get("topk")  # absent: written before top-k targets existed, full rows
+    if topk is not _ANY and built != topk:
+        raise ValueError(
+            f"{path}: target cache built with target_topk={built!r}, this run wants "
+            f"target_topk={topk!r}; rebuild it (build_target_cache(..., topk={topk!r}))"
+        )
     tensors = load_file(str(path / "cache.safetensors"))
-    cache = TargetCache(needs=frozenset(info["needs"]))
+    cache = TargetCache(needs=frozenset(info["needs"]), topk=built)
     for i, m in enumerate(info["entries"]):
         contexts = []
         for j, cm in enumerate(m["ctx"]):
@@ -353,11 +485,17 @@ def load_target_cache(path: str | os.PathLike) -> TargetCache:
                 tokens=[tensors[f"{i}.tok.{j}"] for j in range(m["n_images"])],
                 contexts=contexts,
                 positions=tensors[f"{i}.pos"],
-                target=tensors[f"{i}.target"],
+                target=_read_target(tensors, i, built),
                 length=m["length"],
             )
         )
     return cache
+
+
+def _read_target(tensors: dict[str, Tensor], i: int, topk: int | None) -> Tensor | TopKTarget:
+    if topk is None:
+        return tensors[f"{i}.target"]
+    return TopKTarget(*(tensors[f"{i}.target.{k}"] for k in ("values", "index", "tail")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,17 +608,23 @@ def train(
         out_dir: where training state is checkpointed; an existing checkpoint there is resumed.
             None: no checkpoints.
         callbacks: called as `cb(step, metrics)` every `cfg.log_every` steps and at the end;
-            `metrics` holds loss, kl, entropy, collapse, grad_norm, epoch, samples_per_s.
+            `metrics` holds loss, kl, entropy, collapse, grad_norm, epoch, samples_per_s (of the
+            whole batch, the same on every rank of a process group: give side effects to rank 0).
         cache: a `TargetCache` of this model on `dataset` (built here when None and
             `cfg.cache_targets`).
         adapter: the family adapter (default `for_model(model)`).
+
+    Under a ``torch.distributed`` process group (``mc_core.distributed``) every rank calls this
+    with the same arguments: each step's batch is split across the ranks, their gradients are
+    summed, and every replica takes the step of one process on the whole batch (up to float
+    summation order). Only rank 0 writes checkpoints to `out_dir`; all ranks resume from it.
 
     Returns:
         The trained compressor (float32, eval mode, on the training device).
 
     Raises:
-        ValueError: bad rate, empty dataset, cache of another size, or a checkpoint in
-            `out_dir` written with other settings.
+        ValueError: bad rate, empty dataset, cache of another size or target_topk, or a
+            checkpoint in `out_dir` written with other settings.
         RuntimeError: the loss or gradient became NaN/inf, or the loss exploded.
     """
     run = _Run.start(cfg, model, processor, dataset, rate=rate, cache=cache, adapter=adapter)
@@ -490,9 +634,14 @@ def train(
     if state_dir is not None and (state_dir / _STATE_JSON).is_file():
         step, saved = _load_state(state_dir, run.compressor, run.opt, info)
         first_loss = saved.get("first_loss")
+    if run.world > 1:  # a rank that missed the checkpoint (out_dir not shared) would deadlock
+        distributed.agree(step, "the step to resume from (is out_dir shared?)", run.device)
     callbacks = list(callbacks or [])
     bar = progress_bar(
-        total=run.total, initial=step, desc=f"train r={rate}", disable=not cfg.progress
+        total=run.total,
+        initial=step,
+        desc=f"train r={rate}",
+        disable=not cfg.progress or run.rank != 0,
     )
     t_start, samples = time.perf_counter(), 0
     while step < run.total:
@@ -509,11 +658,14 @@ def train(
         if step % cfg.log_every == 0 or step == run.total:
             for cb in callbacks:
                 cb(step, metrics)
-        if state_dir is not None and (step % cfg.checkpoint_every == 0 or step == run.total):
+        saving = state_dir is not None and run.rank == 0  # the replicas are identical
+        if saving and (step % cfg.checkpoint_every == 0 or step == run.total):
             _save_state(
                 state_dir, run.compressor, run.opt, step, {**info, "first_loss": first_loss}
             )
     bar.close()
+    if run.world > 1:  # rank 0's last checkpoint is on disk before any rank resumes from it
+        distributed.barrier()
     return run.compressor.eval()
 
 
@@ -535,6 +687,8 @@ class _Run:
     n: int
     steps_per_epoch: int
     total: int
+    rank: int = 0
+    world: int = 1
 
     @classmethod
     def start(
@@ -550,7 +704,7 @@ class _Run:
     ) -> _Run:
         """Freeze the model, build the compressor and optimizer, check or build the cache."""
         device = resolve_device(cfg.device)
-        prepare_model(model, device)
+        prepare_model(model, device, cfg.dtype)
         adapter = adapter if adapter is not None else for_model(model)
         n = len(dataset)
         if n == 0:
@@ -572,8 +726,11 @@ class _Run:
                 batch_size=cfg.target_batch,
                 device=device,
                 progress=cfg.progress,
+                topk=cfg.target_topk,
+                dtype=cfg.dtype,
+                targets=cfg.targets,
             )
-        _check_cache(cache, n, compressor.needs, cfg.method)
+        _check_cache(cache, n, compressor.needs, cfg.method, cfg.target_topk)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         total = cfg.epochs * steps_per_epoch
         if cfg.max_steps is not None:
@@ -593,13 +750,14 @@ class _Run:
             n,
             steps_per_epoch,
             total,
+            *distributed.world(),
         )
 
     def entries(self, idx: list[int]) -> list[CacheEntry]:
         """The batch's cached entries, or freshly computed ones when caching is off."""
         if self.cache is not None:
             return [self.cache.entries[i] for i in idx]
-        return _target_entries(
+        return _frozen_entries(
             self.model,
             self.processor,
             self.adapter,
@@ -607,27 +765,48 @@ class _Run:
             self.compressor.needs,
             self.device,
             f"dataset rows {idx[:4]}",
+            self.cfg.target_topk,
+            targets=self.cfg.targets,
         )
 
     def step(self, idx: list[int], step: int, first_loss: float | None) -> dict[str, float]:
-        """One SGD step on the dialogues ``idx``; returns the step's metrics."""
+        """One SGD step on the dialogues ``idx`` (the whole batch, in every rank); returns the
+        batch's metrics."""
         cfg = self.cfg
-        entries = self.entries(idx)
-        logits, ps = student_logits(
-            self.model,
-            self.adapter,
-            self.compressor,
-            entries,
-            pad_token_id=self.pad_id,
-            device=self.device,
-        )
-        target = torch.cat([e.target for e in entries]).to(self.device)
-        loss, parts = total_loss(
-            target, logits.float(), ps, lambda_ent=cfg.lambda_ent, lambda_col=cfg.lambda_col
-        )
+        mine = distributed.shard(idx, self.rank, self.world)
+        entries = self.entries(mine) if mine else []
+        loss, parts, counts = None, {}, (0, 0)  # a rank may get no dialogue of a small batch
+        if entries:
+            logits, ps = student_logits(
+                self.model,
+                self.adapter,
+                self.compressor,
+                entries,
+                pad_token_id=self.pad_id,
+                device=self.device,
+            )
+            counts = (logits.shape[0], len(ps))
+        w_kl, w_reg = self._shares(counts)
+        if entries:
+            target = _batch_target(entries, self.device)
+            # lambdas rescaled so that w_kl * loss = w_kl * KL + w_reg * (regularisers)
+            reg = w_reg / w_kl
+            loss, parts = total_loss(
+                target,
+                logits.float(),
+                ps,
+                lambda_ent=cfg.lambda_ent * reg,
+                lambda_col=cfg.lambda_col * reg,
+            )
+            loss = loss * w_kl
+        if self.world > 1:
+            parts = self._batch_parts(parts, counts)
         _check_loss(parts["loss"], first_loss, step, cfg)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss is not None:
+            loss.backward()
+        if self.world > 1:  # every replica then clips and steps on the whole batch's gradient
+            distributed.sum_grads(self.params)
         grad_norm = _clip(self.params, cfg)
         if not math.isfinite(grad_norm):
             raise RuntimeError(
@@ -638,12 +817,44 @@ class _Run:
         self.opt.step()
         return {**parts, "grad_norm": grad_norm}
 
+    def _shares(self, counts: tuple[int, int]) -> tuple[float, float]:
+        """This rank's weights of its mean KL and mean regularisers in the batch loss.
 
-def _check_cache(cache: TargetCache | None, n: int, needs: frozenset[str], method: str) -> None:
+        The KL is a mean over the batch's answer tokens and the regularisers over its images, so
+        a rank holding T_r of T tokens and I_r of I images contributes T_r / T of its KL and
+        I_r / I of its regularisers: the ranks' gradients then sum to the one-process gradient.
+        Both are 1 in one process (the loss is then bit-identical to an unsplit step).
+        """
+        if self.world == 1:
+            return 1.0, 1.0
+        tokens, images = distributed.all_sum(counts, self.device)
+        return counts[0] / tokens, counts[1] / images
+
+    def _batch_parts(self, parts: dict[str, float], counts: tuple[int, int]) -> dict[str, float]:
+        """The whole batch's kl / entropy / collapse / loss from every rank's own means."""
+        cfg = self.cfg
+        t, i = counts
+        sums = [parts.get("kl", 0.0) * t, parts.get("entropy", 0.0) * i]
+        sums += [parts.get("collapse", 0.0) * i, t, i]
+        kl, ent, col, tokens, images = distributed.all_sum(sums, self.device)
+        out = {"kl": kl / tokens, "entropy": ent / images, "collapse": col / images}
+        out["loss"] = out["kl"] + cfg.lambda_ent * out["entropy"] + cfg.lambda_col * out["collapse"]
+        return out
+
+
+def _check_cache(
+    cache: TargetCache | None, n: int, needs: frozenset[str], method: str, topk: int | None
+) -> None:
     if cache is None:
         return
     if len(cache) != n:
         raise ValueError(f"target cache has {len(cache)} dialogues, dataset has {n}")
+    if cache.topk != topk:
+        # Another k is another objective (and a full cache would silently cost V / k the memory).
+        raise ValueError(
+            f"target cache holds top-{cache.topk} targets (None: full vocabulary) but "
+            f"train.target_topk={topk!r}; rebuild it with build_target_cache(..., topk={topk!r})"
+        )
     missing = set(needs) - set(cache.needs)
     if missing:
         raise ValueError(f"target cache lacks context fields {sorted(missing)} that {method} needs")

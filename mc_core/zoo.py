@@ -14,7 +14,11 @@ so 90% reduction bites.
     tiny-qwen2-vl    Qwen2-VL tower, patch 14, 2 x 2 merge -> 8 x 8 = 64 tokens at 224 px (the
                      tower has rotary positions only: the LLM locates tokens through mrope)
 
-``load_real`` is the only code that touches the hub and is never called by the tests.
+Real base models are not copied: :func:`save_resolved` writes a folder holding the pinned
+record of where they come from (``resolved.json``, see ``mc_core.hub``) beside ``zoo.json``, and
+:func:`load` loads such a folder from the machine's hub cache or local folder, after checking
+the weights are still the recorded ones. ``load_real`` (by name, may download) is never called
+by the tests.
 """
 
 from __future__ import annotations
@@ -30,9 +34,21 @@ from mc_core.families import RealSpec, TinySpec
 from mc_core.io import staged_dir
 from mc_core.processing import build_processor, load_processor
 
-__all__ = ["REAL", "TINY", "RealSpec", "TinySpec", "build", "info", "load", "load_real", "save"]
+__all__ = [
+    "REAL",
+    "TINY",
+    "RealSpec",
+    "TinySpec",
+    "build",
+    "info",
+    "load",
+    "load_real",
+    "save",
+    "save_resolved",
+]
 
 _ZOO_FILE = "zoo.json"  # beside the weights: arch name and family, so load() needs no guessing
+RESOLVED_FILE = "resolved.json"  # a real model's pinned source (mc_core.hub), instead of weights
 
 TINY: dict[str, TinySpec] = {
     name: spec for fam in families.all_families() for name, spec in fam.tiny.items()
@@ -113,26 +129,101 @@ def _family_of(model) -> str:
     return families.for_model(model).name
 
 
-def load(path_dir: str | os.PathLike, *, attn_implementation: str = "sdpa"):
-    """Loads a base model saved by :func:`save` (offline, no hub).
+def save_resolved(record: dict, path_dir: str | os.PathLike, *, arch: str) -> Path:
+    """Writes a real base model's folder, atomically: ``resolved.json`` (``record``, a
+    ``mc_core.hub.Resolved.to_dict()``) and ``zoo.json`` (arch, family, source, revision).
+
+    Both files are canonical JSON (sorted keys), so the same weights give the same bytes.
+    """
+    path = Path(path_dir)
+    facts = {
+        "arch": arch,
+        "family": record["family"],
+        "kind": "real",
+        "source": record["source"],
+        "revision": record.get("revision"),
+        "fingerprint": record.get("fingerprint"),
+    }
+    with staged_dir(path) as tmp:
+        for name, obj in ((RESOLVED_FILE, record), (_ZOO_FILE, facts)):
+            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load(
+    path_dir: str | os.PathLike,
+    *,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype | str | None = None,
+):
+    """Loads a base model: one saved by :func:`save`, or a real one recorded by
+    :func:`save_resolved` (offline: from the hub cache or the recorded local folder).
+
+    Args:
+        path_dir: the base model's folder (``models/base/<arch>``).
+        attn_implementation: "sdpa" or "eager".
+        dtype: the weights' dtype. None: as saved for a tiny model; for a real one bfloat16
+            where CUDA is available (what ``mc_core.train.prepare_model`` casts to there, so a
+            7B model is never materialised in float32 first), float32 otherwise.
 
     Returns:
         ``(model, processor)``, model in eval mode.
 
     Raises:
-        ValueError: the folder is not a saved base model (names the missing file), or its
-            family is unknown.
+        ValueError: the folder is not a saved base model (names the missing file), its
+            family is unknown, or a real model's weights are missing or changed on this machine.
     """
     path = Path(path_dir)
     info_file = path / _ZOO_FILE
     if not info_file.is_file():
         raise ValueError(f"{path}: not a saved base model ({_ZOO_FILE} missing)")
     fam = families.get(json.loads(info_file.read_text()).get("family"), where=f"{info_file} family")
+    if (path / RESOLVED_FILE).is_file():
+        return _load_resolved(path / RESOLVED_FILE, fam, attn_implementation, dtype)
     processor = load_processor(path)
+    kwargs = {} if dtype is None else {"dtype": dtype}
     model = fam.model_class.from_pretrained(
-        path, local_files_only=True, attn_implementation=attn_implementation
+        path, local_files_only=True, attn_implementation=attn_implementation, **kwargs
     )
     return model.eval(), processor
+
+
+def _load_resolved(record_file: Path, fam, attn_implementation: str, dtype):
+    from mc_core import hub
+
+    record = json.loads(record_file.read_text())
+    if record.get("model_class") != fam.model_class.__name__:
+        raise ValueError(
+            f"{record_file}: model_class={record.get('model_class')!r} but family "
+            f"{fam.name!r} loads {fam.model_class.__name__}"
+        )
+    folder = hub.locate(record, where=str(record_file))  # the recorded bytes, or ValueError
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = fam.model_class.from_pretrained(
+        folder, local_files_only=True, attn_implementation=attn_implementation, dtype=dtype
+    )
+    return model.eval(), _real_processor(folder, fam)
+
+
+def _real_processor(folder: Path, fam):
+    """The checkpoint's own processor: AutoProcessor, or the family's class where that cannot
+    load it here (a class of this library saved by name; a video processor without
+    torchvision, which the family's offline class leaves out)."""
+    import importlib.util
+
+    import transformers
+
+    from mc_core.processing import NoVideoMixin
+
+    config = folder / "processor_config.json"
+    saved = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
+    if saved == fam.processor_class.__name__ or (
+        issubclass(fam.processor_class, NoVideoMixin)
+        and importlib.util.find_spec("torchvision") is None
+    ):
+        return fam.processor_class.from_pretrained(folder, local_files_only=True)
+    return transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
 
 
 def info(path_dir: str | os.PathLike) -> dict:

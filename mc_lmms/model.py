@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from mc_core.adapters import for_model
 from mc_core.conversation import Conversation, compress_inputs, reset_state
+from mc_core.data.images import to_rgb
 from mc_core.dialogue import answer_token_ids, encode_dialogue, render, to_device
 from mc_lmms.loading import load_base, parse_rate, resolve_compressor
 
@@ -113,11 +114,7 @@ class MetaCompress(lmms):
 
     def _images(self, visuals: Any, where: str) -> list:
         flat = visuals if isinstance(visuals, list | tuple) else [visuals]
-        images = [
-            v.convert("RGB") if getattr(v, "mode", "RGB") != "RGB" else v
-            for v in flat
-            if v is not None and hasattr(v, "convert")
-        ]
+        images = [to_rgb(v) for v in flat if v is not None and hasattr(v, "convert")]
         if not images or len(images) != len([v for v in flat if v is not None]):
             raise ValueError(
                 f"{where}: the metacompress model takes image documents (PIL images), got "
@@ -145,6 +142,7 @@ class MetaCompress(lmms):
             images=images,
             adapter=self.adapter,
             max_new_tokens=_positive_int(limit, "max_new_tokens"),
+            instruction="",  # lmms-eval's task prompts carry their own (post_prompt)
         )
 
     def _ask(self, conv: Conversation, text: str, gen_kwargs: dict) -> str:
@@ -235,10 +233,10 @@ class MetaCompress(lmms):
         if not answer:
             raise ValueError(f"{where}: empty continuation {target!r}")
         full, positions = encode_dialogue(
-            self.processor, images, [ctx], [answer], include_end=False
+            self.processor, images, [ctx], [answer], include_end=False, instruction=""
         )
         full = to_device(full, self._device, self._dtype)
-        prompt_text = render(self.processor, [ctx], [], n_images=len(images))
+        prompt_text = render(self.processor, [ctx], [], n_images=len(images), instruction="")
         prompt = self.processor(text=[prompt_text], images=images, return_tensors="pt")
         prompt = to_device(dict(prompt), self._device, self._dtype)
         reset_state(self.adapter)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mc_core.data.images import to_rgb
 from mc_core.evaluate import score_answer
 
 __all__ = ["doc_to_text", "doc_to_visual", "metric_names", "process_results"]
@@ -21,7 +22,7 @@ def doc_to_visual(doc: dict[str, Any]) -> list:
     """The dialogue's image (first turn only), as RGB."""
     image = doc["image"]
     images = list(image) if isinstance(image, list | tuple) else [image]
-    return [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for im in images]
+    return [to_rgb(im) for im in images]
 
 
 def doc_to_text(

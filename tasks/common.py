@@ -104,14 +104,27 @@ def cell_args(description: str, argv: Sequence[str] | None = None) -> tuple[str,
     ap.add_argument("--arch", required=True)
     ap.add_argument("--rate", required=True, type=float)
     ns = ap.parse_args(argv)
-    known = params.known_archs()
-    if ns.arch not in known:  # also keeps cell paths inside the workspace (no "../", "/")
+    known = params.known_archs(_model_names())
+    # Names only (params.SAFE_NAME): also keeps cell paths inside the workspace (no "../", "/").
+    if ns.arch not in known or not params.SAFE_NAME.match(ns.arch):
         raise ValueError(f"--arch={ns.arch!r}: unknown arch; known: {', '.join(known)}")
     try:
         params.check_rate(ns.rate)
     except ValueError as err:
         raise ValueError(f"--rate={ns.rate!r}: {err}") from None
     return ns.arch, ns.rate
+
+
+def _model_names() -> list[str]:
+    """The names of params.yaml's ``models`` section (real archs of your own), if readable.
+
+    The stage validated the whole file already (``load_params``); without one, none.
+    """
+    path = Path(os.environ.get(PARAMS_ENV, params.DEFAULT_PATH))
+    if not path.is_file():
+        return []
+    models = params.read_yaml(path).get("models")
+    return list(models) if isinstance(models, Mapping) else []
 
 
 def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> Path:

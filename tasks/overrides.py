@@ -20,6 +20,7 @@ Overrides come with the validation-split sweep that justifies them (see the para
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -50,6 +51,9 @@ def cell_key_of(arch: str, rate: float) -> str:
     return f"{arch}@{float(rate)!r}"
 
 
+MODEL_NAMES: ContextVar[tuple[str, ...]] = ContextVar("model_names", default=())
+
+
 def _known_archs() -> list[str]:
     from mc_core import zoo
 
@@ -75,13 +79,16 @@ class TrainParams(TrainConfig):
         fields = set(TrainConfig.model_fields)
         base = self.shared()
         known = None
+        # Names of params.yaml's `models` section are archs too (set by tasks.params.validate;
+        # TrainConfig's own __init__ keeps pydantic's validation context from reaching here).
+        models = MODEL_NAMES.get()
         for key, change in self.overrides.items():
             where = f"overrides.{key}"
             try:
                 arch, _ = parse_key(key)
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
-            known = known if known is not None else _known_archs()
+            known = known if known is not None else sorted({*_known_archs(), *models})
             if arch not in known:
                 raise ValueError(f"{where}: unknown arch {arch!r}; known: {', '.join(known)}")
             if not isinstance(change, Mapping) or not change:

@@ -7,7 +7,9 @@ before it touches a model and the error names the key, e.g.::
 
     params.yaml: grid.rates[1]=1.5: rate must be in (0, 1)
 
-Sections: ``grid`` (the cells), ``data`` (what ``tasks.prepare`` builds), ``world``
+Sections: ``grid`` (the cells), ``models`` (where real base models come from: a name per HF id
+or local folder, so ``grid.archs`` holds only filesystem-safe names), ``data`` (what
+``tasks.prepare`` builds), ``world``
 (``mc_core.data.synthetic.WorldConfig``), ``base`` (``mc_core.teacher.TeacherConfig``),
 ``train`` (``mc_core.config.TrainConfig``), ``evaluate``, ``register``, ``tracking`` and
 ``report``. The library's own configs are used as they are; the pipeline-only sections live here.
@@ -24,22 +26,37 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mc_core import io
 from mc_core.config import Section, format_errors
 from mc_core.data.synthetic import WorldConfig
 from mc_core.teacher import TeacherConfig
-from tasks.overrides import TrainParams
+from tasks.overrides import MODEL_NAMES, TrainParams
 
 DEFAULT_PATH = "params.yaml"
-SECTIONS = ("grid", "data", "world", "base", "train", "evaluate", "register", "tracking", "report")
+SECTIONS = (
+    "grid",
+    "models",
+    "data",
+    "world",
+    "base",
+    "train",
+    "evaluate",
+    "register",
+    "tracking",
+    "report",
+)
+# An arch name: DVC builds stage names (base@<arch>) and output paths from it, MLflow model
+# names too. Lowercase so two names never collide on a case-insensitive filesystem.
+SAFE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 
 
 def format_rate(rate: float) -> str:
@@ -59,11 +76,66 @@ def check_rate(rate: float) -> float:
     return float(rate)
 
 
-def known_archs() -> list[str]:
-    """Architectures ``mc_core.zoo`` can build (tiny) or load (real)."""
+def known_archs(models: Iterable[str] = ()) -> list[str]:
+    """Architectures ``mc_core.zoo`` can build (tiny) or load (real), plus ``models`` names."""
     from mc_core import zoo
 
-    return sorted(set(getattr(zoo, "TINY", {})) | set(getattr(zoo, "REAL", {})))
+    return sorted(set(getattr(zoo, "TINY", {})) | set(getattr(zoo, "REAL", {})) | set(models))
+
+
+def slug(value: str) -> str:
+    """A readable arch name for an HF id or a folder: its last path part, lowercased, every run
+    of other characters turned into ``-`` (``llava-hf/llava-1.5-7b-hf`` -> ``llava-1.5-7b-hf``,
+    ``/data/ckpt/Qwen2-VL/`` -> ``qwen2-vl``).
+
+    Raises:
+        ValueError: nothing usable is left (names the value).
+    """
+    last = str(value).replace("\\", "/").rstrip("/").rpartition("/")[2].lower()
+    name = re.sub(r"[^a-z0-9._-]+", "-", last)
+    name = re.sub(r"-{2,}", "-", name).strip("-._")[:64].strip("-._")
+    if not SAFE_NAME.match(name):
+        raise ValueError(f"{value!r}: no readable name can be made of it; choose one yourself")
+    return name
+
+
+def slugs(values: Iterable[str], *, taken: Iterable[str] = ()) -> dict[str, str]:
+    """:func:`slug` of each value; ValueError when two values (or a value and a ``taken``
+    name) would get the same name."""
+    out: dict[str, str] = {}
+    owner = {name: None for name in taken}
+    for value in values:
+        name = slug(value)
+        if name in owner:
+            other = "an existing arch" if owner[name] is None else repr(owner[name])
+            raise ValueError(
+                f"{value!r} and {other} would both be named {name!r}: choose distinct names"
+            )
+        owner[name] = value
+        out[value] = name
+    return out
+
+
+def _unsafe_arch(i: int, archs: list[Any], models: Mapping[str, Any]) -> ValueError:
+    """The error for ``archs[i]``, an HF id or a path rather than a name, with the exact fix."""
+    arch = archs[i]
+    head = f"[{i}]={arch!r}: grid.archs holds names (DVC builds stage names and paths from them)"
+    named = [k for k, v in models.items() if isinstance(v, Mapping) and v.get("source") == arch]
+    if named:
+        return ValueError(f"{head}; models.{named[0]} has this source: put {named[0]!r} there")
+    # Every such entry at once, so the suggested names do not collide with each other.
+    unsafe = [str(a) for a in archs if not (isinstance(a, str) and SAFE_NAME.match(a))]
+    try:
+        name = slugs(unsafe, taken=set(known_archs(models)))[str(arch)]
+    except ValueError as err:
+        return ValueError(
+            f"{head}, not HF ids or paths; {err}: add `models: {{<name>: {{source: '{arch}'}}}}` "
+            "and put that <name> in grid.archs"
+        )
+    return ValueError(
+        f"{head}, not HF ids or paths. Fix: add to params.yaml "
+        f"`models: {{{name}: {{source: '{arch}'}}}}` and put `{name}` in grid.archs"
+    )
 
 
 def _known_methods() -> list[str]:
@@ -80,14 +152,21 @@ class GridParams(Section):
 
     @field_validator("archs")
     @classmethod
-    def _archs(cls, archs: list[str]) -> list[str]:
+    def _archs(cls, archs: list[str], info: ValidationInfo) -> list[str]:
         if len(set(archs)) != len(archs):
             raise ValueError(f"duplicate archs in {archs}")
-        known = known_archs()
+        # The raw `models` section (validate() passes it): its names are archs too.
+        models = (info.context or {}).get("models") or {}
+        known = known_archs(models)
         for i, arch in enumerate(archs):
+            # Raised per element so the message names the index.
+            if not (isinstance(arch, str) and SAFE_NAME.match(arch)):
+                raise _unsafe_arch(i, archs, models)
             if arch not in known:
-                # Raised per element so the message names the index.
-                raise ValueError(f"[{i}]={arch!r}: unknown arch; known: {', '.join(known)}")
+                raise ValueError(
+                    f"[{i}]={arch!r}: unknown arch; known: {', '.join(known)}; for a checkpoint "
+                    f"of your own add `models: {{{arch}: {{source: <HF id or folder>}}}}`"
+                )
         return archs
 
     @field_validator("rates", mode="before")
@@ -108,21 +187,47 @@ class GridParams(Section):
         return [(a, r) for a in self.archs for r in self.rates]
 
 
+class ModelSource(Section):
+    """``models.<name>``: where a real base model comes from.
+
+    ``source`` is anything ``from_pretrained`` takes (an HF id, resolved through the
+    Hugging Face cache, or a local folder); ``revision`` pins a branch, tag or commit of an
+    HF id. ``tasks.base`` records the exact files (``mc_core.hub``).
+    """
+
+    source: str = Field(min_length=1)
+    revision: str | None = Field(None, min_length=1)
+
+
+def source_of(models: Mapping[str, ModelSource], arch: str) -> ModelSource | None:
+    """Where a real arch comes from: ``models.<arch>``, else the built-in ``zoo.REAL`` id;
+    None for a tiny arch (trained by ``tasks.base``)."""
+    from mc_core import zoo
+
+    if arch in models:
+        return models[arch]
+    if arch in zoo.REAL:
+        return ModelSource(source=zoo.REAL[arch].hf_id)
+    return None
+
+
 class SplitParams(Section):
     """One dataset split: the embedded synthetic world or a real benchmark from local files.
 
     ``synthetic`` needs ``dialogues``; ``gqa`` needs ``questions`` and ``images``; ``vqav2``
-    also ``annotations`` (and ``split`` when the questions file lacks ``data_subtype``). For real
-    sources ``dialogues`` is a seeded subset size (null: every dialogue).
+    also ``annotations`` (and ``split`` when the questions file lacks ``data_subtype``);
+    ``dataset`` needs ``path``, a ``save_to_disk`` folder in the dialogue schema (docs/data.md).
+    For real sources ``dialogues`` is a seeded subset size (null: every dialogue).
     """
 
-    source: Literal["synthetic", "gqa", "vqav2"] = "synthetic"
+    source: Literal["synthetic", "gqa", "vqav2", "dataset"] = "synthetic"
     dialogues: int | None = Field(None, gt=0)
     seed: int = Field(0, ge=0)
     questions: str | None = None
     annotations: str | None = None
     images: str | None = None
     split: str | None = None
+    path: str | None = None  # source: dataset
 
     @model_validator(mode="after")
     def _needs(self) -> SplitParams:
@@ -130,10 +235,18 @@ class SplitParams(Section):
             "synthetic": ("dialogues",),
             "gqa": ("questions", "images"),
             "vqav2": ("questions", "annotations", "images"),
+            "dataset": ("path",),
         }[self.source]
         missing = [k for k in need if getattr(self, k) is None]
         if missing:
             raise ValueError(f"source {self.source!r} needs {missing}")
+        if self.source == "dataset":
+            # A folder carries its own images and answers: a benchmark key here is a mistake.
+            stray = [k for k in ("questions", "annotations", "images", "split") if getattr(self, k)]
+            if stray:
+                raise ValueError(f"source 'dataset' takes path, dialogues, seed; not {stray}")
+        elif self.path is not None:
+            raise ValueError(f"path applies to source 'dataset', not {self.source!r}")
         return self
 
 
@@ -240,6 +353,8 @@ class Params(Section):
     """The whole ``params.yaml``."""
 
     grid: GridParams
+    # Names of real base models (usable in grid.archs) -> their HF id or local folder.
+    models: dict[str, ModelSource] = Field(default_factory=dict)
     data: DataParams
     world: WorldConfig = Field(default_factory=WorldConfig)
     base: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -250,6 +365,28 @@ class Params(Section):
     register_: RegisterParams = Field(RegisterParams(), alias="register")
     tracking: TrackingParams = TrackingParams()
     report: ReportParams
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, models: dict[str, ModelSource]) -> dict[str, ModelSource]:
+        from mc_core import zoo
+
+        for name, spec in models.items():
+            if not SAFE_NAME.match(name):
+                try:
+                    fix = f"e.g. {slug(name)!r}"
+                except ValueError:
+                    fix = "lowercase letters, digits, '.', '_' and '-'"
+                raise ValueError(
+                    f"name {name!r} is not a safe arch name (stage names and paths are built "
+                    f"from it): use {fix}"
+                )
+            if name in zoo.TINY:
+                raise ValueError(
+                    f"name {name!r} is a tiny architecture (trained by tasks.base, not "
+                    f"loaded from {spec.source!r}): choose another name"
+                )
+        return models
 
     @model_validator(mode="after")
     def _across(self) -> Params:
@@ -281,10 +418,16 @@ def validate(raw: Mapping[str, Any], *, source: str = DEFAULT_PATH) -> Params:
     """Validate a parsed params mapping; ValueError names ``source`` and every bad key."""
     if not isinstance(raw, Mapping):
         raise ValueError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    models = raw.get("models")
+    models = models if isinstance(models, Mapping) else {}
+    # The `models` names are archs for grid.archs and train.overrides.
+    token = MODEL_NAMES.set(tuple(str(k) for k in models))
     try:
-        return Params.model_validate(dict(raw))
+        return Params.model_validate(dict(raw), context={"models": models})
     except ValidationError as err:
         raise ValueError(format_errors(err, source=source)) from None
+    finally:
+        MODEL_NAMES.reset(token)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -2,10 +2,12 @@
 
 Each split is the embedded synthetic world (``mc_core.data.synthetic.generate``) or a real
 benchmark built from local files (MT-GQA: ``mc_core.data.gqa.build``; MT-VQA-v2:
-``mc_core.data.vqav2.build``), as ``params.yaml: data.<split>`` says. ``data.val`` is where
-recipes are tuned and the registry's champion is chosen; without it ``data/val`` is an empty
-folder (DVC declares it) and the registry's gate is off. Writes the Arrow datasets
-(atomically, via ``mc_core.data.schema.save``) and ``reports/data.json`` (counts per split).
+``mc_core.data.vqav2.build``) or your own dialogues from a ``save_to_disk`` folder
+(``mc_core.data.dataset.build``; docs/data.md), as ``params.yaml: data.<split>`` says.
+``data.val`` is where recipes are tuned and the registry's champion is chosen; without it
+``data/val`` is an empty folder (DVC declares it) and the registry's gate is off. Writes the
+Arrow datasets (atomically, via ``mc_core.data.schema.save``) and ``reports/data.json`` (counts
+per split).
 
 Usage: ``python -m tasks.prepare``
 """
@@ -29,6 +31,10 @@ def build_split(split: params.SplitParams, world, *, where: str):
         return gqa.build(
             split.questions, split.images, max_dialogues=split.dialogues, seed=split.seed
         )
+    if split.source == "dataset":
+        from mc_core.data import dataset
+
+        return dataset.build(split.path, max_dialogues=split.dialogues, seed=split.seed)
     from mc_core.data import vqav2
 
     return vqav2.build(
@@ -52,17 +58,23 @@ def main() -> None:
         ("val", p.data.val, common.DATA_VAL),
         ("test", p.data.test, common.DATA_TEST),
     ]
+    built = {}
+    # Every split is built (and so checked) before any is written: a bad input of one split
+    # leaves the previous outputs of all of them in place.
+    for name, split, _ in splits:
+        if split is not None:
+            print(
+                f"prepare: data/{name} <- {split.source} ({split.dialogues or 'all'} dialogues)",
+                flush=True,
+            )
+            built[name] = build_split(split, p.world, where=f"data.{name}")
     for name, split, path in splits:
         if split is None:  # no validation split: an empty folder keeps the DVC out declared
             with common.staged_dir(path):
                 pass
             counts[name] = None
             continue
-        print(
-            f"prepare: data/{name} <- {split.source} ({split.dialogues or 'all'} dialogues)",
-            flush=True,
-        )
-        ds = build_split(split, p.world, where=f"data.{name}")
+        ds = built[name]
         schema.save(ds, path)
         counts[name] = {
             "source": split.source,

@@ -11,14 +11,24 @@ per (base model, data) and shared by every rate of the arch through ``cache/targ
 is checkpointed under ``cache/train-state/<cell>/<settings hash>/`` so an interrupted stage
 resumes, and changed params start afresh.
 
+Several GPUs: ``train.distributed.nproc_per_node`` > 1 re-executes this stage under torchrun
+(``mc_core.distributed``), one process per GPU training data-parallel; rank 0 alone writes the
+outputs, the curve and MLflow, the other ranks train along. The target cache is built once (the
+first rank to take its lock) and read by the others. Before training, the estimated peak device
+memory of a step (``mc_core.memory``) is printed and logged as ``memory/*_gib``.
+
 Usage: ``python -m tasks.train --arch tiny-llava --rate 0.9``
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,7 +96,10 @@ def target_provenance(*, arch: str, needs, inputs: dict, cfg) -> dict:
         "files": _input_stamps(arch),
         "needs": sorted(needs),
         "device": mtrain.resolve_device(cfg.device).type,
+        "dtype": str(mtrain.resolve_dtype(cfg.dtype, mtrain.resolve_device(cfg.device))),
         "target_batch": cfg.target_batch,
+        "target_topk": cfg.target_topk,
+        "targets": cfg.targets,
         "code": _target_code_hash(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
@@ -108,7 +121,7 @@ def target_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, c
         have = mtrain.target_cache_info(path)
         if have == info:
             print(f"train: target cache {path} (shared across rates)", flush=True)
-            return mtrain.load_target_cache(path)
+            return mtrain.load_target_cache(path, topk=cfg.target_topk)
         if have is not None:
             diff = sorted(k for k in set(info) | set(have) if have.get(k) != info.get(k))
             print(
@@ -124,6 +137,9 @@ def target_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, c
             batch_size=cfg.target_batch,
             device=cfg.device,
             progress=cfg.progress,
+            topk=cfg.target_topk,
+            dtype=cfg.dtype,
+            targets=cfg.targets,
         )
         mtrain.save_target_cache(cache, path, info=info)
         return cache
@@ -155,14 +171,18 @@ def _resumed_rows(state: Path) -> list[dict]:
     return rows
 
 
-def _train_extra_seeds(seeds, cfg, arch, rate, model, processor, dataset, cache, meta) -> None:
+def _train_extra_seeds(
+    seeds, cfg, arch, rate, model, processor, dataset, cache, meta, *, lead: bool = True
+) -> None:
     """Seeds 2..n of the same recipe into the cell's seeds folder (always written, empty for
-    one seed: it is a DVC out); tasks.evaluate reports mean +- sd over them."""
+    one seed: it is a DVC out); tasks.evaluate reports mean +- sd over them. The other ranks
+    of a distributed run (``lead`` False) train along and write nothing."""
     from mc_core import checkpoint
     from mc_core import train as mtrain
 
     inputs = meta["inputs"]
-    with common.staged_dir(common.seeds_dir(arch, rate)) as extra:
+    folder = common.staged_dir(common.seeds_dir(arch, rate)) if lead else contextlib.nullcontext()
+    with folder as extra:
         for k in range(1, seeds):
             cfg_k = cfg.model_copy(update={"seed": cfg.seed + k})
             state_k = common.state_dir(arch, rate) / _key(
@@ -171,21 +191,105 @@ def _train_extra_seeds(seeds, cfg, arch, rate, model, processor, dataset, cache,
             comp_k = mtrain.train(
                 cfg_k, model, processor, dataset, rate=rate, out_dir=state_k, cache=cache
             )
-            checkpoint.save_compressor(
-                extra / f"seed-{cfg_k.seed}", comp_k, meta={**meta, "train": cfg_k.fingerprint()}
-            )
-            shutil.rmtree(state_k, ignore_errors=True)
+            if lead:
+                checkpoint.save_compressor(
+                    extra / f"seed-{cfg_k.seed}",
+                    comp_k,
+                    meta={**meta, "train": cfg_k.fingerprint()},
+                )
+                shutil.rmtree(state_k, ignore_errors=True)
+
+
+def _relaunch(cfg, argv: list[str] | None) -> bool:
+    """Run this stage as ``train.distributed.nproc_per_node`` torchrun processes and wait for
+    them (so ``dvc repro`` needs no other command); False when this process trains itself:
+    one process, or already one of torchrun's ranks."""
+    from mc_core import distributed
+
+    nproc = cfg.distributed.nproc_per_node
+    if nproc == 1 or distributed.launched():
+        return False
+    cmd = distributed.torchrun_argv(nproc, "tasks.train", sys.argv[1:] if argv is None else argv)
+    print(f"train: {nproc} processes: {' '.join(cmd)}", flush=True)
+    code = subprocess.run(cmd, check=False).returncode
+    if code != 0:
+        raise SystemExit(code)  # the ranks printed why
+    return True
+
+
+def _memory_estimate(cfg, model, cache, rate: float, run_id: str) -> None:
+    """Print (and log) the estimated peak device memory of a step, before the first one."""
+    from mc_core import distributed, memory
+    from mc_core import train as mtrain
+    from mc_core.compressors import build
+    from mc_core.conversation import token_dim
+
+    if cache is None:
+        return
+    comp = build(cfg.method, rate=rate, dim=token_dim(model), **cfg.build_kwargs())
+    try:  # the longest compressed dialogue, from the cache's per-dialogue shapes
+        entries = cache.entries
+        n = max(len(t) for e in entries for t in e.tokens)
+        seq = max(e.length - sum(len(t) - comp.kept(len(t)) for t in e.tokens) for e in entries)
+        answers = max(len(e.positions) for e in entries)
+    except (AttributeError, TypeError) as err:  # a diagnostic must not stop training
+        print(f"train: no memory estimate ({type(err).__name__}: {err})", flush=True)
+        return
+    device = mtrain.resolve_device(cfg.device)
+    est = memory.estimate(
+        model,
+        batch_size=math.ceil(cfg.batch_size / distributed.world()[1]),
+        seq_len=seq,
+        answer_tokens=answers,
+        dtype=mtrain.resolve_dtype(cfg.dtype, device),
+        generator_params=sum(p.numel() for p in comp.parameters()),
+        visual_tokens=(n, comp.kept(n)),
+        target_topk=cfg.target_topk,
+    )
+    print(
+        f"train: estimated device memory per process on {device}: {memory.format_estimate(est)}",
+        flush=True,
+    )
+    parts = ("weights", "activations", "logits", "generator", "transient", "total")
+    tracking.log_metrics(run_id, {f"memory/{k}_gib": est[k] / 1024**3 for k in parts})
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Train the cell, save the checkpoint and its reports, track the run."""
+    """Train the cell (in ``train.distributed.nproc_per_node`` processes), save the checkpoint
+    and its reports, track the run."""
     p = common.load_params(PARAMS, who="tasks.train")
     arch, rate = common.cell_args(__doc__.splitlines()[0], argv)
     # The cell's validated recipe (shared train keys, then train.overrides), before anything
     # heavy is loaded.
     cfg = p.train.for_cell(arch, rate)
+    if _relaunch(cfg, argv):
+        return
 
-    from mc_core import checkpoint, zoo
+    from mc_core import distributed
+    from mc_core import train as mtrain
+
+    distributed.init(cfg.distributed.backend, mtrain.resolve_device(cfg.device))
+    try:
+        _train_cell(p, cfg, arch, rate)
+    finally:
+        distributed.shutdown()
+
+
+def _follow(p, cfg, arch, rate, model, processor, dataset, state, needs, inputs) -> None:
+    """A rank other than 0: the same training calls (they meet in the all-reduces), no
+    outputs, logs or tracking; resumes from the state rank 0 checkpoints."""
+    from mc_core import train as mtrain
+
+    cache = target_cache(model, processor, dataset, arch=arch, needs=needs, inputs=inputs, cfg=cfg)
+    mtrain.train(cfg, model, processor, dataset, rate=rate, out_dir=state, cache=cache)
+    meta = {"inputs": inputs}
+    _train_extra_seeds(
+        p.train.seeds, cfg, arch, rate, model, processor, dataset, cache, meta, lead=False
+    )
+
+
+def _train_cell(p, cfg, arch: str, rate: float) -> None:
+    from mc_core import checkpoint, distributed, zoo
     from mc_core import train as mtrain
     from mc_core.compressors import get_class
     from mc_core.data import schema
@@ -196,6 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     dataset = schema.load(common.DATA_TRAIN)
     inputs = _input_hashes(arch)
     needs = get_class(cfg.method).needs
+    if distributed.world()[0] != 0:
+        state = common.state_dir(arch, rate) / _key(cfg.fingerprint(), rate, inputs, len(dataset))
+        _follow(p, cfg, arch, rate, model, processor, dataset, state, needs, inputs)
+        return
 
     run_id = tracking.start_cell_run(
         p.tracking.experiment,
@@ -221,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         cache = target_cache(
             model, processor, dataset, arch=arch, needs=needs, inputs=inputs, cfg=cfg
         )
+        _memory_estimate(cfg, model, cache, rate, run_id)
         compressor = mtrain.train(
             cfg,
             model,

@@ -96,3 +96,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def hf_snapshot(tmp_path_factory):
+    """`hf_snapshot(family) -> Path`: a local Hugging Face snapshot of the family (real model and
+    processor classes, trained byte-level BPE tokenizer, released-style chat template; see
+    tests/hf_snapshots.py), built once per session. Load it with `hf_snapshots.load_snapshot`."""
+    from hf_snapshots import build_snapshot
+
+    root = tmp_path_factory.mktemp("hf_snapshots")
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = build_snapshot(family, root)
+        return cache[family]
+
+    return get

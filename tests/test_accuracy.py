@@ -72,3 +72,29 @@ def test_vqa_soft_accuracy_normalises_both_sides():
     assert vqa_soft_accuracy("Two", answers, normalize=False) == pytest.approx(0.3, abs=1e-12)
     with pytest.raises(ValueError, match="at least 2 human answers"):
         vqa_soft_accuracy("red", ["red"])
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # The official vqaEval.py table's keys miss one apostrophe or both, never two of two.
+        ("couldnt've", "couldn't've"),
+        ("couldn'tve", "couldn't've"),
+        ("couldntve", "couldntve"),
+        ("hes here", "he's here"),
+        ("Im", "im"),  # the table's "Im" is capitalised: it never matches lower-cased text
+        ("somebody'd", "somebodyd"),  # the table maps this one backwards
+        ("shed", "shed"),
+        ("its", "its"),
+        # processPunctuation: a thousands comma anywhere strips every mark, without spaces.
+        ("2,000 (approx.)", "2000 approx"),
+        ("left-hand side!", "left hand side"),  # "-" and "!" touch no space: one space / none
+        ("It is 3.5!", "it is 3.5"),
+        ("No, it isn't.", "no it isn't"),
+        ("Three", "3"),
+        ("ten dogs and the cat", "10 dogs and cat"),
+        ("eleven", "eleven"),  # the number map stops at ten
+    ],
+)
+def test_normalize_answer_matches_the_official_vqa_eval(raw, expected):
+    assert normalize_answer(raw) == expected

@@ -6,8 +6,17 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
-from mc_core.losses import align_from_end, answer_kl, collapse, row_entropy, total_loss
+from mc_core.losses import (
+    TopKTarget,
+    align_from_end,
+    answer_kl,
+    collapse,
+    row_entropy,
+    topk_kl,
+    total_loss,
+)
 
 
 def test_entropy_of_one_hot_rows_is_zero():
@@ -103,3 +112,74 @@ def test_total_loss_combines_terms():
     torch.testing.assert_close(loss, expect)
     assert set(parts) == {"kl", "entropy", "collapse", "loss"}
     assert math.isclose(parts["loss"], float(expect), rel_tol=1e-6)
+
+
+def _pair(seed: int, t: int = 9, v: int = 40) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    teacher = 3 * torch.randn(t, v, generator=g)  # peaked enough that the top-k matter
+    return teacher, teacher + torch.randn(t, v, generator=g)
+
+
+def test_topk_kl_is_a_lower_bound_rising_to_the_full_kl_at_k_equal_v():
+    teacher, student = _pair(2)
+    log_p = teacher.log_softmax(-1)
+    full = answer_kl(teacher, student)
+    kls = [
+        topk_kl(TopKTarget.from_logprobs(log_p, k, dtype=torch.float32), student)
+        for k in (1, 2, 4, 8, 16, 32, 39, 40)
+    ]
+    # Log-sum inequality: each bucketing is below the full KL, and top-(k+1) refines top-k.
+    for a, b in zip(kls, kls[1:], strict=False):
+        assert float(a) <= float(b) + 1e-7
+    assert float(kls[-2]) <= float(full) + 1e-7 and float(kls[0]) < 0.9 * float(full)
+    # k = V: the same sum in another (sorted) order, float32 round-off only.
+    torch.testing.assert_close(kls[-1], full, rtol=1e-6, atol=1e-8)
+    over = TopKTarget.from_logprobs(log_p, 100, dtype=torch.float32)  # k > V is k = V
+    assert over.k == 40 and torch.isneginf(over.tail).all()
+    torch.testing.assert_close(topk_kl(over, student), full, rtol=1e-6, atol=1e-8)
+    # float16 values (the cache's storage): renormalised buckets keep it close (measured 1e-4).
+    half = topk_kl(TopKTarget.from_logprobs(log_p, 40), student)
+    assert math.isclose(float(half), float(full), rel_tol=1e-3)
+
+
+def test_topk_kl_of_identical_distributions_is_zero_and_tail_is_stable():
+    teacher = torch.zeros(2, 10)
+    teacher[:, 0] = 25.0  # the other 9 tokens hold ~1e-10 of the mass: 1 - sum rounds to 0
+    target = TopKTarget.from_logprobs(teacher.log_softmax(-1), 3, dtype=torch.float32)
+    expect = math.log(7) + float(teacher.log_softmax(-1)[0, 5])
+    torch.testing.assert_close(target.tail, torch.full((2,), expect), rtol=1e-5, atol=0)
+    assert abs(float(topk_kl(target, teacher))) < 1e-7
+    assert target.values.dtype == torch.float32 and target.index.dtype == torch.int32
+
+
+def test_topk_kl_gradient_reaches_every_student_logit():
+    teacher, student = _pair(3)
+    log_p = teacher.log_softmax(-1)
+    for k in (4, 40):  # a tail bucket, and none (k = V: its empty term must not give NaN)
+        s = student.clone().requires_grad_(True)
+        topk_kl(TopKTarget.from_logprobs(log_p, k, dtype=torch.float32), s).backward()
+        assert torch.isfinite(s.grad).all() and (s.grad != 0).all()
+    # At k = V the gradient is the full KL's.
+    s_full = student.clone().requires_grad_(True)
+    answer_kl(teacher, s_full).backward()
+    torch.testing.assert_close(s.grad, s_full.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_topk_total_loss_and_errors():
+    teacher, student = _pair(4)
+    target = TopKTarget.from_logprobs(teacher.log_softmax(-1), 8)
+    P = torch.softmax(torch.randn(4, 20), -1)
+    loss, parts = total_loss(target, student, P, lambda_ent=0.5, lambda_col=2.0)
+    torch.testing.assert_close(
+        loss, topk_kl(target, student) + 0.5 * row_entropy(P) + 2 * collapse(P)
+    )
+    mask = torch.zeros(9, dtype=torch.bool)
+    mask[[1, 4]] = True
+    rows = TopKTarget(target.values[mask], target.index[mask], target.tail[mask])
+    torch.testing.assert_close(topk_kl(target, student, mask), topk_kl(rows, student[mask]))
+    with pytest.raises(ValueError, match=r"T = 9"):
+        topk_kl(target, student[:5])
+    with pytest.raises(ValueError, match=r"k=0"):
+        TopKTarget.from_logprobs(teacher, 0)
+    with pytest.raises(ValueError, match="no answer tokens"):
+        topk_kl(target, student, torch.zeros(9, dtype=torch.bool))

@@ -9,8 +9,15 @@ Goyal et al., 2017), reimplemented here:
    replaced by a space otherwise (``black/white`` -> ``black white``); a period is removed
    unless a digit follows it (``3.5`` stays, ``yes.`` -> ``yes``);
 3. per word: number words ``none``/``zero``..``ten`` become digits, the articles ``a``,
-   ``an``, ``the`` are dropped, and contractions typed without their apostrophe get it back
-   (``dont`` -> ``don't``).
+   ``an``, ``the`` are dropped, and contractions typed without an apostrophe get it back
+   (``dont`` -> ``don't``, ``couldnt've`` -> ``couldn't've``) through the official table.
+
+This is ``processPunctuation`` + ``processDigitArticle`` of the official ``vqaEval.py`` (the same
+steps as EvalAI's answer processor, which LLaVA runs on its VQAv2 predictions), applied to both
+sides always; the official script skips it when all ten human answers are identical, which only
+matters for unnormalised predictions. GQA's evaluator compares strings exactly (LLaVA lower-cases
+and strips a final period first); the same normalisation is used for it so both datasets score
+a prediction alike ("Two." == "2").
 
 VQA soft accuracy of a prediction against the ten human answers is the official one: for each
 of the ten leave-one-out subsets of nine answers, ``min(1, #matches / 3)``; the mean of the ten.
@@ -64,109 +71,46 @@ _NUMBERS = {
     "ten": "10",
 }
 _ARTICLES = frozenset({"a", "an", "the"})
-# Contractions whose apostrophe-less spelling is not itself an English word (so "well",
-# "were", "hell", "its", "id", "shed", "wed" are left alone).
-_CONTRACTED = (
-    "ain't",
-    "aren't",
-    "can't",
-    "could've",
-    "couldn't",
-    "couldn't've",
-    "didn't",
-    "doesn't",
-    "don't",
-    "hadn't",
-    "hadn't've",
-    "hasn't",
-    "haven't",
-    "he'd",
-    "he'd've",
-    "he's",
-    "how'd",
-    "how'll",
-    "how's",
-    "i'd've",
-    "i'm",
-    "i've",
-    "isn't",
-    "it'd",
-    "it'd've",
-    "it'll",
-    "let's",
-    "ma'am",
-    "mightn't",
-    "mightn't've",
-    "might've",
-    "mustn't",
-    "must've",
-    "needn't",
-    "not've",
-    "o'clock",
-    "oughtn't",
-    "'ow's'at",
-    "shan't",
-    "she'd've",
-    "she's",
-    "should've",
-    "shouldn't",
-    "shouldn't've",
-    "somebody'd",
-    "somebody'd've",
-    "somebody'll",
-    "somebody's",
-    "someone'd",
-    "someone'd've",
-    "someone'll",
-    "someone's",
-    "something'd",
-    "something'd've",
-    "something'll",
-    "that's",
-    "there'd",
-    "there'd've",
-    "there're",
-    "there's",
-    "they'd",
-    "they'd've",
-    "they'll",
-    "they're",
-    "they've",
-    "'twas",
-    "wasn't",
-    "we'd've",
-    "we've",
-    "weren't",
-    "what'll",
-    "what're",
-    "what's",
-    "what've",
-    "when's",
-    "where'd",
-    "where's",
-    "where've",
-    "who'd",
-    "who'd've",
-    "who'll",
-    "who's",
-    "who've",
-    "why'll",
-    "why're",
-    "why's",
-    "won't",
-    "would've",
-    "wouldn't",
-    "wouldn't've",
-    "y'all",
-    "y'all'll",
-    "y'all'd've",
-    "you'd",
-    "you'd've",
-    "you'll",
-    "you're",
-    "you've",
-)
-_CONTRACTIONS = {c.replace("'", ""): c for c in _CONTRACTED}
+# The official table (vqaEval.py `contractions`, also EvalAI's / LLaVA's m4c_evaluator), verbatim
+# so scores match theirs, quirks included: its keys are spellings missing one or both apostrophes
+# ("couldnt've", "couldn'tve", not "couldntve"); "Im", "Ive", "Id've", "I'dve" are capitalised
+# and never match the lower-cased words; "somebody'd" maps to "somebodyd"; "well", "were",
+# "hell", "its", "id", "shed", "wed" are absent, so those words stay.
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
+    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
+    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+    "youre": "you're", "youve": "you've",
+}  # fmt: skip
 
 
 def _punctuation(text: str) -> str:

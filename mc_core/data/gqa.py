@@ -44,7 +44,9 @@ from mc_core.data.schema import (
 )
 
 SOURCE = "gqa"
-_VERSION = 1  # bump when the row layout or the grouping changes (keys the datasets cache)
+# Bump when the row layout, the grouping or the image handling changes (keys the datasets
+# cache); 2: non-RGB images stored as RGB.
+_VERSION = 2
 
 
 def read_questions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:

@@ -7,7 +7,8 @@ columns, so training, evaluation and DVC treat them alike:
 column              type                         meaning
 ==================  ===========================  ==============================================
 ``dialogue_id``     ``str``                      unique within the dataset, stable across builds
-``source``          ``str``                      ``"synthetic"``, ``"gqa"`` or ``"vqav2"``
+``source``          ``str``                      ``"synthetic"``, ``"gqa"``, ``"vqav2"`` or
+                                                 ``"dataset"`` (your own, ``docs/data.md``)
 ``image_id``        ``str``                      the image's id in its source (several dialogues
                                                  may share one image)
 ``image``           ``datasets.Image``           the image, bytes embedded (self-contained)
@@ -15,7 +16,10 @@ column              type                         meaning
 ``answers``         ``list[str]`` (3)            the canonical answer of each turn
 ``answer_sets``     ``list[list[str]]`` (3 x k)  per turn, the answers accepted by the metric:
                                                  the ten human answers for VQAv2 (VQA soft
-                                                 accuracy), else ``[answer]`` (exact match)
+                                                 accuracy), else ``[answer]`` (exact match);
+                                                 ``"dataset"``: any non-empty list (one answer:
+                                                 ``[answer]``, exact match; more: VQA soft
+                                                 accuracy)
 ``question_types``  ``list[str]`` (3)            per turn, non-empty (GQA: structural type;
                                                  VQAv2: answer type; synthetic: its own)
 ``targets``         ``list[str]`` (3)            per turn, the region or attribute the turn is
@@ -35,7 +39,6 @@ API:
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -47,7 +50,8 @@ from datasets import Features, List, Value
 from mc_core.io import staged_dir
 
 TURNS = 3
-SOURCES = ("synthetic", "gqa", "vqav2")
+# "dataset": dialogues you bring as a saved dataset (mc_core.data.dataset, docs/data.md).
+SOURCES = ("synthetic", "gqa", "vqav2", "dataset")
 VQA_ANSWERS = 10  # VQAv2 collects ten human answers per question
 
 FEATURES = Features(
@@ -143,7 +147,11 @@ def check_row(row: dict[str, Any], *, where: str, index: int) -> None:
     for t, (answer, accepted) in enumerate(zip(row["answers"], sets, strict=True)):
         if not isinstance(accepted, list) or not all(isinstance(a, str) for a in accepted):
             fail("answer_sets", f"turn {t}: expected a list of strings, got {accepted!r}")
-        if row["source"] == "vqav2":
+        if row["source"] == "dataset" and len(accepted) != 1:
+            # Several accepted answers: scored by VQA soft accuracy (mc_core.evaluate).
+            if not accepted:
+                fail("answer_sets", f"turn {t}: empty list of accepted answers")
+        elif row["source"] == "vqav2":
             if len(accepted) != VQA_ANSWERS:
                 fail(
                     "answer_sets",
@@ -195,7 +203,7 @@ def validate(ds: datasets.Dataset, *, where: str) -> datasets.Dataset:
     start = 0
     for batch in arrow.iter(batch_size=1000):
         cols = {c: batch.column(c).to_pylist() for c in COLUMNS if c != "image"}
-        images = _image_presence(batch.column("image"))
+        images = image_presence(batch.column("image"))
         for k in range(batch.num_rows):
             row = {c: cols[c][k] for c in COLUMNS if c != "image"}
             row["image"] = images[k]
@@ -226,7 +234,7 @@ def _check_centres(column: list, where: str) -> None:
                 )
 
 
-def _image_presence(col: Any) -> list[dict[str, Any] | None]:
+def image_presence(col: Any) -> list[dict[str, Any] | None]:
     """Per row, ``{"bytes": b"<n bytes>" or None, "path": ...}`` without copying image bytes."""
     import pyarrow.compute as pc
 
@@ -328,14 +336,11 @@ def read_image_bytes(path: Path, *, row: str, verify: bool = True) -> bytes:
 
 
 def check_image_bytes(data: bytes, *, where: str, row: str) -> None:
-    """Decodes ``data`` with PIL; ValueError naming ``where`` and ``row`` when it fails."""
-    from PIL import Image as PILImage
+    """Decodes ``data`` with PIL and checks its size (``mc_core.data.images``); ValueError
+    naming ``where`` and ``row`` when it fails."""
+    from mc_core.data import images
 
-    try:
-        with PILImage.open(io.BytesIO(data)) as im:
-            im.load()  # full decode: truncated files pass open() but fail here
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
-        raise ValueError(f"{where}: unreadable image needed by {row}: {e}") from e
+    images.decode(data, where=where, what=f"image needed by {row}")
 
 
 def take_subset(n: int, max_items: int | None, seed: int, *, where: str) -> list[int]:
@@ -359,6 +364,7 @@ def dataset_from_rows(
     fingerprint: str,
     cache_dir: str | os.PathLike | None,
     where: str,
+    features: Features = FEATURES,
 ) -> datasets.Dataset:
     """Materialises dialogue rows into an Arrow-backed dataset, streaming (bounded memory).
 
@@ -368,10 +374,11 @@ def dataset_from_rows(
             the ``datasets`` cache is keyed by it, so a changed input never hits a stale cache.
         cache_dir: where ``datasets`` writes the Arrow shards (default: its own cache).
         where: quoted in validation errors.
+        features: the rows' features (:data:`FEATURES`, plus any :data:`OPTIONAL_FEATURES`).
     """
     ds = datasets.Dataset.from_generator(
         rows,
-        features=FEATURES,
+        features=features,
         cache_dir=None if cache_dir is None else str(cache_dir),
         fingerprint=fingerprint,
     )
@@ -474,6 +481,7 @@ def build_from_plans(
 
     Every image is read (and decoded, when ``verify_images``) once before anything is written,
     so a missing or corrupt image fails fast with the file and the question ids needing it.
+    Images that are not RGB are stored converted (``mc_core.data.images.rgb_bytes``).
 
     Args:
         plans: rows of the schema without ``image``, each with ``qids`` (the question ids of its
@@ -505,12 +513,18 @@ def build_from_plans(
         ).encode()
     ).hexdigest()[:32]
 
+    from mc_core.data.images import rgb_bytes
+
     def rows() -> Iterator[dict[str, Any]]:
         last_id, last_bytes = None, b""
         for p in plans:
             if p["image_id"] != last_id:
                 last_id = p["image_id"]
-                last_bytes = images.read(last_id, row=f"questions {list(p['qids'])}", verify=False)
+                needed_by = f"questions {list(p['qids'])}"
+                data = images.read(last_id, row=needed_by, verify=False)
+                # Grey/CMYK/palette images (COCO has some) are stored as RGB PNGs, RGB as is.
+                where, what = images.locate(last_id), f"image needed by {needed_by}"
+                last_bytes = rgb_bytes(data, where=where, verify=False, what=what)
             row = {k: v for k, v in p.items() if k != "qids"}
             row["image"] = {"bytes": last_bytes, "path": None}
             yield row

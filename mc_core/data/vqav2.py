@@ -39,7 +39,9 @@ from mc_core.data.schema import (
 )
 
 SOURCE = "vqav2"
-_VERSION = 1  # bump when the row layout or the grouping changes (keys the datasets cache)
+# Bump when the row layout, the grouping or the image handling changes (keys the datasets
+# cache); 2: non-RGB images stored as RGB.
+_VERSION = 2
 
 
 def _read_json(path: Path, key: str) -> tuple[dict[str, Any], list[Any]]:

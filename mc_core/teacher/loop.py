@@ -342,6 +342,7 @@ def train_teacher(
     spec: zoo.TinySpec | None = None,
     callbacks: list[Callable[[dict], None]] | None = None,
     progress: bool = True,
+    meta: dict | None = None,
 ) -> dict:
     """Trains a tiny architecture into a teacher, saves it to ``out_dir``, returns its report.
 
@@ -354,6 +355,7 @@ def train_teacher(
         spec: other sizes for the architecture (tests).
         callbacks: called with event dicts (``{"event": "step"|"curve"|"stage"|"done", ...}``).
         progress: show progress bars.
+        meta: extra facts for the saved model's ``zoo.json`` (e.g. the pipeline's recipe_sha).
 
     Returns:
         The report of :func:`mc_core.teacher.evaluate` plus ``arch``, ``steps`` (per stage),
@@ -412,7 +414,7 @@ def train_teacher(
         model,
         processor,
         out_dir,
-        meta={"arch": name, "world": world.to_dict(), "acc_avg": report["acc_avg"]},
+        meta={"arch": name, "world": world.to_dict(), "acc_avg": report["acc_avg"], **(meta or {})},
     )
     ckpt.unlink(missing_ok=True)
     emit({"event": "done", **{k: v for k, v in report.items() if k != "curve"}})
