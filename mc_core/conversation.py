@@ -484,14 +484,18 @@ class BatchConversation:
         inputs, tokens, ps = compress_inputs(self.model, self.adapter, self.compressor, inputs)
         self._split_tokens(tokens, ps, n_total)
         mask = inputs["attention_mask"]
-        if not self._mrope:
+        # Qwen with `packed` tokens: no image grid is left for the model to place them by, so
+        # its positions are plain 1-D ones, as for the other families.
+        plain = not self._mrope or not ({"position_ids", "image_grid_thw"} & inputs.keys())
+        if plain:
             # Counted from the mask, so later turns (with holes) continue each row exactly.
-            inputs["position_ids"] = _positions(mask, torch.zeros_like(mask[:, 0]))
+            pos = _positions(mask, torch.zeros_like(mask[:, 0]))
+            inputs["position_ids"] = pos[None].expand(3, -1, -1) if self._mrope else pos
         reset_state(self.adapter)
         self._cache = DynamicCache(config=self.model.config)
         out = self.model(**inputs, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
         n_valid = mask.sum(-1)
-        if self._mrope:
+        if not plain:
             # Qwen: next text position = valid tokens + this row's offset (as in the model).
             deltas = self.model.model.rope_deltas.reshape(-1)
             self._next = n_valid.to(deltas.dtype) + deltas.to(n_valid.device)

@@ -411,7 +411,8 @@ def base_report(
 
     Returns:
         ``acc_avg``, ``acc_turn``, ``acc_avg_ci``, ``acc_blank_image``, ``acc_sample_r<rate>``,
-        ``acc_selector_packed_r<rate>`` (None without ground truth), ``chance`` (see
+        ``acc_selector_packed_r<rate>`` (None without ground truth), ``acc_selector_r<rate>``
+        (the same selector under the family's default positions), ``positions``, ``chance`` (see
         :func:`chance`), ``n_dialogues``, ``visual_tokens`` (mean per dialogue, all tokens).
     """
     check_rate(rate, where="base report rate")
@@ -419,7 +420,7 @@ def base_report(
     dev = resolve_device(device)
     prepare_model(model, dev)
     adapter, dim = for_model(model), token_dim(model)
-    n_runs = 4 if GT_COLUMN in rows[0] else 3
+    n_runs = 3 + (GT_COLUMN in rows[0]) * (1 + (adapter.positions != "packed"))
     bar = progress_bar(total=len(rows) * n_runs, desc="base report", disable=not progress)
     common = {
         "history": history,
@@ -440,17 +441,20 @@ def base_report(
     blank = run([_blank_row(r) for r in rows], lambda _s, _c: None)
     sample = build("sample", rate=rate, dim=dim).to(dev).eval()
     sampled = run(rows, lambda _s, _c: sample)
-    selector = None
+    selector = default_selector = None
     if GT_COLUMN in rows[0]:
-        # Packed, as the name says: the kept tokens take consecutive positions.
-        packed = for_model(model, positions="packed")
-        selector = run(
-            rows,
-            lambda _s, chunk: PlanCompressor(
+
+        def gt(_s, chunk):
+            return PlanCompressor(
                 rate=rate, dim=dim, plans=[selector_plan(r[GT_COLUMN], rate) for r in chunk]
-            ),
-            packed,
-        )["acc_avg"]
+            )
+
+        # Packed, as the name says: the kept tokens take consecutive positions (the HF
+        # convention, and the LLaVA families' default).
+        selector = run(rows, gt, for_model(model, positions="packed"))["acc_avg"]
+        # Under the family's own default too where it differs (Qwen: source positions), as the
+        # compressors are evaluated.
+        default_selector = selector if adapter.positions == "packed" else run(rows, gt)["acc_avg"]
     bar.close()
     r4 = _round4
     tokens = full["visual_tokens"]
@@ -462,6 +466,8 @@ def base_report(
         "chance": r4(chance(rows)),
         f"acc_sample_r{rate:g}": r4(sampled["acc_avg"]),
         f"acc_selector_packed_r{rate:g}": r4(selector),
+        f"acc_selector_r{rate:g}": r4(default_selector),
+        "positions": adapter.positions,
         "n_dialogues": len(rows),
         "visual_tokens": int(tokens) if float(tokens).is_integer() else round(tokens, 2),
     }

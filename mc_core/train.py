@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -49,6 +50,7 @@ from mc_core.adapters import for_model
 from mc_core.compressors import Compressor, TokenContext, build
 from mc_core.config import TrainConfig
 from mc_core.conversation import reset_state, token_dim
+from mc_core.data.images import to_rgb
 from mc_core.dialogue import collate, encode_dialogue, to_device
 from mc_core.io import staged_dir, staged_file, write_json
 from mc_core.losses import TopKTarget, align_from_end, total_loss
@@ -198,7 +200,8 @@ def _row_images(row: dict[str, Any], where: str) -> list[Any]:
 
 
 def _rgb(img):
-    return img.convert("RGB") if hasattr(img, "convert") and img.mode != "RGB" else img
+    # The project's one conversion (alpha on white, 16-bit grey scaled), as at inference.
+    return to_rgb(img) if isinstance(img, Image.Image) else img
 
 
 # Answer length limit of `targets="teacher"` generation: a real model's short answer ends with

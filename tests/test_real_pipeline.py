@@ -1,11 +1,12 @@
 """A real-family checkpoint through the whole DVC pipeline, offline, in a temporary git repo.
 
 The checkpoint is a Hugging Face snapshot of the LLaVA family (tests/hf_snapshots.py: random
-tiny weights, a trained BPE tokenizer, the released chat template and processor) placed in a
-fake hub cache under ``HF_HOME`` and named in ``params.yaml: models:``; the data are the GQA
-fixtures. ``dvc repro`` with ``HF_HUB_OFFLINE=1`` runs every stage (base pins the snapshot by
-content, nothing is copied or downloaded), the cell is evaluated and registered with the
-champion alias, and a second ``dvc repro`` runs nothing.
+tiny weights, a trained BPE tokenizer, the released chat template and processor), named in
+``params.yaml: models:`` either as a local folder (what a user with weights on disk writes) or
+as an HF id placed in a fake hub cache under ``HF_HOME``; the data are the GQA fixtures.
+``dvc repro`` with ``HF_HUB_OFFLINE=1`` runs every stage (base pins the snapshot by content,
+nothing is copied or downloaded), the cell is evaluated and registered with the champion
+alias, and a second ``dvc repro`` runs nothing.
 """
 
 from __future__ import annotations
@@ -63,20 +64,26 @@ def _run(cmd: list[str], repo: Path, env: dict) -> str:
     return r.stdout + r.stderr
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, hf_snapshot):
+@pytest.fixture(scope="module", params=["folder", "hub"])
+def project(request, tmp_path_factory, hf_snapshot):
     tmp = tmp_path_factory.mktemp("real-pipeline")
     repo = tmp / "repo"
     repo.mkdir()
     snapshot = hf_snapshot("llava")
-    _fake_hub(tmp / "hf", REPO_ID, COMMIT, {f.name: f.read_bytes() for f in snapshot.iterdir()})
+    if request.param == "hub":
+        files = {f.name: f.read_bytes() for f in snapshot.iterdir()}
+        _fake_hub(tmp / "hf", REPO_ID, COMMIT, files)
+        source = REPO_ID
+    else:
+        source = str(shutil.copytree(snapshot, tmp / "weights" / "llava-snap"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
     for name in ("tasks", "mc_core"):
         shutil.copytree(
             ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
-    params = config.profile_params("smoke", config.read_yaml(ROOT / "params.yaml"), extra=PARAMS)
+    extra = {**PARAMS, "models": {"snap": {"source": source, "revision": None}}}
+    params = config.profile_params("smoke", config.read_yaml(ROOT / "params.yaml"), extra=extra)
     config.dump_yaml(params, repo / "params.yaml")
     (repo / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/cache/\n")
     env = {
@@ -90,7 +97,7 @@ def project(tmp_path_factory, hf_snapshot):
     _run([str(BIN / "dvc"), "init", "-q"], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "pipeline"], repo, env)
-    return repo, env
+    return repo, env, request.param, source
 
 
 def _repro(repo: Path, env: dict) -> set[str]:
@@ -103,7 +110,7 @@ def _repro(repo: Path, env: dict) -> set[str]:
 def test_real_checkpoint_runs_every_stage_offline(project):
     from tasks import tracking
 
-    repo, env = project
+    repo, env, kind, source = project
     stages = {
         "prepare",
         "base@snap",
@@ -116,23 +123,28 @@ def test_real_checkpoint_runs_every_stage_offline(project):
 
     # base pinned the cached snapshot by content; nothing machine-specific is recorded.
     resolved = json.loads((repo / "models/base/snap/resolved.json").read_text())
-    assert (resolved["kind"], resolved["source"], resolved["revision"]) == ("hub", REPO_ID, COMMIT)
+    if kind == "hub":
+        assert (resolved["kind"], resolved["source"], resolved["revision"]) == (
+            "hub",
+            REPO_ID,
+            COMMIT,
+        )
+    else:  # a folder is pinned by its files' hashes; its machine path is not recorded
+        assert (resolved["kind"], resolved["revision"]) == ("folder", None)
     assert resolved["family"] == "llava" and "model.safetensors" in resolved["files"]
     assert sorted(p.name for p in (repo / "models/base/snap").iterdir()) == [
         "resolved.json",
         "zoo.json",
     ]
     base = json.loads((repo / "reports/base/snap.json").read_text())
-    assert (base["arch"], base["family"], base["source"], base["revision"]) == (
-        "snap",
-        "llava",
-        REPO_ID,
-        COMMIT,
-    )
+    assert (base["arch"], base["family"]) == ("snap", "llava")
+    assert (base["source"], base["revision"]) == (resolved["source"], resolved["revision"])
     assert base["n_dialogues"] == 3 and base["chance"] is not None
     assert base["acc_selector_packed_r0.9"] is None  # GQA has no object centres
     for f in ("models/base/snap/resolved.json", "reports/base/snap.json"):
         assert env["HF_HOME"] not in (repo / f).read_text()
+        if kind == "folder":
+            assert str(Path(source).parent) not in (repo / f).read_text()
 
     ev = json.loads((repo / "reports/eval/snap-0.9.json").read_text())
     assert set(ev["methods"]) == {"none", "sample", "metacompress"} and ev["dataset"] == "gqa"
@@ -144,4 +156,4 @@ def test_real_checkpoint_runs_every_stage_offline(project):
 
     assert _repro(repo, env) == set()  # nothing changed: nothing runs
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert lock["base@snap"]["params"]["params.yaml"]["models"]["snap"]["source"] == REPO_ID
+    assert lock["base@snap"]["params"]["params.yaml"]["models"]["snap"]["source"] == source
