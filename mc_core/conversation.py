@@ -484,9 +484,15 @@ class BatchConversation:
         inputs, tokens, ps = compress_inputs(self.model, self.adapter, self.compressor, inputs)
         self._split_tokens(tokens, ps, n_total)
         mask = inputs["attention_mask"]
-        # Qwen with `packed` tokens: no image grid is left for the model to place them by, so
-        # its positions are plain 1-D ones, as for the other families.
-        plain = not self._mrope or not ({"position_ids", "image_grid_thw"} & inputs.keys())
+        # Positions the adapter gave (`source` mode: each compressed token at its sources'
+        # place) are kept. Otherwise they are counted here, except where Qwen places the image
+        # tokens itself from their grid; Qwen with `packed` tokens has no grid left, so it gets
+        # plain 1-D positions as the other families do.
+        given = inputs.get("position_ids")
+        if self._mrope:
+            plain = not ({"position_ids", "image_grid_thw"} & inputs.keys())
+        else:
+            plain = given is None
         if plain:
             # Counted from the mask, so later turns (with holes) continue each row exactly.
             pos = _positions(mask, torch.zeros_like(mask[:, 0]))
@@ -495,13 +501,18 @@ class BatchConversation:
         self._cache = DynamicCache(config=self.model.config)
         out = self.model(**inputs, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
         n_valid = mask.sum(-1)
-        if not plain:
+        if plain:
+            self._next = n_valid
+        elif self._mrope:
             # Qwen: next text position = valid tokens + this row's offset (as in the model).
             deltas = self.model.model.rope_deltas.reshape(-1)
             self._next = n_valid.to(deltas.dtype) + deltas.to(n_valid.device)
             reset_state(self.adapter)
         else:
-            self._next = n_valid
+            # 1-D `source` positions: the next text continues after the last position used.
+            top = given.float().masked_fill(~mask.bool(), float("-inf")).amax(-1)
+            self._next = top + 1
+            reset_state(self.adapter)
         self._mask = mask
         return out.logits
 

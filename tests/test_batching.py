@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY, make_image
 
+from mc_core.adapters import for_model
 from mc_core.compressors import build
 from mc_core.conversation import BatchConversation, Conversation, token_dim
 
@@ -28,16 +29,21 @@ QUESTIONS = [
 SIZES = [(64, 64), (56, 112), (112, 84)]
 
 
-def _check_family(tiny, family: str, method: str | None, rate: float = 0.75) -> None:
+def _check_family(
+    tiny, family: str, method: str | None, rate: float = 0.75, positions: str | None = None
+) -> None:
     model, processor = tiny(family)
     comp = None if method is None else build(method, rate=rate, dim=token_dim(model))
+    adapter = None if positions is None else for_model(model, positions=positions)
     images = [make_image(h, w, seed=s) for s, (h, w) in enumerate(SIZES)]
     torch.manual_seed(0)
-    batch = BatchConversation(model, processor, comp, images=images, max_new_tokens=3)
+    batch = BatchConversation(
+        model, processor, comp, images=images, max_new_tokens=3, adapter=adapter
+    )
     batched = [batch.ask([q[k] for q in QUESTIONS]) for k in range(3)]
     for i, img in enumerate(images):
         torch.manual_seed(0)
-        single = Conversation(model, processor, comp, images=img, max_new_tokens=3)
+        single = Conversation(model, processor, comp, images=img, max_new_tokens=3, adapter=adapter)
         for k in range(3):
             answer = single.ask(QUESTIONS[i][k])
             torch.testing.assert_close(
@@ -64,6 +70,17 @@ def test_batch_matches_sequential_uncompressed_and_prompt_dependent(tiny, family
     """No compression (Qwen's own M-RoPE offsets per row) and FastV (each dialogue ranked by
     its own first prompt, in a padded batch)."""
     _check_family(tiny, family, method)
+
+
+@pytest.mark.parametrize(
+    ("family", "positions"),
+    [("llava", "source"), ("qwen2_vl", "packed"), ("internvl", "source")],
+)
+def test_batch_matches_sequential_in_the_other_position_mode(tiny, family, positions):
+    """Each family's non-default position mode: the batch keeps the adapter's `source`
+    positions (1-D RoPE families) and gives Qwen's grid-less `packed` tokens plain positions,
+    exactly as the single conversation does."""
+    _check_family(tiny, family, "sample", positions=positions)
 
 
 def test_padding_really_happens(tiny):
