@@ -27,12 +27,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
 from transformers import DynamicCache
 
 from mc_core.adapters import for_model, prompt_attention
-from mc_core.data.images import to_rgb
+from mc_core.data.images import as_rgb
 from mc_core.dialogue import render, to_device
 
 __all__ = [
@@ -143,13 +142,6 @@ def _check_max_new_tokens(max_new_tokens) -> None:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive int")
 
 
-def _as_rgb(images: Any) -> list[Any]:
-    """The dialogue's images, each PIL image in RGB by the project's one conversion (alpha on
-    white, 16-bit grey scaled), so inference sees what training saw; other objects pass."""
-    flat = list(images) if isinstance(images, list | tuple) else [images]
-    return [to_rgb(im) if isinstance(im, Image.Image) else im for im in flat]
-
-
 class Conversation:
     """One dialogue on one set of images: compress once, then `ask` turn after turn.
 
@@ -194,7 +186,7 @@ class Conversation:
         self.processor = processor
         self.compressor = compressor
         self.adapter = adapter if adapter is not None else for_model(model)
-        self.images = _as_rgb(images)
+        self.images = as_rgb(images)
         if not self.images:
             raise ValueError("images is empty: a conversation needs at least one image")
         self.max_new_tokens = max_new_tokens
@@ -319,7 +311,7 @@ class _Dialogue:
     """One row of a `BatchConversation`: the per-dialogue record `Conversation` keeps too."""
 
     def __init__(self, images: list[Any]) -> None:
-        self.images = _as_rgb(images)
+        self.images = as_rgb(images)
         self.questions: list[str] = []
         self.answers: list[str] = []
         self.visual_tokens: list[int] | None = None

@@ -60,7 +60,7 @@ from mc_core.conversation import (
     token_dim,
 )
 from mc_core.data.accuracy import exact_match, vqa_soft_accuracy
-from mc_core.data.images import to_rgb
+from mc_core.data.images import as_rgb
 from mc_core.dialogue import encode_dialogue, render, to_device
 from mc_core.flops import prefill_flops
 from mc_core.losses import align_from_end, answer_kl
@@ -122,10 +122,8 @@ def score_turns(
 
 
 def _images(row: Mapping[str, Any]) -> list[Any]:
-    image = row["image"]
-    images = list(image) if isinstance(image, list | tuple) else [image]
     # PIL images go through the project's one RGB conversion (alpha on white, 16-bit scaled).
-    return [to_rgb(im) if isinstance(im, Image.Image) else im for im in images]
+    return as_rgb(row["image"])
 
 
 def _method_compressor(name: str, rate: float, dim: int, compressors, device):
@@ -364,7 +362,6 @@ def evaluate(
 
 def _blank_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """The row with every image replaced by a uniform grey one of the same size."""
-    from PIL import Image
 
     grey = [Image.new("RGB", im.size, (128, 128, 128)) for im in _images(row)]
     return {**row, "image": grey if isinstance(row["image"], list | tuple) else grey[0]}

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -50,7 +49,7 @@ from mc_core.adapters import for_model
 from mc_core.compressors import Compressor, TokenContext, build
 from mc_core.config import TrainConfig
 from mc_core.conversation import reset_state, token_dim
-from mc_core.data.images import to_rgb
+from mc_core.data.images import as_rgb
 from mc_core.dialogue import collate, encode_dialogue, to_device
 from mc_core.io import staged_dir, staged_file, write_json
 from mc_core.losses import TopKTarget, align_from_end, total_loss
@@ -199,11 +198,6 @@ def _row_images(row: dict[str, Any], where: str) -> list[Any]:
     return list(image) if isinstance(image, list | tuple) else [image]
 
 
-def _rgb(img):
-    # The project's one conversion (alpha on white, 16-bit grey scaled), as at inference.
-    return to_rgb(img) if isinstance(img, Image.Image) else img
-
-
 # Answer length limit of `targets="teacher"` generation: a real model's short answer ends with
 # its end-of-turn token well before this; the cut only bounds a rambling one.
 TEACHER_ANSWER_TOKENS = 16
@@ -212,7 +206,7 @@ TEACHER_ANSWER_TOKENS = 16
 def _encode_rows(
     processor, adapter, rows: Sequence[dict[str, Any]], where: str, model=None, targets="gold"
 ):
-    images = [[_rgb(im) for im in _row_images(row, where)] for row in rows]
+    images = [as_rgb(_row_images(row, where)) for row in rows]
     answers = [row["answers"] for row in rows]
     if targets == "teacher":
         # The frozen model's own greedy answers (all visual tokens, its own history), so the KL

@@ -139,13 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
         processor,
         schema.load(common.DATA_TEST),
         rate=REPORT_RATE,
-        history=ev.history,
         max_dialogues=ev.max_dialogues,
-        device=ev.device,
-        batch_size=ev.batch_size,
-        max_new_tokens=ev.max_new_tokens,
-        seed=ev.seed,
         progress=ev.progress,
+        **ev.run_kwargs(),
     )
     report = {
         "arch": ns.arch,

@@ -49,15 +49,11 @@ def main(argv: list[str] | None = None) -> None:
         ev.methods,
         rate,
         compressors={p.train.method: compressor},
-        history=ev.history,
         max_dialogues=ev.max_dialogues,
-        device=ev.device,
-        batch_size=ev.batch_size,
-        max_new_tokens=ev.max_new_tokens,
         arch=arch,
         dataset_name=dataset[0]["source"],
-        seed=ev.seed,
         progress=ev.progress,
+        **ev.run_kwargs(),
     )
     if ev.ceilings.enabled:
         c = ev.ceilings
@@ -70,12 +66,8 @@ def main(argv: list[str] | None = None) -> None:
             oracle_steps=c.oracle_steps,
             oracle_lr=c.oracle_lr,
             oracle_eps=c.oracle_eps,
-            history=ev.history,
             max_dialogues=ev.max_dialogues,
-            device=ev.device,
-            batch_size=ev.batch_size,
-            max_new_tokens=ev.max_new_tokens,
-            seed=ev.seed,
+            **ev.run_kwargs(),
         )
     seeds = _seed_spread(
         p,
@@ -168,14 +160,10 @@ def _validation(
         names,
         rate,
         compressors=comps,
-        history=ev.history,
-        device=ev.device,
-        batch_size=ev.batch_size,
-        max_new_tokens=ev.max_new_tokens,
         arch=arch,
         dataset_name=val[0]["source"],
-        seed=ev.seed,
         progress=ev.progress,
+        **ev.run_kwargs(),
     )
     out = {
         "dataset": report["dataset"],
@@ -217,13 +205,9 @@ def _seed_spread(
         list(comps),
         rate,
         compressors=comps,
-        history=ev.history,
         max_dialogues=ev.max_dialogues,
-        device=ev.device,
-        batch_size=ev.batch_size,
-        max_new_tokens=ev.max_new_tokens,
-        seed=ev.seed,
         progress=ev.progress,
+        **ev.run_kwargs(),
     )
     accs = [first] + [report["methods"][d.name]["acc_avg"] for d in dirs]
     mean, sd = mean_sd(accs)

@@ -301,6 +301,18 @@ class EvaluateParams(Section):
     val_methods: list[str] = Field(default_factory=lambda: ["sample"])
     ceilings: CeilingsParams = CeilingsParams()
 
+    def run_kwargs(self) -> dict[str, Any]:
+        """The keywords every ``mc_core.evaluate`` call of the pipeline takes from here (the
+        cell, its seeds and ceilings, data/val, the base report); callers add
+        ``max_dialogues`` and ``progress`` where they apply."""
+        return {
+            "history": self.history,
+            "device": self.device,
+            "batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+        }
+
     @field_validator("methods", "val_methods")
     @classmethod
     def _methods(cls, methods: list[str]) -> list[str]:

@@ -66,12 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     dataset = schema.load(common.DATA_TEST)
     ev = p.evaluate
     kw = {
-        "history": ev.history,
+        **ev.run_kwargs(),
         "max_dialogues": ns.dialogues,
-        "device": ev.device,
-        "batch_size": ev.batch_size,
-        "max_new_tokens": ev.max_new_tokens,
-        "seed": ev.seed,
         "progress": ev.progress,
         "arch": ns.arch,
         "dataset_name": dataset[0]["source"],

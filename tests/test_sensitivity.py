@@ -16,6 +16,7 @@ from mc_core.compressors import build
 from mc_core.data import schema
 from mc_core.data.schema import FEATURES
 from tasks import common, sensitivity
+from tasks.params import EvaluateParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,8 +46,14 @@ def cell(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "load", lambda path: (model, processor))
     monkeypatch.setattr(zoo, "info", lambda path: {"family": "llava"})
     monkeypatch.setattr(schema, "load", lambda path: _dataset(3))
-    ev = SimpleNamespace(
-        history="model", device="cpu", batch_size=2, max_new_tokens=1, seed=0, progress=False
+    ev = EvaluateParams(
+        methods=["sample"],
+        history="model",
+        device="cpu",
+        batch_size=2,
+        max_new_tokens=1,
+        seed=0,
+        progress=False,
     )
     monkeypatch.setattr(
         common,

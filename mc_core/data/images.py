@@ -76,6 +76,13 @@ def to_rgb(image: Any) -> Image.Image:
         raise ValueError(f"cannot convert an image of mode {mode!r} to RGB: {err}") from None
 
 
+def as_rgb(images: Any) -> list[Any]:
+    """One image or a list/tuple of them as a list, each PIL image through :func:`to_rgb` (what
+    a model is handed); anything else (a tensor, a stand-in) passes as it is."""
+    flat = list(images) if isinstance(images, list | tuple) else [images]
+    return [to_rgb(im) if isinstance(im, Image.Image) else im for im in flat]
+
+
 def check_size(size: tuple[int, int], *, where: str, what: str = "image") -> None:
     """Rejects a ``(width, height)`` that a processor cannot take (module docstring).
 
