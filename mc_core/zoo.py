@@ -11,7 +11,8 @@ so 90% reduction bites.
     tiny-llava-next  CLIP 224 px crops, anyres: a 224 px image gives a 16 x 16 base view plus
                      one 16 x 16 crop with a newline per row (528 tokens); a 224 x 448 image
                      gets two crops (784 tokens)
-    tiny-qwen2-vl    Qwen2-VL tower, patch 14, 2 x 2 merge -> 8 x 8 = 64 tokens at 224 px (the
+    tiny-qwen2-vl    Qwen2-VL tower, patch 14, 2 x 2 merge; the processor upsizes 224 px to
+                     336 px (min_pixels) -> 12 x 12 = 144 tokens (the
                      tower has rotary positions only: the LLM locates tokens through mrope)
 
 Real base models are not copied: :func:`save_resolved` writes a folder holding the pinned

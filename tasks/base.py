@@ -22,6 +22,7 @@ teacher's training summary (curve, steps, its own held-out world accuracies) for
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,10 +39,14 @@ REPORT_RATE = 0.9
 
 
 def recipe_sha(arch: str, cfg, world) -> str:
-    """SHA-256 of the canonical JSON of ``{arch, cfg.for_arch(arch), world}``: what a tiny
-    teacher's weights are a function of (budgets are steps and seeds)."""
+    """SHA-256 of the canonical JSON of ``{arch, its TinySpec, cfg.for_arch(arch), world}``: what
+    a tiny teacher's weights are a function of (budgets are steps and seeds)."""
+    from mc_core import zoo
+
     recipe = {
         "arch": arch,
+        # The architecture's sizes and image geometry: a spec edit changes the teacher too.
+        "spec": dataclasses.asdict(zoo.TINY[arch]),
         "teacher": cfg.for_arch(arch).model_dump(mode="json"),
         "world": world.to_dict(),
     }

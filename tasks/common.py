@@ -13,7 +13,9 @@ import argparse
 import contextlib
 import csv
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -159,6 +161,14 @@ def _cell_from_argv(argv: Sequence[str]) -> str | None:
     return ns.arch
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received: raised in the main thread so the stage unwinds."""
+
+
+def _terminate(signum, _frame) -> None:
+    raise Terminated(f"signal {signum} (SIGTERM)")
+
+
 @contextlib.contextmanager
 def stage(name: str, argv: Sequence[str] | None = None) -> Iterator[None]:
     """Start and end lines of a stage for its log: the cell, the elapsed time and the outputs
@@ -172,6 +182,10 @@ def stage(name: str, argv: Sequence[str] | None = None) -> Iterator[None]:
     quiet_library_bars()  # a captured stage log gets no library bar frames
     print(f"{label} start", flush=True)
     before, t0 = len(published()), time.monotonic()
+    # SIGTERM (DVC / Prefect cancelling, `kill`) unwinds like Ctrl-C, so `finally` blocks and
+    # the FAILED marking of an MLflow run happen instead of a silent death.
+    main = threading.current_thread() is threading.main_thread()  # signal's own rule
+    previous = signal.signal(signal.SIGTERM, _terminate) if main else None
     try:
         yield
     except SystemExit as err:
@@ -195,6 +209,9 @@ def stage(name: str, argv: Sequence[str] | None = None) -> Iterator[None]:
         took = format_duration(time.monotonic() - t0)
         print(f"{label} failed after {took}: {type(err).__name__}", flush=True)
         raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     outs = list(dict.fromkeys(str(p) for p in published()[before:] if p.exists()))
     took = format_duration(time.monotonic() - t0)
     print(f"{label} done in {took} -> {', '.join(outs) if outs else 'no files'}", flush=True)

@@ -145,7 +145,8 @@ def _validation(
     ev, method = p.evaluate, p.train.method
     val = schema.load(common.DATA_VAL)
     comps = {method: compressor}
-    champion = _champion(p.register.model_name(arch, rate, method), family, ckpt)
+    base = lineage.checkpoint_hash(common.base_dir(arch))
+    champion = _champion(p.register.model_name(arch, rate, method), family, ckpt, base)
     if champion is not None and champion["compressor"] is not None:
         comps["champion"] = champion["compressor"]
     names = [
@@ -215,10 +216,11 @@ def _seed_spread(
     return {"seeds": seeds, "acc_avg": accs, "mean": mean, "sd": sd}
 
 
-def _champion(name: str, family: str, ckpt: str) -> dict | None:
+def _champion(name: str, family: str, ckpt: str, base: str) -> dict | None:
     """The registry's current champion of this cell: ``{"version", "compressor"}`` (compressor
-    None when it is this very checkpoint), or None when the cell has no champion yet."""
-    held = tracking.current_champion(name)
+    None when it is this very checkpoint), or None when the cell has no champion yet or its
+    champion was trained against another base model (``base``: this one's content hash)."""
+    held = tracking.current_champion(name, base_sha256=base)
     if held is None:
         return None
     version = held[0]

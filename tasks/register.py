@@ -120,10 +120,17 @@ def main(argv: list[str] | None = None) -> None:
             f"by (register.champion_metric={metric!r})"
         ) from None
     name = p.register.model_name(arch, rate, method)
+    base_sha = lineage.checkpoint_hash(common.base_dir(arch))
     if p.register.gate and "validation" in metrics:
-        decision = gate(
-            metrics, method, metric, p.register.gate_baseline, tracking.current_champion(name)
-        )
+        # Only a champion of the same base model competes: one trained against other weights
+        # (a retrained teacher, another checkpoint) was scored on a different model.
+        held = tracking.current_champion(name)
+        same = tracking.current_champion(name, base_sha256=base_sha)
+        decision = gate(metrics, method, metric, p.register.gate_baseline, same)
+        if held is not None and same is None:
+            recorded = tracking.version_tags(name, held[0]).get("base_sha256")
+            why = "was trained against another base model" if recorded else "records no base model"
+            decision["reason"] += f" (champion v{held[0]} {why}: not compared)"
         score, promote = decision["score"], decision["promote"]
     else:  # no data/val (or gate off): the best test score holds the alias, as before
         why = "register.gate is false" if not p.register.gate else "no data/val evaluation"
@@ -154,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         "score_split": "val" if promote is not None else "test",
         "test_score": repr(test_score),
         "gate": decision["reason"],
+        "base_sha256": base_sha,
         **lineage.dvc_hashes(
             [
                 str(common.base_dir(arch)),

@@ -68,6 +68,11 @@ def _heuristics(methods: dict) -> list[str]:
     ]
 
 
+def _row(cells: list[str]) -> str:
+    """One markdown table row."""
+    return "| " + " | ".join(cells) + " |"
+
+
 def _acc(entry: dict) -> str:
     """``0.612 [0.57, 0.66]`` (95% bootstrap interval over dialogues when recorded)."""
     if "acc_avg" not in entry:
@@ -113,7 +118,7 @@ def table(cells: list[dict], methods: list[str]) -> str:
         "vs best heuristic",
         "registry",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [_row(head), "|" + "---|" * len(head)]
     for c in cells:
         ms = c["eval"]["methods"]
         accs = [_acc(ms[m]) if m in ms else "-" for m in methods]
@@ -130,8 +135,7 @@ def table(cells: list[dict], methods: list[str]) -> str:
                 where += f": {reg['gate']['reason']}"
         n = c["eval"].get("n_dialogues", c["eval"].get("dialogues", "?"))
         lines.append(
-            "| "
-            + " | ".join(
+            _row(
                 [
                     c["arch"],
                     params.format_rate(c["rate"]),
@@ -144,9 +148,59 @@ def table(cells: list[dict], methods: list[str]) -> str:
                     where,
                 ]
             )
-            + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def cell_checks(ms: dict) -> dict | None:
+    """What a cell says about the trained method, as numbers: ``retention`` (its acc_avg over
+    the full model's), ``best_heuristic`` and its acc_avg, ``ci_lo_above_best`` (the trained
+    method's interval starts above that accuracy), and ``fastv_turn_drop`` (FastV's turn 1
+    minus the mean of its later turns: what choosing tokens for the first prompt costs later).
+    None when the report has no trained method or no ``none`` reference."""
+    mc, heur = _trained(ms), _heuristics(ms)
+    if mc is None or "none" not in ms or not heur:
+        return None
+    best = max(heur, key=lambda m: ms[m]["acc_avg"])
+    out = {
+        "retention": ms[mc]["acc_avg"] / ms["none"]["acc_avg"] if ms["none"]["acc_avg"] else None,
+        "best_heuristic": best,
+        "best_heuristic_acc": ms[best]["acc_avg"],
+        "beats_every_heuristic": all(ms[mc]["acc_avg"] >= ms[h]["acc_avg"] for h in heur),
+        "ci_lo_above_best": (
+            ms[mc]["acc_avg_ci"][0] > ms[best]["acc_avg"] if "acc_avg_ci" in ms[mc] else None
+        ),
+        "fastv_turn_drop": None,
+    }
+    turns = ms.get("fastv", {}).get("acc_turn", [])
+    if len(turns) > 1:
+        out["fastv_turn_drop"] = turns[0] - sum(turns[1:]) / len(turns[1:])
+    return out
+
+
+def checks_table(cells: list[dict]) -> str:
+    """Markdown: the numbers of `cell_checks` per cell."""
+    head = [
+        "arch",
+        "rate",
+        "retention (trained / none)",
+        "≥ every heuristic",
+        "best heuristic",
+        "CI low end > best heuristic",
+        "FastV turn 1 − later turns",
+    ]
+    lines = [_row(head), "|" + "---|" * len(head)]
+    for c in cells:
+        ck = cell_checks(c["eval"]["methods"])
+        if ck is None:
+            continue
+        ret = "-" if ck["retention"] is None else f"{ck['retention']:.2f}"
+        ci = {None: "-", True: "yes", False: "no"}[ck["ci_lo_above_best"]]
+        drop = "-" if ck["fastv_turn_drop"] is None else f"{ck['fastv_turn_drop']:+.3f}"
+        best = f"{ck['best_heuristic']} {ck['best_heuristic_acc']:.3f}"
+        every = "yes" if ck["beats_every_heuristic"] else "no"
+        lines.append(_row([c["arch"], params.format_rate(c["rate"]), ret, every, best, ci, drop]))
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def ceilings_table(cells: list[dict]) -> str:
@@ -161,7 +215,7 @@ def ceilings_table(cells: list[dict]) -> str:
         "full on subsample",
         "oracle top-m in top-m [CLS]",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [_row(head), "|" + "---|" * len(head)]
     for c in cells:
         ce, ms = c["eval"].get("ceilings"), c["eval"]["methods"]
         if not ce:
@@ -178,8 +232,7 @@ def ceilings_table(cells: list[dict]) -> str:
             else cls.get("note", "-")
         )
         lines.append(
-            "| "
-            + " | ".join(
+            _row(
                 [
                     c["arch"],
                     params.format_rate(c["rate"]),
@@ -190,7 +243,6 @@ def ceilings_table(cells: list[dict]) -> str:
                     cls_s,
                 ]
             )
-            + " |"
         )
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
@@ -258,6 +310,14 @@ def main(argv: list[str] | None = None) -> None:
         "intervals separate.\n\n"
     )
     md += table(cells, methods)
+    checks = checks_table(cells)
+    if checks:
+        md += (
+            "\n## Per cell\n\nHow much of the full model the trained method keeps, whether it "
+            "reaches every prompt-agnostic heuristic and whether its interval starts above the "
+            "best one, and how far FastV (tokens chosen for the first question) falls on the "
+            "later turns.\n\n" + checks
+        )
     ceil = ceilings_table(cells)
     if ceil:
         md += (
@@ -285,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
                 else {}
             ),
             "verdict": verdict(c["eval"]["methods"]),
+            "checks": cell_checks(c["eval"]["methods"]),
         }
         for c in cells
     }

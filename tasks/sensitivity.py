@@ -1,12 +1,13 @@
 """FastV's layer K and the adapters' position mode, each varied on one cell (not a DVC stage).
 
-FastV ranks the visual tokens by the attention the first prompt pays them at LLM layer K; the
-paper uses K = 2, which on a 2-layer tiny teacher is capped at its last layer (a supervised
-layer there). This script reports FastV for K in ``--layers`` (the layer actually read is
-recorded) and, for ``sample`` and the cell's trained compressor, both position modes of the
-adapters (``packed``: consecutive positions, the HF convention; ``source``: each compressed
-token at the P-weighted position of its sources). Dialogues: the first ``--dialogues`` of
-data/test; settings from ``params.yaml: evaluate``. Writes ``reports/sensitivity.json``::
+FastV ranks the visual tokens by the attention the first prompt's last token pays them at LLM
+layer K; the paper uses K = 2 (an ordinary layer of the 4-layer tiny teachers, whose object
+pointer is trained on the last layer; K beyond the LLM is capped at its last layer). This
+script reports FastV for K in ``--layers`` (the layer actually read is recorded) and, for
+``sample`` and the cell's trained compressor, both position modes of the adapters
+(``packed``: consecutive positions, the HF convention; ``source``: each compressed token at
+the P-weighted position of its sources). Dialogues: the first ``--dialogues`` of data/test;
+settings from ``params.yaml: evaluate``. Writes ``reports/sensitivity/<arch>-<rate>.json``::
 
     {"arch", "rate", "dataset", "n_dialogues", "layers": {"K0": {"layer", "acc_turn",
      "acc_avg", "acc_avg_ci", ...}, ...}, "positions": {"packed": {method: {...}},
@@ -24,7 +25,6 @@ from pathlib import Path
 from tasks import common
 
 PARAMS = ("evaluate", "train")
-OUT = Path("reports/sensitivity.json")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         "--positions", default="packed,source", help="adapter position modes, comma-separated"
     )
     ap.add_argument("--dialogues", type=int, default=96, help="first N test dialogues")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, help="default: reports/sensitivity/<arch>-<rate>.json")
     ns = ap.parse_args(argv)
     try:
         layers = [int(k) for k in ns.layers.split(",")]
@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
             **kw,
         )
         out["positions"][mode] = res["methods"]
-    common.write_json(ns.out, out)
-    print(f"sensitivity: wrote {ns.out}", flush=True)
+    path = ns.out or common.cell_file("sensitivity", ns.arch, ns.rate)
+    common.write_json(path, out)
+    print(f"sensitivity: wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -150,8 +150,20 @@ def start_cell_run(
     tags: Mapping[str, str] | None = None,
     uri: str | None = None,
 ) -> str:
-    """Create the training run of a cell (status RUNNING); returns its id."""
+    """Create the training run of a cell (status RUNNING); returns its id.
+
+    Runs of the cell still RUNNING are marked KILLED first: a stage killed outright (SIGKILL,
+    a lost machine) never ended its run, and the next run of the cell is its successor."""
     c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is not None:
+        stale = c.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.arch = '{arch}' and tags.rate = '{rate}' and "
+            "tags.kind = 'train' and attributes.status = 'RUNNING'",
+        )
+        for r in stale:
+            c.set_terminated(r.info.run_id, "KILLED")
     all_tags = {
         "arch": arch,
         "rate": rate,
@@ -291,14 +303,21 @@ def set_champion(name: str, *, higher_is_better: bool = True, uri: str | None = 
     return str(best)
 
 
-def current_champion(name: str, *, uri: str | None = None) -> tuple[str, float | None] | None:
-    """``(version, score tag)`` of the version holding alias ``champion``; None without one."""
+def current_champion(
+    name: str, *, uri: str | None = None, base_sha256: str | None = None
+) -> tuple[str, float | None] | None:
+    """``(version, score tag)`` of the version holding alias ``champion``; None without one.
+
+    With ``base_sha256``, a champion trained against another base model (its ``base_sha256``
+    tag differs or is missing) counts as none: its scores were measured on other weights."""
     from mlflow.exceptions import MlflowException
 
     c = client(uri)
     try:
         mv = c.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:  # no such model or no alias yet
+        return None
+    if base_sha256 is not None and (mv.tags or {}).get("base_sha256") != base_sha256:
         return None
     return str(mv.version), _score_of(mv)
 

@@ -398,7 +398,8 @@ def test_prompt_attention_scores(tiny, family):
 
 
 def full_depth_scores(model, adapter, inputs, layer: int) -> list[torch.Tensor]:
-    """FastV scores the slow way: every LLM layer, eager, `output_attentions=True`."""
+    """FastV scores the slow way: every LLM layer, eager, `output_attentions=True`; the row's
+    last valid token is the query (FastV's own choice)."""
     cfg = model.config.text_config
     before = cfg._attn_implementation
     model.set_attn_implementation({"text_config": "eager"})
@@ -412,12 +413,11 @@ def full_depth_scores(model, adapter, inputs, layer: int) -> list[torch.Tensor]:
     _, slots = rewrite_placeholders(
         inputs, adapter.image_token_id, counts, counts, pad_token_id=adapter._pad_token_id()
     )
-    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    mask = inputs["attention_mask"].bool()
     out = []
     for s in slots:
-        q = mask[s.row] & (ids[s.row] != adapter.image_token_id)
-        q[: s.start + s.count] = False
-        out.append(attn[s.row, :, q][:, :, s.start : s.start + s.count].float().mean(dim=(0, 1)))
+        last = int(mask[s.row].nonzero().max())
+        out.append(attn[s.row, :, last, s.start : s.start + s.count].float().mean(dim=0))
     return out
 
 

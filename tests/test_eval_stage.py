@@ -14,7 +14,7 @@ from test_ceilings import _dataset
 from mc_core import checkpoint, zoo
 from mc_core.compressors import build
 from mc_core.data import schema
-from tasks import common, tracking
+from tasks import common, lineage, tracking
 from tasks import evaluate as stage
 from tasks.overrides import TrainParams
 from tasks.params import CeilingsParams, EvaluateParams, RegisterParams
@@ -32,6 +32,9 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(zoo, "load", lambda path: (model, processor))
     monkeypatch.setattr(zoo, "info", lambda path: {"family": "llava"})
+    # The base model's folder: the stage hashes it to pick the champion of the same base.
+    common.base_dir(ARCH).mkdir(parents=True)
+    (common.base_dir(ARCH) / "zoo.json").write_text('{"family": "llava"}')
     schema.save(_dataset(3, True), common.DATA_TEST)
     schema.save(_dataset(2, False), common.DATA_VAL)
     ev = EvaluateParams(
@@ -84,6 +87,7 @@ def test_evaluate_stage_records_ceilings_seeds_and_validation(workspace):
         score=0.5,
         metric="acc_avg",
         promote=True,
+        tags={"base_sha256": lineage.checkpoint_hash(common.base_dir(ARCH))},
     )
     again = _eval()  # the champion is this very checkpoint: not evaluated twice
     assert again["validation"]["methods"]["champion"] == {"version": "1", "same_checkpoint": True}
@@ -95,3 +99,6 @@ def test_evaluate_stage_records_ceilings_seeds_and_validation(workspace):
     assert champ["version"] == "1" and champ["same_checkpoint"] is False
     assert champ["acc_avg"] == val["methods"]["metacompress"]["acc_avg"]  # same weights
     assert "seeds" not in second["methods"]["metacompress"]
+    # The base model changed (a retrained teacher): v1 belongs to other weights, not evaluated.
+    (common.base_dir(ARCH) / "zoo.json").write_text('{"family": "llava", "retrained": true}')
+    assert "champion" not in _eval()["validation"]["methods"]

@@ -110,7 +110,7 @@ def test_token_grids_match_the_processor_and_the_model(tiny, each_family):
         ("tiny-llava", 224, ((16, 16, False),)),
         ("tiny-llava-next", 224, ((16, 16, False), (16, 16, True))),  # 528 tokens
         ("tiny-llava-next", 448, ((16, 16, False), (32, 32, True))),
-        ("tiny-qwen2-vl", 224, ((8, 8, False),)),
+        ("tiny-qwen2-vl", 224, ((12, 12, False),)),  # upsized to min_pixels = 336^2
     ],
 )
 def test_token_grids_of_the_world_architectures(arch, side, expect):
@@ -118,7 +118,7 @@ def test_token_grids_of_the_world_architectures(arch, side, expect):
     fam = families.get(spec.family)
     processor = build_processor(spec.family, VOCAB, **spec.image_cfg)
     config = fam.tiny_config(spec, processor.tokenizer)
-    assert fam.token_grids(config, side) == expect
+    assert fam.token_grids(config, side, processor) == expect
     inputs = _encode(processor, make_image(side, side))
     n = int((inputs["input_ids"] == config.image_token_id).sum())
     assert n == sum(r * (c + int(nl)) for r, c, nl in expect)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks import common, register, tracking
+from tasks import common, lineage, register, tracking
 from tasks.params import RegisterParams
 
 
@@ -83,14 +83,19 @@ def cell(template_db, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "load_params", lambda sections, who: params)
     arch, rate = "tiny-llava", 0.9
 
-    def run(payload: str, mc: float, sample: float) -> dict:
+    def run(payload: str, mc: float, sample: float, base: str = "teacher-1") -> dict:
+        # The base model's folder: its content hash scopes which champion competes.
+        base_dir = common.base_dir(arch)
+        base_dir.mkdir(parents=True, exist_ok=True)
+        (base_dir / "model.safetensors").write_text(base)
         ckpt = common.compressor_dir(arch, rate)
         shutil.rmtree(ckpt, ignore_errors=True)
         ckpt.mkdir(parents=True)
         (ckpt / "compressor.safetensors").write_bytes(payload.encode())
         (ckpt / "compressor.json").write_text("{}")
         name = RegisterParams().model_name(arch, rate, "metacompress")
-        held = tracking.current_champion(name, uri=uri)
+        base_sha = lineage.checkpoint_hash(base_dir)
+        held = tracking.current_champion(name, uri=uri, base_sha256=base_sha)
         champion = None
         if held:  # what tasks.evaluate records: the champion re-evaluated on data/val
             champion = {
@@ -122,6 +127,33 @@ def test_gated_registration_end_to_end(cell):
     assert (top["version"], top["champion"], top["score"]) == ("4", "4", 0.6)
     tags = tracking.version_tags(top["name"], "4")
     assert tags["score_split"] == "val" and float(tags["test_score"]) == 0.5
+
+
+def test_a_champion_of_another_base_model_does_not_compete(cell):
+    assert cell("w1", mc=0.8, sample=0.3)["champion"] == "1"
+    # The teacher was retrained: v1's 0.8 was measured on other weights. A version that beats
+    # sample on the new base takes the alias although its score is lower, and says why.
+    new = cell("w2", mc=0.5, sample=0.3, base="teacher-2")
+    assert (new["version"], new["champion"], new["gate"]["promote"]) == ("2", "2", True)
+    assert "v1 was trained against another base model" in new["gate"]["reason"]
+    tags = tracking.version_tags(new["name"], "2")
+    assert tags["base_sha256"] != tracking.version_tags(new["name"], "1")["base_sha256"]
+    # On that same base, v2 is the champion to beat again.
+    again = cell("w3", mc=0.45, sample=0.3, base="teacher-2")
+    assert again["champion"] == "2" and "champion v2" in again["gate"]["reason"]
+
+
+def test_a_champion_without_a_base_model_tag_does_not_compete(cell, tmp_path):
+    # Versions registered before base models were recorded carry no base_sha256 tag.
+    name = RegisterParams().model_name("tiny-llava", 0.9, "metacompress")
+    run = tracking.start_cell_run("gate", "tiny-llava", "0.9", params={})
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "compressor.safetensors").write_text("old")
+    tracking.register_checkpoint(name, old, run_id=run, score=0.9, metric="acc_avg", promote=True)
+    new = cell("w1", mc=0.5, sample=0.3)
+    assert new["champion"] == new["version"] == "2"
+    assert "champion v1 records no base model: not compared" in new["gate"]["reason"]
 
 
 def test_register_checkpoint_promote_flag(cell, tmp_path):

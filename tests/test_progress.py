@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
 from mc_core.progress import LogProgress, format_duration, progress
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class FakeClock:
@@ -130,3 +136,24 @@ def test_library_bars_off_only_off_terminal(monkeypatch):
     assert quiet_library_bars(io.StringIO()) is True
     assert not hf_logging.is_progress_bar_enabled()  # no "Loading weights" frames in a log
     hf_logging.enable_progress_bar()
+
+
+def test_sigterm_unwinds_a_stage(tmp_path):
+    # A cancelled stage (DVC / Prefect send SIGTERM) runs its finally blocks and says so.
+    code = textwrap.dedent(
+        """
+        import os, signal, sys
+        from tasks import common
+        with common.stage("train"):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            finally:
+                print("cleanup ran", flush=True)
+        """
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode != 0
+    assert "cleanup ran" in r.stdout
+    assert "[stage train] failed after 0:00: Terminated" in r.stdout

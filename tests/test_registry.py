@@ -176,3 +176,15 @@ def test_four_cells_register_at_once(store, tmp_path):
     assert str(cl.get_model_version_by_alias("shared", "champion").version) == str(best.version)
     runs = cl.search_runs([cl.get_experiment_by_name("exp").experiment_id])
     assert len(runs) == 4
+
+
+def test_a_new_cell_run_ends_the_one_a_killed_stage_left_running(store):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(store)
+    killed = tracking.start_cell_run("exp", "tiny-llava", "0.9", params={})  # never ended
+    other = tracking.start_cell_run("exp", "tiny-llava", "0.5", params={})  # another cell
+    new = tracking.start_cell_run("exp", "tiny-llava", "0.9", params={})
+    assert c.get_run(killed).info.status == "KILLED"
+    assert c.get_run(other).info.status == "RUNNING"  # not this cell's: left alone
+    assert c.get_run(new).info.status == "RUNNING"

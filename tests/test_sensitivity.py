@@ -66,7 +66,7 @@ def cell(tmp_path, monkeypatch):
     checkpoint.save_compressor(
         common.compressor_dir("tiny-llava", 0.75), meta, meta={"family": "llava"}
     )
-    return model, tmp_path / "reports/sensitivity.json"
+    return model, tmp_path / "reports/sensitivity/tiny-llava-0.75.json"
 
 
 def test_sensitivity_layers_and_packed_positions(cell):

@@ -53,3 +53,21 @@ def test_ceilings_table():
     row = md.splitlines()[2]
     assert "n/a (no object_centres)" in row and "(n=24, 150 steps)" in row
     assert "0.850" in row and "0.12 (chance 0.10)" in row
+
+
+def test_cell_checks_and_their_table():
+    cell = _cell((0.5, 0.6), (0.35, 0.45))
+    ms = cell["eval"]["methods"]
+    ms["fastv"]["acc_turn"] = [0.8, 0.6, 0.7]  # turn 1 chose the tokens
+    ck = report.cell_checks(ms)
+    assert abs(ck["retention"] - 0.55 / 0.9) < 1e-12
+    assert (ck["best_heuristic"], ck["best_heuristic_acc"]) == ("sample", 0.4)
+    assert ck["beats_every_heuristic"] and ck["ci_lo_above_best"]  # 0.5 > 0.4
+    assert abs(ck["fastv_turn_drop"] - 0.15) < 1e-12
+    # The interval's low end below the best heuristic's accuracy: not claimed.
+    low = report.cell_checks(_cell((0.38, 0.6), (0.35, 0.45))["eval"]["methods"])
+    assert low["ci_lo_above_best"] is False and low["beats_every_heuristic"]
+    row = report.checks_table([cell]).splitlines()[2]
+    assert "| 0.61 | yes | sample 0.400 | yes | +0.150 |" in row
+    del ms["none"]
+    assert report.cell_checks(ms) is None and report.checks_table([cell]) == ""

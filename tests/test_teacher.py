@@ -58,7 +58,7 @@ def _one_thread():
 @pytest.mark.parametrize("arch", sorted(zoo.TINY))
 def test_layout_matches_the_models_visual_tokens(arch):
     model, processor = zoo.build(_small(arch))
-    layout = T.layout_for(model, WORLD)
+    layout = T.layout_for(model, WORLD, processor)
     pool = make_pool(0, 2, WORLD, layout)
     adapter = adapters.for_model(model)
     with torch.no_grad():
@@ -139,7 +139,7 @@ def test_short_run_trains_saves_and_reports(tmp_path, arch):
         assert key in report
     assert len(report["acc_turn"]) == 3 and 0.0 <= report["acc_avg"] <= 1.0
     assert report["steps"] == {"stage1": 2, "stage2": 3, "stage3": 4}
-    assert report["visual_tokens"] == (256 if arch == "tiny-llava" else 64)
+    assert report["visual_tokens"] == (256 if arch == "tiny-llava" else 144)  # 12 x 12
     assert {e["event"] for e in events} >= {"step", "stage", "curve", "done"}
     # Stage 3 reduced some rows and kept others whole (aids on).
     s3 = [e for e in events if e["event"] == "step" and e["stage"] == 3]
@@ -257,3 +257,36 @@ def test_fixture_teacher_really_looks():
     # Blind guessing is near majority chance; margins of 0.15 cover 90-question noise.
     assert report["acc_blank_image"] <= report["chance"] + 0.15
     assert report["acc_sample_r0.9"] <= report["acc_avg"] - 0.25
+
+
+def test_pointer_layers_are_checked_against_the_llm_depth(tmp_path):
+    with pytest.raises(ValueError, match="distinct"):
+        T.TeacherConfig(pointer_layers=(1, 1))
+    depth = SMALL.get("text_layers", zoo.TINY["tiny-llava"].text_layers)
+    with pytest.raises(ValueError, match=rf"base.pointer_layers=\[{depth}\].*{depth} layers"):
+        T.train_teacher(
+            "tiny-llava",
+            tmp_path / "m",
+            _cfg(pointer_layers=(depth,)),
+            spec=_small("tiny-llava"),
+            progress=False,
+        )
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m-ckpt.pt").exists()
+
+
+def test_a_second_pointer_layer_adds_its_own_loss(tmp_path):
+    # The aid loss of an extra supervised layer is a positive -log attention term: the stage-2
+    # "att" logged on the first step (same seed, same batch) grows when layer 0 joins.
+    def first_att(layers):
+        events = []
+        T.train_teacher(
+            "tiny-llava",
+            tmp_path / f"m{len(layers)}",
+            _cfg(pointer_layers=layers),
+            spec=_small("tiny-llava"),
+            callbacks=[events.append],
+            progress=False,
+        )
+        return next(e["att"] for e in events if e["event"] == "step" and e["stage"] == 2)
+
+    assert first_att((0, -1)) > first_att((-1,)) + 1.0

@@ -28,7 +28,7 @@ def image():
 
 
 @pytest.mark.parametrize(
-    "arch,n_visual", [("tiny-llava", 256), ("tiny-llava-next", 528), ("tiny-qwen2-vl", 64)]
+    "arch,n_visual", [("tiny-llava", 256), ("tiny-llava-next", 528), ("tiny-qwen2-vl", 144)]
 )
 def test_build_runs_with_expected_visual_tokens(arch, n_visual, image):
     model, processor = zoo.build(_small(arch))

@@ -504,7 +504,9 @@ def _decoder_layers(model) -> tuple[Any, Any]:
 
 
 def _prompt_queries(model_inputs, image_token_id: int, slots: list[ImageSlot]) -> list[Tensor]:
-    """Per image, the positions of the valid text tokens after its placeholders ([q_i])."""
+    """Per image, the position of the last valid text token of its row, which must follow the
+    image's placeholders (a [1] tensor): FastV ranks by that token's attention alone, the one
+    that has read the whole prompt (the official implementation does the same)."""
     ids = model_inputs["input_ids"]
     mask = model_inputs.get("attention_mask")
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
@@ -515,7 +517,7 @@ def _prompt_queries(model_inputs, image_token_id: int, slots: list[ImageSlot]) -
         q[: s.start + s.count] = False
         if not q.any():
             raise ValueError(f"image {i} (row {s.row}) has no prompt text after it")
-        queries.append(q.nonzero().squeeze(1))  # (q_i,)
+        queries.append(q.nonzero().squeeze(1)[-1:])  # (1,)
     return queries
 
 
@@ -562,9 +564,10 @@ def prompt_attention(
     is cut to `layer + 1` entries, `num_hidden_layers` set to match and the LLM switched to eager
     attention (all three restored afterwards, also on error). A forward hook on layer `layer`'s
     attention reduces its weights as they are produced, so no other layer's map is kept: the
-    weights are averaged over heads and over the query positions after the image's placeholders
-    (other images' placeholders and padding excluded), keeping that image's columns. The vision
-    tower is skipped when `visual_tokens` are given; the LM head only sees the last position.
+    weights of the prompt's last token (the one that has read the whole question; padding
+    skipped) are averaged over heads, keeping that image's columns, as in FastV's own code.
+    The vision tower is skipped when `visual_tokens` are given; the LM head only sees the last
+    position.
 
     Args:
         model: the LVLM `adapter` wraps.

@@ -181,8 +181,13 @@ class Family:
         run is the placeholder sequence with `-1` where the n visual placeholders go."""
         raise NotImplementedError(f"family {self.name!r} has no benchmark shapes")
 
-    def token_grids(self, config, image_side: int) -> tuple[tuple[int, int, bool], ...]:
+    def token_grids(
+        self, config, image_side: int, processor=None
+    ) -> tuple[tuple[int, int, bool], ...]:
         """Visual-token layout of a square image of `image_side` pixels.
+
+        `processor` (optional): the model's processor, for families whose processor resizes
+        images by settings the model config does not hold (Qwen2-VL's min / max pixels).
 
         Returns:
             One `(rows, cols, newline)` per part, in sequence order: a row-major grid covering

@@ -188,7 +188,9 @@ class InternVL(Family):
             vision_feature_select_strategy="default",
         )
 
-    def token_grids(self, config, image_side: int) -> tuple[tuple[int, int, bool], ...]:
+    def token_grids(
+        self, config, image_side: int, processor=None
+    ) -> tuple[tuple[int, int, bool], ...]:
         # One tile: the processor's tiling (crop_to_patches, max_patches) is not in the model
         # config, so this is the layout of an image the processor keeps as a single tile.
         vc = config.vision_config

@@ -249,7 +249,9 @@ class Llava(Family):
         pixel_values = pixel_values.to(device=model.device, dtype=model.dtype)
         return pixel_values, {}, [cfg.image_token_id] * cfg.image_seq_length
 
-    def token_grids(self, config, image_side: int) -> tuple[tuple[int, int, bool], ...]:
+    def token_grids(
+        self, config, image_side: int, processor=None
+    ) -> tuple[tuple[int, int, bool], ...]:
         # The processor resizes every image to the tower's side: the side does not matter.
         if config.vision_feature_select_strategy != "default":
             raise ValueError(

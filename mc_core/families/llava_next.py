@@ -147,8 +147,10 @@ class LlavaNext(Llava):
         n = int(getattr(feats, "pooler_output", feats)[0].shape[0])
         return pixel_values, {"image_sizes": sizes}, [cfg.image_token_id] * n
 
-    def token_grids(self, config, image_side: int) -> tuple[tuple[int, int, bool], ...]:
-        (base,) = super().token_grids(config, image_side)
+    def token_grids(
+        self, config, image_side: int, processor=None
+    ) -> tuple[tuple[int, int, bool], ...]:
+        (base,) = super().token_grids(config, image_side, processor)
         vc = config.vision_config
         crop, per = vc.image_size, vc.image_size // vc.patch_size
         # The library's own anyres rules: best canvas, then unpadding to the image's aspect.

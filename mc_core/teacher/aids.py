@@ -76,15 +76,24 @@ def label_loss(
 
 
 def aid_losses(
-    aids: Aids, out, batch, *, rotary: bool, image_token_id: int
+    aids: Aids,
+    out,
+    batch,
+    *,
+    rotary: bool,
+    image_token_id: int,
+    pointer_layers: tuple[int, ...] = (-1,),
 ) -> dict[str, torch.Tensor]:
-    """Stage 2/3 aid losses of a forward ``out`` (attentions + hidden states) on ``batch``."""
-    att0, att_last = out.attentions[0], out.attentions[-1]  # (B, H, T, T)
+    """Stage 2/3 aid losses of a forward ``out`` (attentions + hidden states) on ``batch``;
+    the object pointer is supervised on each of ``pointer_layers``."""
+    att0 = out.attentions[0]  # (B, H, T, T)
     # One gather per layer: per-entry indexing would build a full-size gradient each time.
     i0 = batch.slot_index  # (4, 3A): batch row, head, query, key
     att = -torch.log(att0[i0[0], i0[1], i0[2], i0[3]] + 1e-6).sum()
     iL, wL = batch.look_index, batch.look_weight  # (4, K), (K,)
-    att = att - (torch.log(att_last[iL[0], iL[1], iL[2], iL[3]] + 1e-6) * wL).sum()
+    for layer in pointer_layers:
+        att_l = out.attentions[layer]
+        att = att - (torch.log(att_l[iL[0], iL[1], iL[2], iL[3]] + 1e-6) * wL).sum()
     att = att / len(batch.ans_ids)
     h1 = out.hidden_states[1][batch.ans_pos[:, 0], batch.ans_pos[:, 1]]  # (A, d) after layer 0
     parts = aids.slots(h1).split(list(aids.slot_sizes.values()), dim=-1)

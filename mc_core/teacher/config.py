@@ -55,6 +55,9 @@ class TeacherConfig(BaseModel):
     warmup_steps: int = Field(40, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     attn_weight: float = Field(1.0, ge=0)
+    # LLM layers (negative: from the end) whose heads 0 / 1 are trained to point at the asked
+    # object (see mc_core.teacher.aids). Never FastV's layer 2: it must stay an ordinary layer.
+    pointer_layers: tuple[int, ...] = (-1,)
     slot_weight: float = Field(0.5, ge=0)
     colour_first_steps: int = Field(0, ge=0)
     # Question mix of the training dialogues (colour, shape, count, exist): colour is learned
@@ -91,6 +94,13 @@ class TeacherConfig(BaseModel):
 
         for r in v:
             check_rate(r, where="aug_rates")
+        return v
+
+    @field_validator("pointer_layers")
+    @classmethod
+    def _pointers(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("expected one or more distinct layer indices")
         return v
 
     @field_validator("train_type_weights")

@@ -57,7 +57,7 @@ def evaluate(
     from mc_core.progress import progress as progress_bar
 
     adapter = adapters.for_model(model)
-    layout = layout_for(model, world)
+    layout = layout_for(model, world, processor)
     sample = compressors.build("sample", rate=rate, dim=adapter.dim)
     blank = S.blank_image(world)
     hits = {c: np.zeros(3) for c in _CONDITIONS}

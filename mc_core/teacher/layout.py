@@ -58,11 +58,12 @@ class Layout:
         return sum(g.n for g in self.grids)
 
 
-def layout_for(model, world: S.WorldConfig) -> Layout:
-    """Layout of the world's square images for ``model``, from its family descriptor."""
+def layout_for(model, world: S.WorldConfig, processor) -> Layout:
+    """Layout of the world's square images for ``model``, from its family descriptor (and
+    ``processor``, where it resizes images: Qwen2-VL's min / max pixels)."""
     from mc_core import families
 
-    parts = families.for_model(model).token_grids(model.config, world.image_size)
+    parts = families.for_model(model).token_grids(model.config, world.image_size, processor)
     return Layout(tuple(Grid(int(h), int(w), bool(nl)) for h, w, nl in parts))
 
 

@@ -56,7 +56,7 @@ class _Trainer:
         self.model, self.processor, self.cfg, self.world = model, processor, cfg, world
         self.state, self.ckpt, self.emit, self.progress = state, ckpt, emit, progress
         self.adapter = adapters.for_model(model)
-        self.layout = layout_for(model, world)
+        self.layout = layout_for(model, world, processor)
         self.aids = Aids(model.config.text_config.hidden_size, world)
         if state.aids is not None:
             self.aids.load_state_dict(state.aids)
@@ -233,7 +233,12 @@ class _Trainer:
             logs["ce_" + ("whole" if with_aids else "reduced")] = ce.item() / len(b.ans_ids)
             if with_aids:
                 aid = aid_losses(
-                    self.aids, out, b, rotary=self.rotary, image_token_id=self.image_id
+                    self.aids,
+                    out,
+                    b,
+                    rotary=self.rotary,
+                    image_token_id=self.image_id,
+                    pointer_layers=self.cfg.pointer_layers,
                 )
                 loss = (
                     loss
@@ -372,6 +377,12 @@ def train_teacher(
             cb(event)
 
     model, processor = zoo.build(spec or arch, seed=cfg.seed, attn_implementation="eager")
+    depth = int(model.config.get_text_config().num_hidden_layers)
+    if any(not -depth <= k < depth for k in cfg.pointer_layers):
+        raise ValueError(
+            f"base.pointer_layers={list(cfg.pointer_layers)}: {name}'s LLM has {depth} layers "
+            f"(indices {-depth}..{depth - 1})"
+        )
     recipe = TrainState.fingerprint(cfg.model_dump(), world.to_dict(), model.config.to_dict())
     state = TrainState.load(ckpt, name, recipe)
     if state is None:
