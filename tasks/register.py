@@ -121,12 +121,17 @@ def main(argv: list[str] | None = None) -> None:
         ) from None
     name = p.register.model_name(arch, rate, method)
     base_sha = lineage.checkpoint_hash(common.base_dir(arch))
+    ckpt = lineage.checkpoint_hash(ckpt_dir)
     if p.register.gate and "validation" in metrics:
         # Only a champion of the same base model competes: one trained against other weights
         # (a retrained teacher, another checkpoint) was scored on a different model.
         held = tracking.current_champion(name)
         same = tracking.current_champion(name, base_sha256=base_sha)
         decision = gate(metrics, method, metric, p.register.gate_baseline, same)
+        if same is not None and tracking.version_tags(name, same[0]).get("ckpt_sha256") == ckpt:
+            # A rerun after the alias moved to this very checkpoint (the eval report, written
+            # before, saw the previous champion): nothing to decide.
+            decision["reason"] = f"this checkpoint already is champion v{same[0]}"
         if held is not None and same is None:
             recorded = tracking.version_tags(name, held[0]).get("base_sha256")
             why = "was trained against another base model" if recorded else "records no base model"
@@ -141,7 +146,6 @@ def main(argv: list[str] | None = None) -> None:
         }
         score, promote = test_score, None
 
-    ckpt = lineage.checkpoint_hash(ckpt_dir)
     run_id = tracking.find_cell_run(p.tracking.experiment, arch, rate_s, ckpt_sha256=ckpt)
     if run_id is None:
         run_id = tracking.start_cell_run(

@@ -180,3 +180,13 @@ def test_register_checkpoint_promote_flag(cell, tmp_path):
         "m", ck("c"), run_id=run, score=0.8, metric="acc_avg", promote=False, uri=uri
     )
     assert r3.champion == "2"
+
+
+def test_a_rerun_on_the_champion_checkpoint_says_so(cell):
+    first = cell("w1", mc=0.6, sample=0.3)
+    # The same checkpoint registered again (a register rerun): whatever the eval report saw,
+    # the registry knows this very checkpoint holds the alias.
+    again = cell("w1", mc=0.6, sample=0.3)
+    assert (again["version"], again["champion"], again["created"]) == ("1", "1", False)
+    assert first["champion"] == "1"
+    assert again["gate"]["reason"] == "this checkpoint already is champion v1"
