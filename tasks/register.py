@@ -125,15 +125,17 @@ def main(argv: list[str] | None = None) -> None:
     if p.register.gate and "validation" in metrics:
         # Only a champion of the same base model competes: one trained against other weights
         # (a retrained teacher, another checkpoint) was scored on a different model.
+        # One alias lookup and one tag read decide both: same base model, same checkpoint.
         held = tracking.current_champion(name)
-        same = tracking.current_champion(name, base_sha256=base_sha)
+        tags = tracking.version_tags(name, held[0]) if held is not None else {}
+        same = held if held is not None and tags.get("base_sha256") == base_sha else None
         decision = gate(metrics, method, metric, p.register.gate_baseline, same)
-        if same is not None and tracking.version_tags(name, same[0]).get("ckpt_sha256") == ckpt:
+        if same is not None and tags.get("ckpt_sha256") == ckpt:
             # A rerun after the alias moved to this very checkpoint (the eval report, written
             # before, saw the previous champion): nothing to decide.
             decision["reason"] = f"this checkpoint already is champion v{same[0]}"
         if held is not None and same is None:
-            recorded = tracking.version_tags(name, held[0]).get("base_sha256")
+            recorded = tags.get("base_sha256")
             why = "was trained against another base model" if recorded else "records no base model"
             decision["reason"] += f" (champion v{held[0]} {why}: not compared)"
         score, promote = decision["score"], decision["promote"]

@@ -73,6 +73,11 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _best(ms: dict, methods: list[str]) -> str:
+    """The method of ``methods`` with the highest acc_avg in ``ms``."""
+    return max(methods, key=lambda m: ms[m]["acc_avg"])
+
+
 def _acc(entry: dict) -> str:
     """``0.612 [0.57, 0.66]`` (95% bootstrap interval over dialogues when recorded)."""
     if "acc_avg" not in entry:
@@ -93,7 +98,7 @@ def verdict(ms: dict) -> str:
     mc, heur = _trained(ms), _heuristics(ms)
     if mc is None or not heur:
         return "-"
-    best = max(heur, key=lambda m: ms[m]["acc_avg"])
+    best = _best(ms, heur)
     a, b = ms[mc].get("acc_avg_ci"), ms[best].get("acc_avg_ci")
     if a is None or b is None:
         return f"no CI (vs {best})"
@@ -161,7 +166,7 @@ def cell_checks(ms: dict) -> dict | None:
     mc, heur = _trained(ms), _heuristics(ms)
     if mc is None or "none" not in ms or not heur:
         return None
-    best = max(heur, key=lambda m: ms[m]["acc_avg"])
+    best = _best(ms, heur)
     out = {
         "retention": ms[mc]["acc_avg"] / ms["none"]["acc_avg"] if ms["none"]["acc_avg"] else None,
         "best_heuristic": best,
