@@ -15,11 +15,14 @@ choice), the KV cache is reused, and each turn's greedy answer is scored:
 - `visual_tokens`: mean visual tokens kept per dialogue; `prefill_tflops`: mean analytic LLM
   prefill TFLOPs of the turn-1 prompt (`mc_core.flops`);
 - `acc_avg_ci`: the 95% percentile-bootstrap interval `[lo, hi]` of `acc_avg`, resampling
-  dialogues (their turns share an image; `mc_core.stats`, seeded by `seed`).
+  dialogues (their turns share an image; `mc_core.stats`, seeded by `seed`);
+- `acc_dialogues`: each dialogue's accuracy over its turns, in dataset order, so two methods
+  compare dialogue by dialogue (`mc_core.stats.paired_difference`).
 
 The result follows the metrics schema of docs/contracts.md:
 `{"arch", "rate", "dataset", "n_dialogues", "methods": {name: {"acc_turn", "acc_avg",
-"acc_avg_ci", "kl_to_full", "prefill_ms", "visual_tokens", "prefill_tflops"}}}` (plus "history"
+"acc_avg_ci", "acc_dialogues", "kl_to_full", "prefill_ms", "visual_tokens",
+"prefill_tflops"}}}` (plus "history"
 and "dialogues", = n_dialogues). `none` is the uncompressed reference.
 
 `evaluate_ceilings` measures the cell's ceilings (`mc_core.ceilings`) with the same loop:
@@ -244,10 +247,13 @@ def _run_method(
             bar.update(len(chunk))
     sets = [r["answer_sets"] for r in rows]
     acc = score_turns(preds, sets)
+    per_dialogue = score_dialogues(preds, sets)
     return {
         "acc_turn": acc,
         "acc_avg": sum(acc) / len(acc),
-        "acc_avg_ci": bootstrap_ci(score_dialogues(preds, sets), seed=ci_seed),
+        "acc_avg_ci": bootstrap_ci(per_dialogue, seed=ci_seed),
+        # Dataset order: two methods' lists pair up dialogue by dialogue (stats.paired_difference).
+        "acc_dialogues": [round(v, 6) for v in per_dialogue],
         "kl_to_full": sum(kls) / len(kls) if with_kl else None,
         "prefill_ms": statistics.median(prefill),
         "visual_tokens": sum(kept) / len(kept),

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "mean_sd", "separated"]
+__all__ = ["bootstrap_ci", "mean_sd", "paired_difference", "separated"]
 
 RESAMPLES = 2000  # percentile bootstrap: ~2k resamples put the 2.5% quantile within ~0.003
 
@@ -49,6 +49,36 @@ def bootstrap_ci(
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return [float(lo), float(hi)]
+
+
+def paired_difference(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    level: float = 0.95,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> dict:
+    """Mean of ``a - b`` over the same dialogues, with its paired bootstrap interval.
+
+    Two methods scored on the same dialogues share each dialogue's difficulty, so resampling
+    the per-dialogue differences gives a much narrower interval for "is A better than B" than
+    comparing the two marginal intervals (which `separated` does, conservatively).
+
+    Returns:
+        ``{"diff": mean(a - b), "ci": [lo, hi], "n": len(a)}``.
+
+    Raises:
+        ValueError: the lists differ in length (not the same dialogues), or as `bootstrap_ci`.
+    """
+    x, y = list(a), list(b)
+    if len(x) != len(y):
+        raise ValueError(
+            f"paired_difference needs scores of the same dialogues: got {len(x)} and {len(y)}"
+        )
+    d = [float(u) - float(v) for u, v in zip(x, y, strict=True)]
+    ci = bootstrap_ci(d, level=level, resamples=resamples, seed=seed)
+    return {"diff": sum(d) / len(d) if d else float("nan"), "ci": ci, "n": len(d)}
 
 
 def separated(a: Sequence[float], b: Sequence[float]) -> bool:

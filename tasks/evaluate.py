@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _flat_metrics(metrics: dict) -> dict[str, float]:
-    """``<split>/<method>/<key>`` scalars (lists become ``_1``, ``_2``...) for MLflow."""
+    """``<split>/<method>/<key>`` scalars (lists become ``_1``, ``_2``...) for MLflow. The
+    per-dialogue scores stay in the report artifact: hundreds of metrics per method are noise
+    in the run page."""
     flat = {}
     sections = [("eval", metrics["methods"])]
     sections += [("val", metrics["validation"]["methods"])] if "validation" in metrics else []
@@ -126,7 +128,9 @@ def _flat_metrics(metrics: dict) -> dict[str, float]:
     for prefix, methods in sections:
         for method, m in methods.items():
             for key, value in m.items():
-                if isinstance(value, list) and key != "indices":
+                if key in ("indices", "acc_dialogues"):
+                    continue
+                if isinstance(value, list):
                     flat.update(
                         {f"{prefix}/{method}/{key}_{i + 1}": v for i, v in enumerate(value)}
                     )

@@ -160,9 +160,13 @@ def table(cells: list[dict], methods: list[str]) -> str:
 def cell_checks(ms: dict) -> dict | None:
     """What a cell says about the trained method, as numbers: ``retention`` (its acc_avg over
     the full model's), ``best_heuristic`` and its acc_avg, ``ci_lo_above_best`` (the trained
-    method's interval starts above that accuracy), and ``fastv_turn_drop`` (FastV's turn 1
-    minus the mean of its later turns: what choosing tokens for the first prompt costs later).
-    None when the report has no trained method or no ``none`` reference."""
+    method's interval starts above that accuracy), ``vs_best_paired`` (trained minus best
+    heuristic over the same dialogues with its paired bootstrap interval, when the report has
+    per-dialogue scores; else None) and ``fastv_turn_drop`` (FastV's turn 1 minus the mean of
+    its later turns: what choosing tokens for the first prompt costs later). None when the
+    report has no trained method or no ``none`` reference."""
+    from mc_core.stats import paired_difference
+
     mc, heur = _trained(ms), _heuristics(ms)
     if mc is None or "none" not in ms or not heur:
         return None
@@ -175,8 +179,12 @@ def cell_checks(ms: dict) -> dict | None:
         "ci_lo_above_best": (
             ms[mc]["acc_avg_ci"][0] > ms[best]["acc_avg"] if "acc_avg_ci" in ms[mc] else None
         ),
+        "vs_best_paired": None,
         "fastv_turn_drop": None,
     }
+    a, b = ms[mc].get("acc_dialogues"), ms[best].get("acc_dialogues")
+    if a and b:
+        out["vs_best_paired"] = paired_difference(a, b)
     turns = ms.get("fastv", {}).get("acc_turn", [])
     if len(turns) > 1:
         out["fastv_turn_drop"] = turns[0] - sum(turns[1:]) / len(turns[1:])
@@ -192,6 +200,7 @@ def checks_table(cells: list[dict]) -> str:
         "≥ every heuristic",
         "best heuristic",
         "CI low end > best heuristic",
+        "trained − best, paired [95% CI]",
         "FastV turn 1 − later turns",
     ]
     lines = [_row(head), "|" + "---|" * len(head)]
@@ -204,7 +213,12 @@ def checks_table(cells: list[dict]) -> str:
         drop = "-" if ck["fastv_turn_drop"] is None else f"{ck['fastv_turn_drop']:+.3f}"
         best = f"{ck['best_heuristic']} {ck['best_heuristic_acc']:.3f}"
         every = "yes" if ck["beats_every_heuristic"] else "no"
-        lines.append(_row([c["arch"], params.format_rate(c["rate"]), ret, every, best, ci, drop]))
+        pd = ck["vs_best_paired"]
+        paired = "-"
+        if pd is not None:
+            paired = f"{pd['diff']:+.3f} [{pd['ci'][0]:+.3f}, {pd['ci'][1]:+.3f}]"
+        rate = params.format_rate(c["rate"])
+        lines.append(_row([c["arch"], rate, ret, every, best, ci, paired, drop]))
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
@@ -320,8 +334,9 @@ def main(argv: list[str] | None = None) -> None:
         md += (
             "\n## Per cell\n\nHow much of the full model the trained method keeps, whether it "
             "reaches every prompt-agnostic heuristic and whether its interval starts above the "
-            "best one, and how far FastV (tokens chosen for the first question) falls on the "
-            "later turns.\n\n" + checks
+            "best one, its difference to that heuristic paired over the same dialogues (an "
+            "interval that excludes 0 is not noise of the test draw), and how far FastV "
+            "(tokens chosen for the first question) falls on the later turns.\n\n" + checks
         )
     ceil = ceilings_table(cells)
     if ceil:

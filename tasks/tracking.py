@@ -155,15 +155,14 @@ def start_cell_run(
     Runs of the cell still RUNNING are marked KILLED first: a stage killed outright (SIGKILL,
     a lost machine) never ended its run, and the next run of the cell is its successor."""
     c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is not None:
-        stale = c.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.arch = '{arch}' and tags.rate = '{rate}' and "
-            "tags.kind = 'train' and attributes.status = 'RUNNING'",
-        )
-        for r in stale:
-            c.set_terminated(r.info.run_id, "KILLED")
+    exp_id = experiment_id(experiment, uri)
+    stale = c.search_runs(
+        [exp_id],
+        filter_string=f"tags.arch = '{arch}' and tags.rate = '{rate}' and "
+        "tags.kind = 'train' and attributes.status = 'RUNNING'",
+    )
+    for r in stale:
+        c.set_terminated(r.info.run_id, "KILLED")
     all_tags = {
         "arch": arch,
         "rate": rate,
@@ -172,9 +171,7 @@ def start_cell_run(
         **dvc_hashes(["data/train", "data/test", f"models/base/{arch}"]),
         **(tags or {}),
     }
-    run = c.create_run(
-        experiment_id(experiment, uri), run_name=f"train-{arch}-r{rate}", tags=all_tags
-    )
+    run = c.create_run(exp_id, run_name=f"train-{arch}-r{rate}", tags=all_tags)
     log_params(run.info.run_id, params, uri=uri)
     return run.info.run_id
 

@@ -102,3 +102,14 @@ def test_evaluate_stage_records_ceilings_seeds_and_validation(workspace):
     # The base model changed (a retrained teacher): v1 belongs to other weights, not evaluated.
     (common.base_dir(ARCH) / "zoo.json").write_text('{"family": "llava", "retrained": true}')
     assert "champion" not in _eval()["validation"]["methods"]
+
+
+def test_flat_metrics_keep_per_dialogue_scores_out_of_mlflow():
+    m = {"acc_turn": [0.5, 1.0], "acc_avg": 0.75, "acc_dialogues": [1.0, 0.5], "prefill_ms": 2}
+    flat = stage._flat_metrics({"methods": {"sample": m}, "ceilings": {}})
+    assert flat == {
+        "eval/sample/acc_turn_1": 0.5,
+        "eval/sample/acc_turn_2": 1.0,
+        "eval/sample/acc_avg": 0.75,
+        "eval/sample/prefill_ms": 2,
+    }

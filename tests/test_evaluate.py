@@ -113,6 +113,9 @@ def test_report_schema_and_reference(cell):
     for name, m in report["methods"].items():
         lo, hi = m["acc_avg_ci"]
         assert 0.0 <= lo <= m["acc_avg"] <= hi <= 1.0, name
+        # One score per dialogue (dataset order) whose mean is acc_avg: the pairing unit.
+        assert len(m["acc_dialogues"]) == 3, name
+        assert sum(m["acc_dialogues"]) / 3 == pytest.approx(m["acc_avg"], abs=1e-6), name
     assert ref["kl_to_full"] == 0.0 and ref["visual_tokens"] == 64
     for name in ("sample", "fastv", "metacompress"):
         m = report["methods"][name]

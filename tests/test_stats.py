@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mc_core.stats import bootstrap_ci, mean_sd, separated
+from mc_core.stats import bootstrap_ci, mean_sd, paired_difference, separated
 
 
 def test_bootstrap_ci_covers_mean_and_is_seeded():
@@ -48,3 +48,29 @@ def test_mean_sd():
     assert mean == pytest.approx(0.5) and sd == pytest.approx(0.1)
     with pytest.raises(ValueError):
         mean_sd([])
+
+
+def test_paired_difference_sees_what_separate_intervals_miss():
+    # Two methods on the same 300 dialogues: B fails where A fails, and on 15 more. The
+    # marginal intervals (0.80 vs 0.75, each +-0.045) overlap; the shared failures cancel in
+    # the per-dialogue differences, so the paired interval excludes 0.
+    a = [1.0] * 240 + [0.0] * 60
+    b = [1.0] * 225 + [0.0] * 75
+    assert not separated(bootstrap_ci(a), bootstrap_ci(b))
+    pd = paired_difference(a, b)
+    assert pd["n"] == 300 and pd["diff"] == pytest.approx(0.05)
+    assert 0.0 < pd["ci"][0] < 0.05 < pd["ci"][1]
+    # The same scores in unrelated order: the pairing is what narrows it.
+    shuffled = b[150:] + b[:150]
+    wide = paired_difference(a, shuffled)
+    assert wide["diff"] == pytest.approx(0.05) and wide["ci"][0] < 0.0
+
+
+def test_paired_difference_of_a_method_with_itself_is_zero():
+    a = [1.0, 0.0, 0.5] * 20
+    assert paired_difference(a, a) == {"diff": 0.0, "ci": [0.0, 0.0], "n": 60}
+
+
+def test_paired_difference_needs_the_same_dialogues():
+    with pytest.raises(ValueError, match="same dialogues: got 3 and 2"):
+        paired_difference([1.0, 0.0, 1.0], [1.0, 0.0])

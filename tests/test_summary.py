@@ -67,7 +67,15 @@ def test_cell_checks_and_their_table():
     # The interval's low end below the best heuristic's accuracy: not claimed.
     low = report.cell_checks(_cell((0.38, 0.6), (0.35, 0.45))["eval"]["methods"])
     assert low["ci_lo_above_best"] is False and low["beats_every_heuristic"]
+    assert ck["vs_best_paired"] is None  # no per-dialogue scores in this report
     row = report.checks_table([cell]).splitlines()[2]
-    assert "| 0.61 | yes | sample 0.400 | yes | +0.150 |" in row
+    assert "| 0.61 | yes | sample 0.400 | yes | - | +0.150 |" in row
+    # With per-dialogue scores: the difference paired over the same dialogues.
+    ms["metacompress"]["acc_dialogues"] = [1.0] * 55 + [0.0] * 45
+    ms["sample"]["acc_dialogues"] = [1.0] * 40 + [0.0] * 60
+    pd = report.cell_checks(ms)["vs_best_paired"]
+    assert abs(pd["diff"] - 0.15) < 1e-12 and 0.0 < pd["ci"][0] < 0.15 < pd["ci"][1]
+    row = report.checks_table([cell]).splitlines()[2]
+    assert f"| +0.150 [{pd['ci'][0]:+.3f}, {pd['ci'][1]:+.3f}] |" in row
     del ms["none"]
     assert report.cell_checks(ms) is None and report.checks_table([cell]) == ""

@@ -304,13 +304,13 @@ class Qwen2VL(Family):
         self, config, image_side: int, processor=None
     ) -> tuple[tuple[int, int, bool], ...]:
         vc = config.vision_config
-        step = vc.patch_size * vc.spatial_merge_size
         if processor is not None:
             # The processor's own resize (min / max pixels, multiples of patch * merge).
             blank = Image.new("RGB", (image_side, image_side))
             _, h, w = processor.image_processor(images=[blank])["image_grid_thw"][0].tolist()
             m = vc.spatial_merge_size
             return ((int(h) // m, int(w) // m, False),)
+        step = vc.patch_size * vc.spatial_merge_size
         if image_side % step:
             raise ValueError(
                 f"image_side={image_side} is not a multiple of patch * merge = {step}: the "
