@@ -1,4 +1,10 @@
-"""FastV: keep the tokens the first turn's prompt attends to most at LLM layer K."""
+"""FastV: keep the tokens the first turn's prompt attends to most at LLM layer K.
+
+K (`mc_core.conversation.compress_inputs`' `fastv_layer`, default 2) names the layer whose
+attention ranks the tokens; as for every method here, the kept tokens replace the image at the
+LLM's input. FastV's own code keeps all tokens up to layer K - 1, ranks by that layer's
+attention and drops the rest from layer K on, so its K = 2 reads the attention our K = 1 reads.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,7 @@ from mc_core.compressors.base import Compressor, TokenContext, context_tensor
 
 @register("fastv")
 class FastVCompressor(Compressor):
-    """Prompt-attention pruning (FastV, Chen et al., ECCV 2024, arXiv 2403.06764).
-
-    `layer` (default K = 2) names the LLM layer whose attention ranks the tokens; as every
-    method here, the kept tokens replace the image at the LLM's input. FastV's own code keeps
-    all tokens up to layer K - 1, ranks by that layer's attention and drops the rest from
-    layer K on, so its K = 2 reads the attention our K = 1 reads."""
+    """Prompt-attention pruning (FastV, Chen et al., ECCV 2024, arXiv 2403.06764)."""
 
     needs = frozenset({"prompt_attention"})
     prompt_dependent = True
