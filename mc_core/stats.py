@@ -77,8 +77,8 @@ def paired_difference(
             f"paired_difference needs scores of the same dialogues: got {len(x)} and {len(y)}"
         )
     d = [float(u) - float(v) for u, v in zip(x, y, strict=True)]
-    ci = bootstrap_ci(d, level=level, resamples=resamples, seed=seed)
-    return {"diff": sum(d) / len(d) if d else float("nan"), "ci": ci, "n": len(d)}
+    ci = bootstrap_ci(d, level=level, resamples=resamples, seed=seed)  # raises when empty
+    return {"diff": sum(d) / len(d), "ci": ci, "n": len(d)}
 
 
 def separated(a: Sequence[float], b: Sequence[float]) -> bool:

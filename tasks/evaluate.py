@@ -224,11 +224,11 @@ def _champion(name: str, family: str, ckpt: str, base: str) -> dict | None:
     """The registry's current champion of this cell: ``{"version", "compressor"}`` (compressor
     None when it is this very checkpoint), or None when the cell has no champion yet or its
     champion was trained against another base model (``base``: this one's content hash)."""
-    held = tracking.current_champion(name, base_sha256=base)
-    if held is None:
+    found = tracking.champion(name, base_sha256=base)  # with its tags: one registry read
+    if found is None:
         return None
-    version = held[0]
-    if tracking.version_tags(name, version).get("ckpt_sha256") == ckpt:
+    version, _, tags = found
+    if tags.get("ckpt_sha256") == ckpt:
         return {"version": version, "compressor": None}
     comp = tracking.load_compressor(f"models:/{name}/{version}", expect={"family": family})
     return {"version": version, "compressor": comp}

@@ -125,9 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     if p.register.gate and "validation" in metrics:
         # Only a champion of the same base model competes: one trained against other weights
         # (a retrained teacher, another checkpoint) was scored on a different model.
-        # One alias lookup and one tag read decide both: same base model, same checkpoint.
-        held = tracking.current_champion(name)
-        tags = tracking.version_tags(name, held[0]) if held is not None else {}
+        # One alias lookup (the version comes with its tags) decides both: same base model,
+        # same checkpoint.
+        found = tracking.champion(name)
+        held, tags = (found[:2], found[2]) if found is not None else (None, {})
         same = held if held is not None and tags.get("base_sha256") == base_sha else None
         decision = gate(metrics, method, metric, p.register.gate_baseline, same)
         if same is not None and tags.get("ckpt_sha256") == ckpt:

@@ -300,10 +300,11 @@ def set_champion(name: str, *, higher_is_better: bool = True, uri: str | None = 
     return str(best)
 
 
-def current_champion(
+def champion(
     name: str, *, uri: str | None = None, base_sha256: str | None = None
-) -> tuple[str, float | None] | None:
-    """``(version, score tag)`` of the version holding alias ``champion``; None without one.
+) -> tuple[str, float | None, dict] | None:
+    """``(version, score tag, tags)`` of the version holding alias ``champion``; None without
+    one. One registry read: the alias lookup returns the version with its tags.
 
     With ``base_sha256``, a champion trained against another base model (its ``base_sha256``
     tag differs or is missing) counts as none: its scores were measured on other weights."""
@@ -314,9 +315,18 @@ def current_champion(
         mv = c.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:  # no such model or no alias yet
         return None
-    if base_sha256 is not None and (mv.tags or {}).get("base_sha256") != base_sha256:
+    tags = dict(mv.tags or {})
+    if base_sha256 is not None and tags.get("base_sha256") != base_sha256:
         return None
-    return str(mv.version), _score_of(mv)
+    return str(mv.version), _score_of(mv), tags
+
+
+def current_champion(
+    name: str, *, uri: str | None = None, base_sha256: str | None = None
+) -> tuple[str, float | None] | None:
+    """``(version, score tag)`` of `champion` (same arguments), without the tags."""
+    found = champion(name, uri=uri, base_sha256=base_sha256)
+    return None if found is None else found[:2]
 
 
 def version_tags(name: str, version: str, *, uri: str | None = None) -> dict[str, str]:
