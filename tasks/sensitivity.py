@@ -3,14 +3,16 @@
 FastV ranks the visual tokens by the attention the first prompt's last token pays them at LLM
 layer K; the paper uses K = 2 (an ordinary layer of the 4-layer tiny teachers, whose object
 pointer is trained on the last layer; K beyond the LLM is capped at its last layer). This
-script reports FastV for K in ``--layers`` (the layer actually read is recorded) and, for
+script reports FastV for K in ``--layers`` (the layer actually read is recorded, with how much
+the question steers that layer's choice: `mc_core.probe.question_overlap`) and, for
 ``sample`` and the cell's trained compressor, both position modes of the adapters
 (``packed``: consecutive positions, the HF convention; ``source``: each compressed token at
 the P-weighted position of its sources). Dialogues: the first ``--dialogues`` of data/test;
 settings from ``params.yaml: evaluate``. Writes ``reports/sensitivity/<arch>-<rate>.json``::
 
     {"arch", "rate", "dataset", "n_dialogues", "layers": {"K0": {"layer", "acc_turn",
-     "acc_avg", "acc_avg_ci", ...}, ...}, "positions": {"packed": {method: {...}},
+     "acc_avg", "acc_avg_ci", ..., "question_overlap": {"overlap", "overlap_ci", "chance",
+     "dialogues", "centre_recall"}}, ...}, "positions": {"packed": {method: {...}},
      "source": {...}}, "default_positions"}
 
 Usage: ``python -m tasks.sensitivity --arch tiny-qwen2-vl --rate 0.9 [--dialogues 96]
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     modes = ns.positions.split(",")
     p = common.load_params(PARAMS, who="tasks.sensitivity")
 
-    from mc_core import checkpoint, zoo
+    from mc_core import checkpoint, probe, zoo
     from mc_core import evaluate as meval
     from mc_core.adapters import POSITIONS, for_model
 
@@ -90,9 +92,24 @@ def main(argv: list[str] | None = None) -> None:
         "positions": {},
         "default_positions": for_model(model).positions,
     }
+    read = {k: min(k, n_layers - 1) for k in layers}
+    steer = probe.question_overlap(
+        model,
+        processor,
+        dataset,
+        ns.rate,
+        sorted(set(read.values())),
+        max_dialogues=ns.dialogues,
+        seed=ev.seed,
+    )
     for name, m in by_layer["methods"].items():
         k = int(name[1:])
-        out["layers"][name] = {"requested": k, "layer": min(k, n_layers - 1), **m}
+        out["layers"][name] = {
+            "requested": k,
+            "layer": read[k],
+            **m,
+            "question_overlap": steer[read[k]],
+        }
     trained = {}
     ckpt = common.compressor_dir(ns.arch, ns.rate)
     if ckpt.is_dir():

@@ -80,6 +80,10 @@ def test_sensitivity_layers_and_packed_positions(cell):
     assert [(v["requested"], v["layer"]) for v in out["layers"].values()] == [
         (k, min(k, n_layers - 1)) for k in (0, 1, 2)
     ]
+    for v in out["layers"].values():
+        steer = v["question_overlap"]
+        assert steer["dialogues"] == 2 and 0.0 <= steer["overlap"] <= 1.0
+        assert steer["chance"] == pytest.approx(0.25)  # 16 of 64 tokens kept
     assert set(out["positions"]["packed"]) == {"sample", "metacompress"}
     assert out["positions"]["packed"]["sample"]["visual_tokens"] == 16
     for bad in (["--layers", "x"], ["--positions", "diagonal"]):
