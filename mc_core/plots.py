@@ -8,6 +8,8 @@
   given methods beside the cell's ceilings (ground-truth selector, per-dialogue oracle).
 - `token_maps_figure(maps, path)`: per image, where MetaCompress's P draws its tokens from
   (column mass over the patch grid, overlaid on the image) beside the tokens FastV keeps.
+- `fastv_layers(report, path)`: one cell's FastV per layer K (a `tasks.sensitivity` report):
+  accuracy per turn, and how much the question steers layer K (`mc_core.probe`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "accuracy_per_turn",
     "accuracy_vs_rate",
     "ceilings_vs_rate",
+    "fastv_layers",
     "load_reports",
     "token_maps_figure",
 ]
@@ -192,6 +195,49 @@ def accuracy_per_turn(
     ax.set_title(f"{report.get('arch', '?')} @ rate {report.get('rate', '?')}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+    return _save(fig, path, dpi)
+
+
+def fastv_layers(report: Mapping[str, Any], path: str | os.PathLike, *, dpi: int = 120) -> Path:
+    """FastV per layer K: accuracy per turn (left); kept-set overlap across a dialogue's
+    questions and turn 1's object-centre recall, with the random-set level (right)."""
+    layers = report.get("layers") or {}
+    if not layers:
+        raise ValueError("fastv_layers: the report has no 'layers' section")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.8, 3.4))
+    for entry in layers.values():
+        acc = entry["acc_turn"]
+        left.plot(range(1, len(acc) + 1), acc, marker="o", label=f"K = {entry['layer']}")
+        left.set_xticks(range(1, len(acc) + 1))
+    left.set_xlabel("turn")
+    left.set_ylabel("accuracy")
+    left.set_title(f"FastV, {report.get('arch', '?')} @ rate {report.get('rate', '?')}")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7, loc="best")
+    probes = [
+        (e["layer"], e["question_overlap"]) for e in layers.values() if "question_overlap" in e
+    ]
+    if probes:
+        ks = [k for k, _ in probes]
+        over = [q["overlap"] for _, q in probes]
+        err = [
+            [q["overlap"] - q["overlap_ci"][0] for _, q in probes],
+            [q["overlap_ci"][1] - q["overlap"] for _, q in probes],
+        ]
+        right.errorbar(
+            ks, over, yerr=err, marker="o", capsize=3, label="kept-set overlap across questions"
+        )
+        recall = [(k, q["centre_recall"]) for k, q in probes if q.get("centre_recall") is not None]
+        if recall:
+            right.plot(*zip(*recall, strict=True), marker="s", label="object centres kept (turn 1)")
+        right.axhline(probes[0][1]["chance"], color="k", linestyle="--", label="random set (m / n)")
+        right.set_xticks(ks)
+        right.set_ylim(0, 1)
+    right.set_xlabel("LLM layer K")
+    right.set_ylabel("share")
+    right.set_title("how much the question steers layer K")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7, loc="best")
     return _save(fig, path, dpi)
 
 

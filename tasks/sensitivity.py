@@ -8,7 +8,8 @@ the question steers that layer's choice: `mc_core.probe.question_overlap`) and, 
 ``sample`` and the cell's trained compressor, both position modes of the adapters
 (``packed``: consecutive positions, the HF convention; ``source``: each compressed token at
 the P-weighted position of its sources). Dialogues: the first ``--dialogues`` of data/test;
-settings from ``params.yaml: evaluate``. Writes ``reports/sensitivity/<arch>-<rate>.json``::
+settings from ``params.yaml: evaluate``. Writes ``reports/sensitivity/<arch>-<rate>.json`` and
+its plot (``.png`` beside it, `mc_core.plots.fastv_layers`)::
 
     {"arch", "rate", "dataset", "n_dialogues", "layers": {"K0": {"layer", "acc_turn",
      "acc_avg", "acc_avg_ci", ..., "question_overlap": {"overlap", "overlap_ci", "chance",
@@ -128,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
         out["positions"][mode] = res["methods"]
     path = ns.out or common.cell_file("sensitivity", ns.arch, ns.rate)
     common.write_json(path, out)
-    print(f"sensitivity: wrote {path}", flush=True)
+    from mc_core import plots
+
+    png = plots.fastv_layers(out, Path(path).with_suffix(".png"))
+    print(f"sensitivity: wrote {path} and {png}", flush=True)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ def test_sensitivity_layers_and_packed_positions(cell):
         assert steer["dialogues"] == 2 and 0.0 <= steer["overlap"] <= 1.0
         assert steer["chance"] == pytest.approx(0.25)  # 16 of 64 tokens kept
     assert set(out["positions"]["packed"]) == {"sample", "metacompress"}
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert out["positions"]["packed"]["sample"]["visual_tokens"] == 16
     for bad in (["--layers", "x"], ["--positions", "diagonal"]):
         with pytest.raises(ValueError, match=bad[0]):
