@@ -6,7 +6,7 @@ Usage::
         --random tiny-llava tiny-qwen2-vl
 
 Training distils against the frozen model's answer-token distributions, cached once per data
-set. At a real vocabulary (LLaVA-1.5: 32,064; Qwen2-VL: 151,936) the full float32 rows do not
+set. At a real vocabulary (LLaVA-1.5: 32,064; Qwen2-VL: 152,064) the full float32 rows do not
 fit on disk for ~20k dialogues, so the cache keeps the top-k log-probs (float16), their ids
 (int32) and the log tail mass (float32), and training uses the bucketed KL
 (``mc_core.losses.topk_kl``), a lower bound of the full KL.
@@ -50,7 +50,7 @@ from mc_core.train import (
 )
 
 KS = (8, 16, 32, 64, 128, None)  # None: the whole vocabulary
-VOCABS = {"llava-1.5 (32,064)": 32_064, "qwen2-vl (151,936)": 151_936}
+VOCABS = {"llava-1.5 (32,064)": 32_064, "qwen2-vl (152,064)": 152_064}
 # GQA-like dialogues: 3 turns of ~1.5 answer tokens, plus the end-of-turn token of each answer.
 TURNS, ANSWER_TOKENS = 3, 1.5
 TOKENS_PER_DIALOGUE = TURNS * (ANSWER_TOKENS + 1)
