@@ -28,6 +28,8 @@ def gate(
     metric: str,
     baseline: str,
     champion: tuple[str, float | None] | None,
+    *,
+    champion_val_same: bool = True,
 ) -> dict:
     """Whether this cell's version may take the ``champion`` alias, decided on data/val.
 
@@ -37,6 +39,9 @@ def gate(
         metric: ``register.champion_metric`` (``acc_avg``: higher is better; else lower).
         baseline: ``register.gate_baseline``, which the version must beat.
         champion: the registry's current ``(version, score tag)`` at registration time.
+        champion_val_same: False when the champion's score tag was measured on another
+            data/val than this report's (its recorded data/val hash differs): then that tag is
+            no bar to compare with.
 
     Returns:
         ``{"promote": bool, "reason": str, "score": float, "baseline": float,
@@ -83,6 +88,13 @@ def gate(
         }
     if seen.get("version") == champion[0] and metric in seen:
         held, how = float(seen[metric]), "re-evaluated on data/val"
+    elif champion[1] is not None and not champion_val_same:
+        # A score on other validation dialogues (a resized or reseeded data/val) is no bar.
+        return {
+            **out,
+            "reason": f"champion v{champion[0]}'s recorded score is from another data/val: not "
+            "compared, alias kept (re-run evaluate to score it on this one)",
+        }
     elif champion[1] is not None:  # the alias moved since evaluation: its recorded val score
         held, how = float(champion[1]), "its recorded score"
     else:
@@ -130,7 +142,17 @@ def main(argv: list[str] | None = None) -> None:
         found = tracking.champion(name)
         held, tags = (found[:2], found[2]) if found is not None else (None, {})
         same = held if held is not None and tags.get("base_sha256") == base_sha else None
-        decision = gate(metrics, method, metric, p.register.gate_baseline, same)
+        val_key = f"dvc.{common.DATA_VAL}"
+        now_val = lineage.dvc_hashes([str(common.DATA_VAL)]).get(val_key)
+        was_val = tags.get(val_key)
+        decision = gate(
+            metrics,
+            method,
+            metric,
+            p.register.gate_baseline,
+            same,
+            champion_val_same=not (now_val and was_val and now_val != was_val),
+        )
         if same is not None and tags.get("ckpt_sha256") == ckpt:
             # A rerun after the alias moved to this very checkpoint (the eval report, written
             # before, saw the previous champion): nothing to decide.

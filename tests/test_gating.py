@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from tasks import common, lineage, register, tracking
 from tasks.params import RegisterParams
@@ -45,6 +46,18 @@ def test_gate_first_version_and_champion_comparisons():
     # The alias moved since evaluation: the holder's recorded score is the bar.
     d = register.gate(_val(0.7, 0.3, seen), "metacompress", "acc_avg", "sample", ("4", 0.8))
     assert d["promote"] is False and "recorded score" in d["reason"]
+    d = register.gate(_val(0.9, 0.3, seen), "metacompress", "acc_avg", "sample", ("4", 0.8))
+    assert d["promote"] is True and d["champion"] == 0.8
+    # ... unless that score was measured on another data/val: no bar, the alias stays.
+    d = register.gate(
+        _val(0.9, 0.3, seen),
+        "metacompress",
+        "acc_avg",
+        "sample",
+        ("4", 0.8),
+        champion_val_same=False,
+    )
+    assert d["promote"] is False and "another data/val" in d["reason"]
     # This very checkpoint already holds the alias: nothing to move.
     same = {"version": "3", "same_checkpoint": True}
     d = register.gate(_val(0.7, 0.3, same), "metacompress", "acc_avg", "sample", ("3", 0.7))
@@ -83,7 +96,9 @@ def cell(template_db, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "load_params", lambda sections, who: params)
     arch, rate = "tiny-llava", 0.9
 
-    def run(payload: str, mc: float, sample: float, base: str = "teacher-1") -> dict:
+    def run(
+        payload: str, mc: float, sample: float, base: str = "teacher-1", seen: bool = True
+    ) -> dict:
         # The base model's folder: its content hash scopes which champion competes.
         base_dir = common.base_dir(arch)
         base_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +112,7 @@ def cell(template_db, tmp_path, monkeypatch):
         base_sha = lineage.checkpoint_hash(base_dir)
         held = tracking.current_champion(name, uri=uri, base_sha256=base_sha)
         champion = None
-        if held:  # what tasks.evaluate records: the champion re-evaluated on data/val
+        if held and seen:  # what tasks.evaluate records: the champion re-evaluated on data/val
             champion = {
                 "version": held[0],
                 "same_checkpoint": False,
@@ -141,6 +156,25 @@ def test_a_champion_of_another_base_model_does_not_compete(cell):
     # On that same base, v2 is the champion to beat again.
     again = cell("w3", mc=0.45, sample=0.3, base="teacher-2")
     assert again["champion"] == "2" and "champion v2" in again["gate"]["reason"]
+
+
+def _lock_val(md5: str) -> None:
+    # What lineage.dvc_hashes reads: the data/val out of a stage in dvc.lock.
+    stages = {"prepare": {"outs": [{"path": "data/val", "md5": md5}]}}
+    Path("dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}))
+
+
+def test_a_recorded_score_on_another_val_split_is_no_bar(cell):
+    _lock_val("val-96")
+    assert cell("w1", mc=0.8, sample=0.3)["champion"] == "1"
+    # The alias moved after evaluate ran (it saw no champion): v1's recorded 0.8 is the bar
+    # while data/val is the split it was measured on ...
+    assert cell("w2", mc=0.7, sample=0.3, seen=False)["gate"]["champion"] == 0.8
+    # ... and no bar once data/val changed: not compared, the alias stays, the reason says so.
+    _lock_val("val-300")
+    r = cell("w3", mc=0.9, sample=0.3, seen=False)
+    assert (r["version"], r["champion"], r["gate"]["promote"]) == ("3", "1", False)
+    assert "from another data/val" in r["gate"]["reason"]
 
 
 def test_a_champion_without_a_base_model_tag_does_not_compete(cell, tmp_path):
