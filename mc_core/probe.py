@@ -59,7 +59,8 @@ def question_overlap(
         ``{K: {"overlap", "overlap_ci", "chance", "dialogues", "centre_recall"}}``: the mean
         overlap (pooled over a dialogue's images and later turns, then averaged over
         dialogues), its 95% bootstrap interval over dialogues, the random-set expectation
-        ``m / n``, the dialogues used, and turn 1's mean centre recall (None without centres).
+        ``m / n``, the dialogues used, and turn 1's mean centre recall over the single-image
+        dialogues that have object centres (None when none has).
 
     Raises:
         ValueError: no dialogue has two questions.
