@@ -24,10 +24,10 @@ import torch
 
 from mc_core.adapters import for_model, prompt_attention
 from mc_core.ceilings import GT_COLUMN, object_tokens
-from mc_core.conversation import model_device, reset_state
+from mc_core.compressors import build
+from mc_core.conversation import model_device, reset_state, token_dim
 from mc_core.data.images import as_rgb
 from mc_core.dialogue import render, to_device
-from mc_core.ops import kept_tokens
 from mc_core.stats import bootstrap_ci
 
 
@@ -68,6 +68,8 @@ def question_overlap(
     from mc_core.data import schema
 
     adapter = adapter if adapter is not None else for_model(model)
+    # FastV itself picks the kept sets from the scores, so the probe follows its selection.
+    fastv = build("fastv", rate=rate, dim=token_dim(model))
     device = model_device(model)
     dtype = next(model.parameters()).dtype
     n_rows = len(dataset) if max_dialogues is None else min(max_dialogues, len(dataset))
@@ -88,19 +90,20 @@ def question_overlap(
         inputs = to_device(inputs, device, dtype)
         reset_state(adapter)
         tokens = adapter.visual_tokens(inputs)  # len(texts) * len(images), batch-major
+        contexts = adapter.contexts(inputs)
         sizes = [t.shape[0] for t in tokens[: len(images)]]
-        kept = [kept_tokens(n, rate, where="question_overlap rate") for n in sizes]
+        kept = [fastv.kept(n) for n in sizes]
         chance.append(sum(kept) / sum(sizes))
+        pos = contexts[0].positions
         centres = None
-        if row.get(GT_COLUMN) is not None and len(images) == 1:
-            ctx = adapter.contexts(inputs, need=frozenset())[0]
-            if ctx.positions is not None:
-                centres = set(object_tokens(row[GT_COLUMN], ctx.positions).tolist())
+        if row.get(GT_COLUMN) is not None and len(images) == 1 and pos is not None:
+            centres = set(object_tokens(row[GT_COLUMN], pos).tolist())
         for k in layers:
             scores = prompt_attention(model, adapter, inputs, layer=k, visual_tokens=tokens)
-            sets = [
-                set(s.topk(kept[j % len(images)]).indices.tolist()) for j, s in enumerate(scores)
-            ]
+            for ctx, s in zip(contexts, scores, strict=True):
+                ctx.prompt_attention = s
+            _, ps = fastv([t.float() for t in tokens], contexts)
+            sets = [set(P.argmax(1).tolist()) for P in ps]  # one-hot rows: the kept indices
             first = sets[: len(images)]
             shared = total = 0
             for t in range(1, len(texts)):
