@@ -114,6 +114,62 @@ def gate(
     }
 
 
+def _decide(
+    p, metrics: dict, name: str, base_sha: str, ckpt: str, val_hash: str | None, test_score: float
+) -> dict:
+    """The gate's decision for this version (``promote`` None when ungated), with its reason."""
+    method, metric = p.train.method, p.register.champion_metric
+    if not (p.register.gate and "validation" in metrics):
+        # No data/val (or gate off): the best test score holds the alias, as before.
+        why = "register.gate is false" if not p.register.gate else "no data/val evaluation"
+        return {
+            "promote": None,
+            "score": test_score,
+            "reason": f"ungated ({why}): alias on the best-scored version",
+        }
+    # Only a champion of the same base model competes: one trained against other weights
+    # (a retrained teacher, another checkpoint) was scored on a different model.
+    # One alias lookup (the version comes with its tags) decides both: same base model,
+    # same checkpoint.
+    found = tracking.champion(name)
+    held, tags = (found[:2], found[2]) if found is not None else (None, {})
+    same = held if held is not None and tags.get("base_sha256") == base_sha else None
+    was_val = tags.get(f"dvc.{common.DATA_VAL}")
+    decision = gate(
+        metrics,
+        method,
+        metric,
+        p.register.gate_baseline,
+        same,
+        champion_val_same=not (val_hash and was_val and val_hash != was_val),
+    )
+    if same is not None and tags.get("ckpt_sha256") == ckpt:
+        # A rerun after the alias moved to this very checkpoint (the eval report, written
+        # before, saw the previous champion): nothing to decide.
+        decision["reason"] = f"this checkpoint already is champion v{same[0]}"
+    if held is not None and same is None:
+        recorded = tags.get("base_sha256")
+        why = "was trained against another base model" if recorded else "records no base model"
+        decision["reason"] += f" (champion v{held[0]} {why}: not compared)"
+    return decision
+
+
+def _cell_run(p, arch: str, rate: float, rate_s: str, ckpt: str) -> str:
+    """The MLflow run that trained this checkpoint, or a closed stand-in run when none is found
+    (a checkpoint restored from the DVC cache)."""
+    run_id = tracking.find_cell_run(p.tracking.experiment, arch, rate_s, ckpt_sha256=ckpt)
+    if run_id is None:
+        run_id = tracking.start_cell_run(
+            p.tracking.experiment,
+            arch,
+            rate_s,
+            params={"arch": arch, "rate": rate},
+            tags={"ckpt_sha256": ckpt, "restored": "true"},
+        )
+        tracking.end_run(run_id)
+    return run_id
+
+
 def main(argv: list[str] | None = None) -> None:
     """Register (or find) the cell's version and move the champion alias if the gate allows."""
     p = common.load_params(PARAMS, who="tasks.register")
@@ -134,53 +190,19 @@ def main(argv: list[str] | None = None) -> None:
     name = p.register.model_name(arch, rate, method)
     base_sha = lineage.checkpoint_hash(common.base_dir(arch))
     ckpt = lineage.checkpoint_hash(ckpt_dir)
-    if p.register.gate and "validation" in metrics:
-        # Only a champion of the same base model competes: one trained against other weights
-        # (a retrained teacher, another checkpoint) was scored on a different model.
-        # One alias lookup (the version comes with its tags) decides both: same base model,
-        # same checkpoint.
-        found = tracking.champion(name)
-        held, tags = (found[:2], found[2]) if found is not None else (None, {})
-        same = held if held is not None and tags.get("base_sha256") == base_sha else None
-        val_key = f"dvc.{common.DATA_VAL}"
-        now_val = lineage.dvc_hashes([str(common.DATA_VAL)]).get(val_key)
-        was_val = tags.get(val_key)
-        decision = gate(
-            metrics,
-            method,
-            metric,
-            p.register.gate_baseline,
-            same,
-            champion_val_same=not (now_val and was_val and now_val != was_val),
-        )
-        if same is not None and tags.get("ckpt_sha256") == ckpt:
-            # A rerun after the alias moved to this very checkpoint (the eval report, written
-            # before, saw the previous champion): nothing to decide.
-            decision["reason"] = f"this checkpoint already is champion v{same[0]}"
-        if held is not None and same is None:
-            recorded = tags.get("base_sha256")
-            why = "was trained against another base model" if recorded else "records no base model"
-            decision["reason"] += f" (champion v{held[0]} {why}: not compared)"
-        score, promote = decision["score"], decision["promote"]
-    else:  # no data/val (or gate off): the best test score holds the alias, as before
-        why = "register.gate is false" if not p.register.gate else "no data/val evaluation"
-        decision = {
-            "promote": None,
-            "score": test_score,
-            "reason": f"ungated ({why}): alias on the best-scored version",
-        }
-        score, promote = test_score, None
-
-    run_id = tracking.find_cell_run(p.tracking.experiment, arch, rate_s, ckpt_sha256=ckpt)
-    if run_id is None:
-        run_id = tracking.start_cell_run(
-            p.tracking.experiment,
-            arch,
-            rate_s,
-            params={"arch": arch, "rate": rate},
-            tags={"ckpt_sha256": ckpt, "restored": "true"},
-        )
-        tracking.end_run(run_id)
+    # The inputs' DVC hashes: lineage tags, and data/val's scopes which recorded score counts.
+    hashes = lineage.dvc_hashes(
+        [
+            str(common.base_dir(arch)),
+            str(common.DATA_TRAIN),
+            str(common.DATA_VAL),
+            str(common.DATA_TEST),
+            str(ckpt_dir),
+        ]
+    )
+    val_hash = hashes.get(f"dvc.{common.DATA_VAL}")
+    decision = _decide(p, metrics, name, base_sha, ckpt, val_hash, test_score)
+    score, promote = decision["score"], decision["promote"]
     tags = {
         "arch": arch,
         "rate": rate_s,
@@ -191,20 +213,12 @@ def main(argv: list[str] | None = None) -> None:
         "test_score": repr(test_score),
         "gate": decision["reason"],
         "base_sha256": base_sha,
-        **lineage.dvc_hashes(
-            [
-                str(common.base_dir(arch)),
-                str(common.DATA_TRAIN),
-                str(common.DATA_VAL),
-                str(common.DATA_TEST),
-                str(ckpt_dir),
-            ]
-        ),
+        **hashes,
     }
     reg = tracking.register_checkpoint(
         name,
         ckpt_dir,
-        run_id=run_id,
+        run_id=_cell_run(p, arch, rate, rate_s, ckpt),
         score=score,
         metric=metric,
         higher_is_better=(metric == "acc_avg"),

@@ -30,8 +30,8 @@ from tasks import common
 PARAMS = ("evaluate", "train")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run both sweeps on the cell and write the report."""
+def _args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], list[str]]:
+    """The command line, checked: ``(namespace, layers K, position modes)``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", required=True)
     ap.add_argument("--rate", required=True, type=float)
@@ -51,17 +51,58 @@ def main(argv: list[str] | None = None) -> None:
             f"--layers={ns.layers!r} / --dialogues={ns.dialogues}: expected "
             "layers >= 0 and at least one dialogue"
         )
+    from mc_core.adapters import POSITIONS
+
     modes = ns.positions.split(",")
-    p = common.load_params(PARAMS, who="tasks.sensitivity")
-
-    from mc_core import checkpoint, probe, zoo
-    from mc_core import evaluate as meval
-    from mc_core.adapters import POSITIONS, for_model
-
     if not modes or set(modes) - set(POSITIONS):
         raise ValueError(f"--positions={ns.positions!r}: expected some of {POSITIONS}")
+    return ns, layers, modes
+
+
+def _layer_sweep(model, processor, dataset, rate: float, layers: list[int], kw: dict, seed: int):
+    """FastV at each layer K: ``(evaluate's result, {"K<k>": its entry in the report})``."""
+    from mc_core import evaluate as meval
+    from mc_core import probe
     from mc_core.compressors import build
     from mc_core.conversation import token_dim
+
+    n_layers = int(model.config.get_text_config().num_hidden_layers)
+    read = {k: min(k, n_layers - 1) for k in layers}  # K beyond the LLM reads its last layer
+    fastv = {}
+    for k in layers:
+        comp = build("fastv", rate=rate, dim=token_dim(model))
+        comp.layer = k  # read by mc_core.conversation.compress_inputs (capped at the last layer)
+        fastv[f"K{k}"] = comp
+    res = meval.evaluate(model, processor, dataset, list(fastv), rate, compressors=fastv, **kw)
+    steer = probe.question_overlap(
+        model,
+        processor,
+        dataset,
+        rate,
+        sorted(set(read.values())),
+        max_dialogues=kw["max_dialogues"],
+        seed=seed,
+    )
+    entries = {}
+    for name, m in res["methods"].items():
+        k = int(name[1:])
+        entries[name] = {
+            "requested": k,
+            "layer": read[k],
+            **m,
+            "question_overlap": steer[read[k]],
+        }
+    return res, entries
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run both sweeps on the cell and write the report."""
+    ns, layers, modes = _args(argv)
+    p = common.load_params(PARAMS, who="tasks.sensitivity")
+
+    from mc_core import checkpoint, plots, zoo
+    from mc_core import evaluate as meval
+    from mc_core.adapters import for_model
     from mc_core.data import schema
 
     model, processor = zoo.load(common.base_dir(ns.arch))
@@ -75,42 +116,16 @@ def main(argv: list[str] | None = None) -> None:
         "arch": ns.arch,
         "dataset_name": dataset[0]["source"],
     }
-    n_layers = int(model.config.get_text_config().num_hidden_layers)
-    fastv = {}
-    for k in layers:
-        comp = build("fastv", rate=ns.rate, dim=token_dim(model))
-        comp.layer = k  # read by mc_core.conversation.compress_inputs (capped at the last layer)
-        fastv[f"K{k}"] = comp
-    by_layer = meval.evaluate(
-        model, processor, dataset, list(fastv), ns.rate, compressors=fastv, **kw
-    )
+    by_layer, entries = _layer_sweep(model, processor, dataset, ns.rate, layers, kw, ev.seed)
     out = {
         "arch": ns.arch,
         "rate": ns.rate,
         "dataset": by_layer["dataset"],
         "n_dialogues": by_layer["n_dialogues"],
-        "layers": {},
+        "layers": entries,
         "positions": {},
         "default_positions": for_model(model).positions,
     }
-    read = {k: min(k, n_layers - 1) for k in layers}
-    steer = probe.question_overlap(
-        model,
-        processor,
-        dataset,
-        ns.rate,
-        sorted(set(read.values())),
-        max_dialogues=ns.dialogues,
-        seed=ev.seed,
-    )
-    for name, m in by_layer["methods"].items():
-        k = int(name[1:])
-        out["layers"][name] = {
-            "requested": k,
-            "layer": read[k],
-            **m,
-            "question_overlap": steer[read[k]],
-        }
     trained = {}
     ckpt = common.compressor_dir(ns.arch, ns.rate)
     if ckpt.is_dir():
@@ -129,8 +144,6 @@ def main(argv: list[str] | None = None) -> None:
         out["positions"][mode] = res["methods"]
     path = ns.out or common.cell_file("sensitivity", ns.arch, ns.rate)
     common.write_json(path, out)
-    from mc_core import plots
-
     png = plots.fastv_layers(out, Path(path).with_suffix(".png"))
     print(f"sensitivity: wrote {path} and {png}", flush=True)
 
