@@ -358,6 +358,41 @@ def test_metacompress_init_is_close_to_pooling(grid, rate):
         assert uniform_in_window < 0.05
 
 
+def test_metacompress_pos_width_widens_the_prior_and_round_trips(tmp_path):
+    """pos_width scales the positional kernel's window: wider lets rows leave their window.
+
+    A prior 4 windows wide must put less of each row's mass in its own window at init than
+    the default one-window prior (same weights and tokens; only the E_pos table differs).
+    """
+    from mc_core.checkpoint import load_compressor, save_compressor
+
+    d, n = 256, 576
+    x = lvlm_like_tokens(24, 24, d, seed=0)
+    ctx = TokenContext(grid=(24, 24))
+    in_window = {}
+    for width in (1.0, 4.0):
+        comp = build("metacompress", rate=0.5, dim=d, seed=0, pos_width=width)
+        with torch.no_grad():
+            P = comp(x, ctx)[1]
+        pool = pool_matrix(n, comp.kept(n), (24, 24))
+        in_window[width] = float((P * (pool > 0)).sum(1).mean())
+    assert in_window[4.0] < in_window[1.0] - 0.1, in_window
+    # Default: not recorded, so checkpoints saved before the knob keep config and fingerprint.
+    default = build("metacompress", rate=0.5, dim=d)
+    assert "pos_width" not in default.config()
+    assert "pos_width" not in default.generator_config()
+    wide = build("metacompress", rate=0.5, dim=d, pos_width=2.0)
+    assert wide.generator_config()["pos_width"] == 2.0
+    save_compressor(tmp_path / "c", wide, meta={})
+    back = load_compressor(tmp_path / "c")
+    assert back.pos_width == 2.0
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, ctx)[1], wide(x, ctx)[1])
+    for bad in (0, -1.0, float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="pos_width"):
+            build("metacompress", rate=0.5, dim=d, pos_width=bad)
+
+
 def test_register_decorator_adds_a_method_and_refuses_a_duplicate():
     import mc_core.compressors as C
     from mc_core.compressors.base import Compressor
