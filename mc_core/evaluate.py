@@ -17,11 +17,16 @@ choice), the KV cache is reused, and each turn's greedy answer is scored:
 - `acc_avg_ci`: the 95% percentile-bootstrap interval `[lo, hi]` of `acc_avg`, resampling
   dialogues (their turns share an image; `mc_core.stats`, seeded by `seed`);
 - `acc_dialogues`: each dialogue's accuracy over its turns, in dataset order, so two methods
-  compare dialogue by dialogue (`mc_core.stats.paired_difference`).
+  compare dialogue by dialogue (`mc_core.stats.paired_difference`);
+- `centre_mass`: where the data has object centres (`object_centres`, one image), how much of
+  P reaches the token nearest each object's centre: the mean over objects of
+  `min(1, sum_i P_ij)` at that token (1 = every object's centre token kept whole; a selector
+  scores the share of centres it keeps). Which tokens a method keeps, as one number; None
+  without object centres, for `none` and without `kl_to_full`.
 
 The result follows the metrics schema of docs/contracts.md:
 `{"arch", "rate", "dataset", "n_dialogues", "methods": {name: {"acc_turn", "acc_avg",
-"acc_avg_ci", "acc_dialogues", "kl_to_full", "prefill_ms", "visual_tokens",
+"acc_avg_ci", "acc_dialogues", "kl_to_full", "centre_mass", "prefill_ms", "visual_tokens",
 "prefill_tflops"}}}` (plus "history"
 and "dialogues", = n_dialogues). `none` is the uncompressed reference.
 
@@ -51,6 +56,7 @@ from mc_core.ceilings import (
     PlanCompressor,
     cls_overlap,
     fixed_plan,
+    object_tokens,
     oracle_matrix,
     selector_plan,
 )
@@ -174,6 +180,22 @@ def _student_logits(
     return model(**inputs, logits_to_keep=keep).logits[0].float()  # (T, V)
 
 
+def centre_mass(adapter, full_inputs, centres, P: list[Tensor] | None) -> float | None:
+    """Mean over objects of ``min(1, sum_i P_ij)`` at the token nearest each object centre.
+
+    ``centres`` are the row's ``object_centres`` ((row, col) in [0, 1]); ``full_inputs`` the
+    model inputs holding its one image (they give the tokens' positions). None where it is not
+    measurable: no centres, no P (uncompressed), or not exactly one image with positions.
+    """
+    if not centres or P is None or len(P) != 1:
+        return None
+    ctx = adapter.contexts(full_inputs)
+    if len(ctx) != 1 or ctx[0].positions is None:
+        return None
+    mass = P[0].detach().float().sum(dim=0).cpu()  # (n,) what each source token gives
+    return float(mass[object_tokens(centres, ctx[0].positions)].clamp(max=1.0).mean())
+
+
 def score_dialogues(
     preds: Sequence[Sequence[str]], answer_sets: Sequence[Sequence[Sequence[str]]]
 ) -> list[float]:
@@ -211,7 +233,7 @@ def _run_method(
     """
     turns = len(rows[0]["questions"])
     preds: list[list[str]] = []
-    kls, prefill, kept, flops = [], [], [], []
+    kls, prefill, kept, flops, centres = [], [], [], [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         comp = comp_for(start, chunk)
@@ -243,6 +265,7 @@ def _run_method(
             full_inputs, positions, t_logits = teacher[i]
             s_logits = _student_logits(model, adapter, full_inputs, positions, c.tokens, c.P)
             kls.append(float(answer_kl(t_logits, s_logits)))
+            centres.append(centre_mass(adapter, full_inputs, row.get(GT_COLUMN), c.P))
         if bar is not None:
             bar.update(len(chunk))
     sets = [r["answer_sets"] for r in rows]
@@ -255,10 +278,17 @@ def _run_method(
         # Dataset order: two methods' lists pair up dialogue by dialogue (stats.paired_difference).
         "acc_dialogues": [round(v, 6) for v in per_dialogue],
         "kl_to_full": sum(kls) / len(kls) if with_kl else None,
+        "centre_mass": _mean_or_none(centres),
         "prefill_ms": statistics.median(prefill),
         "visual_tokens": sum(kept) / len(kept),
         "prefill_tflops": sum(flops) / len(flops),
     }
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    """Mean of the measured values; None when there are none (the metric does not apply)."""
+    got = [v for v in values if v is not None]
+    return sum(got) / len(got) if got else None
 
 
 def _rows(dataset, max_dialogues: int | None) -> list[dict[str, Any]]:

@@ -14,7 +14,14 @@ from conftest import build_llava, make_image
 from mc_core.compressors import build
 from mc_core.conversation import Conversation
 from mc_core.data.schema import FEATURES
-from mc_core.evaluate import evaluate, score_answer, score_turns, token_maps, write_report
+from mc_core.evaluate import (
+    centre_mass,
+    evaluate,
+    score_answer,
+    score_turns,
+    token_maps,
+    write_report,
+)
 
 # One torch thread for this module (tests/conftest.py: one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,11 +124,39 @@ def test_report_schema_and_reference(cell):
         assert len(m["acc_dialogues"]) == 3, name
         assert sum(m["acc_dialogues"]) / 3 == pytest.approx(m["acc_avg"], abs=1e-6), name
     assert ref["kl_to_full"] == 0.0 and ref["visual_tokens"] == 64
+    # No object_centres column here: the metric does not apply, for any method.
+    assert all(m["centre_mass"] is None for m in report["methods"].values())
     for name in ("sample", "fastv", "metacompress"):
         m = report["methods"][name]
         assert m["visual_tokens"] == 32  # ceil((1 - 0.5) * 64)
         assert m["kl_to_full"] > 0  # random model: any change of tokens moves the logits
         assert m["prefill_tflops"] < ref["prefill_tflops"]
+
+
+def test_centre_mass_counts_what_p_gives_each_object_centre(cell):
+    from mc_core.adapters import for_model
+    from mc_core.dialogue import encode_dialogue
+    from mc_core.ops import selection_matrix
+
+    model, processor, _, _, _ = cell
+    adapter = for_model(model)
+    inputs, _ = encode_dialogue(processor, [make_image(64, 64, seed=1)], ["q ?"], ["a"])
+    pos = adapter.contexts(inputs)[0].positions  # (64, 2): an 8 x 8 grid on the image
+    n = pos.shape[0]
+    a, b = 2 * 8 + 3, 5 * 8 + 6  # two tokens; the centres sit on them
+    centres = [pos[a].tolist(), pos[b].tolist()]
+    others = torch.tensor([i for i in range(n) if i not in (a, b)][:30])
+    both = selection_matrix(torch.cat([torch.tensor([a, b]), others]), n)
+    one = selection_matrix(torch.cat([torch.tensor([a]), others, torch.tensor([0])]), n)
+    assert centre_mass(adapter, inputs, centres, [both]) == pytest.approx(1.0)
+    assert centre_mass(adapter, inputs, centres, [one]) == pytest.approx(0.5)
+    # Soft rows: half of one row on a, then b twice in full (capped at 1): (0.5 + 1) / 2.
+    soft = torch.zeros(3, n)
+    soft[0, a], soft[0, 0] = 0.5, 0.5
+    soft[1, b] = soft[2, b] = 1.0
+    assert centre_mass(adapter, inputs, centres, [soft]) == pytest.approx(0.75)
+    assert centre_mass(adapter, inputs, [], [both]) is None  # no objects
+    assert centre_mass(adapter, inputs, centres, None) is None  # uncompressed
 
 
 def test_gold_history_and_errors(cell):
