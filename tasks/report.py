@@ -233,6 +233,7 @@ def ceilings_table(cells: list[dict]) -> str:
         "oracle (subsample)",
         "full on subsample",
         "oracle top-m in top-m [CLS]",
+        "object-centre mass: trained / best heuristic / oracle",
     ]
     lines = [_row(head), "|" + "---|" * len(head)]
     for c in cells:
@@ -250,6 +251,12 @@ def ceilings_table(cells: list[dict]) -> str:
             if "share" in cls
             else cls.get("note", "-")
         )
+        heur = _heuristics(ms)
+        mass = [
+            ms.get(_trained(ms) or "", {}).get("centre_mass"),
+            ms[_best(ms, heur)].get("centre_mass") if heur else None,
+            orc.get("centre_mass"),
+        ]
         lines.append(
             _row(
                 [
@@ -260,6 +267,7 @@ def ceilings_table(cells: list[dict]) -> str:
                     orc_s,
                     f"{ref:.3f}" if ref is not None else "-",
                     cls_s,
+                    " / ".join("-" if v is None else f"{v:.2f}" for v in mass),
                 ]
             )
         )
@@ -344,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
             "\n## Ceilings\n\nThe ground-truth object-centre selector (all test dialogues) "
             "and the per-dialogue oracle P (a seeded subsample; its `full` reference on the "
             "same dialogues beside it), and how many of the oracle's top-m tokens are among "
-            "the top-m [CLS]-attention tokens.\n\n" + ceil
+            "the top-m [CLS]-attention tokens. The last column says which tokens each P keeps: "
+            "for the token nearest each object's centre, the mass P gives it (capped at 1), "
+            "averaged over objects (1: every object's centre kept whole).\n\n" + ceil
         )
     common.write_text(SUMMARY_MD, md)
     summary = {

@@ -53,6 +53,14 @@ def test_ceilings_table():
     row = md.splitlines()[2]
     assert "n/a (no object_centres)" in row and "(n=24, 150 steps)" in row
     assert "0.850" in row and "0.12 (chance 0.10)" in row
+    assert row.endswith("| - / - / - |")  # no centre_mass recorded: not invented
+    cell = _cell((0.5, 0.6), (0.35, 0.45), ce)
+    ms = cell["eval"]["methods"]
+    ms["metacompress"]["centre_mass"], ms["sample"]["centre_mass"] = 0.71, 0.25
+    ms["pool"]["centre_mass"] = 0.9  # not the best heuristic (0.35 < sample's 0.4): not shown
+    ce["oracle"]["centre_mass"] = 0.333
+    row = report.ceilings_table([cell]).splitlines()[2]
+    assert row.endswith("| 0.71 / 0.25 / 0.33 |")
 
 
 def test_cell_checks_and_their_table():
