@@ -186,6 +186,8 @@ def centre_mass(adapter, full_inputs, centres, P: list[Tensor] | None) -> float 
     ``centres`` are the row's ``object_centres`` ((row, col) in [0, 1]); ``full_inputs`` the
     model inputs holding its one image (they give the tokens' positions). None where it is not
     measurable: no centres, no P (uncompressed), or not exactly one image with positions.
+    Where one image gives several views (LLaVA-NeXT's base view and crops), only the single
+    nearest token of any view counts, so the number is a lower bound there.
     """
     if not centres or P is None or len(P) != 1:
         return None
