@@ -71,3 +71,36 @@ def test_overlap_and_recall_match_hand_counts(monkeypatch):
     assert out["overlap"] == pytest.approx(6 / 8)
     assert out["centre_recall"] == pytest.approx(0.5)
     assert out["overlap_ci"] == [pytest.approx(0.75), pytest.approx(0.75)]
+
+
+def test_probe_recall_equals_fastv_centre_mass_in_evaluation():
+    """Two code paths, one quantity: the probe's turn-1 centre recall per layer K and the
+    `centre_mass` evaluation reports for FastV reading that layer (a selection P keeps a centre
+    whole or not at all, so its mass is the recall)."""
+    from mc_core.compressors import build
+    from mc_core.evaluate import evaluate
+
+    model, processor = build_llava()
+    # Centres on distinct tokens of the 8 x 8 grid (the probe counts distinct centre tokens).
+    centres = [[[0.2, 0.3], [0.7, 0.6], [0.5, 0.9]], [[0.1, 0.1], [0.9, 0.4]]]
+    data = _dataset([QS, QS[::-1]], centres=centres)
+    rate = 0.75
+    probed = probe.question_overlap(model, processor, data, rate, [0, 1])
+    for k in (0, 1):
+        fastv = build("fastv", rate=rate, dim=64)
+        fastv.layer = k
+        report = evaluate(
+            model,
+            processor,
+            data,
+            ["fastv"],
+            rate,
+            compressors={"fastv": fastv},
+            device="cpu",
+            batch_size=2,
+            max_new_tokens=1,
+            progress=False,
+        )
+        mass = report["methods"]["fastv"]["centre_mass"]
+        # abs 1e-6: centre_mass sums P in float32, the probe counts sets exactly.
+        assert mass == pytest.approx(probed[k]["centre_recall"], abs=1e-6), k
