@@ -90,16 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens_png = _token_maps(model, processor, dataset, compressor, rate, arch)
 
     rate_s = common.format_rate(rate)
-    run_id = tracking.find_cell_run(p.tracking.experiment, arch, rate_s, ckpt_sha256=ckpt)
-    if run_id is None:  # train stage restored from DVC's cache: record the cell anew
-        run_id = tracking.start_cell_run(
-            p.tracking.experiment,
-            arch,
-            rate_s,
-            params={"arch": arch, "rate": rate},
-            tags={"ckpt_sha256": ckpt, "restored": "true"},
-        )
-        tracking.end_run(run_id)
+    run_id = tracking.cell_run_for(p.tracking.experiment, arch, rate_s, ckpt)
     tracking.log_params(run_id, common.flat("evaluate", ev.model_dump()))
     flat = _flat_metrics(metrics)
     tracking.log_metrics(run_id, flat)

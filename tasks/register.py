@@ -154,22 +154,6 @@ def _decide(
     return decision
 
 
-def _cell_run(p, arch: str, rate: float, rate_s: str, ckpt: str) -> str:
-    """The MLflow run that trained this checkpoint, or a closed stand-in run when none is found
-    (a checkpoint restored from the DVC cache)."""
-    run_id = tracking.find_cell_run(p.tracking.experiment, arch, rate_s, ckpt_sha256=ckpt)
-    if run_id is None:
-        run_id = tracking.start_cell_run(
-            p.tracking.experiment,
-            arch,
-            rate_s,
-            params={"arch": arch, "rate": rate},
-            tags={"ckpt_sha256": ckpt, "restored": "true"},
-        )
-        tracking.end_run(run_id)
-    return run_id
-
-
 def main(argv: list[str] | None = None) -> None:
     """Register (or find) the cell's version and move the champion alias if the gate allows."""
     p = common.load_params(PARAMS, who="tasks.register")
@@ -218,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     reg = tracking.register_checkpoint(
         name,
         ckpt_dir,
-        run_id=_cell_run(p, arch, rate, rate_s, ckpt),
+        run_id=tracking.cell_run_for(p.tracking.experiment, arch, rate_s, ckpt),
         score=score,
         metric=metric,
         higher_is_better=(metric == "acc_avg"),

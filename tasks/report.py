@@ -251,9 +251,9 @@ def ceilings_table(cells: list[dict]) -> str:
             if "share" in cls
             else cls.get("note", "-")
         )
-        heur = _heuristics(ms)
+        trained, heur = ms.get(_trained(ms) or "", {}), _heuristics(ms)
         mass = [
-            ms.get(_trained(ms) or "", {}).get("centre_mass"),
+            trained.get("centre_mass"),
             ms[_best(ms, heur)].get("centre_mass") if heur else None,
             orc.get("centre_mass"),
         ]
@@ -262,7 +262,7 @@ def ceilings_table(cells: list[dict]) -> str:
                 [
                     c["arch"],
                     params.format_rate(c["rate"]),
-                    _acc(ms.get(_trained(ms) or "", {})),
+                    _acc(trained),
                     sel_s,
                     orc_s,
                     f"{ref:.3f}" if ref is not None else "-",

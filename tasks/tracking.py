@@ -176,6 +176,25 @@ def start_cell_run(
     return run.info.run_id
 
 
+def cell_run_for(
+    experiment: str, arch: str, rate: str, ckpt_sha256: str, *, uri: str | None = None
+) -> str:
+    """The training run of this checkpoint, or a closed stand-in run for it when none is found
+    (the train stage was restored from DVC's cache, so no run of ours trained it)."""
+    run_id = find_cell_run(experiment, arch, rate, ckpt_sha256=ckpt_sha256, uri=uri)
+    if run_id is None:
+        run_id = start_cell_run(
+            experiment,
+            arch,
+            rate,
+            params={"arch": arch, "rate": rate},
+            tags={"ckpt_sha256": ckpt_sha256, "restored": "true"},
+            uri=uri,
+        )
+        end_run(run_id, uri=uri)
+    return run_id
+
+
 def log_params(run_id: str, params: Mapping[str, Any], *, uri: str | None = None) -> None:
     """Log a flat mapping of params (values JSON-encoded when not strings)."""
     from mlflow.entities import Param

@@ -188,3 +188,18 @@ def test_a_new_cell_run_ends_the_one_a_killed_stage_left_running(store):
     assert c.get_run(killed).info.status == "KILLED"
     assert c.get_run(other).info.status == "RUNNING"  # not this cell's: left alone
     assert c.get_run(new).info.status == "RUNNING"
+
+
+def test_cell_run_for_finds_the_training_run_or_records_a_closed_stand_in(store):
+    trained = tracking.start_cell_run(
+        "exp", "tiny-llava", "0.5", params={}, tags={"ckpt_sha256": "aa"}, uri=store
+    )
+    assert tracking.cell_run_for("exp", "tiny-llava", "0.5", "aa", uri=store) == trained
+    # A checkpoint no run of ours trained (restored from DVC's cache): one closed stand-in.
+    stand_in = tracking.cell_run_for("exp", "tiny-llava", "0.5", "bb", uri=store)
+    assert stand_in != trained
+    r = tracking.client(store).get_run(stand_in)
+    assert r.info.status == "FINISHED"
+    assert r.data.tags["ckpt_sha256"] == "bb" and r.data.tags["restored"] == "true"
+    assert r.data.params == {"arch": "tiny-llava", "rate": "0.5"}
+    assert tracking.cell_run_for("exp", "tiny-llava", "0.5", "bb", uri=store) == stand_in
