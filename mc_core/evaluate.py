@@ -18,6 +18,8 @@ choice), the KV cache is reused, and each turn's greedy answer is scored:
   dialogues (their turns share an image; `mc_core.stats`, seeded by `seed`);
 - `acc_dialogues`: each dialogue's accuracy over its turns, in dataset order, so two methods
   compare dialogue by dialogue (`mc_core.stats.paired_difference`);
+- `acc_by_type`: `{question type: {"acc", "n"}}` over all turns, by the dataset's own
+  `question_types` (None without them), so a gap shows where it comes from;
 - `centre_mass`: where the data has object centres (`object_centres`, one image), how much of
   P reaches the token nearest each object's centre: the mean over objects of
   `min(1, sum_i P_ij)` at that token (1 = every object's centre token kept whole; a selector
@@ -26,8 +28,8 @@ choice), the KV cache is reused, and each turn's greedy answer is scored:
 
 The result follows the metrics schema of docs/contracts.md:
 `{"arch", "rate", "dataset", "n_dialogues", "methods": {name: {"acc_turn", "acc_avg",
-"acc_avg_ci", "acc_dialogues", "kl_to_full", "centre_mass", "prefill_ms", "visual_tokens",
-"prefill_tflops"}}}` (plus "history"
+"acc_avg_ci", "acc_dialogues", "acc_by_type", "kl_to_full", "centre_mass", "prefill_ms",
+"visual_tokens", "prefill_tflops"}}}` (plus "history"
 and "dialogues", = n_dialogues). `none` is the uncompressed reference.
 
 `evaluate_ceilings` measures the cell's ceilings (`mc_core.ceilings`) with the same loop:
@@ -128,6 +130,26 @@ def score_turns(
         for k in range(turns):
             totals[k] += score_answer(p[k], sets[k])
     return [t / len(preds) for t in totals]
+
+
+def score_by_type(
+    preds: Sequence[Sequence[str]], rows: Sequence[Mapping[str, Any]]
+) -> dict[str, dict[str, float | int]] | None:
+    """Accuracy per question type over every turn: ``{type: {"acc", "n"}}``, types sorted.
+
+    The types are the dataset's own labels (``question_types``: GQA's structural types, VQAv2's
+    answer types), so where a method loses shows without knowing the dataset. Turn-weighted:
+    ``sum(acc * n) / sum(n)`` is the mean over all turns, ``acc_avg`` when every dialogue has
+    the same number of turns. None where a row has no type per turn.
+    """
+    hits: dict[str, list[float]] = {}
+    for p, row in zip(preds, rows, strict=True):
+        types, sets = row.get("question_types") or [], row["answer_sets"]
+        if len(types) != len(sets):
+            return None
+        for t, a, s in zip(types, p, sets, strict=True):
+            hits.setdefault(str(t), []).append(score_answer(a, s))
+    return {t: {"acc": sum(v) / len(v), "n": len(v)} for t, v in sorted(hits.items())} or None
 
 
 def _images(row: Mapping[str, Any]) -> list[Any]:
@@ -279,6 +301,7 @@ def _run_method(
         "acc_avg_ci": bootstrap_ci(per_dialogue, seed=ci_seed),
         # Dataset order: two methods' lists pair up dialogue by dialogue (stats.paired_difference).
         "acc_dialogues": [round(v, 6) for v in per_dialogue],
+        "acc_by_type": score_by_type(preds, rows),
         "kl_to_full": sum(kls) / len(kls) if with_kl else None,
         "centre_mass": _mean_or_none(centres),
         "prefill_ms": statistics.median(prefill),

@@ -274,6 +274,32 @@ def ceilings_table(cells: list[dict]) -> str:
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
+def types_table(cells: list[dict]) -> str:
+    """Markdown: accuracy per question type (the dataset's own labels) of the full model, the
+    best heuristic and the trained method, per cell; the full model's row gives each type's
+    turn count. Empty where no report has ``acc_by_type``."""
+    reports = [m for c in cells for m in c["eval"]["methods"].values()]
+    types = sorted({t for m in reports for t in m.get("acc_by_type") or {}})
+    if not types:
+        return ""
+    lines = [_row(["arch", "rate", "method", *types]), "|" + "---|" * (len(types) + 3)]
+    for c in cells:
+        ms = c["eval"]["methods"]
+        heur, trained = _heuristics(ms), _trained(ms)
+        names = ["none"] + ([_best(ms, heur)] if heur else []) + ([trained] if trained else [])
+        for name in names:
+            by = ms.get(name, {}).get("acc_by_type") or {}
+            vals = [
+                "-"
+                if t not in by
+                else f"{by[t]['acc']:.3f}" + (f" (n={by[t]['n']})" if name == "none" else "")
+                for t in types
+            ]
+            rate = params.format_rate(c["rate"])
+            lines.append(_row([c["arch"], rate, name, *vals]))
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def plots(cells: list[dict], methods: list[str], dpi: int, out: Path) -> list[Path]:
     """Accuracy vs. rate (all archs), the ceilings beside the trained method, and per-turn
     accuracy per cell (``mc_core.plots``)."""
@@ -355,6 +381,13 @@ def main(argv: list[str] | None = None) -> None:
             "the top-m [CLS]-attention tokens. The last column says which tokens each P keeps: "
             "for the token nearest each object's centre, the mass P gives it (capped at 1), "
             "averaged over objects (1: every object's centre kept whole).\n\n" + ceil
+        )
+    types = types_table(cells)
+    if types:
+        md += (
+            "\n## By question type\n\nAccuracy over all turns of each question type (the "
+            "dataset's own labels), for the full model, the best prompt-agnostic heuristic of "
+            "the cell and the trained method: where a gap between them comes from.\n\n" + types
         )
     common.write_text(SUMMARY_MD, md)
     summary = {

@@ -18,6 +18,7 @@ from mc_core.evaluate import (
     centre_mass,
     evaluate,
     score_answer,
+    score_by_type,
     score_turns,
     token_maps,
     write_report,
@@ -52,6 +53,25 @@ def test_score_turns_averages_per_turn():
     assert score_turns(preds, sets) == [0.5, 1.0, 0.5]
     with pytest.raises(ValueError, match="dialogue 1"):
         score_turns([["red", "2", "yes"], ["blue"]], sets)
+
+
+def test_score_by_type_groups_turns_by_the_datasets_own_labels():
+    preds = [["red", "2", "yes"], ["blue", "no", "3"]]
+    rows = [
+        {"question_types": ["colour", "count", "exist"], "answer_sets": [["red"], ["2"], ["no"]]},
+        {"question_types": ["colour", "exist", "count"], "answer_sets": [["red"], ["no"], ["3"]]},
+    ]
+    by = score_by_type(preds, rows)
+    assert by == {
+        "colour": {"acc": 0.5, "n": 2},
+        "count": {"acc": 1.0, "n": 2},  # turn 2 of dialogue 1, turn 3 of dialogue 2
+        "exist": {"acc": 0.5, "n": 2},  # "yes" against "no", then "no" against "no"
+    }
+    # Turn-weighted: the types' accuracies recombine into the mean over all turns.
+    total = sum(v["acc"] * v["n"] for v in by.values()) / sum(v["n"] for v in by.values())
+    assert total == pytest.approx(sum(score_turns(preds, [r["answer_sets"] for r in rows])) / 3)
+    # No type per turn: not measurable rather than mislabelled.
+    assert score_by_type(preds, [{**r, "question_types": []} for r in rows]) is None
 
 
 def _dataset(answers_per_dialogue: list[list[str]]) -> datasets.Dataset:
@@ -123,6 +143,11 @@ def test_report_schema_and_reference(cell):
         # One score per dialogue (dataset order) whose mean is acc_avg: the pairing unit.
         assert len(m["acc_dialogues"]) == 3, name
         assert sum(m["acc_dialogues"]) / 3 == pytest.approx(m["acc_avg"], abs=1e-6), name
+        # One turn of each type per dialogue here, so each type's accuracy is that turn's.
+        by = m["acc_by_type"]
+        assert list(by) == ["colour", "count", "exist"], name
+        assert [by[t]["acc"] for t in by] == pytest.approx(m["acc_turn"]), name
+        assert all(by[t]["n"] == 3 for t in by), name
     assert ref["kl_to_full"] == 0.0 and ref["visual_tokens"] == 64
     # No object_centres column here: the metric does not apply, for any method.
     assert all(m["centre_mass"] is None for m in report["methods"].values())

@@ -87,3 +87,19 @@ def test_cell_checks_and_their_table():
     assert f"| +0.150 [{pd['ci'][0]:+.3f}, {pd['ci'][1]:+.3f}] |" in row
     del ms["none"]
     assert report.cell_checks(ms) is None and report.checks_table([cell]) == ""
+
+
+def test_types_table_shows_full_best_heuristic_and_trained_per_type():
+    cell = _cell((0.5, 0.6), (0.35, 0.45))
+    assert report.types_table([cell]) == ""  # no acc_by_type in any report: no section
+    ms = cell["eval"]["methods"]
+    ms["none"]["acc_by_type"] = {"count": {"acc": 0.8, "n": 40}, "shape": {"acc": 1.0, "n": 60}}
+    ms["sample"]["acc_by_type"] = {"count": {"acc": 0.5, "n": 40}, "shape": {"acc": 0.9, "n": 60}}
+    ms["pool"]["acc_by_type"] = {"count": {"acc": 0.99, "n": 40}}  # not the best heuristic
+    ms["metacompress"]["acc_by_type"] = {"shape": {"acc": 0.95, "n": 60}}
+    lines = report.types_table([cell]).splitlines()
+    assert lines[0] == "| arch | rate | method | count | shape |"
+    assert lines[2].endswith("| none | 0.800 (n=40) | 1.000 (n=60) |")
+    assert lines[3].endswith("| sample | 0.500 | 0.900 |")
+    assert lines[4].endswith("| metacompress | - | 0.950 |")  # a type it lacks is not invented
+    assert len(lines) == 5
