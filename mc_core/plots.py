@@ -6,6 +6,8 @@
   drop after turn 1 is the paper's finding).
 - `ceilings_vs_rate(reports, path)`: per architecture, `acc_avg` with its 95% interval for the
   given methods beside the cell's ceilings (ground-truth selector, per-dialogue oracle).
+- `accuracy_by_type(reports, path)`: one panel per cell, accuracy per question type (the
+  dataset's own labels, `acc_by_type`) as grouped bars, one bar per method.
 - `token_maps_figure(maps, path)`: per image, where MetaCompress's P draws its tokens from
   (column mass over the patch grid, overlaid on the image) beside the tokens FastV keeps.
 - `fastv_layers(report, path)`: one cell's FastV per layer K (a `tasks.sensitivity` report):
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +197,55 @@ def accuracy_per_turn(
     ax.set_title(f"{report.get('arch', '?')} @ rate {report.get('rate', '?')}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+    return _save(fig, path, dpi)
+
+
+def accuracy_by_type(
+    reports: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    methods_of: Callable[[Mapping[str, Any]], Sequence[str]] | None = None,
+    dpi: int = 120,
+) -> Path:
+    """Accuracy per question type (``acc_by_type``), one panel per cell (rows: architectures,
+    columns: rates), grouped bars per type, one bar per method of ``methods_of(report)``
+    (default: all of the report's methods; those without ``acc_by_type`` are left out).
+
+    Raises:
+        ValueError: no report holds ``acc_by_type`` for any of its methods.
+    """
+    pick = methods_of or (lambda r: list(r["methods"]))
+    cells = [
+        (r, [m for m in pick(r) if (r["methods"].get(m) or {}).get("acc_by_type")]) for r in reports
+    ]
+    cells = [(r, ms) for r, ms in cells if ms]
+    if not cells:
+        raise ValueError("accuracy_by_type: no report holds acc_by_type")
+    archs = sorted({r["arch"] for r, _ in cells})
+    rates = sorted({r["rate"] for r, _ in cells})
+    fig, axes = plt.subplots(
+        len(archs), len(rates), figsize=(3.6 * len(rates), 2.9 * len(archs)), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for r, names in cells:
+        ax = axes[archs.index(r["arch"])][rates.index(r["rate"])]
+        ax.set_visible(True)
+        types = sorted({t for m in names for t in r["methods"][m]["acc_by_type"]})
+        width = 0.8 / len(names)
+        for k, m in enumerate(names):
+            by = r["methods"][m]["acc_by_type"]
+            xs = [i + (k - (len(names) - 1) / 2) * width for i, t in enumerate(types) if t in by]
+            ys = [by[t]["acc"] for t in types if t in by]
+            style = dict(color="0.6") if m == REFERENCE else {}
+            ax.bar(xs, ys, width=width, label=m, **style)
+        ax.set_xticks(range(len(types)), types, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{r['arch']} @ rate {r['rate']}", fontsize=9)
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()  # rows of panels: keep titles clear of the tick labels above
     return _save(fig, path, dpi)
 
 

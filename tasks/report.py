@@ -4,7 +4,8 @@ Reads ``reports/eval/<cell>.json`` and ``reports/registry/<cell>.json`` for the 
 ``grid``; writes ``reports/summary.md`` (the table printed at the end of ``make run``),
 ``reports/summary.json`` (a DVC metric: per cell and method, average accuracy and KL),
 ``reports/summary.csv`` (a DVC plot) and ``reports/plots/*.png`` (``mc_core.plots``: accuracy
-vs. rate per arch; per-turn accuracy per cell, where prompt-dependent pruning fails turns 2-3).
+vs. rate per arch; per-turn accuracy per cell, where prompt-dependent pruning fails turns 2-3;
+accuracy per question type per cell, ``by-type.png``).
 
 Usage: ``python -m tasks.report`` (stage) or ``python -m tasks.report --show`` (print the
 existing summary and where to look next; what ``make run`` ends with).
@@ -274,6 +275,15 @@ def ceilings_table(cells: list[dict]) -> str:
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
+def _type_methods(report: dict) -> list[str]:
+    """What the by-type table and plot compare in a cell: the full model, the best
+    prompt-agnostic heuristic and the trained method (those present)."""
+    ms = report["methods"]
+    heur, trained = _heuristics(ms), _trained(ms)
+    names = ["none"] + ([_best(ms, heur)] if heur else []) + ([trained] if trained else [])
+    return [m for m in names if m in ms]
+
+
 def types_table(cells: list[dict]) -> str:
     """Markdown: accuracy per question type (the dataset's own labels) of the full model, the
     best heuristic and the trained method, per cell; the full model's row gives each type's
@@ -285,9 +295,7 @@ def types_table(cells: list[dict]) -> str:
     lines = [_row(["arch", "rate", "method", *types]), "|" + "---|" * (len(types) + 3)]
     for c in cells:
         ms = c["eval"]["methods"]
-        heur, trained = _heuristics(ms), _trained(ms)
-        names = ["none"] + ([_best(ms, heur)] if heur else []) + ([trained] if trained else [])
-        for name in names:
+        for name in _type_methods(c["eval"]):
             by = ms.get(name, {}).get("acc_by_type") or {}
             vals = [
                 "-"
@@ -318,6 +326,10 @@ def plots(cells: list[dict], methods: list[str], dpi: int, out: Path) -> list[Pa
         trained = sorted({t for r in reports if (t := _trained(r["methods"]))})
         written.append(
             mplots.ceilings_vs_rate(reports, out / "ceilings.png", methods=trained, dpi=dpi)
+        )
+    if any(m.get("acc_by_type") for r in reports for m in r["methods"].values()):
+        written.append(
+            mplots.accuracy_by_type(reports, out / "by-type.png", methods_of=_type_methods, dpi=dpi)
         )
     for c in cells:
         present = [m for m in methods if m in c["eval"]["methods"]]

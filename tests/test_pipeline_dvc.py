@@ -139,9 +139,13 @@ def test_repro_all_then_nothing_then_one_cell(repo):
     comp = tracking.load_compressor("models:/metacompress-tiny-llava-r0.9/1", uri=uri)
     assert comp.name == "metacompress" and comp.rate == pytest.approx(0.9)
     summary = (repo / "reports/summary.md").read_text()
-    for rate in ("0.5", "0.9"):  # one row in the results table and one in the ceilings table
-        assert summary.count(f"| tiny-llava | {rate} |") == 2
+    for rate in ("0.5", "0.9"):
+        # One row in the results table, one in the ceilings table, and one per method (none,
+        # metacompress; no heuristic in this grid) in the by-question-type table.
+        assert summary.count(f"| tiny-llava | {rate} |") == 4
+        assert summary.count(f"| tiny-llava | {rate} | metacompress |") == 1
     assert (repo / "reports/plots/acc-vs-rate.png").stat().st_size > 0
+    assert (repo / "reports/plots/by-type.png").stat().st_size > 0
 
     assert _repro(repo) == set()  # nothing changed: nothing runs
 

@@ -131,3 +131,35 @@ def test_ceilings_vs_rate_draws_methods_and_ceilings(tmp_path, monkeypatch):
     ]
     with pytest.raises(ValueError, match="ceilings"):
         plots.ceilings_vs_rate([_report("tiny-llava", 0.5)], tmp_path / "none.png")
+
+
+def test_accuracy_by_type_one_panel_per_cell_one_bar_per_method_and_type(tmp_path, monkeypatch):
+    seen = []
+    real = plots._save
+
+    def spy(fig, path, dpi):
+        axes = [ax for ax in fig.axes if ax.get_visible()]
+        seen.append([(len(ax.patches), ax.get_legend_handles_labels()[1]) for ax in axes])
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    reports = []
+    for arch in ("tiny-llava", "tiny-qwen2-vl"):
+        for rate in (0.5, 0.9):
+            r = _report(arch, rate)
+            for v in r["methods"].values():
+                v["acc_by_type"] = {"count": {"acc": 0.6, "n": 10}, "shape": {"acc": 0.9, "n": 12}}
+            del r["methods"]["fastv"]["acc_by_type"]  # a method without it is left out
+            reports.append(r)
+    del reports[-1]["methods"]["sample"]["acc_by_type"]["count"]  # a missing type: no bar
+    out = plots.accuracy_by_type(reports, tmp_path / "by-type.png")
+    assert _is_png(out)
+    assert len(seen[0]) == 4  # 2 archs x 2 rates
+    assert all(labels == ["none", "sample", "metacompress"] for _, labels in seen[0])
+    assert [bars for bars, _ in seen[0]] == [6, 6, 6, 5]  # 3 methods x 2 types, one missing
+    picked = plots.accuracy_by_type(
+        reports[:1], tmp_path / "picked.png", methods_of=lambda r: ["none", "metacompress"]
+    )
+    assert _is_png(picked) and seen[1] == [(4, ["none", "metacompress"])]
+    with pytest.raises(ValueError, match="acc_by_type"):
+        plots.accuracy_by_type([_report("tiny-llava", 0.5)], tmp_path / "none.png")
