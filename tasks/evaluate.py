@@ -17,6 +17,7 @@ Usage: ``python -m tasks.evaluate --arch tiny-llava --rate 0.9``
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -106,10 +107,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"evaluate: wrote {out} ({p.train.method} acc_avg={mc.get('acc_avg')})", flush=True)
 
 
+def _key(label: str) -> str:
+    """A dataset's own label ("yes/no", "choose", ...) as part of an MLflow metric key, which
+    takes word characters, '/', '.', '-', ' ' and ':' only."""
+    return re.sub(r"[^\w/.\- :]", "_", label)
+
+
 def _flat_metrics(metrics: dict) -> dict[str, float]:
-    """``<split>/<method>/<key>`` scalars (lists become ``_1``, ``_2``...) for MLflow. The
-    per-dialogue scores stay in the report artifact: hundreds of metrics per method are noise
-    in the run page."""
+    """``<split>/<method>/<key>`` scalars (lists become ``_1``, ``_2``..., the accuracy per
+    question type ``acc_by_type/<type>``) for MLflow. The per-dialogue scores stay in the
+    report artifact: hundreds of metrics per method are noise in the run page."""
     flat = {}
     sections = [("eval", metrics["methods"])]
     sections += [("val", metrics["validation"]["methods"])] if "validation" in metrics else []
@@ -124,6 +131,10 @@ def _flat_metrics(metrics: dict) -> dict[str, float]:
                 if isinstance(value, list):
                     flat.update(
                         {f"{prefix}/{method}/{key}_{i + 1}": v for i, v in enumerate(value)}
+                    )
+                elif key == "acc_by_type" and value:
+                    flat.update(
+                        {f"{prefix}/{method}/{key}/{_key(t)}": v["acc"] for t, v in value.items()}
                     )
                 elif isinstance(value, int | float) and not isinstance(value, bool):
                     flat[f"{prefix}/{method}/{key}"] = value

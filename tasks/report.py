@@ -288,8 +288,8 @@ def types_table(cells: list[dict]) -> str:
     """Markdown: accuracy per question type (the dataset's own labels) of the full model, the
     best heuristic and the trained method, per cell; the full model's row gives each type's
     turn count. Empty where no report has ``acc_by_type``."""
-    reports = [m for c in cells for m in c["eval"]["methods"].values()]
-    types = sorted({t for m in reports for t in m.get("acc_by_type") or {}})
+    entries = [m for c in cells for m in c["eval"]["methods"].values()]
+    types = sorted({t for m in entries for t in m.get("acc_by_type") or {}})
     if not types:
         return ""
     lines = [_row(["arch", "rate", "method", *types]), "|" + "---|" * (len(types) + 3)]
@@ -309,8 +309,8 @@ def types_table(cells: list[dict]) -> str:
 
 
 def plots(cells: list[dict], methods: list[str], dpi: int, out: Path) -> list[Path]:
-    """Accuracy vs. rate (all archs), the ceilings beside the trained method, and per-turn
-    accuracy per cell (``mc_core.plots``)."""
+    """Accuracy vs. rate (all archs), the ceilings beside the trained method, accuracy per
+    question type per cell, and per-turn accuracy per cell (``mc_core.plots``)."""
     from mc_core import plots as mplots
 
     reports = [c["eval"] for c in cells]

@@ -113,3 +113,9 @@ def test_flat_metrics_keep_per_dialogue_scores_out_of_mlflow():
         "eval/sample/acc_avg": 0.75,
         "eval/sample/prefill_ms": 2,
     }
+    # Accuracy per question type: one metric per type, labels made safe for MLflow keys.
+    m["acc_by_type"] = {"yes/no": {"acc": 0.9, "n": 3}, "what (colour)?": {"acc": 0.4, "n": 2}}
+    flat = stage._flat_metrics({"methods": {"sample": m}, "ceilings": {}})
+    assert flat["eval/sample/acc_by_type/yes/no"] == 0.9
+    assert flat["eval/sample/acc_by_type/what _colour__"] == 0.4
+    assert not any(k.endswith("/n") for k in flat)
