@@ -296,7 +296,7 @@ def types_table(cells: list[dict]) -> str:
     for c in cells:
         ms = c["eval"]["methods"]
         for name in _type_methods(c["eval"]):
-            by = ms.get(name, {}).get("acc_by_type") or {}
+            by = ms[name].get("acc_by_type") or {}  # _type_methods: present ones only
             vals = [
                 "-"
                 if t not in by

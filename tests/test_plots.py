@@ -33,18 +33,27 @@ def _report(arch: str, rate: float, methods=("none", "sample", "fastv", "metacom
     }
 
 
-@pytest.fixture
-def figures(monkeypatch):
-    """Record the figures the plot functions save (closed afterwards)."""
+def _record_saves(monkeypatch, describe) -> list:
+    """``describe(fig)`` of every figure the plot functions save, in order (then saved and
+    closed as usual)."""
     seen = []
     real = plots._save
 
     def spy(fig, path, dpi):
-        seen.append([(len(ax.get_lines()), len(ax.collections), len(ax.images)) for ax in fig.axes])
+        seen.append(describe(fig))
         return real(fig, path, dpi)
 
     monkeypatch.setattr(plots, "_save", spy)
     return seen
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Per saved figure, (lines, collections, images) of each panel."""
+    return _record_saves(
+        monkeypatch,
+        lambda fig: [(len(ax.get_lines()), len(ax.collections), len(ax.images)) for ax in fig.axes],
+    )
 
 
 def _is_png(path) -> bool:
@@ -102,14 +111,9 @@ def test_token_maps_figure_two_columns_per_image(tmp_path, figures):
 
 
 def test_ceilings_vs_rate_draws_methods_and_ceilings(tmp_path, monkeypatch):
-    labels = []
-    real = plots._save
-
-    def spy(fig, path, dpi):
-        labels.append([ax.get_legend_handles_labels()[1] for ax in fig.axes])
-        return real(fig, path, dpi)
-
-    monkeypatch.setattr(plots, "_save", spy)
+    labels = _record_saves(
+        monkeypatch, lambda fig: [ax.get_legend_handles_labels()[1] for ax in fig.axes]
+    )
     reports = []
     for arch in ("tiny-llava", "tiny-qwen2-vl"):
         for rate in (0.5, 0.9):
@@ -134,15 +138,14 @@ def test_ceilings_vs_rate_draws_methods_and_ceilings(tmp_path, monkeypatch):
 
 
 def test_accuracy_by_type_one_panel_per_cell_one_bar_per_method_and_type(tmp_path, monkeypatch):
-    seen = []
-    real = plots._save
-
-    def spy(fig, path, dpi):
-        axes = [ax for ax in fig.axes if ax.get_visible()]
-        seen.append([(len(ax.patches), ax.get_legend_handles_labels()[1]) for ax in axes])
-        return real(fig, path, dpi)
-
-    monkeypatch.setattr(plots, "_save", spy)
+    seen = _record_saves(  # per visible panel: its bars and legend labels
+        monkeypatch,
+        lambda fig: [
+            (len(ax.patches), ax.get_legend_handles_labels()[1])
+            for ax in fig.axes
+            if ax.get_visible()
+        ],
+    )
     reports = []
     for arch in ("tiny-llava", "tiny-qwen2-vl"):
         for rate in (0.5, 0.9):
