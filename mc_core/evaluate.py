@@ -86,7 +86,9 @@ __all__ = [
     "evaluate",
     "evaluate_ceilings",
     "score_answer",
+    "score_by_type",
     "score_dialogues",
+    "score_matrix",
     "score_turns",
     "token_maps",
     "write_report",
@@ -106,30 +108,38 @@ def score_answer(pred: str, answer_set: Sequence[str]) -> float:
     return exact_match(pred, answer_set[0])
 
 
-def score_turns(
+def score_matrix(
     preds: Sequence[Sequence[str]], answer_sets: Sequence[Sequence[Sequence[str]]]
-) -> list[float]:
-    """Mean accuracy per turn.
+) -> list[list[float]]:
+    """Each answer's accuracy, per dialogue and turn: what every summary below averages.
 
     Args:
         preds: per dialogue, the predicted answer of each turn.
         answer_sets: per dialogue, per turn, the accepted answers.
-
-    Returns:
-        `[acc_turn_1, acc_turn_2, ...]`.
     """
     if len(preds) != len(answer_sets) or not preds:
         raise ValueError(f"{len(preds)} predicted dialogues vs {len(answer_sets)} references")
-    turns = len(answer_sets[0])
-    totals = [0.0] * turns
+    scores = []
     for i, (p, sets) in enumerate(zip(preds, answer_sets, strict=True)):
-        if len(p) != turns or len(sets) != turns:
-            raise ValueError(
-                f"dialogue {i}: {len(p)} answers for {len(sets)} turns (expected {turns})"
-            )
-        for k in range(turns):
-            totals[k] += score_answer(p[k], sets[k])
-    return [t / len(preds) for t in totals]
+        if len(p) != len(sets):
+            raise ValueError(f"dialogue {i}: {len(p)} answers for {len(sets)} turns")
+        scores.append([score_answer(a, s) for a, s in zip(p, sets, strict=True)])
+    return scores
+
+
+def score_turns(
+    preds: Sequence[Sequence[str]], answer_sets: Sequence[Sequence[Sequence[str]]]
+) -> list[float]:
+    """Mean accuracy per turn, `[acc_turn_1, acc_turn_2, ...]` (arguments as `score_matrix`)."""
+    return _turn_means(score_matrix(preds, answer_sets))
+
+
+def _turn_means(scores: list[list[float]]) -> list[float]:
+    turns = len(scores[0])
+    for i, row in enumerate(scores):
+        if len(row) != turns:
+            raise ValueError(f"dialogue {i}: {len(row)} turns (expected {turns})")
+    return [sum(col) / len(scores) for col in zip(*scores, strict=True)]
 
 
 def score_by_type(
@@ -142,13 +152,19 @@ def score_by_type(
     ``sum(acc * n) / sum(n)`` is the mean over all turns, ``acc_avg`` when every dialogue has
     the same number of turns. None where a row has no type per turn.
     """
+    return _by_type(score_matrix(preds, [r["answer_sets"] for r in rows]), rows)
+
+
+def _by_type(
+    scores: list[list[float]], rows: Sequence[Mapping[str, Any]]
+) -> dict[str, dict[str, float | int]] | None:
     hits: dict[str, list[float]] = {}
-    for p, row in zip(preds, rows, strict=True):
-        types, sets = row.get("question_types") or [], row["answer_sets"]
-        if len(types) != len(sets):
+    for row_scores, row in zip(scores, rows, strict=True):
+        types = row.get("question_types") or []
+        if len(types) != len(row_scores):
             return None
-        for t, a, s in zip(types, p, sets, strict=True):
-            hits.setdefault(str(t), []).append(score_answer(a, s))
+        for t, v in zip(types, row_scores, strict=True):
+            hits.setdefault(str(t), []).append(v)
     return {t: {"acc": sum(v) / len(v), "n": len(v)} for t, v in sorted(hits.items())} or None
 
 
@@ -224,12 +240,7 @@ def score_dialogues(
     preds: Sequence[Sequence[str]], answer_sets: Sequence[Sequence[Sequence[str]]]
 ) -> list[float]:
     """Each dialogue's accuracy averaged over its turns (the unit the intervals resample)."""
-    if len(preds) != len(answer_sets):
-        raise ValueError(f"{len(preds)} predicted dialogues vs {len(answer_sets)} references")
-    return [
-        sum(score_answer(p, s) for p, s in zip(ps, sets, strict=True)) / len(sets)
-        for ps, sets in zip(preds, answer_sets, strict=True)
-    ]
+    return [sum(row) / len(row) for row in score_matrix(preds, answer_sets)]
 
 
 def _run_method(
@@ -292,16 +303,16 @@ def _run_method(
             centres.append(centre_mass(adapter, full_inputs, row.get(GT_COLUMN), c.P))
         if bar is not None:
             bar.update(len(chunk))
-    sets = [r["answer_sets"] for r in rows]
-    acc = score_turns(preds, sets)
-    per_dialogue = score_dialogues(preds, sets)
+    scores = score_matrix(preds, [r["answer_sets"] for r in rows])  # each answer scored once
+    acc = _turn_means(scores)
+    per_dialogue = [sum(row) / len(row) for row in scores]
     return {
         "acc_turn": acc,
         "acc_avg": sum(acc) / len(acc),
         "acc_avg_ci": bootstrap_ci(per_dialogue, seed=ci_seed),
         # Dataset order: two methods' lists pair up dialogue by dialogue (stats.paired_difference).
         "acc_dialogues": [round(v, 6) for v in per_dialogue],
-        "acc_by_type": score_by_type(preds, rows),
+        "acc_by_type": _by_type(scores, rows),
         "kl_to_full": sum(kls) / len(kls) if with_kl else None,
         "centre_mass": _mean_or_none(centres),
         "prefill_ms": statistics.median(prefill),

@@ -19,6 +19,8 @@ from mc_core.evaluate import (
     evaluate,
     score_answer,
     score_by_type,
+    score_dialogues,
+    score_matrix,
     score_turns,
     token_maps,
     write_report,
@@ -53,6 +55,20 @@ def test_score_turns_averages_per_turn():
     assert score_turns(preds, sets) == [0.5, 1.0, 0.5]
     with pytest.raises(ValueError, match="dialogue 1"):
         score_turns([["red", "2", "yes"], ["blue"]], sets)
+
+
+def test_score_matrix_scores_each_answer_and_feeds_the_summaries():
+    preds = [["red", "2", "yes"], ["blue", "3"]]
+    sets = [[["red"], ["2"], ["no"]], [["red"], ["3"]]]
+    assert score_matrix(preds, sets) == [[1.0, 1.0, 0.0], [0.0, 1.0]]
+    # Per dialogue, dialogues may differ in length; per turn they may not.
+    assert score_dialogues(preds, sets) == [pytest.approx(2 / 3), 0.5]
+    with pytest.raises(ValueError, match="dialogue 1: 2 turns"):
+        score_turns(preds, sets)
+    with pytest.raises(ValueError, match="dialogue 0: 2 answers for 3 turns"):
+        score_matrix([["red", "2"], ["blue", "3"]], sets)
+    with pytest.raises(ValueError, match="0 predicted dialogues vs 2"):
+        score_dialogues([], sets)
 
 
 def test_score_by_type_groups_turns_by_the_datasets_own_labels():
