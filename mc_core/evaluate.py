@@ -142,6 +142,10 @@ def _turn_means(scores: list[list[float]]) -> list[float]:
     return [sum(col) / len(scores) for col in zip(*scores, strict=True)]
 
 
+def _dialogue_means(scores: list[list[float]]) -> list[float]:
+    return [sum(row) / len(row) for row in scores]
+
+
 def score_by_type(
     preds: Sequence[Sequence[str]], rows: Sequence[Mapping[str, Any]]
 ) -> dict[str, dict[str, float | int]] | None:
@@ -240,7 +244,7 @@ def score_dialogues(
     preds: Sequence[Sequence[str]], answer_sets: Sequence[Sequence[Sequence[str]]]
 ) -> list[float]:
     """Each dialogue's accuracy averaged over its turns (the unit the intervals resample)."""
-    return [sum(row) / len(row) for row in score_matrix(preds, answer_sets)]
+    return _dialogue_means(score_matrix(preds, answer_sets))
 
 
 def _run_method(
@@ -305,7 +309,7 @@ def _run_method(
             bar.update(len(chunk))
     scores = score_matrix(preds, [r["answer_sets"] for r in rows])  # each answer scored once
     acc = _turn_means(scores)
-    per_dialogue = [sum(row) / len(row) for row in scores]
+    per_dialogue = _dialogue_means(scores)
     return {
         "acc_turn": acc,
         "acc_avg": sum(acc) / len(acc),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import report
+from tasks import common, report
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "| cell | none | MetaCompress | kept of none |"
@@ -48,16 +48,12 @@ def _rows() -> list[list[str]]:
     return rows
 
 
-def _ci(ci: list[float]) -> str:
-    return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
-
-
 def _signed(v: float) -> str:
     return f"{v:+.3f}"
 
 
 def _expected(arch: str, rate: str) -> list[str]:
-    ev = json.loads((ROOT / "reports" / "eval" / f"{arch}-{rate}.json").read_text())
+    ev = json.loads((ROOT / common.cell_file("eval", arch, float(rate))).read_text())
     ms, ceil = ev["methods"], ev["ceilings"]
     mc, none = ms["metacompress"], ms["none"]
     checks = report.cell_checks(ms)
@@ -67,9 +63,9 @@ def _expected(arch: str, rate: str) -> list[str]:
     return [
         f"{arch} {rate}",
         f"{none['acc_avg']:.3f}",
-        f"{mc['acc_avg']:.3f} {_ci(mc['acc_avg_ci'])}",
+        report._acc(mc),  # the summary's "0.888 [0.87, 0.91]"
         f"{checks['retention']:.2f}",
-        f"{best} {ms[best]['acc_avg']:.3f} {_ci(ms[best]['acc_avg_ci'])}",
+        f"{best} {report._acc(ms[best])}",
         f"{_signed(paired['diff'])} [{_signed(paired['ci'][0])}, {_signed(paired['ci'][1])}]",
         "/".join(f"{a:.2f}".lstrip("0") for a in ms["fastv"]["acc_turn"]),
         f"{ceil['selector']['acc_avg']:.3f}",
