@@ -30,9 +30,9 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from bench.inference import describe_machine, machine_slug, resolve_device
 from bench.shapes import ARCHS, get_arch
 from mc_core.compressors import available, build
-from mc_core.conversation import BatchConversation, token_dim
+from mc_core.inference.conversation import BatchConversation, token_dim
 from mc_core.io import write_json
-from mc_core.processing import build_processor
+from mc_core.models.processing import build_processor
 
 _WORDS = "what colour shape is at row col the of a how many there yes no red green blue 0 1 2 3 ?"
 QUESTIONS = (

@@ -27,7 +27,7 @@ import torch
 
 from mc_core import io
 from mc_core.compressors import TokenContext, build
-from mc_core.ops import kept_tokens
+from mc_core.compressors.ops import kept_tokens
 
 LLM_PARAMS_7B = 6.7e9  # LLaVA-1.5-7B's Vicuna: 2 * params FLOPs per prefilled token
 

@@ -145,8 +145,9 @@ class PeakMemory:
 
 
 def prefill_flops_fn(model) -> Callable[[int], float]:
-    """seq_len -> analytic LLM prefill FLOPs of `model` (`mc_core.flops.prefill_flops`)."""
-    from mc_core.flops import prefill_flops
+    """seq_len -> analytic LLM prefill FLOPs of `model`
+    (`mc_core.inference.flops.prefill_flops`)."""
+    from mc_core.inference.flops import prefill_flops
 
     return lambda seq_len: float(prefill_flops(model.config, seq_len))
 
@@ -209,7 +210,7 @@ def _greedy(model, out, steps: int) -> tuple[torch.Tensor, object]:
 
 def run_once(bench: Bench, case: Case) -> dict[str, float]:
     """One full three-turn dialogue for `case`; returns its interval times in ms."""
-    from mc_core.adapters import prompt_attention
+    from mc_core.models.adapters import prompt_attention
 
     model, adapter, inputs = bench.model, bench.adapter, bench.inputs
     clock = Clock(bench.device)
@@ -455,8 +456,8 @@ def _measure(
     progress: Callable[[str], None] | None,
 ) -> dict:
     """The measurement behind `run`, on validated arguments."""
-    from mc_core.adapters import for_model
     from mc_core.compressors import build
+    from mc_core.models.families import adapter_for
 
     arch = shape.name
     # bf16 + sdpa on GPU (what serving uses); fp32 on CPU, where bf16 matmuls are often slower.
@@ -467,7 +468,7 @@ def _measure(
     model = build_model(shape, scale, device=dev, dtype=dtype, seed=seed)
     build_s = time.perf_counter() - t0
     inputs = make_inputs(model, shape, prompt, seed=seed)
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     later = [turn_ids(model, prompt.later_turn, seed=seed + i) for i in range(2, turns + 1)]
     text_cfg = model.config.get_text_config()
     # FastV's K = 2, or the last layer of a shallower (test) LLM.
@@ -521,7 +522,7 @@ def _measure(
         },
         "memory_method": mem.method,
         "fastv_layer": fastv_layer,
-        "flops_source": "mc_core.flops.prefill_flops (LLM prefill, causal attention)",
+        "flops_source": "mc_core.inference.flops.prefill_flops (LLM prefill, causal attention)",
         "notes": [
             "Random weights: timings only. metacompress is the untrained generator (its init, "
             "W_q = W_k); training changes its weights, not its cost.",

@@ -1,6 +1,6 @@
 """Real LVLM shapes for benchmarking, built from configs with random weights (no downloads).
 
-The shapes come from the family descriptors (`mc_core.families`, each family's `bench`): the
+The shapes come from the family descriptors (`mc_core.models.families`, each family's `bench`): the
 published dimensions of one checkpoint (LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2-VL-7B) and a `cpu`
 variant that shrinks the LLM and the vision tower but keeps the image geometry, hence the
 number of visual tokens: the ratio that compression changes. Timing needs the right shapes, not
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from mc_core import families
+from mc_core.models import families
 
 SCALES = ("cpu", "real", "tiny")
 

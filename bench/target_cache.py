@@ -9,7 +9,7 @@ Training distils against the frozen model's answer-token distributions, cached o
 set. At a real vocabulary (LLaVA-1.5: 32,064; Qwen2-VL: 152,064) the full float32 rows do not
 fit on disk for ~20k dialogues, so the cache keeps the top-k log-probs (float16), their ids
 (int32) and the log tail mass (float32), and training uses the bucketed KL
-(``mc_core.losses.topk_kl``), a lower bound of the full KL.
+(``mc_core.training.losses.topk_kl``), a lower bound of the full KL.
 
 Two measurements:
 
@@ -35,19 +35,20 @@ from pathlib import Path
 
 import torch
 
-from mc_core import io, zoo
-from mc_core.adapters import for_model
+from mc_core import io
 from mc_core.compressors import build
-from mc_core.conversation import token_dim
 from mc_core.data.schema import load
-from mc_core.losses import TopKTarget, answer_kl, topk_kl
-from mc_core.train import (
+from mc_core.inference.conversation import token_dim
+from mc_core.models import zoo
+from mc_core.models.families import adapter_for
+from mc_core.training.loop import (
     TrainConfig,
     build_target_cache,
     save_target_cache,
     student_logits,
     train,
 )
+from mc_core.training.losses import TopKTarget, answer_kl, topk_kl
 
 KS = (8, 16, 32, 64, 128, None)  # None: the whole vocabulary
 VOCABS = {"llava-1.5 (32,064)": 32_064, "qwen2-vl (152,064)": 152_064}
@@ -137,7 +138,7 @@ def _vocab(model) -> int:
 
 @torch.no_grad()
 def _student(model, processor, compressor, cache, batch: int = 16) -> torch.Tensor:
-    adapter, out = for_model(model), []
+    adapter, out = adapter_for(model), []
     pad = processor.tokenizer.pad_token_id
     for start in range(0, len(cache), batch):
         logits, _ = student_logits(
@@ -263,7 +264,9 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--teachers", nargs="*", default=[], help="saved base models (mc_core.zoo)")
+    ap.add_argument(
+        "--teachers", nargs="*", default=[], help="saved base models (mc_core.models.zoo)"
+    )
     ap.add_argument("--random", nargs="*", default=[], help="tiny archs with random weights")
     ap.add_argument("--data", default="data/test")
     ap.add_argument("--train-data", default="data/train")

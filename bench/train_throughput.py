@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from mc_core import io, zoo
+from mc_core import io
 from mc_core.data.synthetic import generate
-from mc_core.train import TrainConfig, build_target_cache, resolve_device, train
+from mc_core.models import zoo
+from mc_core.training.loop import TrainConfig, build_target_cache, resolve_device, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

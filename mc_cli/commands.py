@@ -39,7 +39,7 @@ def _questions(args) -> Iterator[str]:
 
 
 def chat(args) -> int:
-    from mc_core.conversation import Conversation
+    from mc_core.inference.conversation import Conversation
 
     image = open_image(args.image)
     check_compressor(args.compressor, args.rate)
@@ -62,8 +62,8 @@ def chat(args) -> int:
 
 
 def compress(args) -> int:
-    from mc_core.embeds import save_embeds
-    from mc_core.serving import compress_image
+    from mc_core.inference.embeds import save_embeds
+    from mc_core.inference.serving import compress_image
 
     if not args.output.endswith(".safetensors"):
         raise UsageError(f"-o {args.output!r}: the output must be a .safetensors file")
@@ -87,7 +87,7 @@ def compress(args) -> int:
 
 
 def evaluate(args) -> int:
-    from mc_core.evaluate import evaluate as run_evaluate
+    from mc_core.evaluation.runner import evaluate as run_evaluate
 
     if args.rate is None:
         raise UsageError("--rate is required: the reduction rate every method runs at")

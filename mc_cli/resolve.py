@@ -31,7 +31,7 @@ def load_model(spec: str, device: str = "auto"):
     """`(model, processor)` from a saved model folder (or `models/base/<spec>`)."""
     import torch
 
-    from mc_core import zoo
+    from mc_core.models import zoo
 
     path = Path(spec)
     if not path.is_dir() and (BASE_DIR / spec).is_dir():
@@ -91,7 +91,7 @@ def load_compressor(spec: str | None, model, rate: float | None) -> Any:
     """A compressor from a method name (needs `rate`), a checkpoint folder or a registry URI
     (`models:/<name>@champion`); None for `none` or no spec (all visual tokens)."""
     from mc_core.compressors import build
-    from mc_core.conversation import model_device, token_dim
+    from mc_core.inference.conversation import model_device, token_dim
 
     check_compressor(spec, rate)
     if spec is None or spec == "none":
@@ -100,7 +100,7 @@ def load_compressor(spec: str | None, model, rate: float | None) -> Any:
     if spec.startswith("models:/"):
         comp = _from_registry(spec, dim)
     elif Path(spec).is_dir():
-        from mc_core.checkpoint import load_compressor as load_ckpt
+        from mc_core.compressors.checkpoint import load_compressor as load_ckpt
 
         try:
             comp = load_ckpt(spec, expect={"dim": dim})

@@ -1,11 +1,12 @@
 """From lmms-eval's ``--model_args`` to a frozen base model and a compressor.
 
-``pretrained`` is a folder written by ``mc_core.zoo.save`` (the tiny teachers), a name of
-``mc_core.zoo.REAL`` or its Hugging Face id, or any other image-text-to-text checkpoint (id or
-local folder) whose class has an adapter (``mc_core.adapters.available()``).
+``pretrained`` is a folder written by ``mc_core.models.zoo.save`` (the tiny teachers), a name of
+``mc_core.models.zoo.REAL`` or its Hugging Face id, or any other image-text-to-text checkpoint (id
+or
+local folder) whose class has an adapter (``mc_core.models.families.available()``).
 
 ``compressor`` is ``none``, a method name of ``mc_core.compressors.available()`` (heuristics,
-built at ``rate``), a checkpoint folder (``mc_core.checkpoint``) or a registry URI
+built at ``rate``), a checkpoint folder (``mc_core.compressors.checkpoint``) or a registry URI
 ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (``tasks.tracking``, imported only
 then: MLflow is not needed otherwise). Checkpoints are refused when their fingerprint (family,
 token width) or rate differs from the model's and the requested rate.
@@ -21,13 +22,13 @@ from typing import Any
 
 import torch
 
-from mc_core import zoo
-from mc_core.adapters import for_model
-from mc_core.checkpoint import load_compressor
 from mc_core.compressors import available, build
-from mc_core.conversation import token_dim
-from mc_core.ops import check_rate
-from mc_core.train import prepare_model, resolve_device
+from mc_core.compressors.checkpoint import load_compressor
+from mc_core.compressors.ops import check_rate
+from mc_core.inference.conversation import token_dim
+from mc_core.models import zoo
+from mc_core.models.families import adapter_for
+from mc_core.training.loop import prepare_model, resolve_device
 
 __all__ = ["load_base", "parse_dtype", "parse_rate", "resolve_compressor"]
 
@@ -103,7 +104,7 @@ def load_base(pretrained: str, *, device: str | None = None, dtype: Any = None):
             )
             processor = AutoProcessor.from_pretrained(pretrained)
         model.eval().requires_grad_(False)
-    for_model(model)  # fail now, naming the class, rather than at the first request
+    adapter_for(model)  # fail now, naming the class, rather than at the first request
     return model, processor
 
 
@@ -141,7 +142,7 @@ def resolve_compressor(
     spec = "none" if spec is None else str(spec).strip()
     if spec in ("", "none"):
         return None
-    family = for_model(model).family
+    family = adapter_for(model).family
     dim = token_dim(model)
     if spec.startswith("models:/") or Path(spec).expanduser().is_dir():
         comp = _load_checkpoint(spec, {"family": family, "dim": dim}, tracking_uri)

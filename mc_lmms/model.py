@@ -8,7 +8,8 @@ for method names, checked against checkpoints); ``device``, ``dtype`` (``auto``:
 float32 on CPU, as the project's evaluator); ``max_new_tokens`` (when a task does not set it);
 ``tracking_uri`` (MLflow, for ``models:/``).
 
-Every request runs as an ``mc_core.conversation.Conversation``: the image's visual tokens are
+Every request runs as an ``mc_core.inference.conversation.Conversation``: the image's visual tokens
+are
 compressed once and the KV cache is reused, so
 
 - ``generate_until``: one question, greedy answer (stop strings cut it);
@@ -34,10 +35,10 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm.auto import tqdm
 
-from mc_core.adapters import for_model
-from mc_core.conversation import Conversation, compress_inputs, reset_state
 from mc_core.data.images import to_rgb
-from mc_core.dialogue import answer_token_ids, encode_dialogue, render, to_device
+from mc_core.inference.conversation import Conversation, compress_inputs, reset_state
+from mc_core.inference.dialogue import answer_token_ids, encode_dialogue, render, to_device
+from mc_core.models.families import adapter_for
 from mc_lmms.loading import load_base, parse_rate, resolve_compressor
 
 __all__ = ["MetaCompress"]
@@ -90,7 +91,7 @@ class MetaCompress(lmms):
             logger.info(f"metacompress: batch_size={batch_size} ignored, dialogues run one by one")
         self.max_new_tokens = _positive_int(max_new_tokens, "model_args max_new_tokens")
         self.model, self.processor = load_base(pretrained, device=device, dtype=dtype)
-        self.adapter = for_model(self.model)
+        self.adapter = adapter_for(self.model)
         self.compressor = resolve_compressor(
             compressor, rate=parse_rate(rate), model=self.model, tracking_uri=tracking_uri
         )

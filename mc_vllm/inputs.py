@@ -3,7 +3,8 @@
 LLaVA-style models: a [1, m, d] tensor (3-D: a 2-D tensor would be read as m images); vLLM
 puts m placeholders where the prompt has the image token. Qwen-family models: the [m, d]
 tensor plus the ``image_grid_thw`` [[1, h, w]] (h * w / merge^2 == m) that sets their M-RoPE
-positions (mc_core.serving explains the grid). vLLM never applies the projector to embeddings:
+positions (mc_core.inference.serving explains the grid). vLLM never applies the projector to
+embeddings:
 they are already in the LLM's input space.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mc_core.embeds import ImageEmbeds
+from mc_core.inference.embeds import ImageEmbeds
 
 __all__ = ["chat_messages", "content_part", "multi_modal_data", "tensor_b64"]
 
@@ -61,7 +62,8 @@ def chat_messages(
 ) -> list[dict[str, Any]]:
     """Chat messages of a dialogue with the image in the first user turn.
 
-    The same structure as mc_core.dialogue.messages (so the model's chat template renders the
+    The same structure as mc_core.inference.dialogue.messages (so the model's chat template renders
+    the
     same text): ``image_part`` None gives ``{"type": "image"}`` (offline rendering), else the
     given part (the server's ``image_embeds``).
     """

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mc_core.embeds import ImageEmbeds
+from mc_core.inference.embeds import ImageEmbeds
 from mc_vllm.inputs import chat_messages, multi_modal_data
 
 __all__ = ["OfflineChat", "Turn", "engine_kwargs"]

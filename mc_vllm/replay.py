@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mc_core.embeds import load_embeds
+from mc_core.inference.embeds import load_embeds
 from mc_core.io import write_json
 
 __all__ = ["main", "run_offline", "run_server"]

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from mc_core.embeds import ImageEmbeds
+from mc_core.inference.embeds import ImageEmbeds
 from mc_vllm.inputs import chat_messages, content_part
 
 __all__ = ["ServerChat", "server_command", "wait_ready"]

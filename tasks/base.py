@@ -3,17 +3,19 @@
 Usage: ``python -m tasks.base --arch NAME [--out models/base/NAME]
 [--report reports/base/NAME.json]``
 
-- A tiny arch (``mc_core.zoo.TINY``) is trained into a teacher on the synthetic world
-  (``mc_core.teacher.train_teacher``, the ``base`` and ``world`` sections), unless ``--out``
+- A tiny arch (``mc_core.models.zoo.TINY``) is trained into a teacher on the synthetic world
+  (``mc_core.training.teacher.train_teacher``, the ``base`` and ``world`` sections), unless
+  ``--out``
   already holds the teacher of the same recipe: ``zoo.json`` records ``recipe_sha``, the
   SHA-256 of ``{arch, the arch's TeacherConfig, world}``, and a match is reused
   (``MC_RETRAIN=1`` retrains). Interrupted training resumes from the checkpoint beside ``--out``.
 - A real arch (a ``models`` name, or a ``zoo.REAL`` name) is not copied: its source (HF id
   through the Hugging Face cache, or a local folder) is resolved and pinned by content
-  (``mc_core.hub``) into ``--out/resolved.json``; ``mc_core.zoo.load(--out)`` then loads those
+  (``mc_core.models.hub``) into ``--out/resolved.json``; ``mc_core.models.zoo.load(--out)`` then
+  loads those
   exact weights on this machine.
 
-Either way the report measures the base model on ``data/test`` through ``mc_core.evaluate``
+Either way the report measures the base model on ``data/test`` through ``mc_core.evaluation.runner``
 (all tokens, a blank image, ``sample`` at 0.9, the packed ground-truth selector where the data
 has object centres; the ``evaluate`` section's batch size, device and history), plus the
 teacher's training summary (curve, steps, its own held-out world accuracies) for a tiny arch.
@@ -41,7 +43,7 @@ REPORT_RATE = 0.9
 def recipe_sha(arch: str, cfg, world) -> str:
     """SHA-256 of the canonical JSON of ``{arch, its TinySpec, cfg.for_arch(arch), world}``: what
     a tiny teacher's weights are a function of (budgets are steps and seeds)."""
-    from mc_core import zoo
+    from mc_core.models import zoo
 
     recipe = {
         "arch": arch,
@@ -71,7 +73,8 @@ def _reusable(out: Path, sha: str) -> str | None:
 
 def tiny_teacher(arch: str, out: Path, cfg, world) -> dict[str, Any]:
     """Train the tiny teacher into ``out``, or reuse the one there; its training summary."""
-    from mc_core import io, teacher
+    from mc_core import io
+    from mc_core.training import teacher
 
     sha = recipe_sha(arch, cfg, world)
     why = _reusable(out, sha)
@@ -97,7 +100,7 @@ def tiny_teacher(arch: str, out: Path, cfg, world) -> dict[str, Any]:
 
 def real_model(arch: str, out: Path, source: params.ModelSource) -> dict[str, Any]:
     """Resolve and pin a real model's source into ``out`` (``resolved.json``, ``zoo.json``)."""
-    from mc_core import hub, zoo
+    from mc_core.models import hub, zoo
 
     rec = hub.resolve(source.source, source.revision)
     zoo.save_resolved(rec.to_dict(), out, arch=arch)
@@ -124,9 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     if ns.arch not in known or not params.SAFE_NAME.match(ns.arch):
         raise ValueError(f"--arch={ns.arch!r}: unknown arch; known: {', '.join(known)}")
 
-    from mc_core import evaluate as meval
-    from mc_core import zoo
     from mc_core.data import schema
+    from mc_core.evaluation import runner as meval
+    from mc_core.models import zoo
 
     out = Path(ns.out or common.base_dir(ns.arch))
     report_path = Path(ns.report or f"reports/base/{ns.arch}.json")

@@ -7,7 +7,8 @@ tokens from beside what FastV keeps), and logs the metrics (``eval/<method>/<met
 files and a per-turn accuracy plot to the cell's MLflow run.
 
 Beside ``methods`` (on data/test, each with ``acc_avg_ci``, and ``n_dialogues``) the report
-holds ``ceilings`` (``evaluate.ceilings``: selector, oracle, cls_overlap; mc_core/ceilings.py)
+holds ``ceilings`` (``evaluate.ceilings``: selector, oracle, cls_overlap;
+mc_core/evaluation/ceilings.py)
 and, when data/val holds a dataset, ``validation``: ``train.method``, ``evaluate.val_methods``
 and the registry's current champion (``champion``, with its ``version``) on data/val, which
 ``tasks.register``'s gate reads. Nothing is chosen on data/test.
@@ -32,9 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     p = common.load_params(PARAMS, who="tasks.evaluate")
     arch, rate = common.cell_args(__doc__.splitlines()[0], argv)
 
-    from mc_core import checkpoint, zoo
-    from mc_core import evaluate as meval
+    from mc_core.compressors import checkpoint
     from mc_core.data import schema
+    from mc_core.evaluation import runner as meval
+    from mc_core.models import zoo
 
     ckpt_dir = common.compressor_dir(arch, rate)
     family = zoo.info(common.base_dir(arch)).get("family")
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     tracking.log_artifacts(run_id, out, "eval")
     tracking.log_artifacts(run_id, tokens_png, "plots")
     with tempfile.TemporaryDirectory() as tmp:  # the per-turn plot, for the run page only
-        from mc_core import plots
+        from mc_core.evaluation import plots
 
         png = plots.accuracy_per_turn(metrics, Path(tmp) / f"turns-{arch}-{rate_s}.png")
         tracking.log_artifacts(run_id, png, "plots")
@@ -145,8 +147,8 @@ def _validation(
     p, arch: str, rate: float, model, processor, compressor, family: str, ckpt: str
 ) -> dict:
     """``train.method``, ``evaluate.val_methods`` and the current champion on data/val."""
-    from mc_core import evaluate as meval
     from mc_core.data import schema
+    from mc_core.evaluation import runner as meval
 
     ev, method = p.evaluate, p.train.method
     val = schema.load(common.DATA_VAL)
@@ -191,9 +193,9 @@ def _seed_spread(
 ) -> dict | None:
     """Test accuracy of the extra-seed compressors (``train.seeds`` > 1) beside the cell's:
     ``{"seeds", "acc_avg", "mean", "sd"}``; None when the cell was trained with one seed."""
-    from mc_core import checkpoint
-    from mc_core import evaluate as meval
-    from mc_core.stats import mean_sd
+    from mc_core.compressors import checkpoint
+    from mc_core.evaluation import runner as meval
+    from mc_core.evaluation.stats import mean_sd
 
     folder = common.seeds_dir(arch, rate)
     dirs = (
@@ -239,9 +241,9 @@ def _champion(name: str, family: str, ckpt: str, base: str) -> dict | None:
 def _token_maps(model, processor, dataset, compressor, rate: float, arch: str) -> Path:
     """The token-map figure of the first test images: the trained P's column mass beside
     FastV's choice."""
-    from mc_core import evaluate as meval
-    from mc_core import plots
     from mc_core.compressors import build
+    from mc_core.evaluation import plots
+    from mc_core.evaluation import runner as meval
 
     fastv = build("fastv", rate=rate, dim=compressor.dim)
     maps = meval.token_maps(

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from mc_core.config import TrainConfig
+from mc_core.training.config import TrainConfig
 
 __all__ = ["TrainParams", "cell_key_of", "parse_key"]
 
@@ -55,13 +55,13 @@ MODEL_NAMES: ContextVar[tuple[str, ...]] = ContextVar("model_names", default=())
 
 
 def _known_archs() -> list[str]:
-    from mc_core import zoo
+    from mc_core.models import zoo
 
     return sorted(set(getattr(zoo, "TINY", {})) | set(getattr(zoo, "REAL", {})))
 
 
 class TrainParams(TrainConfig):
-    """``train:`` = ``mc_core.config.TrainConfig`` plus two pipeline keys.
+    """``train:`` = ``mc_core.training.config.TrainConfig`` plus two pipeline keys.
 
     Attributes:
         overrides: per-arch / per-cell changes of the recipe (module docstring).

@@ -10,8 +10,8 @@ before it touches a model and the error names the key, e.g.::
 Sections: ``grid`` (the cells), ``models`` (where real base models come from: a name per HF id
 or local folder, so ``grid.archs`` holds only filesystem-safe names), ``data`` (what
 ``tasks.prepare`` builds), ``world``
-(``mc_core.data.synthetic.WorldConfig``), ``base`` (``mc_core.teacher.TeacherConfig``),
-``train`` (``mc_core.config.TrainConfig``), ``evaluate``, ``register``, ``tracking`` and
+(``mc_core.data.synthetic.WorldConfig``), ``base`` (``mc_core.training.teacher.TeacherConfig``),
+``train`` (``mc_core.training.config.TrainConfig``), ``evaluate``, ``register``, ``tracking`` and
 ``report``. The library's own configs are used as they are; the pipeline-only sections live here.
 
 Profiles are named overlays on the committed ``params.yaml`` (which *is* the ``default``
@@ -36,9 +36,9 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mc_core import io
-from mc_core.config import Section, format_errors
 from mc_core.data.synthetic import WorldConfig
-from mc_core.teacher import TeacherConfig
+from mc_core.training.config import Section, format_errors
+from mc_core.training.teacher import TeacherConfig
 from tasks.overrides import MODEL_NAMES, TrainParams
 
 DEFAULT_PATH = "params.yaml"
@@ -77,8 +77,9 @@ def check_rate(rate: float) -> float:
 
 
 def known_archs(models: Iterable[str] = ()) -> list[str]:
-    """Architectures ``mc_core.zoo`` can build (tiny) or load (real), plus ``models`` names."""
-    from mc_core import zoo
+    """Architectures ``mc_core.models.zoo`` can build (tiny) or load (real), plus ``models``
+    names."""
+    from mc_core.models import zoo
 
     return sorted(set(getattr(zoo, "TINY", {})) | set(getattr(zoo, "REAL", {})) | set(models))
 
@@ -192,7 +193,7 @@ class ModelSource(Section):
 
     ``source`` is anything ``from_pretrained`` takes (an HF id, resolved through the
     Hugging Face cache, or a local folder); ``revision`` pins a branch, tag or commit of an
-    HF id. ``tasks.base`` records the exact files (``mc_core.hub``).
+    HF id. ``tasks.base`` records the exact files (``mc_core.models.hub``).
     """
 
     source: str = Field(min_length=1)
@@ -202,7 +203,7 @@ class ModelSource(Section):
 def source_of(models: Mapping[str, ModelSource], arch: str) -> ModelSource | None:
     """Where a real arch comes from: ``models.<arch>``, else the built-in ``zoo.REAL`` id;
     None for a tiny arch (trained by ``tasks.base``)."""
-    from mc_core import zoo
+    from mc_core.models import zoo
 
     if arch in models:
         return models[arch]
@@ -276,7 +277,8 @@ class DataParams(Section):
 
 class CeilingsParams(Section):
     """``evaluate.ceilings``: the selector and oracle ceilings beside every cell
-    (``mc_core.ceilings``). The oracle fits one P per dialogue on ``oracle_dialogues`` seeded
+    (``mc_core.evaluation.ceilings``). The oracle fits one P per dialogue on ``oracle_dialogues``
+    seeded
     test dialogues, ``oracle_steps`` Adam steps each."""
 
     enabled: bool = True
@@ -302,7 +304,8 @@ class EvaluateParams(Section):
     ceilings: CeilingsParams = CeilingsParams()
 
     def run_kwargs(self) -> dict[str, Any]:
-        """The keywords every ``mc_core.evaluate`` call of the pipeline takes from here (the
+        """The keywords every ``mc_core.evaluation.runner`` call of the pipeline takes from here
+        (the
         cell, its seeds and ceilings, data/val, the base report); callers add
         ``max_dialogues`` and ``progress`` where they apply."""
         return {
@@ -381,7 +384,7 @@ class Params(Section):
     @field_validator("models")
     @classmethod
     def _model_names(cls, models: dict[str, ModelSource]) -> dict[str, ModelSource]:
-        from mc_core import zoo
+        from mc_core.models import zoo
 
         for name, spec in models.items():
             if not SAFE_NAME.match(name):

@@ -3,7 +3,8 @@
 Reads ``reports/eval/<cell>.json`` and ``reports/registry/<cell>.json`` for the cells of
 ``grid``; writes ``reports/summary.md`` (the table printed at the end of ``make run``),
 ``reports/summary.json`` (a DVC metric: per cell and method, average accuracy and KL),
-``reports/summary.csv`` (a DVC plot) and ``reports/plots/*.png`` (``mc_core.plots``: accuracy
+``reports/summary.csv`` (a DVC plot) and ``reports/plots/*.png`` (``mc_core.evaluation.plots``:
+accuracy
 vs. rate per arch; per-turn accuracy per cell, where prompt-dependent pruning fails turns 2-3;
 accuracy per question type per cell, ``by-type.png``).
 
@@ -94,7 +95,7 @@ def _acc(entry: dict) -> str:
 def verdict(ms: dict) -> str:
     """The trained method against the best prompt-agnostic heuristic: ``win`` only where the
     95% intervals separate, ``loss`` where they separate the other way, else ``tie``."""
-    from mc_core.stats import separated
+    from mc_core.evaluation.stats import separated
 
     mc, heur = _trained(ms), _heuristics(ms)
     if mc is None or not heur:
@@ -166,7 +167,7 @@ def cell_checks(ms: dict) -> dict | None:
     per-dialogue scores; else None) and ``fastv_turn_drop`` (FastV's turn 1 minus the mean of
     its later turns: what choosing tokens for the first prompt costs later). None when the
     report has no trained method or no ``none`` reference."""
-    from mc_core.stats import paired_difference
+    from mc_core.evaluation.stats import paired_difference
 
     mc, heur = _trained(ms), _heuristics(ms)
     if mc is None or "none" not in ms or not heur:
@@ -310,8 +311,8 @@ def types_table(cells: list[dict]) -> str:
 
 def plots(cells: list[dict], methods: list[str], dpi: int, out: Path) -> list[Path]:
     """Accuracy vs. rate (all archs), the ceilings beside the trained method, accuracy per
-    question type per cell, and per-turn accuracy per cell (``mc_core.plots``)."""
-    from mc_core import plots as mplots
+    question type per cell, and per-turn accuracy per cell (``mc_core.evaluation.plots``)."""
+    from mc_core.evaluation import plots as mplots
 
     reports = [c["eval"] for c in cells]
     written = [

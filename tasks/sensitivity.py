@@ -4,12 +4,12 @@ FastV ranks the visual tokens by the attention the first prompt's last token pay
 layer K; the paper uses K = 2 (an ordinary layer of the 4-layer tiny teachers, whose object
 pointer is trained on the last layer; K beyond the LLM is capped at its last layer). This
 script reports FastV for K in ``--layers`` (the layer actually read is recorded, with how much
-the question steers that layer's choice: `mc_core.probe.question_overlap`) and, for
+the question steers that layer's choice: `mc_core.evaluation.probe.question_overlap`) and, for
 ``sample`` and the cell's trained compressor, both position modes of the adapters
 (``packed``: consecutive positions, the HF convention; ``source``: each compressed token at
 the P-weighted position of its sources). Dialogues: the first ``--dialogues`` of data/test;
 settings from ``params.yaml: evaluate``. Writes ``reports/sensitivity/<arch>-<rate>.json`` and
-its plot (``.png`` beside it, `mc_core.plots.fastv_layers`)::
+its plot (``.png`` beside it, `mc_core.evaluation.plots.fastv_layers`)::
 
     {"arch", "rate", "dataset", "n_dialogues", "layers": {"K0": {"layer", "acc_turn",
      "acc_avg", "acc_avg_ci", ..., "question_overlap": {"overlap", "overlap_ci", "chance",
@@ -51,7 +51,7 @@ def _args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], list[s
             f"--layers={ns.layers!r} / --dialogues={ns.dialogues}: expected "
             "layers >= 0 and at least one dialogue"
         )
-    from mc_core.adapters import POSITIONS
+    from mc_core.models.adapters import POSITIONS
 
     modes = ns.positions.split(",")
     if not modes or set(modes) - set(POSITIONS):
@@ -61,17 +61,19 @@ def _args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], list[s
 
 def _layer_sweep(model, processor, dataset, rate: float, layers: list[int], kw: dict, seed: int):
     """FastV at each layer K: ``(evaluate's result, {"K<k>": its entry in the report})``."""
-    from mc_core import evaluate as meval
-    from mc_core import probe
     from mc_core.compressors import build
-    from mc_core.conversation import token_dim
+    from mc_core.evaluation import probe
+    from mc_core.evaluation import runner as meval
+    from mc_core.inference.conversation import token_dim
 
     n_layers = int(model.config.get_text_config().num_hidden_layers)
     read = {k: min(k, n_layers - 1) for k in layers}  # K beyond the LLM reads its last layer
     fastv = {}
     for k in layers:
         comp = build("fastv", rate=rate, dim=token_dim(model))
-        comp.layer = k  # read by mc_core.conversation.compress_inputs (capped at the last layer)
+        comp.layer = (
+            k  # read by mc_core.inference.conversation.compress_inputs (capped at the last layer)
+        )
         fastv[f"K{k}"] = comp
     res = meval.evaluate(model, processor, dataset, list(fastv), rate, compressors=fastv, **kw)
     steer = probe.question_overlap(
@@ -100,10 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     ns, layers, modes = _args(argv)
     p = common.load_params(PARAMS, who="tasks.sensitivity")
 
-    from mc_core import checkpoint, plots, zoo
-    from mc_core import evaluate as meval
-    from mc_core.adapters import for_model
+    from mc_core.compressors import checkpoint
     from mc_core.data import schema
+    from mc_core.evaluation import plots
+    from mc_core.evaluation import runner as meval
+    from mc_core.models import zoo
+    from mc_core.models.families import adapter_for
 
     model, processor = zoo.load(common.base_dir(ns.arch))
     family = zoo.info(common.base_dir(ns.arch)).get("family")
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         "n_dialogues": by_layer["n_dialogues"],
         "layers": entries,
         "positions": {},
-        "default_positions": for_model(model).positions,
+        "default_positions": adapter_for(model).positions,
     }
     trained = {}
     ckpt = common.compressor_dir(ns.arch, ns.rate)
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             ["sample", *trained],
             ns.rate,
             compressors=trained,
-            adapter=for_model(model, positions=mode),
+            adapter=adapter_for(model, positions=mode),
             **kw,
         )
         out["positions"][mode] = res["methods"]

@@ -17,7 +17,7 @@ What is recorded:
 
 Loading needs no unpickling: a version's source is the plain checkpoint folder
 (``compressor.safetensors`` + ``compressor.json``), downloaded and read by
-``mc_core.checkpoint.load_compressor``; see :func:`load_compressor`.
+``mc_core.compressors.checkpoint.load_compressor``; see :func:`load_compressor`.
 
 The SQLite schema is created once, under a file lock, by :func:`migrate` (the flow calls it
 before fanning cells out: concurrent first connections race in MLflow's migrations).
@@ -460,6 +460,6 @@ def load_compressor(model_uri: str, *, expect: dict | None = None, uri: str | No
 
     Example: ``load_compressor("models:/metacompress-tiny-llava-r0.9@champion")``.
     """
-    from mc_core.checkpoint import load_compressor as _load
+    from mc_core.compressors.checkpoint import load_compressor as _load
 
     return _load(download(model_uri, uri=uri), expect=expect)

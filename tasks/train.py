@@ -1,7 +1,8 @@
 """Stage ``train@<arch>-<rate>``: train the ``train.method`` compressor against the frozen base.
 
 Reads ``models/base/<arch>`` and ``data/train``; writes ``models/compressors/<arch>-r<rate>/``
-(``mc_core.checkpoint`` layout), ``reports/train/<arch>-<rate>.json`` (final metrics) and
+(``mc_core.compressors.checkpoint`` layout), ``reports/train/<arch>-<rate>.json`` (final metrics)
+and
 ``reports/curves/<arch>-<rate>.csv`` (per-step curves, a DVC plot). Logs one MLflow run for the
 cell (params, per-step curves, metrics, the curve file, lineage tags).
 
@@ -12,10 +13,11 @@ is checkpointed under ``cache/train-state/<cell>/<settings hash>/`` so an interr
 resumes, and changed params start afresh.
 
 Several GPUs: ``train.distributed.nproc_per_node`` > 1 re-executes this stage under torchrun
-(``mc_core.distributed``), one process per GPU training data-parallel; rank 0 alone writes the
+(``mc_core.training.distributed``), one process per GPU training data-parallel; rank 0 alone writes
+the
 outputs, the curve and MLflow, the other ranks train along. The target cache is built once (the
 first rank to take its lock) and read by the others. Before training, the estimated peak device
-memory of a step (``mc_core.memory``) is printed and logged as ``memory/*_gib``.
+memory of a step (``mc_core.training.memory``) is printed and logged as ``memory/*_gib``.
 
 Usage: ``python -m tasks.train --arch tiny-llava --rate 0.9``
 """
@@ -88,7 +90,7 @@ def target_provenance(*, arch: str, needs, inputs: dict, cfg) -> dict:
     import torch
     import transformers
 
-    from mc_core import train as mtrain
+    from mc_core.training import loop as mtrain
 
     return {
         "arch": arch,
@@ -111,7 +113,7 @@ def target_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, c
     A cache whose recorded provenance differs from this run's (copied from elsewhere, built by
     older code) is reported and rebuilt, never used.
     """
-    from mc_core import train as mtrain
+    from mc_core.training import loop as mtrain
 
     if not cfg.cache_targets:
         return None
@@ -145,7 +147,7 @@ def target_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, c
         return cache
 
 
-_CURVE_LOG = "curve.jsonl"  # beside mc_core.train's train_state.json in the state folder
+_CURVE_LOG = "curve.jsonl"  # beside mc_core.training.loop's train_state.json in the state folder
 
 
 def _resumed_rows(state: Path) -> list[dict]:
@@ -155,7 +157,7 @@ def _resumed_rows(state: Path) -> list[dict]:
     rows: list[dict] = []
     try:
         last = json.loads(info.read_text()).get("step", 0) if info.is_file() else None
-    except (ValueError, AttributeError):  # damaged: mc_core.train reports it
+    except (ValueError, AttributeError):  # damaged: mc_core.training.loop reports it
         last = None
     if last is not None:
         print(f"train: resuming the interrupted run from step {last} ({state})", flush=True)
@@ -177,8 +179,8 @@ def _train_extra_seeds(
     """Seeds 2..n of the same recipe into the cell's seeds folder (always written, empty for
     one seed: it is a DVC out); tasks.evaluate reports mean +- sd over them. The other ranks
     of a distributed run (``lead`` False) train along and write nothing."""
-    from mc_core import checkpoint
-    from mc_core import train as mtrain
+    from mc_core.compressors import checkpoint
+    from mc_core.training import loop as mtrain
 
     inputs = meta["inputs"]
     folder = common.staged_dir(common.seeds_dir(arch, rate)) if lead else contextlib.nullcontext()
@@ -204,7 +206,7 @@ def _relaunch(cfg, argv: list[str] | None) -> bool:
     """Run this stage as ``train.distributed.nproc_per_node`` torchrun processes and wait for
     them (so ``dvc repro`` needs no other command); False when this process trains itself:
     one process, or already one of torchrun's ranks."""
-    from mc_core import distributed
+    from mc_core.training import distributed
 
     nproc = cfg.distributed.nproc_per_node
     if nproc == 1 or distributed.launched():
@@ -219,10 +221,10 @@ def _relaunch(cfg, argv: list[str] | None) -> bool:
 
 def _memory_estimate(cfg, model, cache, rate: float, run_id: str) -> None:
     """Print (and log) the estimated peak device memory of a step, before the first one."""
-    from mc_core import distributed, memory
-    from mc_core import train as mtrain
     from mc_core.compressors import build
-    from mc_core.conversation import token_dim
+    from mc_core.inference.conversation import token_dim
+    from mc_core.training import distributed, memory
+    from mc_core.training import loop as mtrain
 
     if cache is None:
         return
@@ -265,8 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     if _relaunch(cfg, argv):
         return
 
-    from mc_core import distributed
-    from mc_core import train as mtrain
+    from mc_core.training import distributed
+    from mc_core.training import loop as mtrain
 
     distributed.init(cfg.distributed.backend, mtrain.resolve_device(cfg.device))
     try:
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
 def _follow(p, cfg, arch, rate, model, processor, dataset, state, needs, inputs) -> None:
     """A rank other than 0: the same training calls (they meet in the all-reduces), no
     outputs, logs or tracking; resumes from the state rank 0 checkpoints."""
-    from mc_core import train as mtrain
+    from mc_core.training import loop as mtrain
 
     cache = target_cache(model, processor, dataset, arch=arch, needs=needs, inputs=inputs, cfg=cfg)
     mtrain.train(cfg, model, processor, dataset, rate=rate, out_dir=state, cache=cache)
@@ -289,10 +291,11 @@ def _follow(p, cfg, arch, rate, model, processor, dataset, state, needs, inputs)
 
 
 def _train_cell(p, cfg, arch: str, rate: float) -> None:
-    from mc_core import checkpoint, distributed, zoo
-    from mc_core import train as mtrain
-    from mc_core.compressors import get_class
+    from mc_core.compressors import checkpoint, get_class
     from mc_core.data import schema
+    from mc_core.models import zoo
+    from mc_core.training import distributed
+    from mc_core.training import loop as mtrain
 
     rate_s = common.format_rate(rate)
     model, processor = zoo.load(common.base_dir(arch))

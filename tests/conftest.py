@@ -4,7 +4,7 @@ Sizes follow docs/contracts.md (text hidden 64, 2 layers; vision hidden 32, 2 la
 forward takes milliseconds on a busy 2-core machine. Every builder seeds torch so two calls give
 the same weights. Models are in eval mode with the vision towers' and LLM's default attention.
 
-Each family's test model is its descriptor's `test` spec (`mc_core/families/<family>.py`).
+Each family's test model is its descriptor's `test` spec (`mc_core/models/families/<family>.py`).
 `TINY` maps every registered family to a builder returning `(model, processor)`; the session
 fixture `tiny` caches them (`tiny("llava")`), `each_family` parametrizes a test over all of
 them. Tests that mutate a model should build their own.
@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mc_core import families, zoo
+from mc_core.models import families, zoo
 
 _WORDS = (
     "what colour shape is at row col the of a an in how many there yes no "

@@ -19,7 +19,7 @@ snapshots as they are. Qwen2-VL, Qwen2.5-VL and InternVL processors also own a v
 which transformers builds only with torchvision (not installable here): their
 `processor_config.json` names the stock class (as a released checkpoint does), and
 `load_processor` falls back to the descriptor's `processor_class` (the stock class minus the
-video processor, `mc_core.processing.NoVideoMixin`) when the stock one cannot be built.
+video processor, `mc_core.models.processing.NoVideoMixin`) when the stock one cannot be built.
 
 The conftest fixture `hf_snapshot(family) -> Path` caches one snapshot per family per session.
 """
@@ -33,7 +33,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedTokenizerFast
 
-from mc_core import families
+from mc_core.models import families
 
 __all__ = [
     "FAMILIES",

@@ -10,10 +10,11 @@ import torch
 from conftest import FAMILIES, TINY, assistant_turn, make_image, user_turn
 from transformers import DynamicCache
 
-from mc_core import families
-from mc_core.adapters import POSITIONS, available, for_model
-from mc_core.adapters.base import prompt_attention, rewrite_placeholders
-from mc_core.adapters.qwen2_vl import Qwen2VLAdapter, factor_grid
+from mc_core.models import families
+from mc_core.models.adapters import POSITIONS
+from mc_core.models.adapters.base import prompt_attention, rewrite_placeholders
+from mc_core.models.adapters.qwen2_vl import Qwen2VLAdapter, factor_grid
+from mc_core.models.families import adapter_for, available
 
 # Two image sizes per family, chosen so the token counts differ where the family allows it
 # (the default suits the 28-pixel token units of the Qwen test models).
@@ -73,7 +74,7 @@ def fresh_logits(model, adapter, inputs):
 @pytest.mark.parametrize("positions", POSITIONS)
 def test_identity_tokens_give_the_untouched_logits(tiny, family, n_images, with_p, positions):
     model, proc = tiny(family)
-    adapter = for_model(model, positions=positions)
+    adapter = adapter_for(model, positions=positions)
     turn = user_turn("what colour is at row 2 col 3 ?", images=n_images)
     inputs = encode(proc, [turn], images_of(family, n_images))
     reference = fresh_logits(model, adapter, inputs)
@@ -106,7 +107,7 @@ def _last_used_plus_one(pos: torch.Tensor, at: int) -> None:
 )
 def test_cached_multiturn_equals_from_scratch(tiny, family, m, positions):
     model, proc = tiny(family)
-    adapter = for_model(model, positions=positions)
+    adapter = adapter_for(model, positions=positions)
     images = images_of(family)
     first = encode(proc, DIALOGUE[:1], images)
     x = adapter.visual_tokens(first)
@@ -144,7 +145,7 @@ def test_source_and_packed_positions_differ_where_tokens_move(tiny):
     positions, "packed" moves it; the logits differ."""
     model, proc = tiny("llava")
     inputs = encode(proc, DIALOGUE[:1], images_of("llava"))
-    packed, source = (for_model(model, positions=p) for p in POSITIONS)
+    packed, source = (adapter_for(model, positions=p) for p in POSITIONS)
     x = packed.visual_tokens(inputs)
     n = x[0].shape[0]
     keep = torch.tensor([0, 9, 20, 63])  # a one-hot P: these tokens, in this order
@@ -171,7 +172,7 @@ def test_position_gradients_reach_the_positions_not_the_rotary(tiny):
     changes."""
     for family in ("llava", "qwen2_vl"):
         model, proc = tiny(family)
-        adapter = for_model(model, positions="source")
+        adapter = adapter_for(model, positions="source")
         inputs = encode(proc, DIALOGUE[:1], images_of(family))
         x = adapter.visual_tokens(inputs)
         m = math.ceil(x[0].shape[0] / 4)
@@ -192,9 +193,9 @@ def test_position_gradients_reach_the_positions_not_the_rotary(tiny):
 def test_positions_option_errors(tiny):
     model, proc = tiny("llava")
     with pytest.raises(ValueError, match="positions='nearest'"):
-        for_model(model, positions="nearest")
-    adapter = for_model(model, positions="source")
-    assert adapter.positions == "source" and for_model(model).positions == "packed"
+        adapter_for(model, positions="nearest")
+    adapter = adapter_for(model, positions="source")
+    assert adapter.positions == "source" and adapter_for(model).positions == "packed"
     inputs = encode(proc, DIALOGUE[:1], images_of("llava"))
     x = adapter.visual_tokens(inputs)
     with pytest.raises(ValueError, match="P is None"):
@@ -202,14 +203,14 @@ def test_positions_option_errors(tiny):
     # Identity without P is the untouched layout: no P needed.
     assert "position_ids" not in adapter.inputs_with(inputs, x)
     qwen, _ = tiny("qwen2_vl")
-    assert for_model(qwen).positions == families.get("qwen2_vl").positions == "source"
+    assert adapter_for(qwen).positions == families.get("qwen2_vl").positions == "source"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("positions", POSITIONS)
 def test_generate_with_fewer_tokens(tiny, family, positions):
     model, proc = tiny(family)
-    adapter = for_model(model, positions=positions)
+    adapter = adapter_for(model, positions=positions)
     inputs = encode(proc, DIALOGUE[:1], images_of(family))
     x = adapter.visual_tokens(inputs)
     tokens = [pool(t, max(1, t.shape[0] // 4)) for t in x]
@@ -229,7 +230,7 @@ def test_generate_with_fewer_tokens(tiny, family, positions):
 @pytest.mark.parametrize("positions", POSITIONS)
 def test_batch_of_two_dialogues_with_padding(tiny, family, positions):
     model, proc = tiny(family)
-    adapter = for_model(model, positions=positions)
+    adapter = adapter_for(model, positions=positions)
     dialogues = [DIALOGUE[:1], [user_turn("how many red circle are there ?", images=1)]]
     images = [images_of(family)[0], images_of(family, offset=1)[0]]
     texts = [
@@ -257,7 +258,7 @@ def test_batch_of_two_dialogues_with_padding(tiny, family, positions):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_contexts_fit_the_tokens(tiny, family):
     model, proc = tiny(family)
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     inputs = encode(proc, [user_turn("what ?", images=2)], images_of(family, 2))
     tokens = adapter.visual_tokens(inputs)
     plain = adapter.contexts(inputs)
@@ -281,7 +282,7 @@ def test_contexts_fit_the_tokens(tiny, family):
 
 def test_llava_cls_attention_and_keys_match_eager_tower():
     model, proc = TINY["llava"]()
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     inputs = encode(proc, [user_turn("what ?", images=1)], images_of("llava"))
     ctx = adapter.contexts(inputs, frozenset({"cls_attention", "keys"}))[0]
     model.set_attn_implementation({"vision_config": "eager"})
@@ -299,7 +300,7 @@ def test_llava_cls_attention_and_keys_match_eager_tower():
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_received_attention_reproduces_the_last_block(tiny, family):
     model, proc = tiny(family)
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     inputs = encode(proc, [user_turn("what ?", images=2)], images_of(family, 2))
     probs, v, h_in, h_out = adapter._last_block_attention(inputs)
     block = model.model.visual.blocks[-1]
@@ -316,7 +317,7 @@ def test_qwen_received_attention_reproduces_the_last_block(tiny, family):
 
 def test_qwen_positions_grid_or_text_fallback(tiny):
     model, proc = tiny("qwen2_vl")
-    adapter = for_model(model, positions="packed")
+    adapter = adapter_for(model, positions="packed")
     assert factor_grid(8, 2, 4)[:2] == (2, 4)
     assert factor_grid(7, 4, 4)[2] > Qwen2VLAdapter.max_aspect_error  # 1 x 7: falls back
     inputs = encode(proc, [user_turn("what ?", images=2)], images_of("qwen2_vl", 2))
@@ -335,7 +336,7 @@ def test_qwen_positions_grid_or_text_fallback(tiny):
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_positions_from_p(tiny, family):
     model, proc = tiny(family)
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     inputs = encode(proc, [user_turn("what ?", images=2)], images_of(family, 2))
     x = adapter.visual_tokens(inputs)
     orig, _ = model.model.get_rope_index(
@@ -369,7 +370,7 @@ def test_qwen_positions_from_p(tiny, family):
 
 def test_bad_p_is_rejected(tiny):
     model, proc = tiny("qwen2_vl")
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     inputs = encode(proc, DIALOGUE[:1], images_of("qwen2_vl"))
     x = adapter.visual_tokens(inputs)
     y = [pool(x[0], 3)]
@@ -382,7 +383,7 @@ def test_bad_p_is_rejected(tiny):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prompt_attention_scores(tiny, family):
     model, proc = tiny(family)
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     images = images_of(family, 2)
     inputs = encode(proc, [user_turn("what colour is at row 2 col 3 ?", images=2)], images)
     before = model.config.text_config._attn_implementation
@@ -425,7 +426,7 @@ def full_depth_scores(model, adapter, inputs, layer: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("layer", [0, 1])
 def test_prompt_attention_matches_the_full_depth_forward(tiny, family, layer):
     model, proc = tiny(family)
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     inputs = encode(
         proc, [user_turn("what colour is at row 2 col 3 ?", images=2)], images_of(family, 2)
     )
@@ -448,7 +449,7 @@ def test_prompt_attention_matches_the_full_depth_forward(tiny, family, layer):
 
 def test_prompt_attention_skips_the_vision_tower_when_given_tokens(tiny, monkeypatch):
     model, proc = tiny("llava")
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     inputs = encode(proc, DIALOGUE[:1], images_of("llava"))
     x = adapter.visual_tokens(inputs)
 
@@ -465,7 +466,7 @@ def test_prompt_attention_skips_the_vision_tower_when_given_tokens(tiny, monkeyp
 
 def test_prompt_attention_restores_the_model_on_error(monkeypatch):
     model, proc = TINY["llava"]()
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     inputs = encode(proc, DIALOGUE[:1], images_of("llava"))
     cfg = model.config.text_config
     before = cfg._attn_implementation
@@ -496,9 +497,9 @@ def test_for_model_and_bad_tokens(tiny):
     assert available() == families.available() == FAMILIES
     assert {"internvl", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"} <= set(available())
     with pytest.raises(ValueError, match="Linear.*internvl.*LlavaForConditionalGeneration"):
-        for_model(torch.nn.Linear(2, 2))
+        adapter_for(torch.nn.Linear(2, 2))
     model, proc = tiny("llava")
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     assert adapter.family == "llava"
     inputs = encode(proc, DIALOGUE[:1], images_of("llava"))
     x = adapter.visual_tokens(inputs)
@@ -528,7 +529,7 @@ def test_metacompress_trains_through_the_frozen_lvlm(tiny):
         pytest.skip("metacompress not registered yet")
     model, proc = TINY["llava"]()
     model.requires_grad_(False)
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     inputs = encode(proc, DIALOGUE[:1], images_of("llava"))
     x = adapter.visual_tokens(inputs)
     gen = compressors.build("metacompress", rate=0.75, dim=adapter.dim)
@@ -553,7 +554,7 @@ def test_metacompress_trains_through_the_frozen_lvlm(tiny):
 def test_every_registered_compressor_runs_through_the_adapter(tiny, family):
     compressors = pytest.importorskip("mc_core.compressors")
     model, proc = tiny(family)
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     inputs = encode(
         proc, [user_turn("what colour is at row 2 col 3 ?", images=2)], images_of(family, 2)
     )
@@ -575,7 +576,7 @@ def test_every_registered_compressor_runs_through_the_adapter(tiny, family):
 
 def test_llava_next_packed_order_and_context(tiny):
     model, proc = tiny("llava_next")
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     inputs = encode(proc, [user_turn("what ?", images=1)], images_of("llava_next"))
     (index,) = adapter.index_maps(inputs)
     (x,) = adapter.visual_tokens(inputs)
@@ -606,7 +607,7 @@ def test_llava_next_packed_order_and_context(tiny):
 
 def test_internvl_tiles_and_pixel_shuffle_groups(tiny):
     model, proc = tiny("internvl")
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     groups = adapter._patch_groups(torch.device("cpu"))  # (16, 4) over an 8 x 8 patch tile
     rows, cols = groups // 8, groups % 8
     # Each token stacks one 2 x 2 block of patches.

@@ -1,7 +1,8 @@
 """The base stage and the params of real archs: names vs sources (``models:``), slugs, the
 tiny teacher's reuse by recipe_sha, and the base report for a tiny and a real arch.
 
-No real teacher is trained here: ``mc_core.teacher.train_teacher`` is replaced by a stand-in
+No real teacher is trained here: ``mc_core.training.teacher.train_teacher`` is replaced by a
+stand-in
 that saves a small random model as the real one would (``zoo.save`` with the meta).
 """
 
@@ -15,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from mc_core import zoo
 from mc_core.data import schema
 from mc_core.data import synthetic as S
+from mc_core.models import zoo
 from tasks import base as stage
 from tasks import common
 from tasks import params as config
@@ -153,7 +154,7 @@ def test_cell_args_accept_models_names_only_as_names(tmp_path, monkeypatch):
 @pytest.fixture
 def fake_trainer(monkeypatch):
     """Replace train_teacher by a stand-in saving a small random model; records its calls."""
-    from mc_core import teacher
+    from mc_core.training import teacher
 
     calls = []
 

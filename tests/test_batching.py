@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import TINY, make_image
 
-from mc_core.adapters import for_model
 from mc_core.compressors import build
-from mc_core.conversation import BatchConversation, Conversation, token_dim
+from mc_core.inference.conversation import BatchConversation, Conversation, token_dim
+from mc_core.models.families import adapter_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +34,7 @@ def _check_family(
 ) -> None:
     model, processor = tiny(family)
     comp = None if method is None else build(method, rate=rate, dim=token_dim(model))
-    adapter = None if positions is None else for_model(model, positions=positions)
+    adapter = None if positions is None else adapter_for(model, positions=positions)
     images = [make_image(h, w, seed=s) for s, (h, w) in enumerate(SIZES)]
     torch.manual_seed(0)
     batch = BatchConversation(

@@ -11,21 +11,21 @@ import pytest
 import torch
 from conftest import build_llava, make_image
 
-from mc_core.adapters import for_model
-from mc_core.adapters.base import grid_positions
-from mc_core.ceilings import (
+from mc_core.compressors.ops import pool_matrix, validate
+from mc_core.data import synthetic
+from mc_core.data.schema import FEATURES, OPTIONAL_FEATURES
+from mc_core.evaluation.ceilings import (
     PlanCompressor,
     cls_overlap,
     object_tokens,
     oracle_matrix,
     selector_matrix,
 )
-from mc_core.data import synthetic
-from mc_core.data.schema import FEATURES, OPTIONAL_FEATURES
-from mc_core.dialogue import encode_dialogue, to_device
-from mc_core.evaluate import _teacher_logits, evaluate_ceilings
-from mc_core.losses import answer_kl
-from mc_core.ops import pool_matrix, validate
+from mc_core.evaluation.runner import _teacher_logits, evaluate_ceilings
+from mc_core.inference.dialogue import encode_dialogue, to_device
+from mc_core.models.adapters.base import grid_positions
+from mc_core.models.families import adapter_for
+from mc_core.training.losses import answer_kl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUESTIONS = ["what colour is at row 1 col 2 ?", "how many red circle ?", "is there a blue square ?"]
@@ -119,7 +119,7 @@ def llava():
 
 def test_oracle_lowers_kl_below_its_pooling_start(llava):
     model, processor = llava
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     row = _dataset(1, False)[0]
     inputs, positions, t_logits = _teacher_logits(model, processor, adapter, row, "cpu")
     rate = 0.75
@@ -184,4 +184,4 @@ def test_encode_dialogue_fixture_sanity(llava):
     model, processor = llava
     inputs, _ = encode_dialogue(processor, [make_image(64, 64)], QUESTIONS, ["red", "two", "yes"])
     inputs = to_device(inputs, "cpu", torch.float32)
-    assert [t.shape[0] for t in for_model(model).visual_tokens(inputs)] == [64]
+    assert [t.shape[0] for t in adapter_for(model).visual_tokens(inputs)] == [64]

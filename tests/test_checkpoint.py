@@ -7,8 +7,13 @@ import json
 import pytest
 import torch
 
-from mc_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_compressor, save_compressor
 from mc_core.compressors import TokenContext, build
+from mc_core.compressors.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_compressor,
+    save_compressor,
+)
 
 DIM = 16
 

@@ -13,9 +13,9 @@ import pytest
 from conftest import TINY, make_image
 
 from mc_cli.main import build_parser, main
-from mc_core import zoo
 from mc_core.compressors import build
-from mc_core.conversation import Conversation, token_dim
+from mc_core.inference.conversation import Conversation, token_dim
+from mc_core.models import zoo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,7 +92,7 @@ def test_chat_reads_stdin_lines(saved, capsys, monkeypatch):
 
 
 def test_compress_writes_engine_embeddings(saved, tmp_path, capsys):
-    from mc_core.embeds import load_embeds
+    from mc_core.inference.embeds import load_embeds
 
     out = tmp_path / "emb.safetensors"
     code, text, _ = _run(
@@ -251,7 +251,7 @@ def test_rate_out_of_range_is_a_usage_error(saved, capsys):
 
 def test_registry_champion_lists_and_chats(saved, tmp_path, capsys, monkeypatch):
     """`list` shows a registered compressor's champion; `chat` loads it by models:/…@champion."""
-    from mc_core.checkpoint import save_compressor
+    from mc_core.compressors.checkpoint import save_compressor
     from tasks import tracking
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mc_core.compressors import TokenContext, available, build, get_class
-from mc_core.ops import kept_tokens, pool_matrix, validate
+from mc_core.compressors.ops import kept_tokens, pool_matrix, validate
 
 DIM = 16
 METHODS = available()
@@ -364,7 +364,7 @@ def test_metacompress_pos_width_widens_the_prior_and_round_trips(tmp_path):
     A prior 4 windows wide must put less of each row's mass in its own window at init than
     the default one-window prior (same weights and tokens; only the E_pos table differs).
     """
-    from mc_core.checkpoint import load_compressor, save_compressor
+    from mc_core.compressors.checkpoint import load_compressor, save_compressor
 
     d, n = 256, 576
     x = lvlm_like_tokens(24, 24, d, seed=0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mc_core.config import TrainConfig
+from mc_core.training.config import TrainConfig
 from tasks import params as config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_params_yaml_is_valid_and_complete():
 def test_sections_are_the_library_configs():
     """One config object per concept: the params sections are the library's own models."""
     from mc_core.data.synthetic import WorldConfig
-    from mc_core.teacher import TeacherConfig
+    from mc_core.training.teacher import TeacherConfig
 
     p = config.validate(RAW)
     assert isinstance(p.train, TrainConfig) and isinstance(p.world, WorldConfig)
@@ -62,7 +62,7 @@ def test_sections_are_the_library_configs():
 
 
 def test_mc_core_knows_nothing_of_the_pipeline():
-    import mc_core.config as lib
+    import mc_core.training.config as lib
 
     text = (ROOT / "mc_core" / "config.py").read_text()
     for word in ("dvc", "params.yaml", "profiles", "cell_key", "tasks."):
@@ -71,7 +71,7 @@ def test_mc_core_knows_nothing_of_the_pipeline():
 
 
 def test_evaluate_section_matches_evaluate_signature():
-    from mc_core.evaluate import evaluate
+    from mc_core.evaluation.runner import evaluate
 
     accepted = set(inspect.signature(evaluate).parameters)
     assert set(config.EvaluateParams.model_fields) - {"val_methods", "ceilings"} <= accepted
@@ -192,7 +192,7 @@ def test_stages_fail_before_compute(module, argv, tmp_path, monkeypatch):
     """Every stage validates the whole params file before loading data or models."""
     import mc_core.data.schema as schema
     import mc_core.data.synthetic as synthetic
-    import mc_core.zoo as zoo
+    import mc_core.models.zoo as zoo
 
     def forbidden(*a, **k):
         raise AssertionError("compute started before params were validated")

@@ -6,16 +6,17 @@ import pytest
 import torch
 from conftest import FAMILIES, make_image
 
-from mc_core.adapters import POSITIONS, for_model
 from mc_core.compressors import build
-from mc_core.conversation import (
+from mc_core.inference.conversation import (
     BatchConversation,
     Conversation,
     compress_inputs,
     reset_state,
     token_dim,
 )
-from mc_core.dialogue import render
+from mc_core.inference.dialogue import render
+from mc_core.models.adapters import POSITIONS
+from mc_core.models.families import adapter_for
 
 # One torch thread for this module (tests/conftest.py: one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,7 +54,7 @@ def _scratch_logits(model, processor, adapter, conv, k, images, compressor):
 )
 def test_cached_turns_equal_from_scratch(tiny, family, method, positions):
     model, processor = tiny(family)
-    adapter = for_model(model, positions=positions)
+    adapter = adapter_for(model, positions=positions)
     dim = token_dim(model)
     compressor = None if method is None else build(method, rate=0.5, dim=dim)
     images = [make_image(48, 64, seed=3)]

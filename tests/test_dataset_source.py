@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from mc_core.data import dataset, gqa, images, schema
-from mc_core.dialogue import encode_dialogue
+from mc_core.inference.dialogue import encode_dialogue
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures"
@@ -405,7 +405,7 @@ def test_gqa_builder_stores_grey_and_cmyk_images_as_rgb(tmp_path):
 
 
 def test_evaluate_converts_images_with_the_same_rule():
-    from mc_core.evaluate import _images
+    from mc_core.evaluation.runner import _images
 
     (out,) = _images({"image": Image.new("RGBA", (2, 2), (0, 0, 0, 0))})
     assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255)

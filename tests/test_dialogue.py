@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import make_image
 
-from mc_core.adapters import for_model
-from mc_core.conversation import Conversation
-from mc_core.dialogue import answer_token_ids, collate, encode_dialogue, messages
+from mc_core.inference.conversation import Conversation
+from mc_core.inference.dialogue import answer_token_ids, collate, encode_dialogue, messages
+from mc_core.models.families import adapter_for
 
 # One torch thread for this module (tests/conftest.py: one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,7 +50,7 @@ def test_one_pass_equals_per_turn_prompts(tiny):
 
 def test_collate_pads_and_joins(tiny):
     model, processor = tiny("llava")
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     rows, positions = [], []
     for i, qs in enumerate([QUESTIONS, ["how many red circle ?"] * 3]):
         inputs, pos = encode_dialogue(processor, [make_image(64, 64, seed=i)], qs, ANSWERS)

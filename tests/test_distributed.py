@@ -1,4 +1,5 @@
-"""Data-parallel training (``mc_core.distributed``): two gloo processes take the steps of one.
+"""Data-parallel training (``mc_core.training.distributed``): two gloo processes take the steps of
+one.
 
 The gradient of each step is split across ranks by dialogues and summed back, so two processes
 on the same global batch must end where one process ends, up to float summation order. CPU only:
@@ -18,10 +19,10 @@ from conftest import build_llava
 from safetensors.torch import load_file, save_file
 from test_train import tiny_dataset
 
-from mc_core import distributed
 from mc_core.compressors import build
-from mc_core.config import TrainConfig
-from mc_core.train import _Run, build_target_cache, prepare_model, train
+from mc_core.training import distributed
+from mc_core.training.config import TrainConfig
+from mc_core.training.loop import _Run, build_target_cache, prepare_model, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,9 +11,9 @@ import pytest
 from conftest import build_llava
 from test_ceilings import _dataset
 
-from mc_core import checkpoint, zoo
-from mc_core.compressors import build
+from mc_core.compressors import build, checkpoint
 from mc_core.data import schema
+from mc_core.models import zoo
 from tasks import common, lineage, tracking
 from tasks import evaluate as stage
 from tasks.overrides import TrainParams

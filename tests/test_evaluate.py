@@ -12,9 +12,8 @@ import torch
 from conftest import build_llava, make_image
 
 from mc_core.compressors import build
-from mc_core.conversation import Conversation
 from mc_core.data.schema import FEATURES
-from mc_core.evaluate import (
+from mc_core.evaluation.runner import (
     centre_mass,
     evaluate,
     score_answer,
@@ -25,6 +24,7 @@ from mc_core.evaluate import (
     token_maps,
     write_report,
 )
+from mc_core.inference.conversation import Conversation
 
 # One torch thread for this module (tests/conftest.py: one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -175,12 +175,12 @@ def test_report_schema_and_reference(cell):
 
 
 def test_centre_mass_counts_what_p_gives_each_object_centre(cell):
-    from mc_core.adapters import for_model
-    from mc_core.dialogue import encode_dialogue
-    from mc_core.ops import selection_matrix
+    from mc_core.compressors.ops import selection_matrix
+    from mc_core.inference.dialogue import encode_dialogue
+    from mc_core.models.families import adapter_for
 
     model, processor, _, _, _ = cell
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     inputs, _ = encode_dialogue(processor, [make_image(64, 64, seed=1)], ["q ?"], ["a"])
     pos = adapter.contexts(inputs)[0].positions  # (64, 2): an 8 x 8 grid on the image
     n = pos.shape[0]
@@ -256,7 +256,7 @@ def test_token_maps_column_mass(cell):
 def test_prefill_flops_by_hand():
     from transformers import LlamaConfig, LlavaConfig
 
-    from mc_core.flops import prefill_flops
+    from mc_core.inference.flops import prefill_flops
 
     text = LlamaConfig(
         hidden_size=64,

@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import VOCAB, make_image, user_turn
 
-from mc_core import families, zoo
-from mc_core.adapters import POSITIONS, for_model
-from mc_core.families.base import Family
-from mc_core.processing import build_processor
+from mc_core.models import families, zoo
+from mc_core.models.adapters import POSITIONS
+from mc_core.models.families import adapter_for
+from mc_core.models.families.base import Family
+from mc_core.models.processing import build_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_descriptor_is_consistent(tiny, each_family):
     assert type(model) is fam.model_class
     assert type(processor) is fam.processor_class
     assert fam.positions in POSITIONS
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     assert type(adapter) is fam.adapter_class and adapter.family == fam.name
     assert adapter.positions == fam.positions
     # Detection by instance, by config object, by config.json dict.
@@ -96,7 +97,7 @@ def test_token_grids_match_the_processor_and_the_model(tiny, each_family):
     inputs = _encode(processor, make_image(side, side))
     n = int((inputs["input_ids"] == model.config.image_token_id).sum())
     assert n == sum(r * (c + int(newline)) for r, c, newline in grids)
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     (x,) = adapter.visual_tokens(inputs)
     assert x.shape[0] == n
     (ctx,) = adapter.contexts(inputs)
@@ -147,10 +148,10 @@ def test_family_knowledge_stays_in_its_files():
             "-rl",
             "qwen2_5_vl\\|Qwen2_5_VL",
             "--include=*.py",
-            "mc_core/families",
-            "mc_core/adapters",
-            "mc_core/processing.py",
-            "mc_core/zoo.py",
+            "mc_core/models/families",
+            "mc_core/models/adapters",
+            "mc_core/models/processing.py",
+            "mc_core/models/zoo.py",
             "bench/shapes.py",
         ],
         cwd=ROOT,
@@ -158,4 +159,4 @@ def test_family_knowledge_stays_in_its_files():
         text=True,
         check=False,
     ).stdout.split()
-    assert fifth == ["mc_core/families/qwen2_5_vl.py"], fifth
+    assert fifth == ["mc_core/models/families/qwen2_5_vl.py"], fifth

@@ -1,5 +1,6 @@
-"""mc_core.hub: real checkpoints resolved from a local folder or the Hugging Face cache, pinned
-by content, offline; and mc_core.zoo loading them back through a base-model folder."""
+"""mc_core.models.hub: real checkpoints resolved from a local folder or the Hugging Face cache,
+pinned
+by content, offline; and mc_core.models.zoo loading them back through a base-model folder."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mc_core import hub, zoo
+from mc_core.models import hub, zoo
 
 LLAVA_CONFIG = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}
 

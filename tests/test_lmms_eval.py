@@ -24,12 +24,12 @@ import datasets
 import pytest
 import torch
 
-from mc_core import evaluate as meval
-from mc_core import zoo
-from mc_core.checkpoint import load_compressor, save_compressor
 from mc_core.compressors import build
-from mc_core.conversation import Conversation
+from mc_core.compressors.checkpoint import load_compressor, save_compressor
 from mc_core.data import schema, synthetic
+from mc_core.evaluation import runner as meval
+from mc_core.inference.conversation import Conversation
+from mc_core.models import zoo
 from mc_lmms import compare, loading, task_utils
 from mc_lmms.tasks import write_task
 
@@ -231,7 +231,7 @@ def run_lmms(
     return json.loads(found[-1].read_text()), samples
 
 
-_TURN1_UTILS = """from mc_core.evaluate import score_answer
+_TURN1_UTILS = """from mc_core.evaluation.runner import score_answer
 from mc_lmms.task_utils import doc_to_visual
 
 CHOICES = {choices!r}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from mc_core.losses import (
+from mc_core.training.losses import (
     TopKTarget,
     align_from_end,
     answer_kl,

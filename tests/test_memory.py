@@ -1,4 +1,4 @@
-"""mc_core.memory: the estimate against what autograd keeps on a tiny model, exact weights,
+"""mc_core.training.memory: the estimate against what autograd keeps on a tiny model, exact weights,
 linear scaling, and 7B shapes from configs (meta device, no memory)."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import torch
 from conftest import build_llava
 from test_train import tiny_dataset
 
-from mc_core import memory
-from mc_core.adapters import for_model
 from mc_core.compressors import build
-from mc_core.losses import total_loss
-from mc_core.train import _batch_target, build_target_cache, student_logits
+from mc_core.models.families import adapter_for
+from mc_core.training import memory
+from mc_core.training.loop import _batch_target, build_target_cache, student_logits
+from mc_core.training.losses import total_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +39,7 @@ def _saved_bytes(model, comp, entries) -> tuple[int, int, int]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logits, ps = student_logits(
-            model, for_model(model), comp, entries, pad_token_id=0, device=torch.device("cpu")
+            model, adapter_for(model), comp, entries, pad_token_id=0, device=torch.device("cpu")
         )
         total_loss(_batch_target(entries, "cpu"), logits.float(), ps)
     n, m = entries[0].tokens[0].shape[0], comp.kept(entries[0].tokens[0].shape[0])

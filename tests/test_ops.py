@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mc_core.ops import (
+from mc_core.compressors.ops import (
     apply,
     check_rate,
     kept_tokens,

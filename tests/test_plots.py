@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_image
 
-from mc_core import plots
+from mc_core.evaluation import plots
 
 matplotlib.use("Agg")
 

@@ -1,4 +1,5 @@
-"""mc_core.probe.question_overlap on a tiny LLaVA: the kept-set overlap across a dialogue's
+"""mc_core.evaluation.probe.question_overlap on a tiny LLaVA: the kept-set overlap across a
+dialogue's
 questions and the centre recall, against hand-computed values from known attention scores."""
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import pytest
 import torch
 from conftest import build_llava, make_image
 
-from mc_core import probe
 from mc_core.data.schema import FEATURES, OPTIONAL_FEATURES
+from mc_core.evaluation import probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +79,7 @@ def test_probe_recall_equals_fastv_centre_mass_in_evaluation():
     `centre_mass` evaluation reports for FastV reading that layer (a selection P keeps a centre
     whole or not at all, so its mass is the recall)."""
     from mc_core.compressors import build
-    from mc_core.evaluate import evaluate
+    from mc_core.evaluation.runner import evaluate
 
     model, processor = build_llava()
     # Centres on distinct tokens of the 8 x 8 grid (the probe counts distinct centre tokens).

@@ -19,13 +19,18 @@ from hf_snapshots import SHORT_ANSWER, load_snapshot
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from mc_core import families
-from mc_core.adapters import for_model
 from mc_core.compressors import build
-from mc_core.conversation import BatchConversation, Conversation, greedy_answers, token_dim
-from mc_core.dialogue import default_instruction, encode_dialogue, render
-from mc_core.ops import kept_tokens
-from mc_core.train import TEACHER_ANSWER_TOKENS, TrainConfig, build_target_cache, train
+from mc_core.compressors.ops import kept_tokens
+from mc_core.inference.conversation import (
+    BatchConversation,
+    Conversation,
+    greedy_answers,
+    token_dim,
+)
+from mc_core.inference.dialogue import default_instruction, encode_dialogue, render
+from mc_core.models import families
+from mc_core.models.families import adapter_for
+from mc_core.training.loop import TEACHER_ANSWER_TOKENS, TrainConfig, build_target_cache, train
 
 GQA = Path(__file__).parent / "fixtures" / "gqa"
 
@@ -133,7 +138,7 @@ def test_identity_compression_reproduces_the_stock_logits(family, snapshot, dial
     model, processor = snapshot(family)
     row = dialogues[1]
     inputs, positions = encode_dialogue(processor, [row["image"]], row["questions"], row["answers"])
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     with torch.no_grad():
         stock = model(**inputs).logits[0, positions]
         adapter.reset_state()
@@ -200,7 +205,7 @@ def test_metacompress_trains_on_teacher_targets(family, snapshot, dialogues):
         cfg, model, processor, dialogues, rate=0.5, callbacks=[lambda s, m: seen.append(m)]
     )
     assert seen and all(math.isfinite(m["loss"]) for m in seen)
-    x = for_model(model).visual_tokens(
+    x = adapter_for(model).visual_tokens(
         processor(
             text=[render(processor, ["q"], [])], images=[dialogues[0]["image"]], return_tensors="pt"
         )

@@ -11,10 +11,10 @@ import datasets
 import pytest
 from conftest import build_llava, make_image
 
-from mc_core import checkpoint, zoo
-from mc_core.compressors import build
+from mc_core.compressors import build, checkpoint
 from mc_core.data import schema
 from mc_core.data.schema import FEATURES
+from mc_core.models import zoo
 from tasks import common, sensitivity
 from tasks.params import EvaluateParams
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mc_core.stats import bootstrap_ci, mean_sd, paired_difference, separated
+from mc_core.evaluation.stats import bootstrap_ci, mean_sd, paired_difference, separated
 
 
 def test_bootstrap_ci_covers_mean_and_is_seeded():

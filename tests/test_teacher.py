@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from mc_core import adapters, zoo
-from mc_core import teacher as T
 from mc_core.data import synthetic as S
-from mc_core.teacher.encoding import encode
-from mc_core.teacher.layout import (
+from mc_core.models import families, zoo
+from mc_core.training import teacher as T
+from mc_core.training.teacher.encoding import encode
+from mc_core.training.teacher.layout import (
     Grid,
     Layout,
     look_target,
@@ -60,7 +60,7 @@ def test_layout_matches_the_models_visual_tokens(arch):
     model, processor = zoo.build(_small(arch))
     layout = T.layout_for(model, WORLD, processor)
     pool = make_pool(0, 2, WORLD, layout)
-    adapter = adapters.for_model(model)
+    adapter = families.adapter_for(model)
     with torch.no_grad():
         out = processor.image_processor(images=[e.image for e in pool], return_tensors="pt")
         feats = adapter.visual_tokens(dict(out))

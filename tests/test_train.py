@@ -9,11 +9,10 @@ import pytest
 import torch
 from conftest import build_llava, make_image
 
-from mc_core.adapters import for_model
 from mc_core.compressors import build
 from mc_core.data.schema import FEATURES
-from mc_core.losses import TopKTarget, answer_kl
-from mc_core.train import (
+from mc_core.models.families import adapter_for
+from mc_core.training.loop import (
     TrainConfig,
     _order,
     build_target_cache,
@@ -23,6 +22,7 @@ from mc_core.train import (
     target_cache_info,
     train,
 )
+from mc_core.training.losses import TopKTarget, answer_kl
 
 # One torch thread for this module (tests/conftest.py: one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,7 +153,7 @@ def test_resume_with_other_settings_is_refused(setup, tmp_path):
 
 
 def _kl(model, compressor, cache) -> float:
-    adapter = for_model(model)
+    adapter = adapter_for(model)
     with torch.no_grad():
         logits, _ = student_logits(
             model, adapter, compressor, cache.entries, pad_token_id=0, device=torch.device("cpu")

@@ -2,7 +2,8 @@
 
 The main venv (transformers 5.23) builds tiny LLaVA and Qwen2-VL models with random weights,
 trains a metacompress compressor a few deterministic steps, computes each image's compressed
-embeddings with `mc_core.serving.compress_image` and the reference answers of a 3-turn dialogue
+embeddings with `mc_core.inference.serving.compress_image` and the reference answers of a 3-turn
+dialogue
 with the project's own `Conversation`. vLLM runs in its own venv (`make vllm-env`, transformers
 < 5.20) in a subprocess (`python -m mc_vllm.replay`) fed the saved embeddings, the exported
 model folder and the questions; its greedy answers must be the reference's.
@@ -33,14 +34,14 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from mc_core.adapters import for_model
 from mc_core.compressors import build
-from mc_core.conversation import Conversation, compress_inputs, reset_state
-from mc_core.dialogue import render
-from mc_core.embeds import ImageEmbeds, load_embeds, save_embeds
-from mc_core.losses import answer_kl
-from mc_core.processing import build_processor
-from mc_core.serving import compress_image, engine_adapter, engine_grid, export_for_vllm
+from mc_core.inference.conversation import Conversation, compress_inputs, reset_state
+from mc_core.inference.dialogue import render
+from mc_core.inference.embeds import ImageEmbeds, load_embeds, save_embeds
+from mc_core.inference.serving import compress_image, engine_adapter, engine_grid, export_for_vllm
+from mc_core.models.families import adapter_for
+from mc_core.models.processing import build_processor
+from mc_core.training.losses import answer_kl
 from mc_vllm.inputs import chat_messages, content_part, multi_modal_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,7 +360,11 @@ def test_vllm_offline_matches_conversation(family, tmp_path):
         # positions, which no grid sent to an engine can express) moves the same log-probs by
         # far more than the tolerance, so agreeing with vLLM pins the packed grid down.
         src = Conversation(
-            model, processor, comp, images=[images[0]], adapter=for_model(model, positions="source")
+            model,
+            processor,
+            comp,
+            images=[images[0]],
+            adapter=adapter_for(model, positions="source"),
         )
         src.ask(QUESTIONS[0])
         shift = torch.log_softmax(src.first_logits[0], -1)[top0] - lp[0]

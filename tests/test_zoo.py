@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mc_core import zoo
 from mc_core.data import synthetic as S
+from mc_core.models import zoo
 
 # Test-sized models (contracts: text hidden <= 64, vision hidden <= 32, 2 layers).
 SMALL = dict(text_hidden=64, text_intermediate=128, vision_hidden=32, vision_intermediate=64)
@@ -109,7 +109,7 @@ def test_real_specs_name_the_checkpoints():
     assert any("InternVL" in i for i in ids)
     import transformers
 
-    from mc_core import families
+    from mc_core.models import families
 
     for spec in zoo.REAL.values():
         assert hasattr(transformers, spec.model_class), spec.model_class
@@ -118,7 +118,7 @@ def test_real_specs_name_the_checkpoints():
 
 
 def test_zoo_names_come_from_the_descriptors():
-    from mc_core import families
+    from mc_core.models import families
 
     tiny = {n for f in families.all_families() for n in f.tiny}
     real = {n for f in families.all_families() for n in f.real}
@@ -129,7 +129,7 @@ def test_zoo_names_come_from_the_descriptors():
 
 
 def test_family_of_is_the_registry(tmp_path):
-    from mc_core import families
+    from mc_core.models import families
 
     model, processor = zoo.build(_small("tiny-llava"))
     assert zoo._family_of(model) == families.for_model(model).name == "llava"

@@ -17,6 +17,8 @@ from mc_core.compressors.base import Compressor, TokenContext
 __all__ = ["Compressor", "TokenContext", "available", "build", "get_class", "register"]
 
 _REGISTRY: dict[str, type[Compressor]] = {}
+# Modules of this package that are not methods: the contract, P algebra, checkpoint files.
+_SHARED = frozenset({"base", "ops", "checkpoint"})
 
 
 def register(name: str):
@@ -43,10 +45,10 @@ def register(name: str):
 
 
 def _load() -> None:
-    # Every module of the package is a method file (base.py holds the shared machinery):
+    # Every module of the package is a method file, but for the shared machinery (_SHARED):
     # importing them runs their @register decorators, so a new method is one new file.
     for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
+        if info.name not in _SHARED:
             importlib.import_module(f"{__name__}.{info.name}")
 
 

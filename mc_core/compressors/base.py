@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from mc_core.ops import apply, check_rate, kept_tokens, selection_matrix
+from mc_core.compressors.ops import apply, check_rate, kept_tokens, selection_matrix
 
 CONTEXT_FIELDS = frozenset({"cls_attention", "keys", "prompt_attention"})
 

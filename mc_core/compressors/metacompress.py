@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from mc_core.compressors import register
 from mc_core.compressors.base import Compressor, TokenContext
-from mc_core.ops import apply, pool_layout, pool_taps
+from mc_core.compressors.ops import apply, pool_layout, pool_taps
 
 
 def sincos_embedding(pos: Tensor, dim: int, cell: tuple[float, ...]) -> Tensor:

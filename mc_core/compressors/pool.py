@@ -6,7 +6,7 @@ from torch import Tensor
 
 from mc_core.compressors import register
 from mc_core.compressors.base import Compressor, TokenContext
-from mc_core.ops import pool_matrix
+from mc_core.compressors.ops import pool_matrix
 
 
 @register("pool")

@@ -148,7 +148,7 @@ def check_row(row: dict[str, Any], *, where: str, index: int) -> None:
         if not isinstance(accepted, list) or not all(isinstance(a, str) for a in accepted):
             fail("answer_sets", f"turn {t}: expected a list of strings, got {accepted!r}")
         if row["source"] == "dataset" and len(accepted) != 1:
-            # Several accepted answers: scored by VQA soft accuracy (mc_core.evaluate).
+            # Several accepted answers: scored by VQA soft accuracy (mc_core.evaluation.runner).
             if not accepted:
                 fail("answer_sets", f"turn {t}: empty list of accepted answers")
         elif row["source"] == "vqav2":

@@ -442,7 +442,8 @@ def generate(n_dialogues: int, seed: int, cfg: WorldConfig | None = None):
         rows["answer_sets"].append([[a] for a in d.answers])
         rows["question_types"].append(list(d.question_types))
         rows["targets"].append(list(d.targets))
-        # Ground truth for the selector ceiling (mc_core.ceilings): object centres on the image.
+        # Ground truth for the selector ceiling (mc_core.evaluation.ceilings): object centres on
+        # the image.
         side = float(cfg.image_size)
         rows["object_centres"].append([[o.cy / side, o.cx / side] for o in scene.objects])
     return datasets.Dataset.from_dict(rows, features=features)

@@ -1,0 +1,191 @@
+"""Peak device memory of one training step, estimated before any is allocated.
+
+A step holds the frozen LVLM's weights, the activations its compressed forward keeps for the
+backward pass into ``inputs_embeds`` (where the generator's tokens enter), the answer-position
+logits and the KL's temporaries over the vocabulary, the generator with its gradient and SGD
+momentum, and one layer's worth of gradients while the backward runs.
+
+What the frozen forward keeps, per token and decoder layer (Llama-style: RMSNorm, rotary
+attention, SwiGLU MLP), when only the inputs need a gradient: a linear layer with a frozen
+weight keeps nothing of its input (the input's gradient needs only the weight), so what stays
+is what the non-linear ops keep:
+
+- each of the 2 RMSNorms: its input upcast to float32 (4 h bytes, any model dtype);
+- attention: q, k, v and the output (``sdpa``: fused kernels keep these plus a float32
+  log-sum-exp per head; GQA keys and values repeated to the query heads count at the query
+  width, as transformers repeats them before SDPA), plus for ``eager`` attention the float32
+  softmax and its ``dtype`` copy (``(4 + b) * heads * L`` bytes per token: quadratic in L);
+- the MLP: the gate output (SiLU's input), SiLU's output and the up projection (3 I values);
+- a right-padded batch (more than one dialogue) also passes SDPA a 4-D additive mask, kept by
+  every layer: ``b * L`` bytes per token per layer, quadratic in L like eager attention.
+
+With h hidden, I MLP width, b bytes per value of the model dtype:
+``8 h + b (2 q + 2 kv') + 4 heads + 3 b I`` bytes per token per layer (q = heads * head_dim,
+kv' = q when repeated). The tests check this against the tensors autograd actually saves on a
+tiny model, and the weights against the parameter bytes exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["estimate", "format_estimate"]
+
+_GIB = 1024**3
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in ("float32", "bfloat16", "float16"):
+        return getattr(torch, dtype)
+    raise ValueError(f"estimate: dtype={dtype!r}: expected float32, bfloat16 or float16")
+
+
+def _meta_model(config):
+    """The model of a config on the meta device: exact parameter shapes, no memory."""
+    from mc_core.models import families
+
+    with torch.device("meta"):
+        return families.for_config(config).model_class._from_config(config)
+
+
+def _weight_bytes(model, dtype: torch.dtype) -> int:
+    """Parameters and floating buffers at `dtype` (as `prepare_model` casts them); other buffers
+    (int position ids) keep theirs."""
+    size = torch.finfo(dtype).bits // 8
+    total = sum(p.numel() for p in model.parameters()) * size
+    for b in model.buffers():
+        total += b.numel() * (size if b.is_floating_point() else b.element_size())
+    return int(total)
+
+
+def _text_shape(config) -> dict[str, int]:
+    from mc_core.inference.flops import text_config
+
+    cfg = text_config(config)
+    h, heads = int(cfg.hidden_size), int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or h // heads)
+    return dict(
+        hidden=h,
+        layers=int(cfg.num_hidden_layers),
+        heads=heads,
+        kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+        head_dim=head_dim,
+        intermediate=int(cfg.intermediate_size),
+        vocab=int(cfg.vocab_size),
+    )
+
+
+def _per_token_layer(
+    s: dict[str, int], b: int, attn: str, seq_len: int, padded: bool
+) -> dict[str, int]:
+    """Bytes kept for backward per token and decoder layer (module docstring)."""
+    q = s["heads"] * s["head_dim"]
+    norms = 2 * 4 * s["hidden"]
+    attention = b * 4 * q + 4 * s["heads"]  # q, repeated k and v, output; fp32 log-sum-exp
+    if attn == "eager":
+        attention += (4 + b) * s["heads"] * seq_len
+    if padded:
+        attention += b * seq_len
+    mlp = 3 * b * s["intermediate"]
+    return {"norms": norms, "attention": attention, "mlp": mlp}
+
+
+def estimate(
+    model_or_config: Any,
+    *,
+    batch_size: int,
+    seq_len: int,
+    answer_tokens: int,
+    dtype: str | torch.dtype = "bfloat16",
+    attn: str | None = None,
+    generator_params: int = 0,
+    images: int | None = None,
+    visual_tokens: tuple[int, int] = (576, 58),
+    target_topk: int | None = 64,
+) -> dict[str, Any]:
+    """Peak memory (bytes) of one training step on one device, with its breakdown.
+
+    Args:
+        model_or_config: the LVLM, or its transformers config (built on the meta device for
+            exact parameter counts; the frozen model's dtype is `dtype` either way).
+        batch_size: dialogues per step on this device (the global batch / ranks).
+        seq_len: padded length of the compressed sequences (text + the m kept visual tokens).
+        answer_tokens: answer tokens per dialogue (all turns).
+        dtype: the frozen model's dtype (`mc_core.training.loop.resolve_dtype`).
+        attn: "sdpa" or "eager" (default: the model config's attention implementation).
+        generator_params: the compressor's parameter count.
+        images: images in the batch (default one per dialogue).
+        visual_tokens: ``(n, m)``: visual tokens per image before and after compression.
+        target_topk: k of the cached top-k targets on the device (None: full vocabulary rows).
+
+    Returns:
+        dict of bytes: ``weights``, ``activations``, ``logits``, ``generator``, ``transient``,
+        ``total``; ``per_token_layer`` (bytes of each part, per token and layer) and
+        ``inputs`` (the shapes used).
+    """
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"estimate: {name}={v!r}: expected a positive int")
+    dt = _dtype(dtype)
+    b = torch.finfo(dt).bits // 8
+    is_model = isinstance(model_or_config, torch.nn.Module)
+    config = model_or_config.config if is_model else model_or_config
+    model = model_or_config if is_model else _meta_model(config)
+    attn = attn or getattr(config, "_attn_implementation", None) or "sdpa"
+    if attn not in ("sdpa", "eager"):
+        attn = "sdpa"  # flash / flex kernels keep what sdpa keeps
+    s = _text_shape(config)
+    tokens = batch_size * seq_len
+    per = _per_token_layer(s, b, attn, seq_len, padded=batch_size > 1)
+    # the layers, plus the final norm's float32 input
+    activations = s["layers"] * tokens * sum(per.values()) + 4 * s["hidden"] * tokens
+    t = batch_size * answer_tokens
+    # student logits (dtype), their float32 copy, log-softmax, and the KL's [T, V] masks and
+    # differences in float32; the cached target rows on the device
+    logits = t * s["vocab"] * (b + 3 * 4)
+    logits += t * (target_topk * (2 + 4) + 4 if target_topk else s["vocab"] * 4)
+    n, m = visual_tokens
+    images = batch_size if images is None else images
+    d = s["hidden"]
+    # parameters, gradients, SGD momentum (float32); per image X, P and Y in float32 and its
+    # dtype copy
+    per_image = 4 * (n * d + 2 * m * n + 2 * m * d) + b * m * d
+    generator = 3 * 4 * generator_params + images * per_image
+    # one layer's activation gradients during the backward (MLP width and the residual)
+    transient = tokens * b * (3 * s["intermediate"] + 4 * s["hidden"])
+    out: dict[str, Any] = {
+        "weights": _weight_bytes(model, dt),
+        "activations": int(activations),
+        "logits": int(logits),
+        "generator": int(generator),
+        "transient": int(transient),
+    }
+    out["total"] = sum(out.values())
+    out["per_token_layer"] = per
+    out["inputs"] = {
+        **s,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "answer_tokens": answer_tokens,
+        "dtype": str(dt).removeprefix("torch."),
+        "attn": attn,
+        "visual_tokens": [n, m],
+    }
+    return out
+
+
+def format_estimate(est: dict[str, Any]) -> str:
+    """One line: total and parts in GiB (MiB below 1/4 GiB), with the shapes they were
+    computed for."""
+    parts = ("weights", "activations", "logits", "generator", "transient")
+    inp = est["inputs"]
+    unit, size = ("GiB", _GIB) if est["total"] >= _GIB / 4 else ("MiB", 1024**2)  # tiny models
+    body = ", ".join(f"{k} {est[k] / size:.2f}" for k in parts)
+    return (
+        f"~{est['total'] / size:.2f} {unit} peak ({body} {unit}) for batch {inp['batch_size']} x "
+        f"{inp['seq_len']} tokens, {inp['dtype']}, {inp['attn']} attention"
+    )
