@@ -10,9 +10,11 @@ import argparse
 import shlex
 import sys
 
-from bench.inference import DEFAULT_METHODS, DEFAULT_RATES, machine_slug, resolve_device, run
+from bench.inference import DEFAULT_METHODS, DEFAULT_RATES, run
+from bench.machine import machine_slug
 from bench.report import write_all
 from bench.shapes import ARCHS, SCALES
+from mc_core.runtime import resolve_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark for each --arch and write JSON, markdown and PNG under --out."""
     argv_used = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv_used)
-    machine = args.machine or machine_slug(resolve_device(args.device))
+    machine = args.machine or machine_slug(resolve_device(args.device, where="--device"))
     for arch in args.arch:
         result = run(
             arch,

@@ -27,12 +27,13 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from bench.inference import describe_machine, machine_slug, resolve_device
+from bench.machine import describe_machine, machine_slug
 from bench.shapes import ARCHS, get_arch
 from mc_core.compressors import available, build
-from mc_core.inference.conversation import BatchConversation, token_dim
+from mc_core.inference.engine import BatchConversation
 from mc_core.io import write_json
 from mc_core.models.processing import build_processor
+from mc_core.runtime import resolve_device, token_dim
 
 _WORDS = "what colour shape is at row col the of a how many there yes no red green blue 0 1 2 3 ?"
 QUESTIONS = (
@@ -86,7 +87,7 @@ def run_dialogues(model, processor, comp, imgs, batch: int, new_tokens: int) -> 
 
 def measure(args: argparse.Namespace) -> dict:
     """Dialogues/s per batch size (fastest of `repeats` interleaved rounds)."""
-    dev = resolve_device(args.device)
+    dev = resolve_device(args.device, where="--device")
     model, processor = build_model(args.arch, args.scale, dev)
     comp = None
     if args.method != "none":
@@ -155,10 +156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if resolve_device(args.device).type == "cpu":
+    if resolve_device(args.device, where="--device").type == "cpu":
         torch.set_num_threads(args.threads)
     result = measure(args)
-    machine = args.machine or machine_slug(resolve_device(args.device))
+    machine = args.machine or machine_slug(resolve_device(args.device, where="--device"))
     path = write_json(Path(args.out) / f"batching-{machine}.json", result, indent=2)
     ratio = result.get("throughput_ratio_b16_vs_b1")
     for b, row in result["batches"].items():

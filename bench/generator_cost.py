@@ -28,6 +28,7 @@ import torch
 from mc_core import io
 from mc_core.compressors import TokenContext, build
 from mc_core.compressors.ops import kept_tokens
+from mc_core.runtime import auto_dtype, resolve_device
 
 LLM_PARAMS_7B = 6.7e9  # LLaVA-1.5-7B's Vicuna: 2 * params FLOPs per prefilled token
 
@@ -75,8 +76,8 @@ def run(
     """Measure every (device, n); returns one row per pair."""
     rows = []
     for dev_name in devices:
-        device = torch.device(dev_name)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        device = resolve_device(dev_name)
+        dtype = auto_dtype(device)
         for n in sizes:
             m = kept_tokens(n, rate)
             x = torch.randn(n, dim, device=device).to(dtype)

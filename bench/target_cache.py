@@ -38,17 +38,12 @@ import torch
 from mc_core import io
 from mc_core.compressors import build
 from mc_core.data.schema import load
-from mc_core.inference.conversation import token_dim
 from mc_core.models import zoo
 from mc_core.models.families import adapter_for
-from mc_core.training.loop import (
-    TrainConfig,
-    build_target_cache,
-    save_target_cache,
-    student_logits,
-    train,
-)
+from mc_core.runtime import token_dim
+from mc_core.training.loop import TrainConfig, student_logits, train
 from mc_core.training.losses import TopKTarget, answer_kl, topk_kl
+from mc_core.training.targets import build_target_cache, save_target_cache
 
 KS = (8, 16, 32, 64, 128, None)  # None: the whole vocabulary
 VOCABS = {"llava-1.5 (32,064)": 32_064, "qwen2-vl (152,064)": 152_064}

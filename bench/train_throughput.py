@@ -33,7 +33,9 @@ import torch
 from mc_core import io
 from mc_core.data.synthetic import generate
 from mc_core.models import zoo
-from mc_core.training.loop import TrainConfig, build_target_cache, resolve_device, train
+from mc_core.runtime import resolve_device
+from mc_core.training.loop import TrainConfig, train
+from mc_core.training.targets import build_target_cache
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +68,7 @@ def _machine(device: torch.device) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     """Run both variants; returns the result dict (also printed by `main`)."""
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, where="--device")
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     data = generate(args.dialogues, seed=0)

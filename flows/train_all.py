@@ -29,13 +29,15 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+import mc_registry
 from flows import dag
 from flows import workspace as ws
 from tasks import params
+from tasks.cells import report_dir, report_file, split_stage, stage_name
 
 MAX_PARALLEL = int(os.environ.get("MC_MAX_PARALLEL", "2"))
 LOCK_RETRIES = 6
-REGISTRY = "reports/registry"  # the registry stage's records, one JSON per cell
+REGISTRY = str(report_dir("registry"))  # the registry stage's records, one JSON per cell
 
 
 def _retry_on_lock(task, task_run, state) -> bool:
@@ -72,27 +74,23 @@ def run_stage(stage: str, workspace: str, checkout: str, force: bool = False) ->
 
 def registered(workspace: str, key: str, uri: str | None = None) -> bool:
     """Whether the version recorded in ``reports/registry/<key>.json`` is in the store."""
-    from tasks import tracking
-
-    f = Path(workspace) / REGISTRY / f"{key}.json"
+    f = Path(workspace) / report_file("registry", key)
     if not f.is_file():
         return False
     rec = json.loads(f.read_text())
     if not {"name", "version", "ckpt_sha256"} <= set(rec):
         return True  # not a registry record (stand-in stages): nothing to verify
     try:
-        mv = tracking.client(uri).get_model_version(rec["name"], rec["version"])
+        tags = mc_registry.version_tags(rec["name"], rec["version"], uri=uri)
     except Exception:  # no such model or version in this store
         return False
-    return mv.tags.get("ckpt_sha256") == rec.get("ckpt_sha256")
+    return tags.get("ckpt_sha256") == rec.get("ckpt_sha256")
 
 
 @task(name="mlflow-migrate", cache_policy=NO_CACHE, persist_result=False)
 def migrate_tracking(uri: str) -> str:
     """Create the MLflow schema once, before cells write to it concurrently."""
-    from tasks import tracking
-
-    return tracking.migrate(uri)
+    return mc_registry.migrate(uri)
 
 
 @flow(name="train-all", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL), log_prints=True)
@@ -143,7 +141,7 @@ def train_all(
     uri = ws.tracking_env(root)["MLFLOW_TRACKING_URI"]
     if registrar is not None:
         stale = [k for k in cells if not registered(str(workspace), k, uri)]
-        run.again([f"{registrar}@{k}" for k in stale])
+        run.again([stage_name(registrar, k) for k in stale])
 
     for kind in kinds:  # what reads the cells' outputs (the report)
         if kind.name not in later:
@@ -156,7 +154,7 @@ def train_all(
         run.serial(kind, names, chosen)
     registry = {}
     for key in cells:
-        f = workspace / REGISTRY / f"{key}.json"
+        f = workspace / report_file("registry", key)
         registry[key] = json.loads(f.read_text()) if f.is_file() else None
     summary = workspace / "reports" / "summary.md"
     if summary.is_file() and later & set(run.ran):  # the report ran: show its table
@@ -175,7 +173,7 @@ class _Runner:
         """A shared stage, or each chosen arch's stage one at a time: base models train on
         shared cores, where two at once would each run at half speed."""
         for stage in names.get(kind.name, []):
-            key = stage.partition("@")[2]
+            key = split_stage(stage)[1]
             if kind.fanout == "shared" or key in archs:
                 run_stage(stage, self.workspace, self.root)
                 self.ran.append(stage)
@@ -186,7 +184,7 @@ class _Runner:
         for key in keys:
             mine: dict[str, Any] = {}
             for kind in cell_kinds:  # in order: what a stage waits for is already submitted
-                stage = f"{kind.name}@{key}"
+                stage = stage_name(kind.name, key)
                 waits = [mine[a] for a in kind.after if a in mine]
                 mine[kind.name] = run_stage.submit(stage, self.workspace, self.root, wait_for=waits)
                 self.ran.append(stage)

@@ -14,7 +14,6 @@ Usage: ``python -m flows.workspace smoke`` prints the workspace path (creating o
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from flows import dag
 from mc_core import io
-from tasks import params
+from tasks import cells, params
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 LOCK_PATTERNS = (
@@ -162,7 +161,7 @@ def by_kind(names: list[str]) -> dict[str, list[str]]:
     """Stage names grouped by kind (``train@a-0.5`` -> ``train``), in DVC's order."""
     groups: dict[str, list[str]] = {}
     for n in names:
-        groups.setdefault(n.partition("@")[0], []).append(n)
+        groups.setdefault(cells.split_stage(n)[0], []).append(n)
     return groups
 
 
@@ -172,7 +171,7 @@ def cell_keys(names: dict[str, list[str]], kinds: list[dag.Kind]) -> list[str]:
     for kind in kinds:
         if kind.fanout == "cell":
             for n in names.get(kind.name, []):
-                key = n.partition("@")[2]
+                key = cells.split_stage(n)[1]
                 if key not in keys:
                     keys.append(key)
     return keys
@@ -188,13 +187,8 @@ def select_cells(
     for r in rates or []:
         if float(r) not in grid.rates:
             raise ValueError(f"rates: {r!r} is not in grid.rates={grid.rates} of this profile")
-    want = {params.cell_key(a, r) for a in (archs or grid.archs) for r in (rates or grid.rates)}
+    want = {cells.cell_key(a, r) for a in (archs or grid.archs) for r in (rates or grid.rates)}
     return [k for k in keys if k in want]
-
-
-def arch_of(key: str) -> str:
-    """``tiny-llava-0.9`` -> ``tiny-llava``."""
-    return re.sub(r"-[0-9.e+-]+$", "", key)
 
 
 if __name__ == "__main__":

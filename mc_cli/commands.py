@@ -138,37 +138,32 @@ def _print_report(report: dict) -> None:
 
 
 def list_registry(args) -> int:
+    import mc_registry
     from mc_core.compressors import available
 
     print("methods: " + ", ".join(["none", *available()]))
-    try:
-        from tasks import tracking
-    except ImportError as err:
-        raise UsageError(f"the MLflow registry is unavailable ({err})") from None
-    uri = tracking.tracking_uri()
+    uri = mc_registry.tracking_uri()
     _check_registry(uri, "list")
-    client = tracking.client(uri)
-    models = sorted(client.search_registered_models(), key=lambda r: r.name)
+    try:
+        models = mc_registry.registered_models(uri=uri)
+    except ImportError as err:  # an install without MLflow
+        raise UsageError(f"the MLflow registry is unavailable ({err})") from None
     print(f"registry {uri}: {len(models)} registered compressor(s)")
-    for rm in models:
-        print(_describe(client, tracking, rm.name))
+    for entry in models:
+        print(_describe(entry))
     return 0
 
 
-def _describe(client, tracking, name: str) -> str:
-    held = tracking.current_champion(name, uri=None)
-    if held is None:
-        return f"  {name}: no champion"
-    version, score = held
-    mv = client.get_model_version(name, version)
-    metric = mv.tags.get("metric", "score")
-    line = f"  {name}: champion v{version} {metric}={score}"
-    if mv.run_id:
-        metrics = client.get_run(mv.run_id).data.metrics
-        keys = sorted(k for k in metrics if "/" not in k or k.startswith(("eval/", "final/")))
-        shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in keys[:8])
-        if shown:
-            line += f" | {shown}"
+def _describe(entry) -> str:
+    """One line of `list`: a registered model, its champion and the champion's run metrics."""
+    if entry.version is None:
+        return f"  {entry.name}: no champion"
+    line = f"  {entry.name}: champion v{entry.version} {entry.metric}={entry.score}"
+    metrics = entry.run_metrics
+    keys = sorted(k for k in metrics if "/" not in k or k.startswith(("eval/", "final/")))
+    shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in keys[:8])
+    if shown:
+        line += f" | {shown}"
     return line
 
 

@@ -30,13 +30,17 @@ _COMPRESSOR_HELP = (
 
 
 def _rate(text: str) -> float:
+    """``--rate``: a number in (0, 1), by the library's own check."""
+    from mc_core.compressors.ops import check_rate
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not strictly between 0 and 1")
-    return value
+    try:
+        return check_rate(value, where="rate")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _positive(text: str) -> int:

@@ -1,7 +1,8 @@
 """Turn what a person types (a model folder, a compressor spec, an image path) into objects.
 
 Every failure is a `UsageError` whose message names the argument and the value, so the command
-line can print one line and exit 2 instead of a traceback.
+line can print one line and exit 2 instead of a traceback. Registry URIs are read through
+`mc_registry` (MLflow only); devices follow `mc_core.runtime`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+
+import mc_registry
 
 __all__ = [
     "UsageError",
@@ -28,10 +31,10 @@ class UsageError(Exception):
 
 
 def load_model(spec: str, device: str = "auto"):
-    """`(model, processor)` from a saved model folder (or `models/base/<spec>`)."""
-    import torch
-
+    """`(model, processor)` from a saved model folder (or `models/base/<spec>`), frozen on
+    `device` (`mc_core.runtime.resolve_device`: `auto` is CUDA when present), in its saved dtype."""
     from mc_core.models import zoo
+    from mc_core.runtime import resolve_device
 
     path = Path(spec)
     if not path.is_dir() and (BASE_DIR / spec).is_dir():
@@ -45,10 +48,12 @@ def load_model(spec: str, device: str = "auto"):
         model, processor = zoo.load(path)
     except (ValueError, OSError) as err:
         raise UsageError(f"--model {spec!r}: {err}") from None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model = model.to(device)
+        dev = resolve_device(device, where="--device")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        model = model.to(dev)
     except (RuntimeError, AssertionError) as err:
         raise UsageError(f"--device {device!r}: {err}") from None
     return model.eval().requires_grad_(False), processor
@@ -56,20 +61,16 @@ def load_model(spec: str, device: str = "auto"):
 
 def check_compressor(spec: str | None, rate: float | None) -> None:
     """What can be checked of a compressor spec before the model loads (names, rate, paths)."""
-    import re
-
     from mc_core.compressors import available, get_class
 
     if spec is None or spec == "none":
         return
     if spec.startswith("models:/"):
-        if not re.fullmatch(r"models:/[^/@]+(@[^/]+|/\d+)", spec):
-            raise UsageError(
-                f"--compressor {spec!r}: expected models:/<name>@<alias> or models:/<name>/<n>"
-            )
-        from tasks import tracking
-
-        _check_registry(tracking.tracking_uri(), f"--compressor {spec!r}")
+        try:
+            mc_registry.parse_uri(spec)
+        except ValueError as err:
+            raise UsageError(f"--compressor {err}") from None
+        _check_registry(mc_registry.tracking_uri(), f"--compressor {spec!r}")
     elif Path(spec).is_dir():
         return
     elif spec in available():
@@ -91,7 +92,7 @@ def load_compressor(spec: str | None, model, rate: float | None) -> Any:
     """A compressor from a method name (needs `rate`), a checkpoint folder or a registry URI
     (`models:/<name>@champion`); None for `none` or no spec (all visual tokens)."""
     from mc_core.compressors import build
-    from mc_core.inference.conversation import model_device, token_dim
+    from mc_core.runtime import model_device, token_dim
 
     check_compressor(spec, rate)
     if spec is None or spec == "none":
@@ -114,16 +115,14 @@ def load_compressor(spec: str | None, model, rate: float | None) -> Any:
 
 
 def _from_registry(spec: str, dim: int):
+    uri = mc_registry.tracking_uri()
+    _check_registry(uri, "--compressor " + repr(spec))
     try:
-        from tasks import tracking
-    except ImportError as err:  # an install without the pipeline packages
+        return mc_registry.load_compressor(spec, expect={"dim": dim}, uri=uri)
+    except ImportError as err:  # an install without MLflow
         raise UsageError(
             f"--compressor {spec!r}: the MLflow registry is unavailable ({err})"
         ) from None
-    uri = tracking.tracking_uri()
-    _check_registry(uri, "--compressor " + repr(spec))
-    try:
-        return tracking.load_compressor(spec, expect={"dim": dim}, uri=uri)
     except Exception as err:  # mlflow raises its own types for unknown names and aliases
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"--compressor {spec!r} (registry {uri}): {first}") from None
@@ -131,13 +130,12 @@ def _from_registry(spec: str, dim: int):
 
 def _check_registry(uri: str, what: str) -> None:
     """A local sqlite registry must exist: opening a missing one would create an empty one."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///") :])
-        if not path.is_file():
-            raise UsageError(
-                f"{what}: no MLflow registry at {uri} (run `make run`, or set "
-                "MLFLOW_TRACKING_URI to a tracking server)"
-            )
+    path = mc_registry.sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise UsageError(
+            f"{what}: no MLflow registry at {uri} (run `make run`, or set "
+            "MLFLOW_TRACKING_URI to a tracking server)"
+        )
 
 
 def open_image(path: str):

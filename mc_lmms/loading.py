@@ -25,10 +25,9 @@ import torch
 from mc_core.compressors import available, build
 from mc_core.compressors.checkpoint import load_compressor
 from mc_core.compressors.ops import check_rate
-from mc_core.inference.conversation import token_dim
 from mc_core.models import zoo
 from mc_core.models.families import adapter_for
-from mc_core.training.loop import prepare_model, resolve_device
+from mc_core.runtime import prepare_model, resolve_device, token_dim
 
 __all__ = ["load_base", "parse_dtype", "parse_rate", "resolve_compressor"]
 

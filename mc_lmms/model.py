@@ -36,7 +36,8 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from mc_core.data.images import to_rgb
-from mc_core.inference.conversation import Conversation, compress_inputs, reset_state
+from mc_core.inference.compress import compress_inputs
+from mc_core.inference.conversation import Conversation
 from mc_core.inference.dialogue import answer_token_ids, encode_dialogue, render, to_device
 from mc_core.models.families import adapter_for
 from mc_lmms.loading import load_base, parse_rate, resolve_compressor
@@ -240,7 +241,7 @@ class MetaCompress(lmms):
         prompt_text = render(self.processor, [ctx], [], n_images=len(images), instruction="")
         prompt = self.processor(text=[prompt_text], images=images, return_tensors="pt")
         prompt = to_device(dict(prompt), self._device, self._dtype)
-        reset_state(self.adapter)
+        self.adapter.reset_state()
         # Compressed from the prompt alone (a prompt-dependent method must not see the answer);
         # visual tokens do not depend on the text, so they slot into the full encoding.
         _, tokens, P = compress_inputs(self.model, self.adapter, self.compressor, prompt)
@@ -248,7 +249,7 @@ class MetaCompress(lmms):
         if tokens is not None:
             inputs = self.adapter.inputs_with(full, tokens, P=P)
             shift = int(full["input_ids"].shape[1]) - int(inputs["input_ids"].shape[1])
-        reset_state(self.adapter)
+        self.adapter.reset_state()
         keep = (positions - shift).to(self._device)
         logits = self.model(**inputs, logits_to_keep=keep).logits[0].float()
         targets = answer_token_ids(full, positions.to(self._device)).to(self._device)

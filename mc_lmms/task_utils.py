@@ -3,7 +3,7 @@
 lmms-eval hands the model one document per dialogue; the model asks ``doc_to_text(doc)`` (turn
 1), then calls ``doc_to_text(doc, previous_output=..., round_idx=k)`` for each next turn until
 it says the dialogue is over, and returns one answer per turn. ``process_results`` scores each
-turn with ``mc_core.evaluation.runner.score_answer``, the project evaluator's own metric (VQA soft
+turn with ``mc_core.evaluation.scoring.score_answer``, the project evaluator's own metric (VQA soft
 accuracy against several human answers, normalised exact match against one), so lmms-eval's
 ``acc_turn_<k>`` equal the evaluator's ``acc_turn[k - 1]`` on the same answers.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from mc_core.data.images import to_rgb
-from mc_core.evaluation.runner import score_answer
+from mc_core.evaluation.scoring import score_answer
 
 __all__ = ["doc_to_text", "doc_to_visual", "metric_names", "process_results"]
 

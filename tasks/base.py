@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks import common, params
+from tasks import cells, common, params
 
 PARAMS = ("base", "world", "models", "evaluate")
 RETRAIN_ENV = "MC_RETRAIN"  # set (1): train the tiny teacher even when its recipe matches
@@ -42,7 +42,8 @@ REPORT_RATE = 0.9
 
 def recipe_sha(arch: str, cfg, world) -> str:
     """SHA-256 of the canonical JSON of ``{arch, its TinySpec, cfg.for_arch(arch), world}``: what
-    a tiny teacher's weights are a function of (budgets are steps and seeds)."""
+    a tiny teacher's weights are a function of (budgets are steps and seeds). ``cfg`` is the
+    ``base`` section (``tasks.params.BaseParams``: its ``arch_overrides`` applied for ``arch``)."""
     from mc_core.models import zoo
 
     recipe = {
@@ -86,7 +87,8 @@ def tiny_teacher(arch: str, out: Path, cfg, world) -> dict[str, Any]:
         )
         return json.loads((out / TEACHER_FILE).read_text())
     print(f"base: {arch}: training the teacher ({why})", flush=True)
-    report = teacher.train_teacher(arch, out, cfg, world=world, meta={"recipe_sha": sha})
+    recipe = cfg.for_arch(arch)  # base.arch_overrides applied (tasks.params.overrides)
+    report = teacher.train_teacher(arch, out, recipe, world=world, meta={"recipe_sha": sha})
     summary = {"recipe_sha": sha, "steps": report["steps"], "curve": report["curve"]}
     # The teacher's own held-out accuracies on freshly drawn world dialogues (teacher forced).
     summary["world_eval"] = {
@@ -123,16 +125,14 @@ def main(argv: list[str] | None = None) -> dict:
     ns = ap.parse_args(argv)
 
     p = common.load_params(PARAMS, who="tasks.base")
-    known = params.known_archs(p.models)
-    if ns.arch not in known or not params.SAFE_NAME.match(ns.arch):
-        raise ValueError(f"--arch={ns.arch!r}: unknown arch; known: {', '.join(known)}")
+    params.check_arch(ns.arch, p.models)
 
     from mc_core.data import schema
-    from mc_core.evaluation import runner as meval
+    from mc_core.evaluation.base_report import base_report
     from mc_core.models import zoo
 
-    out = Path(ns.out or common.base_dir(ns.arch))
-    report_path = Path(ns.report or f"reports/base/{ns.arch}.json")
+    out = Path(ns.out or cells.base_dir(ns.arch))
+    report_path = Path(ns.report or cells.report_file("base", ns.arch))
     t0 = time.monotonic()
     source = params.source_of(p.models, ns.arch)
     if source is None:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     facts = zoo.info(out)
     model, processor = zoo.load(out)
     ev = p.evaluate
-    measured = meval.base_report(
+    measured = base_report(
         model,
         processor,
         schema.load(common.DATA_TEST),

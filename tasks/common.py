@@ -1,10 +1,11 @@
-"""Helpers shared by the stage entry points: params access, cell paths, atomic outputs.
+"""Helpers shared by the stage entry points: params access, the cell argument, atomic outputs.
 
 Outputs are published through ``mc_core.io`` (re-exported here: ``write_json``, ``write_text``,
 ``staged_dir``; ``write_csv`` on top of ``staged_file``).
 
 Every stage runs from the DVC workspace root (the checkout, or ``runs/<profile>/``), so the paths
-here are relative to the working directory, exactly as ``dvc.yaml`` declares them.
+here are relative to the working directory, exactly as ``dvc.yaml`` declares them. A cell's own
+paths and names are ``tasks/cells.py``'s.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from typing import Any
 
 from mc_core.io import published, staged_dir, staged_file, write_json, write_text
 from mc_core.progress import format_duration, quiet_library_bars
-from tasks import params
-from tasks.params import cell_key, format_rate
+from tasks import cells, params
 
 __all__ = [
     "DATA_TEST",
@@ -33,18 +33,12 @@ __all__ = [
     "PARAMS_ENV",
     "THREADS_ENV",
     "TRACEBACK_ENV",
-    "base_dir",
     "cell_args",
-    "cell_file",
-    "cell_key",
-    "compressor_dir",
+    "check_cell",
     "flat",
-    "format_rate",
     "load_params",
-    "seeds_dir",
     "staged_dir",
     "stage",
-    "state_dir",
     "write_csv",
     "write_json",
     "write_text",
@@ -61,32 +55,6 @@ DATA_TEST = Path("data/test")
 DATA_VAL = Path("data/val")  # optional (params data.val): tuning and the registry's gate
 
 
-def base_dir(arch: str) -> Path:
-    """``models/base/<arch>``: the base model (``base@<arch>`` out)."""
-    return Path("models/base") / arch
-
-
-def compressor_dir(arch: str, rate: float) -> Path:
-    """``models/compressors/<arch>-r<rate>``: the trained compressor (``train@`` out)."""
-    return Path("models/compressors") / f"{arch}-r{format_rate(rate)}"
-
-
-def seeds_dir(arch: str, rate: float) -> Path:
-    """``models/compressors/<arch>-r<rate>-seeds``: one ``seed-<k>/`` checkpoint per extra seed
-    (``train.seeds`` > 1; empty otherwise). Not registered: they measure the seed spread."""
-    return Path("models/compressors") / f"{arch}-r{format_rate(rate)}-seeds"
-
-
-def cell_file(kind: str, arch: str, rate: float, suffix: str = ".json") -> Path:
-    """``reports/<kind>/<arch>-<rate><suffix>`` (train metrics, curves, eval, registry)."""
-    return Path("reports") / kind / f"{cell_key(arch, rate)}{suffix}"
-
-
-def state_dir(arch: str, rate: float) -> Path:
-    """Resumable training state, outside the DVC out (DVC deletes outs before a stage runs)."""
-    return Path("cache/train-state") / cell_key(arch, rate)
-
-
 def load_params(sections: Sequence[str], who: str) -> params.SectionView:
     """Validate all of params.yaml, then expose only the ``sections`` the stage declares.
 
@@ -101,20 +69,18 @@ def load_params(sections: Sequence[str], who: str) -> params.SectionView:
 
 
 def cell_args(description: str, argv: Sequence[str] | None = None) -> tuple[str, float]:
-    """Parse ``--arch A --rate R`` (the rate checked like ``grid.rates``)."""
+    """Parse ``--arch A --rate R``, checked by :func:`check_cell`."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--arch", required=True)
     ap.add_argument("--rate", required=True, type=float)
     ns = ap.parse_args(argv)
-    known = params.known_archs(_model_names())
-    # Names only (params.SAFE_NAME): also keeps cell paths inside the workspace (no "../", "/").
-    if ns.arch not in known or not params.SAFE_NAME.match(ns.arch):
-        raise ValueError(f"--arch={ns.arch!r}: unknown arch; known: {', '.join(known)}")
-    try:
-        params.check_rate(ns.rate)
-    except ValueError as err:
-        raise ValueError(f"--rate={ns.rate!r}: {err}") from None
-    return ns.arch, ns.rate
+    return check_cell(ns.arch, ns.rate)
+
+
+def check_cell(arch: str, rate: float) -> tuple[str, float]:
+    """``--arch`` a known arch with a safe name (``params.check_arch``, the ``models`` names of
+    the params file included) and ``--rate`` in (0, 1) (``cells.check_rate``)."""
+    return params.check_arch(arch, _model_names()), cells.check_rate(rate, "--rate")
 
 
 def _model_names() -> list[str]:
@@ -151,13 +117,13 @@ def flat(prefix: str, obj: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _cell_from_argv(argv: Sequence[str]) -> str | None:
-    """``<arch>-r<rate>`` (or the arch alone) from ``--arch A --rate R`` in ``argv``."""
+    """The cell key ``<arch>-<rate>`` (or the arch alone) from ``--arch A --rate R`` in ``argv``."""
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--arch")
     ap.add_argument("--rate", type=float)
     ns, _ = ap.parse_known_args(list(argv))
     if ns.arch and ns.rate is not None:
-        return cell_key(ns.arch, ns.rate)
+        return cells.cell_key(ns.arch, ns.rate)
     return ns.arch
 
 

@@ -22,8 +22,9 @@ import re
 import tempfile
 from pathlib import Path
 
+import mc_registry
 from mc_core.io import staged_file
-from tasks import common, lineage, tracking
+from tasks import cells, common, lineage, tracking
 
 PARAMS = ("evaluate", "register", "train", "tracking")
 
@@ -36,13 +37,14 @@ def main(argv: list[str] | None = None) -> None:
     from mc_core.compressors import checkpoint
     from mc_core.data import schema
     from mc_core.evaluation import runner as meval
+    from mc_core.evaluation.ceiling_report import evaluate_ceilings
     from mc_core.models import zoo
 
-    ckpt_dir = common.compressor_dir(arch, rate)
-    family = zoo.info(common.base_dir(arch)).get("family")
+    ckpt_dir = cells.compressor_dir(arch, rate)
+    family = zoo.info(cells.base_dir(arch)).get("family")
     # The fingerprint check refuses a compressor trained for another model family.
     compressor = checkpoint.load_compressor(ckpt_dir, expect={"family": family})
-    model, processor = zoo.load(common.base_dir(arch))
+    model, processor = zoo.load(cells.base_dir(arch))
     dataset = schema.load(common.DATA_TEST)
     ev = p.evaluate
     metrics = meval.evaluate(
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if ev.ceilings.enabled:
         c = ev.ceilings
-        metrics["ceilings"] = meval.evaluate_ceilings(
+        metrics["ceilings"] = evaluate_ceilings(
             model,
             processor,
             dataset,
@@ -89,10 +91,10 @@ def main(argv: list[str] | None = None) -> None:
         metrics["validation"] = _validation(
             p, arch, rate, model, processor, compressor, family, ckpt
         )
-    out = meval.write_report(metrics, common.cell_file("eval", arch, rate))
+    out = meval.write_report(metrics, cells.cell_file("eval", arch, rate))
     tokens_png = _token_maps(model, processor, dataset, compressor, rate, arch)
 
-    rate_s = common.format_rate(rate)
+    rate_s = cells.format_rate(rate)
     run_id = tracking.cell_run_for(p.tracking.experiment, arch, rate_s, ckpt)
     tracking.log_params(run_id, common.flat("evaluate", ev.model_dump()))
     flat = _flat_metrics(metrics)
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:  # the per-turn plot, for the run page only
         from mc_core.evaluation import plots
 
-        png = plots.accuracy_per_turn(metrics, Path(tmp) / f"turns-{arch}-{rate_s}.png")
+        png = Path(tmp) / f"turns-{cells.cell_key(arch, rate)}.png"
+        png = plots.accuracy_per_turn(metrics, png)
         tracking.log_artifacts(run_id, png, "plots")
     tracking.set_tags(run_id, {"eval_dataset": metrics.get("dataset", "unknown")})
     mc = metrics["methods"].get(p.train.method, {})
@@ -153,7 +156,7 @@ def _validation(
     ev, method = p.evaluate, p.train.method
     val = schema.load(common.DATA_VAL)
     comps = {method: compressor}
-    base = lineage.checkpoint_hash(common.base_dir(arch))
+    base = lineage.checkpoint_hash(cells.base_dir(arch))
     champion = _champion(p.register.model_name(arch, rate, method), family, ckpt, base)
     if champion is not None and champion["compressor"] is not None:
         comps["champion"] = champion["compressor"]
@@ -197,7 +200,7 @@ def _seed_spread(
     from mc_core.evaluation import runner as meval
     from mc_core.evaluation.stats import mean_sd
 
-    folder = common.seeds_dir(arch, rate)
+    folder = cells.seeds_dir(arch, rate)
     dirs = (
         sorted(folder.glob("seed-*"), key=lambda d: int(d.name.split("-")[1]))
         if folder.is_dir()
@@ -228,13 +231,15 @@ def _champion(name: str, family: str, ckpt: str, base: str) -> dict | None:
     """The registry's current champion of this cell: ``{"version", "compressor"}`` (compressor
     None when it is this very checkpoint), or None when the cell has no champion yet or its
     champion was trained against another base model (``base``: this one's content hash)."""
-    found = tracking.champion(name, base_sha256=base)  # with its tags: one registry read
+    found = mc_registry.champion(name, base_sha256=base)  # with its tags: one registry read
     if found is None:
         return None
     version, _, tags = found
     if tags.get("ckpt_sha256") == ckpt:
         return {"version": version, "compressor": None}
-    comp = tracking.load_compressor(f"models:/{name}/{version}", expect={"family": family})
+    comp = mc_registry.load_compressor(
+        mc_registry.model_uri(name, version=version), expect={"family": family}
+    )
     return {"version": version, "compressor": comp}
 
 
@@ -243,17 +248,17 @@ def _token_maps(model, processor, dataset, compressor, rate: float, arch: str) -
     FastV's choice."""
     from mc_core.compressors import build
     from mc_core.evaluation import plots
-    from mc_core.evaluation import runner as meval
+    from mc_core.evaluation.token_maps import token_maps
 
     fastv = build("fastv", rate=rate, dim=compressor.dim)
-    maps = meval.token_maps(
+    maps = token_maps(
         model,
         processor,
         dataset,
         {compressor.name: compressor, "fastv": fastv},
         indices=range(min(3, len(dataset))),
     )
-    path = common.cell_file("tokens", arch, rate, ".png")
+    path = cells.cell_file("tokens", arch, rate, ".png")
     with staged_file(path, suffix=".png") as tmp:  # no half-written figure at the declared out
         plots.token_maps_figure(maps, tmp, left=compressor.name)
     return path

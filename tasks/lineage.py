@@ -1,33 +1,21 @@
 """Lineage of the pipeline's outputs: git commit, DVC hashes, content hashes, file locks.
 
 What a run or a registered version records about where it came from, and the cross-process
-lock that serialises writers of one shared output. No MLflow here (``tasks/tracking.py``).
+lock that serialises writers of one shared output (``mc_registry.locks.file_lock``, which the
+registry's writers take too). No MLflow here (``tasks/tracking.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
+from mc_registry.locks import file_lock
+
 __all__ = ["checkpoint_hash", "dvc_hashes", "file_lock", "git_sha"]
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if needed); works across processes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def git_sha(root: str | Path | None = None) -> str:

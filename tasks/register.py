@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 
-from tasks import common, lineage, tracking
+import mc_registry
+from tasks import cells, common, lineage, tracking
 
 PARAMS = ("register", "train", "tracking")
 
@@ -131,7 +132,7 @@ def _decide(
     # (a retrained teacher, another checkpoint) was scored on a different model.
     # One alias lookup (the version comes with its tags) decides both: same base model,
     # same checkpoint.
-    found = tracking.champion(name)
+    found = mc_registry.champion(name)
     held, tags = (found[:2], found[2]) if found is not None else (None, {})
     same = held if held is not None and tags.get("base_sha256") == base_sha else None
     was_val = tags.get(f"dvc.{common.DATA_VAL}")
@@ -158,10 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     """Register (or find) the cell's version and move the champion alias if the gate allows."""
     p = common.load_params(PARAMS, who="tasks.register")
     arch, rate = common.cell_args(__doc__.splitlines()[0], argv)
-    rate_s = common.format_rate(rate)
+    rate_s = cells.format_rate(rate)
     method = p.train.method
-    ckpt_dir = common.compressor_dir(arch, rate)
-    eval_file = common.cell_file("eval", arch, rate)
+    ckpt_dir = cells.compressor_dir(arch, rate)
+    eval_file = cells.cell_file("eval", arch, rate)
     metrics = json.loads(eval_file.read_text())
     metric = p.register.champion_metric
     try:
@@ -172,12 +173,12 @@ def main(argv: list[str] | None = None) -> None:
             f"by (register.champion_metric={metric!r})"
         ) from None
     name = p.register.model_name(arch, rate, method)
-    base_sha = lineage.checkpoint_hash(common.base_dir(arch))
+    base_sha = lineage.checkpoint_hash(cells.base_dir(arch))
     ckpt = lineage.checkpoint_hash(ckpt_dir)
     # The inputs' DVC hashes: lineage tags, and data/val's scopes which recorded score counts.
     hashes = lineage.dvc_hashes(
         [
-            str(common.base_dir(arch)),
+            str(cells.base_dir(arch)),
             str(common.DATA_TRAIN),
             str(common.DATA_VAL),
             str(common.DATA_TEST),
@@ -210,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         promote=promote,
     )
     out = common.write_json(
-        common.cell_file("registry", arch, rate),
-        {**reg.to_dict(), "uri": f"models:/{reg.name}@champion", "gate": decision},
+        cells.cell_file("registry", arch, rate),
+        {**reg.to_dict(), "uri": mc_registry.model_uri(reg.name), "gate": decision},
     )
     verb = "registered" if reg.created else "already registered"
     print(

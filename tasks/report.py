@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from tasks import common, params
+from tasks.cells import cell_file, cell_key, format_rate
 
 PARAMS = ("grid", "report")
 SUMMARY_MD = Path("reports/summary.md")
@@ -30,13 +31,13 @@ def collect(grid: params.GridParams) -> list[dict]:
     """One record per cell: its eval metrics and registry entry (error names a missing file)."""
     cells = []
     for arch, rate in grid.cells():
-        ev = common.cell_file("eval", arch, rate)
+        ev = cell_file("eval", arch, rate)
         if not ev.is_file():
             raise ValueError(
-                f"{ev}: missing evaluation of cell {params.cell_key(arch, rate)} "
-                f"(run `dvc repro evaluate@{params.cell_key(arch, rate)}`)"
+                f"{ev}: missing evaluation of cell {cell_key(arch, rate)} "
+                f"(run `dvc repro evaluate@{cell_key(arch, rate)}`)"
             )
-        reg = common.cell_file("registry", arch, rate)
+        reg = cell_file("registry", arch, rate)
         cells.append(
             {
                 "arch": arch,
@@ -145,7 +146,7 @@ def table(cells: list[dict], methods: list[str]) -> str:
             _row(
                 [
                     c["arch"],
-                    params.format_rate(c["rate"]),
+                    format_rate(c["rate"]),
                     str(n),
                     *accs,
                     turns,
@@ -219,7 +220,7 @@ def checks_table(cells: list[dict]) -> str:
         paired = "-"
         if pd is not None:
             paired = f"{pd['diff']:+.3f} [{pd['ci'][0]:+.3f}, {pd['ci'][1]:+.3f}]"
-        rate = params.format_rate(c["rate"])
+        rate = format_rate(c["rate"])
         lines.append(_row([c["arch"], rate, ret, every, best, ci, paired, drop]))
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
@@ -263,7 +264,7 @@ def ceilings_table(cells: list[dict]) -> str:
             _row(
                 [
                     c["arch"],
-                    params.format_rate(c["rate"]),
+                    format_rate(c["rate"]),
                     _acc(trained),
                     sel_s,
                     orc_s,
@@ -304,7 +305,7 @@ def types_table(cells: list[dict]) -> str:
                 else f"{by[t]['acc']:.3f}" + (f" (n={by[t]['n']})" if name == "none" else "")
                 for t in types
             ]
-            rate = params.format_rate(c["rate"])
+            rate = format_rate(c["rate"])
             lines.append(_row([c["arch"], rate, name, *vals]))
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
@@ -337,7 +338,7 @@ def plots(cells: list[dict], methods: list[str], dpi: int, out: Path) -> list[Pa
         written.append(
             mplots.accuracy_per_turn(
                 c["eval"],
-                out / f"turns-{params.cell_key(c['arch'], c['rate'])}.png",
+                out / f"turns-{cell_key(c['arch'], c['rate'])}.png",
                 methods=present,
                 dpi=dpi,
             )
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     common.write_text(SUMMARY_MD, md)
     summary = {
-        params.cell_key(c["arch"], c["rate"]): {
+        cell_key(c["arch"], c["rate"]): {
             **{
                 m: {k: v[k] for k in ("acc_avg", "acc_avg_ci", "kl_to_full") if k in v}
                 for m, v in c["eval"]["methods"].items()
@@ -428,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     common.write_json("reports/summary.json", summary)
     rows = [
         {
-            "cell": params.cell_key(c["arch"], c["rate"]),
+            "cell": cell_key(c["arch"], c["rate"]),
             "method": m,
             "acc_avg": c["eval"]["methods"][m]["acc_avg"],
         }

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tasks import common
+from tasks import cells, common
 
 PARAMS = ("evaluate", "train")
 
@@ -64,7 +64,7 @@ def _layer_sweep(model, processor, dataset, rate: float, layers: list[int], kw: 
     from mc_core.compressors import build
     from mc_core.evaluation import probe
     from mc_core.evaluation import runner as meval
-    from mc_core.inference.conversation import token_dim
+    from mc_core.runtime import token_dim
 
     n_layers = int(model.config.get_text_config().num_hidden_layers)
     read = {k: min(k, n_layers - 1) for k in layers}  # K beyond the LLM reads its last layer
@@ -72,7 +72,7 @@ def _layer_sweep(model, processor, dataset, rate: float, layers: list[int], kw: 
     for k in layers:
         comp = build("fastv", rate=rate, dim=token_dim(model))
         comp.layer = (
-            k  # read by mc_core.inference.conversation.compress_inputs (capped at the last layer)
+            k  # read by mc_core.inference.compress.compress_inputs (capped at the last layer)
         )
         fastv[f"K{k}"] = comp
     res = meval.evaluate(model, processor, dataset, list(fastv), rate, compressors=fastv, **kw)
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run both sweeps on the cell and write the report."""
     ns, layers, modes = _args(argv)
     p = common.load_params(PARAMS, who="tasks.sensitivity")
+    common.check_cell(ns.arch, ns.rate)
 
     from mc_core.compressors import checkpoint
     from mc_core.data import schema
@@ -109,8 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     from mc_core.models import zoo
     from mc_core.models.families import adapter_for
 
-    model, processor = zoo.load(common.base_dir(ns.arch))
-    family = zoo.info(common.base_dir(ns.arch)).get("family")
+    model, processor = zoo.load(cells.base_dir(ns.arch))
+    family = zoo.info(cells.base_dir(ns.arch)).get("family")
     dataset = schema.load(common.DATA_TEST)
     ev = p.evaluate
     kw = {
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         "default_positions": adapter_for(model).positions,
     }
     trained = {}
-    ckpt = common.compressor_dir(ns.arch, ns.rate)
+    ckpt = cells.compressor_dir(ns.arch, ns.rate)
     if ckpt.is_dir():
         trained[p.train.method] = checkpoint.load_compressor(ckpt, expect={"family": family})
     for mode in modes:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             **kw,
         )
         out["positions"][mode] = res["methods"]
-    path = ns.out or common.cell_file("sensitivity", ns.arch, ns.rate)
+    path = ns.out or cells.cell_file("sensitivity", ns.arch, ns.rate)
     common.write_json(path, out)
     png = plots.fastv_layers(out, Path(path).with_suffix(".png"))
     print(f"sensitivity: wrote {path} and {png}", flush=True)

@@ -1,32 +1,25 @@
-"""MLflow access for the pipeline: the only module of the project that imports mlflow.
+"""MLflow's write side for the pipeline: experiments, runs, logging, registering versions.
 
-Lineage (git sha, DVC hashes, checkpoint content hashes, file locks) is ``tasks/lineage.py``.
+The read side (tracking URI, client and schema, ``models:/`` URIs, registered names, the
+champion, downloading and loading a version) is ``mc_registry``, which the front-ends share.
+Lineage (git sha, DVC hashes, checkpoint content hashes) is ``tasks/lineage.py``.
 
-Tracking URI: ``MLFLOW_TRACKING_URI`` when set (a shared server), else
-``sqlite:///<root>/mlflow.db`` where ``<root>`` is the working directory (DVC runs every stage
-from the checkout). With a SQLite store, artifacts go to ``<db folder>/mlartifacts/<experiment>``
-(MLflow would otherwise write ``./mlruns`` wherever the process happens to run).
+With a SQLite store (``mc_registry.store``), artifacts go to
+``<db folder>/mlartifacts/<experiment>`` (MLflow would otherwise write ``./mlruns`` wherever
+the process happens to run).
 
 What is recorded:
 - one run per training cell (arch, rate), found again by its tags by the evaluate and register
   stages: params, per-step curves, metrics, plots, tags ``arch``, ``rate``, ``git_sha``,
   ``dvc.<out>`` (the DVC hash of each input the stage used), ``ckpt_sha256``;
 - one registered model per cell (``register.name_template``, e.g.
-  ``metacompress-<arch>-r<rate>``); a new version only when the
+  ``metacompress-<arch>-r<rate>``: ``mc_registry.model_name``); a new version only when the
   checkpoint's content hash is new; alias ``champion`` on the best version by evaluation.
-
-Loading needs no unpickling: a version's source is the plain checkpoint folder
-(``compressor.safetensors`` + ``compressor.json``), downloaded and read by
-``mc_core.compressors.checkpoint.load_compressor``; see :func:`load_compressor`.
-
-The SQLite schema is created once, under a file lock, by :func:`migrate` (the flow calls it
-before fanning cells out: concurrent first connections race in MLflow's migrations).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -34,70 +27,34 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.lineage import checkpoint_hash, dvc_hashes, file_lock, git_sha
+from mc_registry import (
+    CHAMPION,
+    client,
+    current_champion,
+    file_lock,
+    lock_dir,
+    score_of,
+    sqlite_path,
+    tracking_uri,
+)
+from tasks import cells
+from tasks.lineage import checkpoint_hash, dvc_hashes, git_sha
 
-ENV_URI = "MLFLOW_TRACKING_URI"
-CHAMPION = "champion"
-_MIGRATED: set[str] = set()
-
-
-def tracking_uri(root: str | Path | None = None) -> str:
-    """The tracking URI: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<root>/mlflow.db``."""
-    env = os.environ.get(ENV_URI)
-    if env:
-        return env
-    root = Path(root or Path.cwd()).resolve()
-    return f"sqlite:///{root / 'mlflow.db'}"
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-
-
-def _lock_dir(uri: str) -> Path:
-    # Inside mlartifacts/ (local MLflow state, git-ignored), beside the SQLite database.
-    db = _sqlite_path(uri)
-    base = db.parent if db is not None else Path.cwd()
-    return base / "mlartifacts" / ".locks"
-
-
-def client(uri: str | None = None):
-    """An ``MlflowClient`` on ``uri`` (default :func:`tracking_uri`), schema migrated first."""
-    from mlflow import MlflowClient
-
-    uri = uri or tracking_uri()
-    migrate(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def migrate(uri: str | None = None) -> str:
-    """Create or upgrade the store's schema once, under a file lock; returns the URI."""
-    uri = uri or tracking_uri()
-    if uri in _MIGRATED:
-        return uri
-    from mlflow import MlflowClient
-
-    db = _sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    from mlflow.exceptions import MlflowException
-
-    with file_lock(_lock_dir(uri) / "migrate.lock"):
-        # The first store access runs MLflow's migrations; the lock serialises processes.
-        try:
-            MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
-        except MlflowException as err:
-            if db is not None:
-                raise
-            # A server that is down: MLflow has already retried (MLFLOW_HTTP_REQUEST_MAX_RETRIES
-            # times, backoff MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR); nothing was written.
-            raise ConnectionError(
-                f"MLflow tracking server {uri} ({ENV_URI}) is unreachable: {err.message}."
-                " Nothing was logged or registered; start the server (make serve) or point "
-                f"{ENV_URI} at a reachable store, then rerun the stage."
-            ) from None
-    _MIGRATED.add(uri)
-    return uri
+__all__ = [
+    "Registration",
+    "StepLogger",
+    "cell_run_for",
+    "end_run",
+    "experiment_id",
+    "find_cell_run",
+    "log_artifacts",
+    "log_metrics",
+    "log_params",
+    "register_checkpoint",
+    "set_champion",
+    "set_tags",
+    "start_cell_run",
+]
 
 
 def experiment_id(name: str, uri: str | None = None) -> str:
@@ -107,9 +64,9 @@ def experiment_id(name: str, uri: str | None = None) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     location = (db.parent / "mlartifacts" / name).as_uri() if db is not None else None
-    with file_lock(_lock_dir(uri) / "experiments.lock"):
+    with file_lock(lock_dir(uri) / "experiments.lock"):
         exp = c.get_experiment_by_name(name)
         return exp.experiment_id if exp else c.create_experiment(name, artifact_location=location)
 
@@ -168,10 +125,10 @@ def start_cell_run(
         "rate": rate,
         "kind": "train",
         "git_sha": git_sha(),
-        **dvc_hashes(["data/train", "data/test", f"models/base/{arch}"]),
+        **dvc_hashes(["data/train", "data/test", str(cells.base_dir(arch))]),
         **(tags or {}),
     }
-    run = c.create_run(exp_id, run_name=f"train-{arch}-r{rate}", tags=all_tags)
+    run = c.create_run(exp_id, run_name=cells.run_name(arch, rate), tags=all_tags)
     log_params(run.info.run_id, params, uri=uri)
     return run.info.run_id
 
@@ -299,58 +256,17 @@ class Registration:
         return asdict(self)
 
 
-def _score_of(version: Any) -> float | None:
-    try:
-        return float(version.tags["score"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def set_champion(name: str, *, higher_is_better: bool = True, uri: str | None = None) -> str:
     """Point alias ``champion`` at the best-scored version (ties: the newest); returns it."""
     c = client(uri)
     versions = c.search_model_versions(f"name = '{name}'")
-    scored = [(s, int(v.version)) for v in versions if (s := _score_of(v)) is not None]
+    scored = [(s, int(v.version)) for v in versions if (s := score_of(v)) is not None]
     if not scored:
         raise ValueError(f"registered model {name!r} has no version with a 'score' tag")
     sign = 1.0 if higher_is_better else -1.0
     best = max(scored, key=lambda sv: (sign * sv[0], sv[1]))[1]
     c.set_registered_model_alias(name, CHAMPION, str(best))
     return str(best)
-
-
-def champion(
-    name: str, *, uri: str | None = None, base_sha256: str | None = None
-) -> tuple[str, float | None, dict] | None:
-    """``(version, score tag, tags)`` of the version holding alias ``champion``; None without
-    one. One registry read: the alias lookup returns the version with its tags.
-
-    With ``base_sha256``, a champion trained against another base model (its ``base_sha256``
-    tag differs or is missing) counts as none: its scores were measured on other weights."""
-    from mlflow.exceptions import MlflowException
-
-    c = client(uri)
-    try:
-        mv = c.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:  # no such model or no alias yet
-        return None
-    tags = dict(mv.tags or {})
-    if base_sha256 is not None and tags.get("base_sha256") != base_sha256:
-        return None
-    return str(mv.version), _score_of(mv), tags
-
-
-def current_champion(
-    name: str, *, uri: str | None = None, base_sha256: str | None = None
-) -> tuple[str, float | None] | None:
-    """``(version, score tag)`` of `champion` (same arguments), without the tags."""
-    found = champion(name, uri=uri, base_sha256=base_sha256)
-    return None if found is None else found[:2]
-
-
-def version_tags(name: str, version: str, *, uri: str | None = None) -> dict[str, str]:
-    """The tags of one registered version (its ``score``, ``ckpt_sha256``, gate...)."""
-    return dict(client(uri).get_model_version(name, str(version)).tags)
 
 
 def register_checkpoint(
@@ -381,7 +297,7 @@ def register_checkpoint(
     ckpt = checkpoint_hash(ckpt_dir)
     from mlflow.exceptions import MlflowException
 
-    with file_lock(_lock_dir(uri) / f"register-{name}.lock"):
+    with file_lock(lock_dir(uri) / f"register-{name}.lock"):
         try:
             c.create_registered_model(name, tags={"project": "metacompress"})
         except MlflowException as err:
@@ -427,39 +343,3 @@ def register_checkpoint(
         score=float(score),
         metric=metric,
     )
-
-
-def resolve(model_uri: str, *, uri: str | None = None) -> tuple[str, str]:
-    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> (name, version)."""
-    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
-    if not m:
-        raise ValueError(f"{model_uri!r}: expected models:/<name>@<alias> or models:/<name>/<n>")
-    name, alias, version = m.groups()
-    if alias:
-        version = client(uri).get_model_version_by_alias(name, alias).version
-    return name, str(version)
-
-
-def download(model_uri: str, dst: str | Path | None = None, *, uri: str | None = None) -> Path:
-    """Download a registered checkpoint folder (``models:/<name>@champion`` or ``/<version>``)."""
-    import mlflow.artifacts
-
-    uri = uri or tracking_uri()
-    name, version = resolve(model_uri, uri=uri)
-    # Resolved here rather than through mlflow's models:/ repository, which reads the global
-    # registry URI instead of the one we were given.
-    source = client(uri).get_model_version_download_uri(name, version)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=source, dst_path=str(dst) if dst else None, tracking_uri=uri
-    )
-    return Path(local)
-
-
-def load_compressor(model_uri: str, *, expect: dict | None = None, uri: str | None = None):
-    """One call from the registry to a ``Compressor``: download, then read safetensors + JSON.
-
-    Example: ``load_compressor("models:/metacompress-tiny-llava-r0.9@champion")``.
-    """
-    from mc_core.compressors.checkpoint import load_compressor as _load
-
-    return _load(download(model_uri, uri=uri), expect=expect)

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from tasks import common, lineage, tracking
+from tasks import cells, common, lineage, tracking
 
 PARAMS = ("train", "tracking")
 CURVE_FIELDS = ("step", "loss", "kl", "entropy", "collapse", "grad_norm", "epoch", "samples_per_s")
@@ -46,29 +46,11 @@ def _key(*parts: object) -> str:
 
 def _input_hashes(arch: str) -> dict[str, str]:
     """DVC hashes of the stage's data inputs (from dvc.lock), else content hashes."""
-    paths = [str(common.base_dir(arch)), str(common.DATA_TRAIN)]
+    paths = [str(cells.base_dir(arch)), str(common.DATA_TRAIN)]
     found = lineage.dvc_hashes(paths)
     for p in paths:
         found.setdefault(f"dvc.{p}", "sha256:" + lineage.checkpoint_hash(p)[:32])
     return found
-
-
-# What shapes the targets besides the inputs: a change here must not reuse old targets (DVC
-# reruns the stage on a code change, but the cache outlives the stage).
-_TARGET_CODE = ("train.py", "dialogue.py", "processing.py", "embeds.py", "adapters", "families")
-
-
-def _target_code_hash() -> str:
-    import mc_core
-
-    root = Path(mc_core.__file__).resolve().parent
-    h = hashlib.sha256()
-    for name in _TARGET_CODE:
-        p = root / name
-        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
-            if f.is_file():
-                h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def _input_stamps(arch: str) -> str:
@@ -78,7 +60,7 @@ def _input_stamps(arch: str) -> str:
 
     files = sorted(
         f
-        for p in (common.base_dir(arch), common.DATA_TRAIN)
+        for p in (cells.base_dir(arch), common.DATA_TRAIN)
         for f in Path(p).rglob("*")
         if f.is_file()
     )
@@ -90,19 +72,20 @@ def target_provenance(*, arch: str, needs, inputs: dict, cfg) -> dict:
     import torch
     import transformers
 
-    from mc_core.training import loop as mtrain
+    from mc_core import runtime
+    from mc_core.training import targets
 
     return {
         "arch": arch,
         "inputs": inputs,
         "files": _input_stamps(arch),
         "needs": sorted(needs),
-        "device": mtrain.resolve_device(cfg.device).type,
-        "dtype": str(mtrain.resolve_dtype(cfg.dtype, mtrain.resolve_device(cfg.device))),
+        "device": runtime.resolve_device(cfg.device).type,
+        "dtype": str(runtime.resolve_dtype(cfg.dtype, runtime.resolve_device(cfg.device))),
         "target_batch": cfg.target_batch,
         "target_topk": cfg.target_topk,
         "targets": cfg.targets,
-        "code": _target_code_hash(),
+        "code": targets.TARGETS_VERSION,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
 
@@ -113,17 +96,17 @@ def target_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, c
     A cache whose recorded provenance differs from this run's (copied from elsewhere, built by
     older code) is reported and rebuilt, never used.
     """
-    from mc_core.training import loop as mtrain
+    from mc_core.training import targets
 
     if not cfg.cache_targets:
         return None
     info = target_provenance(arch=arch, needs=needs, inputs=inputs, cfg=cfg)
     path = Path("cache/targets") / f"{arch}-{_key(info)}"
     with lineage.file_lock(path.parent / f"{path.name}.lock"):  # names may contain dots
-        have = mtrain.target_cache_info(path)
+        have = targets.target_cache_info(path)
         if have == info:
             print(f"train: target cache {path} (shared across rates)", flush=True)
-            return mtrain.load_target_cache(path, topk=cfg.target_topk)
+            return targets.load_target_cache(path, topk=cfg.target_topk)
         if have is not None:
             diff = sorted(k for k in set(info) | set(have) if have.get(k) != info.get(k))
             print(
@@ -131,7 +114,7 @@ def target_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, c
                 "rebuilding it",
                 flush=True,
             )
-        cache = mtrain.build_target_cache(
+        cache = targets.build_target_cache(
             model,
             processor,
             dataset,
@@ -143,7 +126,7 @@ def target_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, c
             dtype=cfg.dtype,
             targets=cfg.targets,
         )
-        mtrain.save_target_cache(cache, path, info=info)
+        targets.save_target_cache(cache, path, info=info)
         return cache
 
 
@@ -183,11 +166,11 @@ def _train_extra_seeds(
     from mc_core.training import loop as mtrain
 
     inputs = meta["inputs"]
-    folder = common.staged_dir(common.seeds_dir(arch, rate)) if lead else contextlib.nullcontext()
+    folder = common.staged_dir(cells.seeds_dir(arch, rate)) if lead else contextlib.nullcontext()
     with folder as extra:
         for k in range(1, seeds):
             cfg_k = cfg.model_copy(update={"seed": cfg.seed + k})
-            state_k = common.state_dir(arch, rate) / _key(
+            state_k = cells.state_dir(arch, rate) / _key(
                 cfg_k.fingerprint(), rate, inputs, len(dataset)
             )
             comp_k = mtrain.train(
@@ -221,10 +204,10 @@ def _relaunch(cfg, argv: list[str] | None) -> bool:
 
 def _memory_estimate(cfg, model, cache, rate: float, run_id: str) -> None:
     """Print (and log) the estimated peak device memory of a step, before the first one."""
+    from mc_core import runtime
     from mc_core.compressors import build
-    from mc_core.inference.conversation import token_dim
+    from mc_core.runtime import token_dim
     from mc_core.training import distributed, memory
-    from mc_core.training import loop as mtrain
 
     if cache is None:
         return
@@ -237,13 +220,13 @@ def _memory_estimate(cfg, model, cache, rate: float, run_id: str) -> None:
     except (AttributeError, TypeError) as err:  # a diagnostic must not stop training
         print(f"train: no memory estimate ({type(err).__name__}: {err})", flush=True)
         return
-    device = mtrain.resolve_device(cfg.device)
+    device = runtime.resolve_device(cfg.device)
     est = memory.estimate(
         model,
         batch_size=math.ceil(cfg.batch_size / distributed.world()[1]),
         seq_len=seq,
         answer_tokens=answers,
-        dtype=mtrain.resolve_dtype(cfg.dtype, device),
+        dtype=runtime.resolve_dtype(cfg.dtype, device),
         generator_params=sum(p.numel() for p in comp.parameters()),
         visual_tokens=(n, comp.kept(n)),
         target_topk=cfg.target_topk,
@@ -267,10 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     if _relaunch(cfg, argv):
         return
 
+    from mc_core import runtime
     from mc_core.training import distributed
-    from mc_core.training import loop as mtrain
 
-    distributed.init(cfg.distributed.backend, mtrain.resolve_device(cfg.device))
+    distributed.init(cfg.distributed.backend, runtime.resolve_device(cfg.device))
     try:
         _train_cell(p, cfg, arch, rate)
     finally:
@@ -297,14 +280,14 @@ def _train_cell(p, cfg, arch: str, rate: float) -> None:
     from mc_core.training import distributed
     from mc_core.training import loop as mtrain
 
-    rate_s = common.format_rate(rate)
-    model, processor = zoo.load(common.base_dir(arch))
-    family = zoo.info(common.base_dir(arch)).get("family")
+    rate_s = cells.format_rate(rate)
+    model, processor = zoo.load(cells.base_dir(arch))
+    family = zoo.info(cells.base_dir(arch)).get("family")
     dataset = schema.load(common.DATA_TRAIN)
     inputs = _input_hashes(arch)
     needs = get_class(cfg.method).needs
     if distributed.world()[0] != 0:
-        state = common.state_dir(arch, rate) / _key(cfg.fingerprint(), rate, inputs, len(dataset))
+        state = cells.state_dir(arch, rate) / _key(cfg.fingerprint(), rate, inputs, len(dataset))
         _follow(p, cfg, arch, rate, model, processor, dataset, state, needs, inputs)
         return
 
@@ -315,7 +298,7 @@ def _train_cell(p, cfg, arch: str, rate: float) -> None:
         params={"arch": arch, "rate": rate, **common.flat("train", cfg.model_dump())},
         tags={"family": str(family), "method": cfg.method},
     )
-    state = common.state_dir(arch, rate) / _key(cfg.fingerprint(), rate, inputs, len(dataset))
+    state = cells.state_dir(arch, rate) / _key(cfg.fingerprint(), rate, inputs, len(dataset))
     rows = _resumed_rows(state)  # an interrupted run's curve up to its last checkpoint
     steps = tracking.StepLogger(run_id, prefix="train/")
     for row in rows:
@@ -344,7 +327,7 @@ def _train_cell(p, cfg, arch: str, rate: float) -> None:
             cache=cache,
         )
         steps.flush()
-        out = common.compressor_dir(arch, rate)
+        out = cells.compressor_dir(arch, rate)
         # Deterministic meta only: the registry identifies checkpoints by content hash.
         meta = {
             "arch": arch,
@@ -368,8 +351,8 @@ def _train_cell(p, cfg, arch: str, rate: float) -> None:
             "train_s": round(time.perf_counter() - t0, 2),
             **{k: final[k] for k in ("loss", "kl", "entropy", "collapse") if k in final},
         }
-        common.write_json(common.cell_file("train", arch, rate), report)
-        curve = common.write_csv(common.cell_file("curves", arch, rate, ".csv"), rows, CURVE_FIELDS)
+        common.write_json(cells.cell_file("train", arch, rate), report)
+        curve = common.write_csv(cells.cell_file("curves", arch, rate, ".csv"), rows, CURVE_FIELDS)
         tracking.log_metrics(
             run_id, {f"final/{k}": v for k, v in report.items() if k not in ("arch", "rate")}
         )

@@ -12,7 +12,8 @@ from transformers import DynamicCache
 
 from mc_core.models import families
 from mc_core.models.adapters import POSITIONS
-from mc_core.models.adapters.base import prompt_attention, rewrite_placeholders
+from mc_core.models.adapters.placeholders import rewrite_placeholders
+from mc_core.models.adapters.prompt_attention import prompt_attention, prompt_embeddings
 from mc_core.models.adapters.qwen2_vl import Qwen2VLAdapter, factor_grid
 from mc_core.models.families import adapter_for, available
 
@@ -562,6 +563,8 @@ def test_every_registered_compressor_runs_through_the_adapter(tiny, family):
     ctx = adapter.contexts(inputs, frozenset({"cls_attention", "keys"}))
     for c, s in zip(ctx, prompt_attention(model, adapter, inputs, layer=1), strict=True):
         c.prompt_attention = s
+    for c, e in zip(ctx, prompt_embeddings(model, adapter, inputs), strict=True):
+        c.prompt_embeddings = e
     for name in compressors.available():
         method = compressors.build(name, rate=0.5, dim=adapter.dim)
         y, P = method(x, ctx)

@@ -9,8 +9,10 @@ import torch
 from conftest import TINY, make_image
 
 from mc_core.compressors import build
-from mc_core.inference.conversation import BatchConversation, Conversation, token_dim
+from mc_core.inference.conversation import Conversation
+from mc_core.inference.engine import BatchConversation
 from mc_core.models.families import adapter_for
+from mc_core.runtime import token_dim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,6 +14,7 @@ from conftest import build_llava, make_image
 from mc_core.compressors.ops import pool_matrix, validate
 from mc_core.data import synthetic
 from mc_core.data.schema import FEATURES, OPTIONAL_FEATURES
+from mc_core.evaluation.ceiling_report import evaluate_ceilings
 from mc_core.evaluation.ceilings import (
     PlanCompressor,
     cls_overlap,
@@ -21,9 +22,9 @@ from mc_core.evaluation.ceilings import (
     oracle_matrix,
     selector_matrix,
 )
-from mc_core.evaluation.runner import _teacher_logits, evaluate_ceilings
+from mc_core.evaluation.runner import teacher_logits as _teacher_logits
 from mc_core.inference.dialogue import encode_dialogue, to_device
-from mc_core.models.adapters.base import grid_positions
+from mc_core.models.adapters.positions import grid_positions
 from mc_core.models.families import adapter_for
 from mc_core.training.losses import answer_kl
 

@@ -14,8 +14,9 @@ from conftest import TINY, make_image
 
 from mc_cli.main import build_parser, main
 from mc_core.compressors import build
-from mc_core.inference.conversation import Conversation, token_dim
+from mc_core.inference.conversation import Conversation
 from mc_core.models import zoo
+from mc_core.runtime import token_dim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,9 +19,9 @@ GRIDS = {576: (24, 24), 1000: (25, 40)}
 
 
 def synthetic_context(
-    n: int, seed: int = 0, *, grid: tuple[int, int] | None = None
+    n: int, seed: int = 0, *, grid: tuple[int, int] | None = None, d: int = DIM
 ) -> TokenContext:
-    """Every field an adapter could fill, random but well-formed."""
+    """Every field an adapter could fill, random but well-formed (prompt embeddings of width d)."""
     g = torch.Generator().manual_seed(seed)
     if grid is not None:
         h, w = grid
@@ -37,6 +37,7 @@ def synthetic_context(
         cls_attention=torch.softmax(3 * torch.randn(n, generator=g), 0),
         keys=torch.randn(n, 8, generator=g),
         prompt_attention=torch.rand(n, generator=g),
+        prompt_embeddings=torch.randn(5, d, generator=g),
     )
 
 
@@ -54,21 +55,25 @@ def test_registry_lists_the_contract_methods():
     # none first, the learned method last (the order reports and error messages list them in).
     assert METHODS == [
         "none",
+        "cdpruner",
         "divprune",
         "fastv",
+        "holov",
         "pool",
         "prumerge",
+        "prunesid",
         "random",
         "sample",
         "tome",
         "visionzip",
+        "vispruner",
         "metacompress",
     ]
     for name in METHODS:
         cls = get_class(name)
         assert cls.name == name and cls.__doc__ and "\n" not in cls.__doc__.strip()
-        assert cls.needs <= {"cls_attention", "keys", "prompt_attention"}
-        assert cls.prompt_dependent == (name == "fastv")
+        assert cls.needs <= {"cls_attention", "keys", "prompt_attention", "prompt_embeddings"}
+        assert cls.prompt_dependent == (name in {"fastv", "cdpruner"})
         assert cls.trainable == (name == "metacompress")
 
 

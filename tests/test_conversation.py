@@ -7,16 +7,13 @@ import torch
 from conftest import FAMILIES, make_image
 
 from mc_core.compressors import build
-from mc_core.inference.conversation import (
-    BatchConversation,
-    Conversation,
-    compress_inputs,
-    reset_state,
-    token_dim,
-)
+from mc_core.inference.compress import compress_inputs
+from mc_core.inference.conversation import Conversation
 from mc_core.inference.dialogue import render
+from mc_core.inference.engine import BatchConversation
 from mc_core.models.adapters import POSITIONS
 from mc_core.models.families import adapter_for
+from mc_core.runtime import token_dim
 
 # One torch thread for this module (tests/conftest.py: one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +30,7 @@ def _scratch_logits(model, processor, adapter, conv, k, images, compressor):
     """Next-token logits after turn k's prompt, from one forward over the whole rendering."""
     text = render(processor, conv.questions[: k + 1], conv.answers[:k], n_images=len(images))
     inputs = dict(processor(text=[text], images=images, return_tensors="pt"))
-    reset_state(adapter)
+    adapter.reset_state()
     if compressor is None:
         full = inputs
     elif compressor.prompt_dependent:
@@ -89,7 +86,7 @@ def test_gold_history_changes_what_later_turns_see(tiny):
     conv.ask(QUESTIONS[1])
     assert conv.answers[0] == "red"
     text = render(processor, conv.questions, ["red"])
-    assert text.startswith(conv._text) or conv._text == text
+    assert text.startswith(conv.text) or conv.text == text
     with pytest.raises(ValueError, match="only the last answered turn"):
         conv.set_answer(0, "blue")
 

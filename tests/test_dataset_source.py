@@ -405,7 +405,7 @@ def test_gqa_builder_stores_grey_and_cmyk_images_as_rgb(tmp_path):
 
 
 def test_evaluate_converts_images_with_the_same_rule():
-    from mc_core.evaluation.runner import _images
+    from mc_core.evaluation.runner import row_images as _images
 
     (out,) = _images({"image": Image.new("RGBA", (2, 2), (0, 0, 0, 0))})
     assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255)

@@ -20,9 +20,11 @@ from safetensors.torch import load_file, save_file
 from test_train import tiny_dataset
 
 from mc_core.compressors import build
+from mc_core.runtime import prepare_model
 from mc_core.training import distributed
 from mc_core.training.config import TrainConfig
-from mc_core.training.loop import _Run, build_target_cache, prepare_model, train
+from mc_core.training.loop import _Run, train
+from mc_core.training.targets import build_target_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,17 +13,15 @@ from conftest import build_llava, make_image
 
 from mc_core.compressors import build
 from mc_core.data.schema import FEATURES
-from mc_core.evaluation.runner import (
-    centre_mass,
-    evaluate,
+from mc_core.evaluation.runner import centre_mass, evaluate, write_report
+from mc_core.evaluation.scoring import (
     score_answer,
     score_by_type,
     score_dialogues,
     score_matrix,
     score_turns,
-    token_maps,
-    write_report,
 )
+from mc_core.evaluation.token_maps import token_maps
 from mc_core.inference.conversation import Conversation
 
 # One torch thread for this module (tests/conftest.py: one_thread).

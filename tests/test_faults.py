@@ -1,11 +1,11 @@
-"""The fault-injection suite (bench/faults), CI-sized: one trial of a representative subset.
+"""The fault-injection suite (reliability/), CI-sized: one trial of a representative subset.
 
-One reference workspace (a git + DVC project of the pipeline, shrunk: bench.faults.workspace)
+One reference workspace (a git + DVC project of the pipeline, shrunk: reliability.workspace)
 runs ``dvc repro`` once; each trial works on a copy of it. The subset covers every kind of
 fault: a kill -9 of the train stage after its first checkpoint (resume, identical outputs),
 a disk full while saving the checkpoint, the tracking server down at registration, wrong
 types in params.yaml, a truncated image among good ones, four registrations at once, the
-unpickling scan. The full suite and counts are ``python -m bench.faults``
+unpickling scan. The full suite and counts are ``python -m reliability``
 (reports/reliability.json).
 """
 
@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from bench.faults import core, load_all
+from reliability import core, load_all
 
 load_all()
 

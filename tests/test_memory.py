@@ -11,8 +11,10 @@ from test_train import tiny_dataset
 from mc_core.compressors import build
 from mc_core.models.families import adapter_for
 from mc_core.training import memory
-from mc_core.training.loop import _batch_target, build_target_cache, student_logits
+from mc_core.training.loop import student_logits
 from mc_core.training.losses import total_loss
+from mc_core.training.targets import batch_target as _batch_target
+from mc_core.training.targets import build_target_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,16 +21,14 @@ from transformers import AutoModelForImageTextToText
 
 from mc_core.compressors import build
 from mc_core.compressors.ops import kept_tokens
-from mc_core.inference.conversation import (
-    BatchConversation,
-    Conversation,
-    greedy_answers,
-    token_dim,
-)
+from mc_core.inference.conversation import Conversation
 from mc_core.inference.dialogue import default_instruction, encode_dialogue, render
+from mc_core.inference.engine import BatchConversation, greedy_answers
 from mc_core.models import families
 from mc_core.models.families import adapter_for
-from mc_core.training.loop import TEACHER_ANSWER_TOKENS, TrainConfig, build_target_cache, train
+from mc_core.runtime import token_dim
+from mc_core.training.loop import TrainConfig, train
+from mc_core.training.targets import TEACHER_ANSWER_TOKENS, build_target_cache
 
 GQA = Path(__file__).parent / "fixtures" / "gqa"
 
@@ -229,5 +227,5 @@ def test_batch_conversation_with_sample_matches_single_dialogues(family, snapsho
         assert [conv.ask(q) for q in r["questions"]] == [got[k][j] for k in range(3)]
         n = sum(batch.rows[j].visual_tokens)
         assert n == sum(conv.visual_tokens)
-        assert batch.rows[j].text == conv._text
+        assert batch.rows[j].text == conv.text
         assert batch.rows[j].text.count(SHORT_ANSWER) == 3

@@ -12,17 +12,14 @@ from conftest import build_llava, make_image
 from mc_core.compressors import build
 from mc_core.data.schema import FEATURES
 from mc_core.models.families import adapter_for
-from mc_core.training.loop import (
-    TrainConfig,
-    _order,
+from mc_core.training.loop import TrainConfig, _order, student_logits, train
+from mc_core.training.losses import TopKTarget, answer_kl
+from mc_core.training.targets import (
     build_target_cache,
     load_target_cache,
     save_target_cache,
-    student_logits,
     target_cache_info,
-    train,
 )
-from mc_core.training.losses import TopKTarget, answer_kl
 
 # One torch thread for this module (tests/conftest.py: one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

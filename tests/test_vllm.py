@@ -35,7 +35,8 @@ from transformers import (
 )
 
 from mc_core.compressors import build
-from mc_core.inference.conversation import Conversation, compress_inputs, reset_state
+from mc_core.inference.compress import compress_inputs
+from mc_core.inference.conversation import Conversation
 from mc_core.inference.dialogue import render
 from mc_core.inference.embeds import ImageEmbeds, load_embeds, save_embeds
 from mc_core.inference.serving import compress_image, engine_adapter, engine_grid, export_for_vllm
@@ -158,11 +159,11 @@ def train_compressor(model, processor, rate: float, images, *, steps: int = 6):
         inputs = dict(
             processor(text=[text], images=[images[step % len(images)]], return_tensors="pt")
         )
-        reset_state(adapter)
+        adapter.reset_state()
         with torch.no_grad():
             full = model(**inputs).logits[0, -1:]
         comp_inputs, _, _ = compress_inputs(model, adapter, comp, inputs)
-        reset_state(adapter)
+        adapter.reset_state()
         loss = answer_kl(full, model(**comp_inputs).logits[0, -1:])
         opt.zero_grad()
         loss.backward()

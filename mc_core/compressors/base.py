@@ -11,7 +11,10 @@ from torch import Tensor, nn
 
 from mc_core.compressors.ops import apply, check_rate, kept_tokens, selection_matrix
 
-CONTEXT_FIELDS = frozenset({"cls_attention", "keys", "prompt_attention"})
+CONTEXT_FIELDS = frozenset({"cls_attention", "keys", "prompt_attention", "prompt_embeddings"})
+# Fields that depend on the first turn's prompt, not on the image: an adapter's `contexts`
+# leaves them empty and `mc_core.inference.compress.compress_inputs` fills them.
+PROMPT_FIELDS = frozenset({"prompt_attention", "prompt_embeddings"})
 
 
 @dataclass
@@ -25,6 +28,8 @@ class TokenContext:
         keys: [n, k] vision-tower keys at the feature layer (merge similarity).
         prompt_attention: [n] attention each visual token receives from the first turn's
             prompt at LLM layer K (fastv).
+        prompt_embeddings: [t, d] the first turn's prompt (text) tokens embedded in the visual
+            tokens' space, the LLM's input embedding space (cdpruner); t may be 0.
     """
 
     positions: Tensor | None = None
@@ -32,6 +37,7 @@ class TokenContext:
     cls_attention: Tensor | None = None
     keys: Tensor | None = None
     prompt_attention: Tensor | None = None
+    prompt_embeddings: Tensor | None = None
 
     def check(self, n: int, *, where: str = "TokenContext") -> None:
         """Raise ValueError naming the field when a present field does not fit n tokens."""
@@ -49,6 +55,12 @@ class TokenContext:
                 )
         if self.keys is not None and (self.keys.dim() != 2 or self.keys.shape[0] != n):
             raise ValueError(f"{where}.keys has shape {tuple(self.keys.shape)}, expected ({n}, k)")
+        # Its width is the tokens' d, which only the compressor knows: it checks that part.
+        if self.prompt_embeddings is not None and self.prompt_embeddings.dim() != 2:
+            raise ValueError(
+                f"{where}.prompt_embeddings has shape {tuple(self.prompt_embeddings.shape)}, "
+                "expected (t, d)"
+            )
         if self.grid is not None:
             h, w = self.grid
             if h * w != n:

@@ -1,6 +1,6 @@
 """FastV: keep the tokens the first turn's prompt attends to most at LLM layer K.
 
-K (`mc_core.inference.conversation.compress_inputs`' `fastv_layer`, default 2) names the layer whose
+K (`mc_core.inference.compress.compress_inputs`' `fastv_layer`, default 2) names the layer whose
 attention ranks the tokens; as for every method here, the kept tokens replace the image at the
 LLM's input. FastV's own code keeps all tokens up to layer K - 1, ranks by that layer's
 attention and drops the rest from layer K on, so its K = 2 reads the attention our K = 1 reads.

@@ -310,7 +310,8 @@ def token_maps_figure(
     """Per image: `left`'s column mass of P over the image, beside `right`'s kept tokens.
 
     Args:
-        maps: output of `mc_core.evaluation.runner.token_maps` (needs `left` and `right` in `mass`).
+        maps: output of `mc_core.evaluation.token_maps.token_maps` (needs `left` and `right`
+            in `mass`).
         path: the PNG to write.
         left, right: method names of the two columns.
         dpi: resolution.

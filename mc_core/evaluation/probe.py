@@ -27,10 +27,10 @@ from mc_core.compressors import build
 from mc_core.data.images import as_rgb
 from mc_core.evaluation.ceilings import GT_COLUMN, object_tokens
 from mc_core.evaluation.stats import bootstrap_ci
-from mc_core.inference.conversation import model_device, reset_state, token_dim
 from mc_core.inference.dialogue import render, to_device
 from mc_core.models.adapters import prompt_attention
 from mc_core.models.families import adapter_for
+from mc_core.runtime import model_device, token_dim
 
 
 @torch.no_grad()
@@ -90,7 +90,7 @@ def question_overlap(
             processor(text=texts, images=images * len(texts), return_tensors="pt", padding=True)
         )
         inputs = to_device(inputs, device, dtype)
-        reset_state(adapter)
+        adapter.reset_state()
         tokens = adapter.visual_tokens(inputs)  # len(texts) * len(images), batch-major
         contexts = adapter.contexts(inputs)
         sizes = [t.shape[0] for t in tokens[: len(images)]]

@@ -33,11 +33,12 @@ from typing import Any
 
 import torch
 
-from mc_core.inference.conversation import compress_inputs, model_device
+from mc_core.inference.compress import compress_inputs
 from mc_core.inference.embeds import ImageEmbeds, save_embeds
 from mc_core.io import staged_dir
 from mc_core.models.adapters.qwen2_vl import factor_grid
 from mc_core.models.families import adapter_for
+from mc_core.runtime import model_device
 
 __all__ = [
     "compress_image",

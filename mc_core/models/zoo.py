@@ -168,7 +168,7 @@ def load(
         path_dir: the base model's folder (``models/base/<arch>``).
         attn_implementation: "sdpa" or "eager".
         dtype: the weights' dtype. None: as saved for a tiny model; for a real one bfloat16
-            where CUDA is available (what ``mc_core.training.loop.prepare_model`` casts to there,
+            where CUDA is available (what ``mc_core.runtime.prepare_model`` casts to there,
             so a
             7B model is never materialised in float32 first), float32 otherwise.
 

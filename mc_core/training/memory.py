@@ -115,7 +115,7 @@ def estimate(
         batch_size: dialogues per step on this device (the global batch / ranks).
         seq_len: padded length of the compressed sequences (text + the m kept visual tokens).
         answer_tokens: answer tokens per dialogue (all turns).
-        dtype: the frozen model's dtype (`mc_core.training.loop.resolve_dtype`).
+        dtype: the frozen model's dtype (`mc_core.runtime.resolve_dtype`).
         attn: "sdpa" or "eager" (default: the model config's attention implementation).
         generator_params: the compressor's parameter count.
         images: images in the batch (default one per dialogue).

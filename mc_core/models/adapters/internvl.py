@@ -25,14 +25,10 @@ import torch
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from mc_core.models.adapters.base import (
-    Adapter,
-    ImageSlot,
-    attention_probs,
-    feature_layer_index,
-    grid_positions,
-    head_split,
-)
+from mc_core.models.adapters.attention import attention_probs, feature_layer_index, head_split
+from mc_core.models.adapters.base import Adapter
+from mc_core.models.adapters.placeholders import ImageSlot
+from mc_core.models.adapters.positions import grid_positions
 
 __all__ = ["InternVLAdapter"]
 

@@ -21,8 +21,10 @@ from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from mc_core.models.adapters.base import Adapter, ImageSlot, grid_positions
+from mc_core.models.adapters.base import Adapter
 from mc_core.models.adapters.llava import clip_attention_and_keys
+from mc_core.models.adapters.placeholders import ImageSlot
+from mc_core.models.adapters.positions import grid_positions
 
 __all__ = ["LlavaNextAdapter"]
 

@@ -44,12 +44,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_position_ids
 
-from mc_core.models.adapters.base import (
-    Adapter,
-    ImageSlot,
-    attention_probs,
-    grid_positions,
-)
+from mc_core.models.adapters.attention import attention_probs
+from mc_core.models.adapters.base import Adapter
+from mc_core.models.adapters.placeholders import ImageSlot
+from mc_core.models.adapters.positions import grid_positions
 
 __all__ = ["Qwen2VLAdapter", "factor_grid"]
 

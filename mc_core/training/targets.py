@@ -1,0 +1,423 @@
+"""The frozen model's side of training, computed once: the target cache.
+
+Everything the frozen model contributes is fixed while it is frozen, so it is computed once per
+dialogue and kept in a `TargetCache`: the projector output `X` per image, its token contexts
+(positions / grid), the text-side inputs, and the full model's answer-position log-probs
+(`logits_to_keep` selects only those rows of the LM head), by default only their top-k and
+tail mass (`TrainConfig.target_topk`, `losses.TopKTarget`: a real vocabulary's full rows do not
+fit on disk for a training set), trained against with the bucketed KL (`losses.topk_kl`). The
+cache does not depend on the rate: build it once (`build_target_cache`) and pass it to
+`mc_core.training.loop.train` for every rate of an architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mc_core.compressors import TokenContext
+from mc_core.compressors.base import PROMPT_FIELDS
+from mc_core.data.images import as_rgb
+from mc_core.inference.dialogue import collate, encode_dialogue, to_device
+from mc_core.io import staged_dir, write_json
+from mc_core.models.families import adapter_for
+from mc_core.progress import progress as progress_bar
+from mc_core.runtime import prepare_model, resolve_device
+from mc_core.training.config import TrainConfig
+from mc_core.training.losses import TopKTarget
+
+__all__ = [
+    "TARGETS_VERSION",
+    "CacheEntry",
+    "TargetCache",
+    "build_target_cache",
+    "load_target_cache",
+    "save_target_cache",
+    "target_cache_info",
+]
+
+# The version of what a cache holds and how it is computed. A saved cache records it (the
+# pipeline keys its cache on it), so bump it with any change here, in the dialogue encoding or
+# in the adapters that changes the entries: a stale cache is then rebuilt, not reused.
+TARGETS_VERSION = 1
+
+
+def frozen_entries(*args, **kwargs) -> list[CacheEntry]:
+    """`_target_entries` under inference mode (no autograd bookkeeping for the frozen model),
+    its tensors turned into ordinary ones: the student step saves cached tokens and targets for
+    its backward, which inference tensors refuse."""
+    with torch.inference_mode():
+        entries = _target_entries(*args, **kwargs)
+    return _plain(entries)
+
+
+def _plain(obj):
+    """`obj` with every inference tensor inside (dataclasses, dicts, lists, tuples) copied."""
+    if isinstance(obj, Tensor):
+        if not obj.is_inference():
+            return obj
+        if obj.numel() and all(s == 0 for s in obj.stride()):  # a shape stub stays zero-memory
+            return torch.zeros((), dtype=obj.dtype, device=obj.device).expand(obj.shape)
+        return obj.clone()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            object.__setattr__(obj, f.name, _plain(getattr(obj, f.name)))
+        return obj
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+@dataclass
+class CacheEntry:
+    """What the frozen model gives for one dialogue (all on CPU).
+
+    Attributes:
+        base: the processor's inputs for the full gold dialogue (batch of one, n placeholders
+            per image); pixel tensors are zero-memory stubs of their shape.
+        tokens: projector output per image, `[n_i, d]`.
+        contexts: `TokenContext` per image.
+        positions: positions of the answer tokens in the full sequence, `[T]`.
+        target: the distillation target, the full model's log-probs at those positions: all of
+            them, `[T, V]` float32, or their top-k and tail mass (`TopKTarget`).
+        length: full sequence length.
+    """
+
+    base: dict[str, Any]
+    tokens: list[Tensor]
+    contexts: list[TokenContext]
+    positions: Tensor
+    target: Tensor | TopKTarget
+    length: int
+
+
+@dataclass
+class TargetCache:
+    """Per-dialogue frozen-model outputs, in dataset order; independent of the rate.
+
+    `topk`: the k of every entry's `TopKTarget`, or None when the targets are full rows.
+    """
+
+    entries: list[CacheEntry] = field(default_factory=list)
+    needs: frozenset[str] = frozenset()
+    build_s: float = 0.0
+    topk: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _row_images(row: dict[str, Any], where: str) -> list[Any]:
+    image = row.get("image")
+    if image is None:
+        raise ValueError(f"{where}: no 'image' in the row")
+    return list(image) if isinstance(image, list | tuple) else [image]
+
+
+# Answer length limit of `targets="teacher"` generation: a real model's short answer ends with
+# its end-of-turn token well before this; the cut only bounds a rambling one.
+TEACHER_ANSWER_TOKENS = 16
+
+
+def _encode_rows(
+    processor, adapter, rows: Sequence[dict[str, Any]], where: str, model=None, targets="gold"
+):
+    images = [as_rgb(_row_images(row, where)) for row in rows]
+    answers = [row["answers"] for row in rows]
+    if targets == "teacher":
+        # The frozen model's own greedy answers (all visual tokens, its own history), so the KL
+        # covers exactly the tokens it would say, however many per turn.
+        from mc_core.inference.engine import greedy_answers
+
+        said = greedy_answers(
+            model,
+            processor,
+            images,
+            [row["questions"] for row in rows],
+            max_new_tokens=TEACHER_ANSWER_TOKENS,
+            adapter=adapter,
+        )
+        # An empty answer (EOS first) has no tokens to teacher-force: that turn keeps gold.
+        answers = [
+            [t or g for t, g in zip(ts, gs, strict=True)]
+            for ts, gs in zip(said, answers, strict=True)
+        ]
+    elif targets != "gold":
+        raise ValueError(f"train.targets={targets!r}: expected 'gold' or 'teacher'")
+    out = []
+    for row, ims, ans in zip(rows, images, answers, strict=True):
+        inputs, positions = encode_dialogue(processor, ims, row["questions"], ans)
+        out.append((inputs, positions))
+    return out
+
+
+def pad_id(processor) -> int:
+    pad = processor.tokenizer.pad_token_id
+    return int(pad if pad is not None else processor.tokenizer.eos_token_id)
+
+
+@torch.no_grad()
+def _target_entries(
+    model, processor, adapter, rows, needs, device, where, topk: int | None = None, targets="gold"
+) -> list[CacheEntry]:
+    """Encode rows, run the vision tower once, the full model once (batched), return entries
+    whose targets keep the top-`topk` log-probs (None: all); `targets` ("gold" / "teacher"):
+    whose answers are teacher-forced (`TrainConfig.targets`)."""
+    encoded = _encode_rows(processor, adapter, rows, where, model, targets)
+    entries: list[CacheEntry] = []
+    full_rows = []
+    for inputs, positions in encoded:
+        inputs = to_device(inputs, device, next(model.parameters()).dtype)
+        tokens = adapter.visual_tokens(inputs)
+        contexts = adapter.contexts(inputs, need=frozenset(needs) - PROMPT_FIELDS)
+        base = {k: _shape_stub(v) if k.startswith("pixel_values") else v for k, v in inputs.items()}
+        full_rows.append(adapter.inputs_with(inputs, tokens))
+        entries.append(
+            CacheEntry(
+                base=to_device(base, "cpu"),
+                tokens=[t.detach().cpu() for t in tokens],
+                contexts=[ctx_to(c, "cpu") for c in contexts],
+                positions=positions,
+                target=torch.empty(0),
+                length=int(inputs["input_ids"].shape[1]),
+            )
+        )
+    # P = I through inputs_with equals the untouched model (adapter contract), and skips a
+    # second vision-tower pass.
+    adapter.reset_state()
+    batch, _ = collate(full_rows, pad_token_id=pad_id(processor), side="right")
+    mask = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
+    for i, e in enumerate(entries):
+        mask[i, e.positions] = True
+    logits = model(**batch, logits_to_keep=mask.to(device)).logits  # (sum T, V)
+    logp = logits.float().log_softmax(-1).cpu()
+    for e, part in zip(entries, logp.split([len(e.positions) for e in entries]), strict=True):
+        e.target = part.clone() if topk is None else TopKTarget.from_logprobs(part, topk)
+    return entries
+
+
+def _check_topk(topk: Any, where: str) -> int | None:
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise ValueError(f"{where}={topk!r}: expected an int >= 1 or None (full vocabulary)")
+    return topk
+
+
+def batch_target(entries: Sequence[CacheEntry], device) -> Tensor | TopKTarget:
+    """The batch's targets as one [sum T, V] tensor or one `TopKTarget`, on `device`."""
+    targets = [e.target for e in entries]
+    if isinstance(targets[0], TopKTarget):
+        return TopKTarget.cat(targets).to(device)
+    return torch.cat(targets).to(device)
+
+
+def _shape_stub(value):
+    """A zero-memory stand-in of the same shape for a pixel tensor.
+
+    Adapters read only the shapes of the pixels (to count images and tiles) once the visual
+    tokens are given; `inputs_with` drops them. A stride-0 view keeps the cache small.
+    """
+    if not isinstance(value, Tensor):
+        return value
+    return torch.zeros((), dtype=value.dtype).expand(value.shape)
+
+
+def ctx_to(ctx: TokenContext, device) -> TokenContext:
+    kwargs = {
+        f.name: (
+            getattr(ctx, f.name).to(device)
+            if isinstance(getattr(ctx, f.name), Tensor)
+            else getattr(ctx, f.name)
+        )
+        for f in dataclasses.fields(ctx)
+    }
+    return TokenContext(**kwargs)
+
+
+def dataset_rows(dataset, indices: Iterable[int]) -> list[dict[str, Any]]:
+    from mc_core.data.schema import row
+
+    return [row(dataset, i) for i in indices]
+
+
+def build_target_cache(
+    model,
+    processor,
+    dataset,
+    *,
+    needs: frozenset[str] = frozenset(),
+    adapter=None,
+    batch_size: int = 16,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    topk: int | None = TrainConfig.model_fields["target_topk"].default,
+    dtype: str | torch.dtype = "auto",
+    targets: str = "gold",
+) -> TargetCache:
+    """Run the frozen model once over every dialogue of `dataset`.
+
+    Args:
+        model: the LVLM (frozen by this call; moved to `device`).
+        processor: its processor.
+        dataset: rows of the dialogue schema (`image`, `questions`, `answers`, ...).
+        needs: extra token-context fields the compressor needs (`Compressor.needs`).
+        adapter: the family adapter (default `adapter_for(model)`).
+        batch_size: dialogues per full-model forward.
+        device: see `TrainConfig.device`.
+        progress: progress bar (a tqdm bar on a terminal, log lines elsewhere).
+        topk: keep the top-k log-probs + tail mass per answer token (`TrainConfig.target_topk`,
+            whose default this is); None keeps the whole vocabulary.
+        dtype: the frozen model's dtype (`resolve_dtype`; see `TrainConfig.dtype`).
+        targets: "gold" (teacher-force the dataset's answers) or "teacher" (the frozen model's
+            own greedy answers, up to `TEACHER_ANSWER_TOKENS` per turn; `TrainConfig.targets`).
+
+    Returns:
+        The cache, in dataset order.
+    """
+    topk = _check_topk(topk, "build_target_cache: topk")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    prepare_model(model, dev, dtype)
+    adapter = adapter if adapter is not None else adapter_for(model)
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("dataset is empty: nothing to train on")
+    t0 = time.perf_counter()
+    cache = TargetCache(needs=frozenset(needs), topk=topk)
+    bar = progress_bar(total=n, desc="target cache", disable=not progress, leave=False)
+    for start in range(0, n, batch_size):
+        idx = range(start, min(n, start + batch_size))
+        cache.entries += frozen_entries(
+            model,
+            processor,
+            adapter,
+            dataset_rows(dataset, idx),
+            cache.needs,
+            dev,
+            f"dataset rows {start}+",
+            topk,
+            targets=targets,
+        )
+        bar.update(len(idx))
+    bar.close()
+    cache.build_s = time.perf_counter() - t0
+    return cache
+
+
+def save_target_cache(
+    cache: TargetCache, path: str | os.PathLike, *, info: dict[str, Any] | None = None
+) -> None:
+    """Write the cache as safetensors + JSON into the directory `path` (atomically).
+
+    `info` (JSON) is stored in `cache.json` as what the cache was built from, so a reader can
+    refuse a cache of other inputs (`target_cache_info`).
+    """
+    path = Path(path)
+    tensors: dict[str, Tensor] = {}
+    meta: list[dict[str, Any]] = []
+    for i, e in enumerate(cache.entries):
+        m: dict[str, Any] = {
+            "length": e.length,
+            "base": [],
+            "stubs": {},
+            "n_images": len(e.tokens),
+            "ctx": [],
+        }
+        for k, v in e.base.items():
+            if isinstance(v, Tensor) and v.numel() > 0 and all(s == 0 for s in v.stride()):
+                m["stubs"][k] = [list(v.shape), str(v.dtype).removeprefix("torch.")]
+            elif isinstance(v, Tensor):
+                tensors[f"{i}.base.{k}"] = v.contiguous()
+                m["base"].append(k)
+        for j, t in enumerate(e.tokens):
+            tensors[f"{i}.tok.{j}"] = t.contiguous()
+        for j, c in enumerate(e.contexts):
+            cm: dict[str, Any] = {"grid": list(c.grid) if c.grid is not None else None, "t": []}
+            for f in dataclasses.fields(c):
+                v = getattr(c, f.name)
+                if isinstance(v, Tensor):
+                    tensors[f"{i}.ctx.{j}.{f.name}"] = v.contiguous()
+                    cm["t"].append(f.name)
+            m["ctx"].append(cm)
+        tensors[f"{i}.pos"] = e.positions.contiguous()
+        if isinstance(e.target, TopKTarget):
+            tensors[f"{i}.target.values"] = e.target.values.contiguous()
+            tensors[f"{i}.target.index"] = e.target.index.contiguous()
+            tensors[f"{i}.target.tail"] = e.target.tail.contiguous()
+        else:
+            tensors[f"{i}.target"] = e.target.contiguous()
+        meta.append(m)
+    with staged_dir(path) as tmp:
+        save_file(tensors, str(tmp / "cache.safetensors"))
+        write_json(
+            tmp / "cache.json",
+            {"needs": sorted(cache.needs), "topk": cache.topk, "info": info or {}, "entries": meta},
+            indent=None,
+        )
+
+
+def target_cache_info(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The `info` a cache at `path` was saved with ({} before it was recorded); None: no cache."""
+    f = Path(path) / "cache.json"
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text()).get("info", {})
+
+
+_ANY = object()  # load_target_cache's `topk` default: accept any k
+
+
+def load_target_cache(path: str | os.PathLike, *, topk: Any = _ANY) -> TargetCache:
+    """Read a cache written by `save_target_cache` (no unpickling).
+
+    Args:
+        topk: when given, the k the cache must have been built with (None: full rows); a cache
+            of another k raises ValueError (rebuild it with `build_target_cache(topk=...)`).
+    """
+    path = Path(path)
+    if not (path / "cache.json").is_file():
+        raise ValueError(f"{path}: no cache.json (not a target cache)")
+    info = json.loads((path / "cache.json").read_text())
+    built = info.get("topk")  # absent: written before top-k targets existed, full rows
+    if topk is not _ANY and built != topk:
+        raise ValueError(
+            f"{path}: target cache built with target_topk={built!r}, this run wants "
+            f"target_topk={topk!r}; rebuild it (build_target_cache(..., topk={topk!r}))"
+        )
+    tensors = load_file(str(path / "cache.safetensors"))
+    cache = TargetCache(needs=frozenset(info["needs"]), topk=built)
+    for i, m in enumerate(info["entries"]):
+        contexts = []
+        for j, cm in enumerate(m["ctx"]):
+            kw = {name: tensors[f"{i}.ctx.{j}.{name}"] for name in cm["t"]}
+            contexts.append(TokenContext(grid=tuple(cm["grid"]) if cm["grid"] else None, **kw))
+        base = {k: tensors[f"{i}.base.{k}"] for k in m["base"]}
+        for k, (shape, dtype) in m.get("stubs", {}).items():
+            base[k] = torch.zeros((), dtype=getattr(torch, dtype)).expand(shape)
+        cache.entries.append(
+            CacheEntry(
+                base=base,
+                tokens=[tensors[f"{i}.tok.{j}"] for j in range(m["n_images"])],
+                contexts=contexts,
+                positions=tensors[f"{i}.pos"],
+                target=_read_target(tensors, i, built),
+                length=m["length"],
+            )
+        )
+    return cache
+
+
+def _read_target(tensors: dict[str, Tensor], i: int, topk: int | None) -> Tensor | TopKTarget:
+    if topk is None:
+        return tensors[f"{i}.target"]
+    return TopKTarget(*(tensors[f"{i}.target.{k}"] for k in ("values", "index", "tail")))

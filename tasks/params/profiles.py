@@ -1,0 +1,91 @@
+"""Profiles: named overlays on the committed ``params.yaml`` (which *is* the ``default`` profile).
+
+``smoke`` (a tiny grid, a few steps; the whole DAG in minutes) and ``full`` (every tiny base
+model, three seeds per cell). :func:`profile_params` applies one; the pipeline runs non-default
+profiles in their own workspace (see ``flows/workspace.py``) so the default outputs are never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mc_core import io
+from tasks.params.document import validate
+
+__all__ = ["PROFILES", "ProfileName", "dump_yaml", "profile_params"]
+
+# Profiles: overlays on the committed params.yaml (= "default"). Nested dicts merge; lists and
+# scalars replace. Smoke keeps every stage of the DAG but shrinks each to seconds.
+PROFILES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "smoke": {
+        "grid": {"archs": ["tiny-llava"], "rates": [0.5, 0.9]},
+        "data": {"train": {"dialogues": 24}, "val": {"dialogues": 8}, "test": {"dialogues": 8}},
+        "base": {
+            "train_images": 32,
+            "eval_dialogues": 8,
+            "curve_dialogues": 8,
+            "stage1_steps": 4,
+            "stage2_steps": 4,
+            "stage3_steps": 2,
+            "stage3_bank": 8,
+            "warmup_steps": 2,
+            "curve_every": 1000,
+        },
+        "train": {"epochs": 1, "max_steps": 3, "batch_size": 4, "log_every": 1},
+        "evaluate": {
+            "methods": ["none", "sample", "metacompress"],
+            "max_dialogues": 8,
+            "batch_size": 8,
+            "ceilings": {"oracle_dialogues": 2, "oracle_steps": 3},
+        },
+        "report": {"methods": ["none", "sample", "metacompress"]},
+        "tracking": {"experiment": "metacompress-smoke"},
+    },
+    "full": {
+        "grid": {"archs": ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"]},
+        # Three seeds per cell: the summary reports the trained method's mean +- sd.
+        "train": {"seeds": 3},
+    },
+}
+ProfileName = Literal["default", "smoke", "full"]
+
+
+def _merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def profile_params(
+    name: str, base: Mapping[str, Any], *, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The params of profile ``name``: its overlay (then ``extra``) merged onto ``base``.
+
+    ``base`` is normally the parsed ``params.yaml`` (so a smoke run inherits your real-model or
+    real-data settings and only shrinks the work). Profiles live here, not in ``params.yaml``,
+    so DVC sees one flat params file per workspace. The result is validated.
+    """
+    if name not in PROFILES:
+        raise ValueError(f"profile={name!r}: unknown profile; known: {', '.join(PROFILES)}")
+    merged = _merge(dict(base), PROFILES[name])
+    if extra:
+        merged = _merge(merged, extra)
+    validate(merged, source=f"profile {name!r}")
+    return merged
+
+
+def dump_yaml(params: Mapping[str, Any], path: str | Path, *, header: str = "") -> Path:
+    """Write a params mapping as YAML atomically."""
+    text = yaml.safe_dump(dict(params), sort_keys=False, default_flow_style=False)
+    return io.write_text(path, header + text)
