@@ -40,9 +40,11 @@ stop:
 test: install
 	$(PY) -m pytest
 
-# Lint only (CI runs it before the tests); the same ruff as the pre-commit hook.
+# Lint only (CI runs it before the tests): the same ruff as the pre-commit hook, and the
+# layering contract of .importlinter (dependencies run one way, no import cycles).
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # lmms-eval's own venv (docs/lmms-eval.md): the plugin in mc_lmms/, the main pins kept. lmms-eval
 # goes in with --no-deps: its requirements pull a torchvision that cannot import beside the CPU

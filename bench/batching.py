@@ -32,7 +32,7 @@ from bench.shapes import ARCHS, get_arch
 from mc_core.compressors import available, build
 from mc_core.inference.engine import BatchConversation
 from mc_core.io import write_json
-from mc_core.models.processing import build_processor
+from mc_core.models.processors import build_processor
 from mc_core.runtime import resolve_device, token_dim
 
 _WORDS = "what colour shape is at row col the of a how many there yes no red green blue 0 1 2 3 ?"

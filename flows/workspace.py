@@ -2,9 +2,9 @@
 
 The ``default`` profile runs in the checkout itself (``params.yaml`` as committed). Any other
 profile (``smoke``, ``full``) runs in ``<checkout>/runs/<profile>/``: a DVC project of its own
-holding a snapshot of ``dvc.yaml``, ``tasks/`` and ``mc_core/`` and the profile's
-``params.yaml`` (``tasks.params.profile_params``), with its own ``dvc.lock``, cache and
-outputs. So a smoke run never overwrites the default pipeline's models, and re-running a
+holding a snapshot of ``dvc.yaml``, ``tasks/``, ``mc_registry/`` and ``mc_core/`` and the
+profile's ``params.yaml`` (``tasks.params.profile_params``), with its own ``dvc.lock``, cache
+and outputs. So a smoke run never overwrites the default pipeline's models, and re-running a
 profile is incremental like any DVC project. MLflow stays shared: every workspace logs to the
 checkout's tracking URI.
 
@@ -30,7 +30,7 @@ LOCK_PATTERNS = (
     "Lock file",
     "lock is held",
 )
-_CODE = ("dvc.yaml", "tasks", "mc_core")
+_CODE = ("dvc.yaml", "tasks", "mc_registry", "mc_core")
 
 
 class DvcLockError(RuntimeError):

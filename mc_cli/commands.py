@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 
+import mc_registry
 from mc_cli.resolve import (
     UsageError,
     _check_registry,
@@ -138,7 +139,6 @@ def _print_report(report: dict) -> None:
 
 
 def list_registry(args) -> int:
-    import mc_registry
     from mc_core.compressors import available
 
     print("methods: " + ", ".join(["none", *available()]))

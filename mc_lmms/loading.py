@@ -7,8 +7,8 @@ local folder) whose class has an adapter (``mc_core.models.families.available()`
 
 ``compressor`` is ``none``, a method name of ``mc_core.compressors.available()`` (heuristics,
 built at ``rate``), a checkpoint folder (``mc_core.compressors.checkpoint``) or a registry URI
-``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (``tasks.tracking``, imported only
-then: MLflow is not needed otherwise). Checkpoints are refused when their fingerprint (family,
+``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (``mc_registry``; MLflow is imported
+only then, and not needed otherwise). Checkpoints are refused when their fingerprint (family,
 token width) or rate differs from the model's and the requested rate.
 
 This module does not import lmms-eval, so it is usable (and tested) without it.
@@ -27,11 +27,9 @@ from mc_core.compressors.checkpoint import load_compressor
 from mc_core.compressors.ops import check_rate
 from mc_core.models import zoo
 from mc_core.models.families import adapter_for
-from mc_core.runtime import prepare_model, resolve_device, token_dim
+from mc_core.runtime import model_device, prepare_model, resolve_device, resolve_dtype, token_dim
 
 __all__ = ["load_base", "parse_dtype", "parse_rate", "resolve_compressor"]
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def parse_rate(rate: Any) -> float | None:
@@ -46,14 +44,9 @@ def parse_rate(rate: Any) -> float | None:
 
 
 def parse_dtype(dtype: Any, device: torch.device) -> torch.dtype:
-    """``auto`` follows the project's evaluator: bfloat16 on CUDA, float32 on CPU."""
-    if dtype in (None, "", "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"model_args dtype={dtype!r}: expected auto or one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
+    """``dtype`` from model_args: ``auto`` (or empty) follows the project's rule
+    (``mc_core.runtime.resolve_dtype``: bfloat16 on CUDA, float32 on CPU), else a dtype name."""
+    return resolve_dtype(None if dtype == "" else dtype, device, where="model_args dtype")
 
 
 def _is_zoo_folder(path: Path) -> bool:
@@ -82,14 +75,12 @@ def load_base(pretrained: str, *, device: str | None = None, dtype: Any = None):
     """
     if not isinstance(pretrained, str) or not pretrained.strip():
         raise ValueError(f"model_args pretrained={pretrained!r}: expected a folder or an HF id")
-    dev = resolve_device("auto" if device in (None, "") else str(device))
+    dev = resolve_device("auto" if device in (None, "") else str(device), where="model_args device")
     torch_dtype = parse_dtype(dtype, dev)
     path = Path(pretrained).expanduser()
     if path.is_dir() and _is_zoo_folder(path):
         model, processor = zoo.load(path)
-        prepare_model(model, dev)  # the evaluator's placement: bf16 + SDPA on CUDA
-        if dtype not in (None, "", "auto"):
-            model.to(dtype=torch_dtype)
+        prepare_model(model, dev, torch_dtype)  # the evaluator's placement: SDPA on CUDA
     else:
         real = {spec.hf_id: name for name, spec in zoo.REAL.items()}
         name = pretrained if pretrained in zoo.REAL else real.get(pretrained)
@@ -109,14 +100,14 @@ def load_base(pretrained: str, *, device: str | None = None, dtype: Any = None):
 
 def _load_checkpoint(spec: str, expect: dict[str, Any], tracking_uri: str | None):
     if spec.startswith("models:/"):
+        import mc_registry
+
         try:
-            from tasks.tracking import load_compressor as load_registered
+            return mc_registry.load_compressor(spec, expect=expect, uri=tracking_uri)
         except ImportError as err:
             raise ValueError(
-                f"model_args compressor={spec!r}: registry URIs need the project's tasks "
-                f"package and MLflow ({err})"
+                f"model_args compressor={spec!r}: registry URIs need MLflow ({err})"
             ) from None
-        return load_registered(spec, expect=expect, uri=tracking_uri)
     return load_compressor(spec, expect=expect)
 
 
@@ -164,5 +155,4 @@ def resolve_compressor(
             f"model_args compressor={spec!r} is not a method ({', '.join(available())}), "
             "an existing checkpoint folder or a models:/ URI"
         )
-    device = next(model.parameters()).device
-    return comp.to(device).eval().requires_grad_(False)
+    return comp.to(model_device(model)).eval().requires_grad_(False)

@@ -40,6 +40,7 @@ from mc_core.inference.compress import compress_inputs
 from mc_core.inference.conversation import Conversation
 from mc_core.inference.dialogue import answer_token_ids, encode_dialogue, render, to_device
 from mc_core.models.families import adapter_for
+from mc_core.runtime import model_device
 from mc_lmms.loading import load_base, parse_rate, resolve_compressor
 
 __all__ = ["MetaCompress"]
@@ -96,7 +97,7 @@ class MetaCompress(lmms):
         self.compressor = resolve_compressor(
             compressor, rate=parse_rate(rate), model=self.model, tracking_uri=tracking_uri
         )
-        self._device = next(self.model.parameters()).device
+        self._device = model_device(self.model)
         self._dtype = next(self.model.parameters()).dtype
         self._strip = [t for t in {getattr(self.processor, "image_token", None), "<image>"} if t]
         self._warned_sampling = False

@@ -30,6 +30,7 @@ from reliability.workspace import STAGES
 
 CODE_DIRS = (
     "mc_core",
+    "mc_registry",
     "tasks",
     "flows",
     "bench",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from tasks import common, params
@@ -348,13 +347,15 @@ def plots(cells: list[dict], methods: list[str], dpi: int, out: Path) -> list[Pa
 
 def where_next() -> str:
     """Pointers printed after the table."""
-    mlflow = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    from mc_registry import tracking_uri
+
+    mlflow = tracking_uri()
     return (
         "Where to look next:\n"
         "  reports/summary.md, reports/plots/*.png   this table and the plots\n"
         "  dvc metrics show / dvc plots show          metrics and curves of every stage\n"
         f"  MLflow ({mlflow}): `make serve`, then http://127.0.0.1:5000 (runs + registry)\n"
-        "  load a compressor: tasks.tracking.load_compressor("
+        "  load a compressor: mc_registry.load_compressor("
         "'models:/metacompress-<arch>-r<rate>@champion')\n"
     )
 

@@ -56,7 +56,7 @@ def _input_hashes(arch: str) -> dict[str, str]:
 def _input_stamps(arch: str) -> str:
     """Digest of the size and mtime of every input file: changes with a hand edit of the data
     or the base model that dvc.lock (hence ``inputs``) has not recorded yet."""
-    from mc_core.data.schema import file_stamp
+    from mc_core.data.assemble import file_stamp
 
     files = sorted(
         f

@@ -247,18 +247,19 @@ def test_rate_out_of_range_is_a_usage_error(saved, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["chat", str(saved["image"]), "--model", str(saved["llava"]), "--rate", "1.5"])
     assert exit_.value.code == 2
-    assert "not strictly between 0 and 1" in capsys.readouterr().err
+    assert "rate must be in (0, 1)" in capsys.readouterr().err
 
 
 def test_registry_champion_lists_and_chats(saved, tmp_path, capsys, monkeypatch):
     """`list` shows a registered compressor's champion; `chat` loads it by models:/…@champion."""
+    import mc_registry
     from mc_core.compressors.checkpoint import save_compressor
     from tasks import tracking
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv(tracking.ENV_URI, uri)
+    monkeypatch.setenv(mc_registry.ENV_URI, uri)
     monkeypatch.chdir(tmp_path)
-    tracking.migrate(uri)
+    mc_registry.migrate(uri)
     comp = build("metacompress", rate=0.75, dim=64)
     ckpt = save_compressor(tmp_path / "ckpt", comp, meta={"family": "llava"})
     run = tracking.start_cell_run("exp", "tiny-llava", "0.75", params={}, tags={}, uri=uri)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from mc_core.training.config import TrainConfig
+from tasks import cells
 from tasks import params as config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def test_params_yaml_is_valid_and_complete():
     p = config.validate(RAW)
     assert set(RAW) == set(config.SECTIONS)
     assert p.grid.cells()[0] == ("tiny-llava", 0.5) and len(p.grid.cells()) == 6
-    assert [config.cell_key(a, r) for a, r in p.grid.cells()][-1] == "tiny-qwen2-vl-0.9"
+    assert [cells.cell_key(a, r) for a, r in p.grid.cells()][-1] == "tiny-qwen2-vl-0.9"
 
 
 def test_sections_are_the_library_configs():
@@ -64,7 +65,7 @@ def test_sections_are_the_library_configs():
 def test_mc_core_knows_nothing_of_the_pipeline():
     import mc_core.training.config as lib
 
-    text = (ROOT / "mc_core" / "config.py").read_text()
+    text = (ROOT / "mc_core" / "training" / "config.py").read_text()
     for word in ("dvc", "params.yaml", "profiles", "cell_key", "tasks."):
         assert word not in text.lower(), word
     assert not hasattr(lib, "Params") and not hasattr(lib, "PROFILES")
@@ -98,9 +99,10 @@ def test_dvc_code_deps_exist_and_own_code_is_listed():
     for name, stage in DVC["stages"].items():
         deps = stage["deps"]
         assert f"tasks/{name}.py" in deps, name
-        assert "tasks/params.py" in deps, name  # every stage validates the whole file
+        assert "tasks/params" in deps, name  # every stage validates the whole file
+        assert "tasks/cells.py" in deps, name  # and names its outputs through it
         for dep in deps:
-            if dep.startswith(("tasks/", "mc_core/")):
+            if dep.startswith(("tasks/", "mc_core/", "mc_registry")):
                 assert (ROOT / dep).exists(), f"{name}: dep {dep} does not exist"
 
 
@@ -170,7 +172,7 @@ def test_params_file_errors_name_the_file(tmp_path):
 def test_cli_validates_and_prints_cells(tmp_path, capsys):
     config.main([str(ROOT / "params.yaml")])
     assert capsys.readouterr().out.split() == [
-        config.cell_key(a, r) for a, r in config.validate(RAW).grid.cells()
+        cells.cell_key(a, r) for a, r in config.validate(RAW).grid.cells()
     ]
     bad = tmp_path / "p.yaml"
     bad.write_text(yaml.safe_dump(_bad(grid__rates__1=1.5)))
@@ -213,5 +215,33 @@ def test_cli_rate_checked(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match=r"--rate=1.5: rate must be in \(0, 1\)"):
         common.cell_args("x", ["--arch", "tiny-llava", "--rate", "1.5"])
-    assert common.compressor_dir("tiny-llava", 0.9) == Path("models/compressors/tiny-llava-r0.9")
-    assert common.cell_file("eval", "a", 0.75) == Path("reports/eval/a-0.75.json")
+    with pytest.raises(ValueError, match=r"--rate=nan: rate must be in \(0, 1\)"):
+        common.cell_args("x", ["--arch", "tiny-llava", "--rate", "nan"])
+    with pytest.raises(ValueError, match=r"--arch='\.\./x': unknown arch"):
+        common.cell_args("x", ["--arch", "../x", "--rate", "0.5"])
+    assert common.cell_args("x", ["--arch", "tiny-llava", "--rate", "0.5"]) == ("tiny-llava", 0.5)
+
+
+def test_cell_names():
+    """One module names every cell's stages, folders, reports, runs and registered model."""
+    assert cells.cell_key("tiny-llava", 0.9) == "tiny-llava-0.9"
+    assert cells.stage_name("train", cells.cell_key("a", 0.5)) == "train@a-0.5"
+    assert cells.stage_name("report") == "report"
+    assert cells.split_stage("train@a-0.5") == ("train", "a-0.5")
+    assert cells.split_stage("report") == ("report", "")
+    assert cells.arch_of("tiny-llava-next-0.75") == "tiny-llava-next"
+    assert cells.compressor_dir("tiny-llava", 0.9) == Path("models/compressors/tiny-llava-r0.9")
+    assert cells.seeds_dir("a", 0.5) == Path("models/compressors/a-r0.5-seeds")
+    assert cells.cell_file("eval", "a", 0.75) == Path("reports/eval/a-0.75.json")
+    assert cells.report_file("base", "a") == Path("reports/base/a.json")
+    assert cells.run_name("a", "0.5") == "train-a-r0.5"
+    assert cells.override_key("a", 0.9) == "a@0.9" and cells.override_key("a") == "a"
+    assert cells.parse_override_key("a@0.9") == ("a", 0.9)
+    assert cells.model_name("tiny-llava", 0.9) == "metacompress-tiny-llava-r0.9"
+    # dvc.yaml spells the same names: its matrix writes the rate as format_rate does.
+    train = DVC["stages"]["train"]
+    assert "models/compressors/${item.arch}-r${item.rate}" in train["outs"]
+    assert "reports/train/${item.arch}-${item.rate}.json" in train["metrics"][0]
+    for bad in (1.5, 0, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match=r"grid.rates\[0\]=.*rate must"):
+            cells.check_rate(bad, "grid.rates[0]")

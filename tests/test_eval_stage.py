@@ -11,13 +11,13 @@ import pytest
 from conftest import build_llava
 from test_ceilings import _dataset
 
+import mc_registry
 from mc_core.compressors import build, checkpoint
 from mc_core.data import schema
 from mc_core.models import zoo
-from tasks import common, lineage, tracking
+from tasks import cells, common, lineage, tracking
 from tasks import evaluate as stage
-from tasks.overrides import TrainParams
-from tasks.params import CeilingsParams, EvaluateParams, RegisterParams
+from tasks.params import CeilingsParams, EvaluateParams, RegisterParams, TrainParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ARCH, RATE = "tiny-llava", 0.75
@@ -27,14 +27,14 @@ ARCH, RATE = "tiny-llava", 0.75
 def workspace(tmp_path, monkeypatch):
     model, processor = build_llava()
     db = tmp_path / "mlflow.db"
-    tracking.migrate(f"sqlite:///{db}")
-    monkeypatch.setenv(tracking.ENV_URI, f"sqlite:///{db}")
+    mc_registry.migrate(f"sqlite:///{db}")
+    monkeypatch.setenv(mc_registry.ENV_URI, f"sqlite:///{db}")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(zoo, "load", lambda path: (model, processor))
     monkeypatch.setattr(zoo, "info", lambda path: {"family": "llava"})
     # The base model's folder: the stage hashes it to pick the champion of the same base.
-    common.base_dir(ARCH).mkdir(parents=True)
-    (common.base_dir(ARCH) / "zoo.json").write_text('{"family": "llava"}')
+    cells.base_dir(ARCH).mkdir(parents=True)
+    (cells.base_dir(ARCH) / "zoo.json").write_text('{"family": "llava"}')
     schema.save(_dataset(3, True), common.DATA_TEST)
     schema.save(_dataset(2, False), common.DATA_VAL)
     ev = EvaluateParams(
@@ -62,12 +62,12 @@ def workspace(tmp_path, monkeypatch):
 
 def _eval() -> dict:
     stage.main(["--arch", ARCH, "--rate", str(RATE)])
-    return json.loads(common.cell_file("eval", ARCH, RATE).read_text())
+    return json.loads(cells.cell_file("eval", ARCH, RATE).read_text())
 
 
 def test_evaluate_stage_records_ceilings_seeds_and_validation(workspace):
-    workspace(common.compressor_dir(ARCH, RATE), 0)
-    workspace(common.seeds_dir(ARCH, RATE) / "seed-1", 1)
+    workspace(cells.compressor_dir(ARCH, RATE), 0)
+    workspace(cells.seeds_dir(ARCH, RATE) / "seed-1", 1)
     first = _eval()
     assert first["n_dialogues"] == 3
     mc = first["methods"]["metacompress"]
@@ -82,25 +82,25 @@ def test_evaluate_stage_records_ceilings_seeds_and_validation(workspace):
     run = tracking.start_cell_run("stage", ARCH, "0.75", params={})
     tracking.register_checkpoint(
         name,
-        common.compressor_dir(ARCH, RATE),
+        cells.compressor_dir(ARCH, RATE),
         run_id=run,
         score=0.5,
         metric="acc_avg",
         promote=True,
-        tags={"base_sha256": lineage.checkpoint_hash(common.base_dir(ARCH))},
+        tags={"base_sha256": lineage.checkpoint_hash(cells.base_dir(ARCH))},
     )
     again = _eval()  # the champion is this very checkpoint: not evaluated twice
     assert again["validation"]["methods"]["champion"] == {"version": "1", "same_checkpoint": True}
     # A second checkpoint: the registered champion (v1) is re-evaluated on data/val beside it.
-    shutil.rmtree(common.seeds_dir(ARCH, RATE))
-    workspace(common.compressor_dir(ARCH, RATE), 5)
+    shutil.rmtree(cells.seeds_dir(ARCH, RATE))
+    workspace(cells.compressor_dir(ARCH, RATE), 5)
     second = _eval()
     champ = second["validation"]["methods"]["champion"]
     assert champ["version"] == "1" and champ["same_checkpoint"] is False
     assert champ["acc_avg"] == val["methods"]["metacompress"]["acc_avg"]  # same weights
     assert "seeds" not in second["methods"]["metacompress"]
     # The base model changed (a retrained teacher): v1 belongs to other weights, not evaluated.
-    (common.base_dir(ARCH) / "zoo.json").write_text('{"family": "llava", "retrained": true}')
+    (cells.base_dir(ARCH) / "zoo.json").write_text('{"family": "llava", "retrained": true}')
     assert "champion" not in _eval()["validation"]["methods"]
 
 

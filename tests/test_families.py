@@ -14,7 +14,7 @@ from mc_core.models import families, zoo
 from mc_core.models.adapters import POSITIONS
 from mc_core.models.families import adapter_for
 from mc_core.models.families.base import Family
-from mc_core.models.processing import build_processor
+from mc_core.models.processors import build_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,6 +25,7 @@ import yaml
 from flows import dag
 from flows import train_all as ta
 from flows import workspace as ws
+from tasks import cells
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,10 +144,10 @@ def checkout(tmp_path, monkeypatch, template_db) -> Path:
 
 @pytest.fixture(scope="session")
 def template_db(tmp_path_factory) -> Path:
-    from tasks import tracking
+    import mc_registry
 
     db = tmp_path_factory.mktemp("flow-mlflow") / "mlflow.db"
-    tracking.migrate(f"sqlite:///{db}")
+    mc_registry.migrate(f"sqlite:///{db}")
     return db
 
 
@@ -186,7 +187,7 @@ def test_grouping_and_selection():
         ws.select_cells(["a-0.5"], grid, None, [0.7])
     with pytest.raises(ValueError, match="archs: 'b' is not in grid.archs"):
         ws.select_cells(["a-0.5"], grid, ["b"], None)
-    assert ws.arch_of("tiny-llava-next-0.75") == "tiny-llava-next"
+    assert cells.arch_of("tiny-llava-next-0.75") == "tiny-llava-next"
 
 
 def test_stage_kinds_and_order_come_from_dvc_yaml():

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from tasks import common, lineage, register, tracking
+import mc_registry
+from tasks import cells, common, lineage, register, tracking
 from tasks.params import RegisterParams
 
 
@@ -75,7 +76,7 @@ def test_gate_lower_is_better_for_kl_and_needs_validation():
 @pytest.fixture(scope="module")
 def template_db(tmp_path_factory) -> Path:
     db = tmp_path_factory.mktemp("mlflow-gate") / "mlflow.db"
-    tracking.migrate(f"sqlite:///{db}")
+    mc_registry.migrate(f"sqlite:///{db}")
     return db
 
 
@@ -86,7 +87,7 @@ def cell(template_db, tmp_path, monkeypatch):
     db = tmp_path / "mlflow.db"
     shutil.copy(template_db, db)
     uri = f"sqlite:///{db}"
-    monkeypatch.setenv(tracking.ENV_URI, uri)
+    monkeypatch.setenv(mc_registry.ENV_URI, uri)
     monkeypatch.chdir(tmp_path)
     params = SimpleNamespace(
         register=RegisterParams(),
@@ -100,17 +101,17 @@ def cell(template_db, tmp_path, monkeypatch):
         payload: str, mc: float, sample: float, base: str = "teacher-1", seen: bool = True
     ) -> dict:
         # The base model's folder: its content hash scopes which champion competes.
-        base_dir = common.base_dir(arch)
+        base_dir = cells.base_dir(arch)
         base_dir.mkdir(parents=True, exist_ok=True)
         (base_dir / "model.safetensors").write_text(base)
-        ckpt = common.compressor_dir(arch, rate)
+        ckpt = cells.compressor_dir(arch, rate)
         shutil.rmtree(ckpt, ignore_errors=True)
         ckpt.mkdir(parents=True)
         (ckpt / "compressor.safetensors").write_bytes(payload.encode())
         (ckpt / "compressor.json").write_text("{}")
         name = RegisterParams().model_name(arch, rate, "metacompress")
         base_sha = lineage.checkpoint_hash(base_dir)
-        held = tracking.current_champion(name, uri=uri, base_sha256=base_sha)
+        held = mc_registry.current_champion(name, uri=uri, base_sha256=base_sha)
         champion = None
         if held and seen:  # what tasks.evaluate records: the champion re-evaluated on data/val
             champion = {
@@ -119,9 +120,9 @@ def cell(template_db, tmp_path, monkeypatch):
                 "acc_avg": held[1],
                 "kl_to_full": 1.0 - held[1],
             }
-        common.write_json(common.cell_file("eval", arch, rate), _val(mc, sample, champion))
+        common.write_json(cells.cell_file("eval", arch, rate), _val(mc, sample, champion))
         register.main(["--arch", arch, "--rate", str(rate)])
-        return json.loads(common.cell_file("registry", arch, rate).read_text())
+        return json.loads(cells.cell_file("registry", arch, rate).read_text())
 
     return run
 
@@ -140,7 +141,7 @@ def test_gated_registration_end_to_end(cell):
     # Beats both: it takes the alias, and its score tag is the validation score.
     top = cell("w4", mc=0.6, sample=0.3)
     assert (top["version"], top["champion"], top["score"]) == ("4", "4", 0.6)
-    tags = tracking.version_tags(top["name"], "4")
+    tags = mc_registry.version_tags(top["name"], "4")
     assert tags["score_split"] == "val" and float(tags["test_score"]) == 0.5
 
 
@@ -151,8 +152,8 @@ def test_a_champion_of_another_base_model_does_not_compete(cell):
     new = cell("w2", mc=0.5, sample=0.3, base="teacher-2")
     assert (new["version"], new["champion"], new["gate"]["promote"]) == ("2", "2", True)
     assert "v1 was trained against another base model" in new["gate"]["reason"]
-    tags = tracking.version_tags(new["name"], "2")
-    assert tags["base_sha256"] != tracking.version_tags(new["name"], "1")["base_sha256"]
+    tags = mc_registry.version_tags(new["name"], "2")
+    assert tags["base_sha256"] != mc_registry.version_tags(new["name"], "1")["base_sha256"]
     # On that same base, v2 is the champion to beat again.
     again = cell("w3", mc=0.45, sample=0.3, base="teacher-2")
     assert again["champion"] == "2" and "champion v2" in again["gate"]["reason"]
@@ -191,7 +192,7 @@ def test_a_champion_without_a_base_model_tag_does_not_compete(cell, tmp_path):
 
 
 def test_register_checkpoint_promote_flag(cell, tmp_path):
-    uri = tracking.tracking_uri()
+    uri = mc_registry.tracking_uri()
     run = tracking.start_cell_run("gate", "tiny-llava", "0.9", params={}, uri=uri)
 
     def ck(payload: str) -> Path:
@@ -204,11 +205,11 @@ def test_register_checkpoint_promote_flag(cell, tmp_path):
     r1 = tracking.register_checkpoint(
         "m", ck("a"), run_id=run, score=0.9, metric="acc_avg", promote=False, uri=uri
     )
-    assert (r1.version, r1.champion) == ("1", "") and tracking.current_champion("m") is None
+    assert (r1.version, r1.champion) == ("1", "") and mc_registry.current_champion("m") is None
     r2 = tracking.register_checkpoint(
         "m", ck("b"), run_id=run, score=0.1, metric="acc_avg", promote=True, uri=uri
     )
-    assert r2.champion == "2" and tracking.current_champion("m") == ("2", 0.1)
+    assert r2.champion == "2" and mc_registry.current_champion("m") == ("2", 0.1)
     # promote=False leaves the alias on v2 even though v3 scores higher.
     r3 = tracking.register_checkpoint(
         "m", ck("c"), run_id=run, score=0.8, metric="acc_avg", promote=False, uri=uri

@@ -322,10 +322,11 @@ def _dialogues(model, processor, ds: datasets.Dataset) -> datasets.Dataset:
 
 
 def _register(root: Path, ckpt: Path) -> str:
+    import mc_registry
     from tasks import tracking
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    tracking.migrate(uri)
+    mc_registry.migrate(uri)
     run = tracking.start_cell_run("lmms-parity", "tiny-llava", "0.9", params={}, uri=uri)
     tracking.register_checkpoint(REGISTERED, ckpt, run_id=run, score=0.5, metric="acc_avg", uri=uri)
     return uri

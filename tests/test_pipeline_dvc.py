@@ -82,7 +82,7 @@ def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("pipeline")
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
-    for name in ("tasks", "mc_core"):
+    for name in ("tasks", "mc_registry", "mc_core"):
         shutil.copytree(
             ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )

@@ -7,7 +7,7 @@ import torch
 from conftest import FAMILIES, VOCAB, assistant_turn, make_image, user_turn
 
 from mc_core.models import families
-from mc_core.models.processing import build_processor, load_processor, special_tokens
+from mc_core.models.processors import build_processor, load_processor, special_tokens
 
 
 def _cfg(family: str) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import common, report
+from tasks import cells, report
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "| cell | none | MetaCompress | kept of none |"
@@ -53,7 +53,7 @@ def _signed(v: float) -> str:
 
 
 def _expected(arch: str, rate: str) -> list[str]:
-    ev = json.loads((ROOT / common.cell_file("eval", arch, float(rate))).read_text())
+    ev = json.loads((ROOT / cells.cell_file("eval", arch, float(rate))).read_text())
     ms, ceil = ev["methods"], ev["ceilings"]
     mc, none = ms["metacompress"], ms["none"]
     checks = report.cell_checks(ms)

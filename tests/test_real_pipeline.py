@@ -78,7 +78,7 @@ def project(request, tmp_path_factory, hf_snapshot):
         source = str(shutil.copytree(snapshot, tmp / "weights" / "llava-snap"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
-    for name in ("tasks", "mc_core"):
+    for name in ("tasks", "mc_registry", "mc_core"):
         shutil.copytree(
             ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
@@ -108,7 +108,7 @@ def _repro(repo: Path, env: dict) -> set[str]:
 @pytest.mark.pipeline
 @pytest.mark.slow
 def test_real_checkpoint_runs_every_stage_offline(project):
-    from tasks import tracking
+    import mc_registry
 
     repo, env, kind, source = project
     stages = {
@@ -150,7 +150,7 @@ def test_real_checkpoint_runs_every_stage_offline(project):
     assert set(ev["methods"]) == {"none", "sample", "metacompress"} and ev["dataset"] == "gqa"
     reg = json.loads((repo / "reports/registry/snap-0.9.json").read_text())
     assert reg["name"] == "metacompress-snap-r0.9" and reg["gate"]["reason"]
-    c = tracking.client(env["MLFLOW_TRACKING_URI"])
+    c = mc_registry.client(env["MLFLOW_TRACKING_URI"])
     assert str(c.get_registered_model("metacompress-snap-r0.9").aliases.get("champion")) == "1"
     assert "| snap | 0.9 |" in (repo / "reports/summary.md").read_text()
 

@@ -1,4 +1,6 @@
-"""The MLflow registry on a temporary SQLite database: versions, alias, lineage, concurrency."""
+"""The MLflow registry on a temporary SQLite database: versions, alias, lineage, concurrency.
+
+Written through ``tasks.tracking`` (runs, registering), read back through ``mc_registry``."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import mc_registry
 from tasks import lineage, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def template_db(tmp_path_factory) -> Path:
     """A migrated MLflow SQLite database, built once (migrations take seconds)."""
     db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    tracking.migrate(f"sqlite:///{db}")
+    mc_registry.migrate(f"sqlite:///{db}")
     return db
 
 
@@ -31,7 +34,7 @@ def store(template_db, tmp_path, monkeypatch) -> str:
     db = tmp_path / "mlflow.db"
     shutil.copy(template_db, db)
     uri = f"sqlite:///{db}"
-    monkeypatch.setenv(tracking.ENV_URI, uri)
+    monkeypatch.setenv(mc_registry.ENV_URI, uri)
     monkeypatch.chdir(tmp_path)
     return uri
 
@@ -81,7 +84,7 @@ def test_versions_alias_and_dedup(store, tmp_path):
         "m-tiny-r0.9", c, run_id=run, score=0.8, metric="acc_avg", uri=store
     )
     assert (r3.version, r3.champion) == ("3", "3")
-    cl = tracking.client(store)
+    cl = mc_registry.client(store)
     assert str(cl.get_model_version_by_alias("m-tiny-r0.9", "champion").version) == "3"
     assert len(cl.search_model_versions("name = 'm-tiny-r0.9'")) == 3
 
@@ -100,7 +103,7 @@ def test_lineage_tags_and_download(store, tmp_path):
     for s in range(5):
         steps(s, {"loss": 1.0 / (s + 1)})
     steps.flush()
-    cl = tracking.client(store)
+    cl = mc_registry.client(store)
     r = cl.get_run(run)
     assert r.data.tags["arch"] == "tiny-llava" and r.data.tags["rate"] == "0.9"
     assert r.data.tags["dvc.data/train"] == "abc123.dir"
@@ -121,11 +124,45 @@ def test_lineage_tags_and_download(store, tmp_path):
     assert mv.tags["git_sha"] == "deadbeef" and mv.run_id == run
     # Artifacts land under the db's folder (mlartifacts/), not ./mlruns.
     assert (tmp_path / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
-    local = tracking.download("models:/m@champion", tmp_path / "dl", uri=store)
+    local = mc_registry.download("models:/m@champion", tmp_path / "dl", uri=store)
     assert (local / "compressor.safetensors").read_bytes() == b"payload"
-    assert tracking.resolve("models:/m/1", uri=store) == ("m", "1")
+    assert mc_registry.resolve("models:/m/1", uri=store) == ("m", "1")
     with pytest.raises(ValueError, match="expected models:/"):
-        tracking.resolve("runs:/abc/x", uri=store)
+        mc_registry.resolve("runs:/abc/x", uri=store)
+
+
+def test_read_side_names_lists_and_champions(store, tmp_path):
+    """What the front-ends read: registered names, URIs, every model with its champion."""
+    name = mc_registry.model_name("tiny-llava", 0.9)
+    assert name == "metacompress-tiny-llava-r0.9"
+    assert mc_registry.model_name("a", 0.5, "x", "{method}/{arch}/{rate}") == "x/a/0.5"
+    assert mc_registry.model_uri(name) == f"models:/{name}@champion"
+    assert mc_registry.parse_uri(mc_registry.model_uri(name, version=2)) == (name, None, "2")
+    with pytest.raises(ValueError, match="must contain"):
+        mc_registry.check_template("{method}-{arch}")
+    assert mc_registry.registered_models(uri=store) == []
+    run = _run(store)
+    tracking.log_metrics(run, {"eval/acc_avg": 0.5}, uri=store)
+    assert mc_registry.client(store).get_run(run).info.run_name == "train-tiny-llava-r0.9"
+    tracking.register_checkpoint(
+        name, _ckpt(tmp_path / "a", "a"), run_id=run, score=0.5, metric="acc_avg", uri=store
+    )
+    tracking.register_checkpoint(
+        "gated",
+        _ckpt(tmp_path / "b", "b"),
+        run_id=run,
+        score=0.1,
+        metric="kl",
+        uri=store,
+        promote=False,
+    )
+    assert mc_registry.current_champion(name, uri=store) == ("1", 0.5)
+    assert mc_registry.champion("gated", uri=store) is None
+    listed = {r.name: r for r in mc_registry.registered_models(uri=store)}
+    assert listed["gated"] == mc_registry.Registered("gated")
+    top = listed[name]
+    assert (top.version, top.score, top.metric) == ("1", 0.5, "acc_avg")
+    assert top.run_metrics["eval/acc_avg"] == 0.5
 
 
 def test_bad_checkpoint_folder_named(store, tmp_path):
@@ -166,7 +203,7 @@ def test_four_cells_register_at_once(store, tmp_path):
     outs = [p.communicate(timeout=180) for p in procs]
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
-    cl = tracking.client(store)
+    cl = mc_registry.client(store)
     for i in range(1, 5):
         assert [str(v.version) for v in cl.search_model_versions(f"name = 'cell-{i}'")] == ["1"]
     shared = cl.search_model_versions("name = 'shared'")
@@ -198,7 +235,7 @@ def test_cell_run_for_finds_the_training_run_or_records_a_closed_stand_in(store)
     # A checkpoint no run of ours trained (restored from DVC's cache): one closed stand-in.
     stand_in = tracking.cell_run_for("exp", "tiny-llava", "0.5", "bb", uri=store)
     assert stand_in != trained
-    r = tracking.client(store).get_run(stand_in)
+    r = mc_registry.client(store).get_run(stand_in)
     assert r.info.status == "FINISHED"
     assert r.data.tags["ckpt_sha256"] == "bb" and r.data.tags["restored"] == "true"
     assert r.data.params == {"arch": "tiny-llava", "rate": "0.5"}

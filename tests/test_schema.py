@@ -6,7 +6,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from mc_core.data import schema
+from mc_core.data import assemble, schema
 
 
 def _png(colour=(10, 20, 30)) -> bytes:
@@ -127,6 +127,6 @@ def test_load_errors_name_the_path(tmp_path):
 
 def test_group_turns_drops_the_remainder():
     ids = [str(i) for i in range(8)]
-    assert schema.group_turns(ids) == [("0", "1", "2"), ("3", "4", "5")]
-    assert schema.group_turns(ids[:2]) == []
-    assert sorted(["10", "9", "x", "100"], key=schema.id_sort_key) == ["9", "10", "100", "x"]
+    assert assemble.group_turns(ids) == [("0", "1", "2"), ("3", "4", "5")]
+    assert assemble.group_turns(ids[:2]) == []
+    assert sorted(["10", "9", "x", "100"], key=assemble.id_sort_key) == ["9", "10", "100", "x"]

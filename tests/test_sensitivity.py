@@ -15,7 +15,7 @@ from mc_core.compressors import build, checkpoint
 from mc_core.data import schema
 from mc_core.data.schema import FEATURES
 from mc_core.models import zoo
-from tasks import common, sensitivity
+from tasks import cells, common, sensitivity
 from tasks.params import EvaluateParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,7 +64,7 @@ def cell(tmp_path, monkeypatch):
     )
     meta = build("metacompress", rate=0.75, dim=64, d_c=16)
     checkpoint.save_compressor(
-        common.compressor_dir("tiny-llava", 0.75), meta, meta={"family": "llava"}
+        cells.compressor_dir("tiny-llava", 0.75), meta, meta={"family": "llava"}
     )
     return model, tmp_path / "reports/sensitivity/tiny-llava-0.75.json"
 

@@ -80,7 +80,7 @@ def test_answers_consistent_with_scene():
                     # The drawn pixel at the object's centre is its colour (within jitter +
                     # anti-aliasing; 40 is far below the distance between palette colours).
                     centre = pixels[int(obj.cy), int(obj.cx)]
-                    assert np.abs(centre - np.array(S._RGB[a])).max() < 40
+                    assert np.abs(centre - np.array(S.RGB[a])).max() < 40
             elif t == "count":
                 colour = target.split(":")[1]
                 assert a == S.COUNT_WORDS[sum(o.colour == colour for o in scene.objects)]

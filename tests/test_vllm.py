@@ -41,7 +41,7 @@ from mc_core.inference.dialogue import render
 from mc_core.inference.embeds import ImageEmbeds, load_embeds, save_embeds
 from mc_core.inference.serving import compress_image, engine_adapter, engine_grid, export_for_vllm
 from mc_core.models.families import adapter_for
-from mc_core.models.processing import build_processor
+from mc_core.models.processors import build_processor
 from mc_core.training.losses import answer_kl
 from mc_vllm.inputs import chat_messages, content_part, multi_modal_data
 

@@ -36,17 +36,15 @@ from typing import Any
 import datasets
 
 from mc_core.data import images as image_rules
+from mc_core.data.assemble import dataset_from_rows, file_stamp, take_subset
 from mc_core.data.schema import (
     COLUMNS,
     FEATURES,
     OPTIONAL_FEATURES,
     TURNS,
     check_row,
-    dataset_from_rows,
-    file_stamp,
     image_presence,
     is_saved_dataset,
-    take_subset,
 )
 
 SOURCE = "dataset"

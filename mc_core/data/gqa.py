@@ -34,14 +34,14 @@ from typing import Any
 
 import datasets
 
-from mc_core.data.schema import (
+from mc_core.data.assemble import (
     ImageSource,
     build_from_plans,
     group_turns,
     id_sort_key,
-    is_saved_dataset,
     take_subset,
 )
+from mc_core.data.schema import is_saved_dataset
 
 SOURCE = "gqa"
 # Bump when the row layout, the grouping or the image handling changes (keys the datasets

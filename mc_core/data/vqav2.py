@@ -30,13 +30,8 @@ from typing import Any
 
 import datasets
 
-from mc_core.data.schema import (
-    VQA_ANSWERS,
-    ImageSource,
-    build_from_plans,
-    group_turns,
-    take_subset,
-)
+from mc_core.data.assemble import ImageSource, build_from_plans, group_turns, take_subset
+from mc_core.data.schema import VQA_ANSWERS
 
 SOURCE = "vqav2"
 # Bump when the row layout, the grouping or the image handling changes (keys the datasets

@@ -51,6 +51,26 @@ def _round4(x: float | None) -> float | None:
     return None if x is None else round(float(x), 4)
 
 
+def _selector_runs(model, rows, run, adapter, rate: float, dim: int):
+    """The ground-truth selector's accuracy, packed and under the family's default positions
+    (None, None where the dataset has no object centres)."""
+    if GT_COLUMN not in rows[0]:
+        return None, None
+
+    def gt(_s, chunk):
+        return PlanCompressor(
+            rate=rate, dim=dim, plans=[selector_plan(r[GT_COLUMN], rate) for r in chunk]
+        )
+
+    # Packed, as the name says: the kept tokens take consecutive positions (the HF
+    # convention, and the LLaVA families' default).
+    selector = run(rows, gt, adapter_for(model, positions="packed"))["acc_avg"]
+    # Under the family's own default too where it differs (Qwen: source positions), as the
+    # compressors are evaluated.
+    default_selector = selector if adapter.positions == "packed" else run(rows, gt)["acc_avg"]
+    return selector, default_selector
+
+
 def base_report(
     model,
     processor,
@@ -103,20 +123,7 @@ def base_report(
     blank = run([_blank_row(r) for r in rows], lambda _s, _c: None)
     sample = build("sample", rate=rate, dim=dim).to(dev).eval()
     sampled = run(rows, lambda _s, _c: sample)
-    selector = default_selector = None
-    if GT_COLUMN in rows[0]:
-
-        def gt(_s, chunk):
-            return PlanCompressor(
-                rate=rate, dim=dim, plans=[selector_plan(r[GT_COLUMN], rate) for r in chunk]
-            )
-
-        # Packed, as the name says: the kept tokens take consecutive positions (the HF
-        # convention, and the LLaVA families' default).
-        selector = run(rows, gt, adapter_for(model, positions="packed"))["acc_avg"]
-        # Under the family's own default too where it differs (Qwen: source positions), as the
-        # compressors are evaluated.
-        default_selector = selector if adapter.positions == "packed" else run(rows, gt)["acc_avg"]
+    selector, default_selector = _selector_runs(model, rows, run, adapter, rate, dim)
     bar.close()
     r4 = _round4
     tokens = full["visual_tokens"]

@@ -54,6 +54,41 @@ def _fit_oracles(model, adapter, teacher: dict, rate: float, *, steps, lr, eps, 
     return plans, kls, overlaps, chance
 
 
+def _oracle(model, processor, adapter, rows, rate, dim, common, dialogues, *, steps, lr, eps, seed):
+    """The oracle on a seeded subsample of `dialogues` rows, `none` on the same as its
+    reference; also each fitted P's [CLS] overlap and its chance level."""
+    k = min(int(dialogues), len(rows))
+    pick = sorted(
+        torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:k].tolist()
+    )
+    sub = [rows[i] for i in pick]
+    teacher = {
+        j: teacher_logits(model, processor, adapter, r, common["dev"]) for j, r in enumerate(sub)
+    }
+    plans, kls, overlaps, chance = _fit_oracles(
+        model, adapter, teacher, rate, steps=steps, lr=lr, eps=eps, seed=seed
+    )
+    # Batches must replay plans in row order: one queue over the subsample.
+    queue = PlanCompressor(rate=rate, dim=dim, plans=plans)
+    oracle = run_method(
+        model, processor, adapter, sub, lambda _s, _c: queue, teacher=teacher, **common
+    )
+    ref = run_method(model, processor, adapter, sub, lambda _s, _c: None, teacher=teacher, **common)
+    oracle.update(
+        {
+            "dialogues": k,
+            "indices": pick,
+            "steps": int(steps),
+            "lr": float(lr),
+            "eps": float(eps),
+            "fit_kl": sum(kls) / max(len(kls), 1),
+            "none_acc_avg": ref["acc_avg"],
+            "none_acc_avg_ci": ref["acc_avg_ci"],
+        }
+    )
+    return oracle, overlaps, chance
+
+
 def evaluate_ceilings(
     model,
     processor,
@@ -75,9 +110,8 @@ def evaluate_ceilings(
     """The cell's ceilings (`mc_core.evaluation.ceilings`): selector, oracle and the [CLS] overlap.
 
     The selector runs on the same dialogues as `evaluate` where the dataset has the optional
-    `object_centres` column, else it is `{"available": False, "note": ...}`. The oracle runs
-    on a seeded subsample of `oracle_dialogues` dialogues (`none` is scored on the same
-    subsample as its reference); `cls_overlap` is measured on the oracle's P.
+    `object_centres` column (else `{"available": False, "note": ...}`); the oracle on a seeded
+    subsample of `oracle_dialogues` (`_oracle`); `cls_overlap` on the oracle's P.
     """
     check_rate(rate, where="ceilings rate")
     rows = eval_rows(dataset, max_dialogues)
@@ -111,32 +145,9 @@ def evaluate_ceilings(
             "available": False,
             "note": f"the dataset has no {GT_COLUMN!r} ground truth",
         }
-    k = min(int(oracle_dialogues), len(rows))
-    pick = sorted(
-        torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:k].tolist()
-    )
-    sub = [rows[i] for i in pick]
-    teacher = {j: teacher_logits(model, processor, adapter, r, dev) for j, r in enumerate(sub)}
-    plans, kls, overlaps, chance = _fit_oracles(
-        model, adapter, teacher, rate, steps=oracle_steps, lr=oracle_lr, eps=oracle_eps, seed=seed
-    )
-    # Batches must replay plans in row order: one queue over the subsample.
-    queue = PlanCompressor(rate=rate, dim=dim, plans=plans)
-    oracle = run_method(
-        model, processor, adapter, sub, lambda _s, _c: queue, teacher=teacher, **common
-    )
-    ref = run_method(model, processor, adapter, sub, lambda _s, _c: None, teacher=teacher, **common)
-    oracle.update(
-        {
-            "dialogues": k,
-            "indices": pick,
-            "steps": int(oracle_steps),
-            "lr": float(oracle_lr),
-            "eps": float(oracle_eps),
-            "fit_kl": sum(kls) / max(len(kls), 1),
-            "none_acc_avg": ref["acc_avg"],
-            "none_acc_avg_ci": ref["acc_avg_ci"],
-        }
+    fit = {"steps": oracle_steps, "lr": oracle_lr, "eps": oracle_eps, "seed": seed}
+    oracle, overlaps, chance = _oracle(
+        model, processor, adapter, rows, rate, dim, common, oracle_dialogues, **fit
     )
     out["oracle"] = oracle
     out["cls_overlap"] = (

@@ -84,14 +84,9 @@ def question_overlap(
         if len(questions) < 2:
             continue
         images = as_rgb(row["image"])
-        # Every question as the opening turn, in one padded batch (same images each).
-        texts = [render(processor, [q], [], n_images=len(images)) for q in questions]
-        inputs = dict(
-            processor(text=texts, images=images * len(texts), return_tensors="pt", padding=True)
-        )
-        inputs = to_device(inputs, device, dtype)
+        inputs = _openings(processor, questions, images, device, dtype)
         adapter.reset_state()
-        tokens = adapter.visual_tokens(inputs)  # len(texts) * len(images), batch-major
+        tokens = adapter.visual_tokens(inputs)  # len(questions) * len(images), batch-major
         contexts = adapter.contexts(inputs)
         sizes = [t.shape[0] for t in tokens[: len(images)]]
         kept = [fastv.kept(n) for n in sizes]
@@ -101,24 +96,55 @@ def question_overlap(
         if row.get(GT_COLUMN) is not None and len(images) == 1 and pos is not None:
             centres = set(object_tokens(row[GT_COLUMN], pos).tolist())
         for k in layers:
-            scores = prompt_attention(model, adapter, inputs, layer=k, visual_tokens=tokens)
-            for ctx, s in zip(contexts, scores, strict=True):
-                ctx.prompt_attention = s
-            _, ps = fastv([t.float() for t in tokens], contexts)
-            sets = [set(P.argmax(1).tolist()) for P in ps]  # one-hot rows: the kept indices
-            first = sets[: len(images)]
-            shared = total = 0
-            for t in range(1, len(texts)):
-                for j, s1 in enumerate(first):
-                    shared += len(s1 & sets[t * len(images) + j])
-                    total += kept[j]
-            per_layer[k].append(shared / total)
+            sets = _kept_sets(model, adapter, fastv, inputs, tokens, contexts, k)
+            per_layer[k].append(_later_overlap(sets, kept, len(questions), len(images)))
             if centres:
-                recall[k].append(len(first[0] & centres) / len(centres))
+                recall[k].append(len(sets[0] & centres) / len(centres))
     if not chance:
         raise ValueError(
             f"question_overlap: none of the first {n_rows} dialogues has two questions"
         )
+    return _summary(per_layer, recall, chance, seed)
+
+
+def _openings(processor, questions: Sequence[str], images: list, device, dtype) -> dict:
+    """Every question as the opening turn, in one padded batch (same images each)."""
+    texts = [render(processor, [q], [], n_images=len(images)) for q in questions]
+    inputs = dict(
+        processor(text=texts, images=images * len(texts), return_tensors="pt", padding=True)
+    )
+    return to_device(inputs, device, dtype)
+
+
+def _kept_sets(model, adapter, fastv, inputs: dict, tokens, contexts, layer: int) -> list[set]:
+    """FastV's kept token indices of every (prompt, image), batch-major, ranked by the
+    prompt's attention at LLM layer ``layer``."""
+    scores = prompt_attention(model, adapter, inputs, layer=layer, visual_tokens=tokens)
+    for ctx, s in zip(contexts, scores, strict=True):
+        ctx.prompt_attention = s
+    _, ps = fastv([t.float() for t in tokens], contexts)
+    return [set(P.argmax(1).tolist()) for P in ps]  # one-hot rows: the kept indices
+
+
+def _later_overlap(sets: list[set], kept: list[int], n_texts: int, n_images: int) -> float:
+    """``|S_1 & S_t| / m`` pooled over the later prompts t and the images: the first
+    ``n_images`` sets are turn 1's."""
+    first = sets[:n_images]
+    shared = total = 0
+    for t in range(1, n_texts):
+        for j, s1 in enumerate(first):
+            shared += len(s1 & sets[t * n_images + j])
+            total += kept[j]
+    return shared / total
+
+
+def _summary(
+    per_layer: dict[int, list[float]],
+    recall: dict[int, list[float]],
+    chance: list[float],
+    seed: int,
+) -> dict[int, dict[str, Any]]:
+    """Per layer: mean overlap with its bootstrap interval, chance, dialogues, centre recall."""
     return {
         k: {
             "overlap": sum(v) / len(v),

@@ -220,6 +220,19 @@ def eval_rows(dataset, max_dialogues: int | None) -> list[dict[str, Any]]:
     return [row(dataset, i) for i in range(n)]
 
 
+def _report_header(arch: str, rate: float, dataset: str | None, history: str, n: int) -> dict:
+    """The cell's report before any method: what was evaluated, on how many dialogues."""
+    return {
+        "arch": arch,
+        "rate": float(rate),
+        "dataset": dataset or "unknown",
+        "history": history,
+        "dialogues": n,
+        "n_dialogues": n,
+        "methods": {},
+    }
+
+
 def evaluate(
     model,
     processor,
@@ -243,8 +256,8 @@ def evaluate(
     """Evaluate `methods` at `rate` on the dialogues of `dataset`.
 
     Args:
-        model: the LVLM (frozen by this call and moved to the device).
-        processor: its processor.
+        model, processor: the LVLM (frozen by this call and moved to the device) and its
+            processor.
         dataset: dialogue rows (`mc_core.data.schema`).
         methods: method names (`none` = all tokens; registry names; keys of `compressors`).
         rate: reduction rate in (0, 1).
@@ -252,20 +265,16 @@ def evaluate(
             (trained ones, e.g. metacompress; or any extra name such as a registry champion).
         history: "model" (later turns see the model's answers) or "gold".
         max_dialogues: evaluate only the first N dialogues.
-        device: "auto", "cpu" or "cuda".
-        batch_size: dialogues per `BatchConversation`.
-        max_new_tokens: answer length limit.
-        arch, dataset_name: recorded in the report.
+        device: "auto", "cpu" or "cuda"; batch_size: dialogues per `BatchConversation`.
+        max_new_tokens: answer length limit; arch, dataset_name: recorded in the report.
         seed: torch seed set before each method (random methods are reproducible); also the
             bootstrap seed of the intervals.
-        adapter: the family adapter (default `adapter_for(model)`).
-        progress: progress bar (a tqdm bar on a terminal, log lines elsewhere).
+        adapter: the family adapter (default `adapter_for(model)`); progress: a progress bar.
         instruction: appended to every question, in the prompts and in the full model's KL
-            targets (None: `mc_core.inference.dialogue.default_instruction`: LLaVA's short-answer
-            instruction for real tokenizers, none for the synthetic world).
+            targets (None: `mc_core.inference.dialogue.default_instruction`).
 
     Returns:
-        The metrics dict (module docstring), with `n_dialogues` and per method `acc_avg_ci`.
+        The metrics dict (docs/contracts.md), with `n_dialogues` and per method `acc_avg_ci`.
 
     Raises:
         ValueError: bad rate, unknown method or history, a trainable method without a trained
@@ -283,15 +292,7 @@ def evaluate(
     adapter = adapter if adapter is not None else adapter_for(model)
     comps = {m: method_compressor(m, rate, token_dim(model), compressors, dev) for m in methods}
     teacher: dict[int, tuple] = {}
-    report: dict[str, Any] = {
-        "arch": arch or type(model).__name__,
-        "rate": float(rate),
-        "dataset": dataset_name or "unknown",
-        "history": history,
-        "dialogues": n,
-        "n_dialogues": n,
-        "methods": {},
-    }
+    report = _report_header(arch or type(model).__name__, rate, dataset_name, history, n)
     bar = progress_bar(total=n * len(methods), desc=f"evaluate r={rate}", disable=not progress)
     for name in methods:
         torch.manual_seed(seed)

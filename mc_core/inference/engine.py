@@ -97,18 +97,11 @@ def _positions(mask: Tensor, start: Tensor) -> Tensor:
 
 
 class BatchConversation:
-    """Several dialogues in padded batches: `ask(list[str]) -> list[str]`, one question each.
-
-    Turn 1 renders every dialogue's prompt, runs the processor on the whole batch (left
-    padding), compresses each image once (`compress_inputs`; FastV ranks with each dialogue's
-    own first prompt) and prefills one batched `DynamicCache`. Each later turn appends every
-    dialogue's new text, left-padded to the longest: the padding stays in the cache as masked
-    holes, and each row's positions count only its valid tokens, so every row sees what its
-    own `Conversation` would (same logits up to float summation order; tests/test_batching.py).
-    M-RoPE models (Qwen) continue each row from its own offset (`rope_deltas` per row).
-    Greedy decoding runs all rows together until each has hit EOS or `max_new_tokens`; the
-    generated tokens are then cropped and re-fed as text with the next question, as in
-    `Conversation`.
+    """Several dialogues in padded batches: `ask(list[str]) -> list[str]`, one question each
+    (the cycle is the module docstring's; every row sees what it would alone, up to float
+    summation order: tests/test_batching.py). M-RoPE models (Qwen) continue each row from its
+    own offset (`rope_deltas` per row). Greedy decoding runs all rows together until each has
+    hit EOS or `max_new_tokens`.
 
     Args:
         model, processor, compressor, adapter, max_new_tokens, instruction: as for
@@ -142,12 +135,7 @@ class BatchConversation:
         self.compressor = compressor
         self.adapter = adapter if adapter is not None else adapter_for(model)
         self.max_new_tokens = max_new_tokens
-        self.rows: list[DialogueState] = []
-        for i, img in enumerate(images):
-            imgs = list(img) if isinstance(img, list | tuple) else [img]
-            if not imgs:
-                raise ValueError(f"images[{i}] is empty: a dialogue needs at least one image")
-            self.rows.append(DialogueState(imgs))
+        self.rows = _dialogues(images)
         self.batch_prefill_s: list[float] = []
         self._cache: DynamicCache | None = None
         self._mask: Tensor | None = None  # (B, T) valid tokens of the cache
@@ -156,9 +144,7 @@ class BatchConversation:
         self._device = model_device(model)
         self._dtype = next(model.parameters()).dtype
         self._pad = int(self.adapter._pad_token_id())
-        eos = model.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self._eos = {int(e) for e in [*eos, processor.tokenizer.eos_token_id] if e is not None}
+        self._eos = _eos_ids(model, processor)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -166,12 +152,7 @@ class BatchConversation:
     @torch.no_grad()
     def ask(self, questions: Sequence[str]) -> list[str]:
         """One question per dialogue, in row order; returns the answers in the same order."""
-        if isinstance(questions, str) or len(questions) != len(self.rows):
-            got = 1 if isinstance(questions, str) else len(questions)
-            raise ValueError(f"got {got} questions for a batch of {len(self.rows)} dialogues")
-        for i, q in enumerate(questions):
-            if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"questions[{i}]={q!r}: expected a non-empty string")
+        _check_questions(questions, len(self.rows))
         texts = []
         for row, q in zip(self.rows, questions, strict=True):
             row.questions.append(q)
@@ -221,17 +202,10 @@ class BatchConversation:
         # FastV's layer-K pass runs on the padded batch with the model's default positions:
         # rotary attention only sees relative positions, which left padding does not shift.
         inputs, tokens, ps = compress_inputs(self.model, self.adapter, self.compressor, inputs)
-        self._split_tokens(tokens, ps, n_total)
+        _split_tokens(self.rows, tokens, ps, n_total)
         mask = inputs["attention_mask"]
-        # Positions the adapter gave (`source` mode: each compressed token at its sources'
-        # place) are kept. Otherwise they are counted here, except where Qwen places the image
-        # tokens itself from their grid; Qwen with `packed` tokens has no grid left, so it gets
-        # plain 1-D positions as the other families do.
         given = inputs.get("position_ids")
-        if self._mrope:
-            plain = not ({"position_ids", "image_grid_thw"} & inputs.keys())
-        else:
-            plain = given is None
+        plain = _plain_positions(inputs, self._mrope)
         if plain:
             # Counted from the mask, so later turns (with holes) continue each row exactly.
             pos = _positions(mask, torch.zeros_like(mask[:, 0]))
@@ -239,33 +213,11 @@ class BatchConversation:
         self.adapter.reset_state()
         self._cache = DynamicCache(config=self.model.config)
         out = self.model(**inputs, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
-        n_valid = mask.sum(-1)
-        if plain:
-            self._next = n_valid
-        elif self._mrope:
-            # Qwen: next text position = valid tokens + this row's offset (as in the model).
-            deltas = self.model.model.rope_deltas.reshape(-1)
-            self._next = n_valid.to(deltas.dtype) + deltas.to(n_valid.device)
-            self.adapter.reset_state()
-        else:
-            # 1-D `source` positions: the next text continues after the last position used.
-            top = given.float().masked_fill(~mask.bool(), float("-inf")).amax(-1)
-            self._next = top + 1
+        self._next = _next_positions(self.model, mask, None if plain else given, self._mrope)
+        if not plain:
             self.adapter.reset_state()
         self._mask = mask
         return out.logits
-
-    def _split_tokens(self, tokens, ps, n_total: list[int]) -> None:
-        start = 0
-        for b, row in enumerate(self.rows):
-            k = len(row.images)
-            if tokens is None:
-                row.visual_tokens = [int(n_total[b])]
-            else:
-                row.tokens = list(tokens[start : start + k])
-                row.P = list(ps[start : start + k])
-                row.visual_tokens = [int(t.shape[0]) for t in row.tokens]
-            start += k
 
     def _prefill_more(self, texts: list[str]) -> Tensor:
         chunks = []
@@ -277,13 +229,7 @@ class BatchConversation:
                 )
             new = text[len(row.text) :]
             chunks.append(self.processor.tokenizer(new, add_special_tokens=False)["input_ids"])
-        width = max(len(c) for c in chunks)
-        ids = torch.full((len(chunks), width), self._pad, dtype=torch.long)
-        mask = torch.zeros((len(chunks), width), dtype=self._mask.dtype)
-        for b, c in enumerate(chunks):
-            if c:
-                ids[b, width - len(c) :] = torch.tensor(c, dtype=torch.long)
-                mask[b, width - len(c) :] = 1
+        ids, mask = _left_pad(chunks, self._pad, self._mask.dtype)
         return self._step(ids.to(self._device), mask.to(self._device))
 
     def _step(self, ids: Tensor, mask: Tensor) -> Tensor:
@@ -344,6 +290,81 @@ class BatchConversation:
     def prefill_s(self) -> list[list[float]]:
         """Per-turn prefill seconds per dialogue (amortised over the batch)."""
         return [row.prefill_s for row in self.rows]
+
+
+def _dialogues(images: Sequence[Any]) -> list[DialogueState]:
+    rows = []
+    for i, img in enumerate(images):
+        imgs = list(img) if isinstance(img, list | tuple) else [img]
+        if not imgs:
+            raise ValueError(f"images[{i}] is empty: a dialogue needs at least one image")
+        rows.append(DialogueState(imgs))
+    return rows
+
+
+def _eos_ids(model, processor) -> set[int]:
+    """Token ids that end an answer: the generation config's and the tokenizer's EOS."""
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return {int(e) for e in [*eos, processor.tokenizer.eos_token_id] if e is not None}
+
+
+def _check_questions(questions: Sequence[str], n: int) -> None:
+    if isinstance(questions, str) or len(questions) != n:
+        got = 1 if isinstance(questions, str) else len(questions)
+        raise ValueError(f"got {got} questions for a batch of {n} dialogues")
+    for i, q in enumerate(questions):
+        if not isinstance(q, str) or not q.strip():
+            raise ValueError(f"questions[{i}]={q!r}: expected a non-empty string")
+
+
+def _split_tokens(rows: list[DialogueState], tokens, ps, n_total: list[int]) -> None:
+    """Give each row its images' compressed tokens and P (batch order), or its token count."""
+    start = 0
+    for b, row in enumerate(rows):
+        k = len(row.images)
+        if tokens is None:
+            row.visual_tokens = [int(n_total[b])]
+        else:
+            row.tokens = list(tokens[start : start + k])
+            row.P = list(ps[start : start + k])
+            row.visual_tokens = [int(t.shape[0]) for t in row.tokens]
+        start += k
+
+
+def _plain_positions(inputs: dict[str, Any], mrope: bool) -> bool:
+    """Whether the engine counts the prefill's positions itself. Positions the adapter gave
+    (`source` mode: each compressed token at its sources' place) are kept, and Qwen places the
+    image tokens itself from their grid; Qwen with `packed` tokens has no grid left, so it gets
+    plain 1-D positions as the other families do."""
+    if mrope:
+        return not ({"position_ids", "image_grid_thw"} & inputs.keys())
+    return inputs.get("position_ids") is None
+
+
+def _next_positions(model, mask: Tensor, given: Tensor | None, mrope: bool) -> Tensor:
+    """(B,) position of each row's next text token after the prefill: its valid tokens where
+    the engine counted the positions (`given` None); Qwen: valid tokens + the row's offset, as
+    the model keeps it; 1-D `source` positions: after the last position used."""
+    n_valid = mask.sum(-1)
+    if given is None:
+        return n_valid
+    if mrope:
+        deltas = model.model.rope_deltas.reshape(-1)
+        return n_valid.to(deltas.dtype) + deltas.to(n_valid.device)
+    return given.float().masked_fill(~mask.bool(), float("-inf")).amax(-1) + 1
+
+
+def _left_pad(chunks: list[list[int]], pad: int, mask_dtype) -> tuple[Tensor, Tensor]:
+    """Token id lists as a left-padded [B, L] batch and its validity mask."""
+    width = max(len(c) for c in chunks)
+    ids = torch.full((len(chunks), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(chunks), width), dtype=mask_dtype)
+    for b, c in enumerate(chunks):
+        if c:
+            ids[b, width - len(c) :] = torch.tensor(c, dtype=torch.long)
+            mask[b, width - len(c) :] = 1
+    return ids, mask
 
 
 @torch.no_grad()

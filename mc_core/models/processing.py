@@ -1,6 +1,7 @@
 """Offline processors for the LVLM families: a word-level tokenizer inside the real processor class.
 
-`build_processor(family, vocab, **image_cfg)` returns the family's own transformers processor
+`mc_core.models.processors.build_processor(family, vocab, **image_cfg)` returns the family's own
+transformers processor
 (the class its descriptor in `mc_core.models.families` names) built from arguments only: no hub, no
 download. The tokenizer is a `tokenizers` WordLevel model (whitespace + punctuation
 pre-tokenizer, so "what colour is at row 2 col 3 ?" is seven words) wrapped in
@@ -21,47 +22,19 @@ lets them run (and save / load) with `video_processor=None`.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
-from transformers.processing_utils import ProcessorMixin
 
 __all__ = [
     "NoVideoMixin",
-    "build_processor",
-    "build_tokenizer",
-    "chat_template",
     "chatml_template",
-    "load_processor",
     "norm_cfg",
     "positive_int",
-    "special_tokens",
     "vicuna_template",
+    "word_tokenizer",
 ]
-
-
-def _family(name: str):
-    # Imported here: the descriptors import this module's helpers.
-    from mc_core.models import families
-
-    return families.get(name)
-
-
-def special_tokens(family: str) -> dict[str, str]:
-    """The family's special tokens by role.
-
-    Args:
-        family: a registered family (`mc_core.models.families.available()`).
-
-    Returns:
-        A new dict with at least `bos`, `eos`, `unk`, `pad`, `image` (the placeholder the chat
-        text carries) and `end_of_turn` (what closes every assistant answer), plus
-        family-specific ones (e.g. `vision_start`/`vision_end`/`video` for Qwen).
-    """
-    return dict(_family(family).specials)
 
 
 # Jinja pieces shared by the templates. `content` is a string or a list of {"type": ...} items.
@@ -102,16 +75,11 @@ def chatml_template(image: str) -> str:
     )
 
 
-def chat_template(family: str) -> str:
-    """The Jinja chat template of `family` (see the module docstring for its prefix property)."""
-    return _family(family).chat_template()
-
-
-def build_tokenizer(family: str, vocab: list[str]) -> PreTrainedTokenizerFast:
+def word_tokenizer(fam, vocab: list[str]) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer with the family's special tokens and chat template.
 
     Args:
-        family: a registered family.
+        fam: the family descriptor (`mc_core.models.families.Family`).
         vocab: the words (no whitespace inside a word); the template's role words and
             punctuation are added, duplicates dropped, order kept, so ids are deterministic.
 
@@ -119,7 +87,6 @@ def build_tokenizer(family: str, vocab: list[str]) -> PreTrainedTokenizerFast:
         A `PreTrainedTokenizerFast`, left padding (batched generation), no automatic BOS (the
         template writes it where the family has one). Unknown words map to `unk`.
     """
-    fam = _family(family)
     sp = dict(fam.specials)
     for i, word in enumerate(vocab):
         if not isinstance(word, str) or not word or any(ch.isspace() for ch in word):
@@ -194,53 +161,3 @@ def norm_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"image_cfg[{key!r}]={value!r}: expected 3 channel values")
             out[key] = [float(v) for v in value]
     return out
-
-
-def build_processor(family: str, vocab: list[str], **image_cfg: Any) -> ProcessorMixin:
-    """The family's real processor, built offline.
-
-    Args:
-        family: a registered family (`mc_core.models.families.available()`).
-        vocab: words of the tokenizer (see `build_tokenizer`).
-        **image_cfg: image geometry; the keys each family accepts and their defaults are in its
-            descriptor's `build_processor` (`mc_core/models/families/<family>.py`). All families
-            take
-            image_mean, image_std (3 floats each; CLIP's by default).
-
-    Returns:
-        A processor whose `apply_chat_template(messages, add_generation_prompt=True,
-        tokenize=False)` renders a dialogue and whose call returns the model inputs.
-
-    Raises:
-        ValueError: unknown family, unknown image_cfg key, or an invalid value (named).
-    """
-    fam = _family(family)
-    unknown = set(image_cfg) - fam.image_keys
-    if unknown:
-        raise ValueError(
-            f"image_cfg keys {sorted(unknown)} are not used by family {family!r}; "
-            f"expected a subset of {sorted(fam.image_keys)}"
-        )
-    return fam.build_processor(build_tokenizer(family, vocab), dict(image_cfg))
-
-
-def load_processor(path: str | os.PathLike) -> ProcessorMixin:
-    """Load a processor saved by `save_pretrained` (of one built here), offline.
-
-    Args:
-        path: the directory `processor.save_pretrained(path)` wrote.
-
-    Raises:
-        ValueError: no processor config there, or a processor class no family builds.
-    """
-    from mc_core.models import families
-
-    config = os.path.join(os.fspath(path), "processor_config.json")
-    if not os.path.isfile(config):
-        raise ValueError(f"{config}: no processor_config.json (not a saved processor)")
-    with open(config, encoding="utf-8") as f:
-        name = json.load(f).get("processor_class")
-    classes = {f.processor_class.__name__: f.processor_class for f in families.all_families()}
-    if name not in classes:
-        raise ValueError(f"{config}: processor_class={name!r} is not one of {sorted(classes)}")
-    return classes[name].from_pretrained(os.fspath(path), local_files_only=True)

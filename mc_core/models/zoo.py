@@ -35,7 +35,7 @@ import torch
 from mc_core.io import staged_dir
 from mc_core.models import families
 from mc_core.models.families import RealSpec, TinySpec
-from mc_core.models.processing import build_processor, load_processor
+from mc_core.models.processors import build_processor, load_processor
 
 __all__ = [
     "REAL",

@@ -94,6 +94,23 @@ def _per_token_layer(
     return {"norms": norms, "attention": attention, "mlp": mlp}
 
 
+def _logit_bytes(s: dict[str, int], b: int, t: int, target_topk: int | None) -> int:
+    """Bytes of the loss over ``t`` answer positions: the student logits (dtype), their float32
+    copy, log-softmax, and the KL's [T, V] masks and differences in float32; the cached target
+    rows on the device."""
+    logits = t * s["vocab"] * (b + 3 * 4)
+    logits += t * (target_topk * (2 + 4) + 4 if target_topk else s["vocab"] * 4)
+    return logits
+
+
+def _generator_bytes(d: int, b: int, params: int, images: int, n: int, m: int) -> int:
+    """Bytes of the generator: parameters, gradients, SGD momentum (float32); per image X, P
+    and Y in float32 and its dtype copy (``n`` tokens before compression, ``m`` after, width
+    ``d``)."""
+    per_image = 4 * (n * d + 2 * m * n + 2 * m * d) + b * m * d
+    return 3 * 4 * params + images * per_image
+
+
 def estimate(
     model_or_config: Any,
     *,
@@ -143,18 +160,10 @@ def estimate(
     per = _per_token_layer(s, b, attn, seq_len, padded=batch_size > 1)
     # the layers, plus the final norm's float32 input
     activations = s["layers"] * tokens * sum(per.values()) + 4 * s["hidden"] * tokens
-    t = batch_size * answer_tokens
-    # student logits (dtype), their float32 copy, log-softmax, and the KL's [T, V] masks and
-    # differences in float32; the cached target rows on the device
-    logits = t * s["vocab"] * (b + 3 * 4)
-    logits += t * (target_topk * (2 + 4) + 4 if target_topk else s["vocab"] * 4)
+    logits = _logit_bytes(s, b, batch_size * answer_tokens, target_topk)
     n, m = visual_tokens
     images = batch_size if images is None else images
-    d = s["hidden"]
-    # parameters, gradients, SGD momentum (float32); per image X, P and Y in float32 and its
-    # dtype copy
-    per_image = 4 * (n * d + 2 * m * n + 2 * m * d) + b * m * d
-    generator = 3 * 4 * generator_params + images * per_image
+    generator = _generator_bytes(s["hidden"], b, generator_params, images, n, m)
     # one layer's activation gradients during the backward (MLP width and the residual)
     transient = tokens * b * (3 * s["intermediate"] + 4 * s["hidden"])
     out: dict[str, Any] = {

@@ -28,7 +28,7 @@ class TinySpec:
     Attributes:
         name: the architecture name (``tiny-llava`` ...).
         family: the family descriptor's name.
-        image_cfg: keyword arguments of ``mc_core.models.processing.build_processor`` (image
+        image_cfg: keyword arguments of ``mc_core.models.processors.build_processor`` (image
         geometry).
         vision_image_size: the tower's input side (a crop's / tile's side where there are some).
         patch_size: the tower's patch side in pixels.

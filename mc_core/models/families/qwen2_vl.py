@@ -97,6 +97,99 @@ def qwen_image_processor(image_cfg: dict[str, Any]) -> Qwen2VLImageProcessorPil:
     )
 
 
+# The family's records (module constants, so the descriptor class holds only its behaviour):
+# the world teacher, the test model, the real checkpoint and its benchmark shape.
+TINY_SPECS = {
+    "tiny-qwen2-vl": TinySpec(
+        name="tiny-qwen2-vl",
+        family="qwen2_vl",
+        # The processor upsizes a 224 px image to min_pixels = 336^2 (Qwen's own resize:
+        # sides rounded to patch * merge = 28), so patch 14 merged 2 x 2 gives 12 x 12 =
+        # 144 tokens, each 18.7 px of the original: about one token per object, as in
+        # tiny-llava. At 224 px (8 x 8 = 64 tokens of 28 px) rate 0.9 kept 7 tokens for
+        # scenes of up to 16 objects, so even the ground-truth selector lost half the
+        # accuracy: that measured the grid, not the compressors.
+        image_cfg={
+            "patch_size": 14,
+            "merge_size": 2,
+            "temporal_patch_size": 2,
+            "min_pixels": 336 * 336,
+            "max_pixels": 448 * 448,
+        },
+        vision_image_size=336,
+        patch_size=14,
+        text_layers=4,  # as tiny-llava (FastV's layer 2 is not the teacher's pointer layer)
+        # The rotary-only tower cannot know where a token is: the LLM reads it from mrope.
+        # theta 10 gives the height / width sections (the lowest frequencies) a visible
+        # rotation over a 12-token grid (theta 1e4 leaves the width section at < 0.03 rad).
+        rope_theta=10.0,
+    ),
+}
+# tests/conftest.py: one token per 28 x 28 pixels, at most 4 x 4 per image.
+TEST_SPEC = TinySpec(
+    name="test-qwen2-vl",
+    family="qwen2_vl",
+    image_cfg={"min_pixels": 28 * 28, "max_pixels": 28 * 28 * 16},
+    vision_image_size=56,
+    patch_size=14,
+    text_hidden=64,
+    text_intermediate=128,
+    text_kv_heads=2,
+    vision_hidden=32,
+    vision_intermediate=64,
+    vision_heads=2,
+    max_positions=512,
+)
+REAL_SPECS = {
+    "qwen2-vl-7b": RealSpec(
+        name="qwen2-vl-7b",
+        hf_id="Qwen/Qwen2-VL-7B-Instruct",
+        family="qwen2_vl",
+        model_class="Qwen2VLForConditionalGeneration",
+        processor_kwargs=QWEN_REAL_PIXELS,
+        notes="dynamic resolution, 2x2 merge, mrope",
+    ),
+}
+BENCH_SHAPES = {
+    "qwen2-vl-7b": BenchShape(
+        name="qwen2-vl-7b",
+        reference="Qwen/Qwen2-VL-7B-Instruct",
+        text=dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+        ),
+        vision=dict(
+            depth=32,
+            embed_dim=1280,
+            num_heads=16,
+            mlp_ratio=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        # head_dim 64 at cpu scale: mrope_section is derived from head_dim.
+        cpu_text=dict(
+            hidden_size=1024,
+            intermediate_size=2752,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            vocab_size=152064,
+        ),
+        cpu_vision=dict(depth=4, embed_dim=256, num_heads=4),
+        tiny_vision=dict(depth=2, embed_dim=32, num_heads=2),
+        # 672x672 -> 48x48 patches -> 24x24 = 576 tokens after the 2x2 merge.
+        image_size=(672, 672),
+    ),
+}
+
+
 @register
 class Qwen2VL(Family):
     """Qwen2-VL."""
@@ -111,95 +204,10 @@ class Qwen2VL(Family):
     template_words = ("user", "assistant", "system")
     image_keys = QWEN_IMAGE_KEYS
     token_types = True
-    tiny = {
-        "tiny-qwen2-vl": TinySpec(
-            name="tiny-qwen2-vl",
-            family="qwen2_vl",
-            # The processor upsizes a 224 px image to min_pixels = 336^2 (Qwen's own resize:
-            # sides rounded to patch * merge = 28), so patch 14 merged 2 x 2 gives 12 x 12 =
-            # 144 tokens, each 18.7 px of the original: about one token per object, as in
-            # tiny-llava. At 224 px (8 x 8 = 64 tokens of 28 px) rate 0.9 kept 7 tokens for
-            # scenes of up to 16 objects, so even the ground-truth selector lost half the
-            # accuracy: that measured the grid, not the compressors.
-            image_cfg={
-                "patch_size": 14,
-                "merge_size": 2,
-                "temporal_patch_size": 2,
-                "min_pixels": 336 * 336,
-                "max_pixels": 448 * 448,
-            },
-            vision_image_size=336,
-            patch_size=14,
-            text_layers=4,  # as tiny-llava (FastV's layer 2 is not the teacher's pointer layer)
-            # The rotary-only tower cannot know where a token is: the LLM reads it from mrope.
-            # theta 10 gives the height / width sections (the lowest frequencies) a visible
-            # rotation over a 12-token grid (theta 1e4 leaves the width section at < 0.03 rad).
-            rope_theta=10.0,
-        ),
-    }
-    # tests/conftest.py: one token per 28 x 28 pixels, at most 4 x 4 per image.
-    test = TinySpec(
-        name="test-qwen2-vl",
-        family="qwen2_vl",
-        image_cfg={"min_pixels": 28 * 28, "max_pixels": 28 * 28 * 16},
-        vision_image_size=56,
-        patch_size=14,
-        text_hidden=64,
-        text_intermediate=128,
-        text_kv_heads=2,
-        vision_hidden=32,
-        vision_intermediate=64,
-        vision_heads=2,
-        max_positions=512,
-    )
-    real = {
-        "qwen2-vl-7b": RealSpec(
-            name="qwen2-vl-7b",
-            hf_id="Qwen/Qwen2-VL-7B-Instruct",
-            family="qwen2_vl",
-            model_class="Qwen2VLForConditionalGeneration",
-            processor_kwargs=QWEN_REAL_PIXELS,
-            notes="dynamic resolution, 2x2 merge, mrope",
-        ),
-    }
-    bench = {
-        "qwen2-vl-7b": BenchShape(
-            name="qwen2-vl-7b",
-            reference="Qwen/Qwen2-VL-7B-Instruct",
-            text=dict(
-                vocab_size=152064,
-                hidden_size=3584,
-                intermediate_size=18944,
-                num_hidden_layers=28,
-                num_attention_heads=28,
-                num_key_value_heads=4,
-                max_position_embeddings=32768,
-                rms_norm_eps=1e-6,
-            ),
-            vision=dict(
-                depth=32,
-                embed_dim=1280,
-                num_heads=16,
-                mlp_ratio=4,
-                patch_size=14,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-            ),
-            # head_dim 64 at cpu scale: mrope_section is derived from head_dim.
-            cpu_text=dict(
-                hidden_size=1024,
-                intermediate_size=2752,
-                num_hidden_layers=8,
-                num_attention_heads=16,
-                num_key_value_heads=4,
-                vocab_size=152064,
-            ),
-            cpu_vision=dict(depth=4, embed_dim=256, num_heads=4),
-            tiny_vision=dict(depth=2, embed_dim=32, num_heads=2),
-            # 672x672 -> 48x48 patches -> 24x24 = 576 tokens after the 2x2 merge.
-            image_size=(672, 672),
-        ),
-    }
+    tiny = TINY_SPECS
+    test = TEST_SPEC
+    real = REAL_SPECS
+    bench = BENCH_SHAPES
 
     def chat_template(self) -> str:
         sp = self.specials

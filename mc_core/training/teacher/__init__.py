@@ -13,8 +13,9 @@ Stage 3 (robustness): the LLM is fine-tuned on freshly rendered scenes while mos
     teacher keeps its accuracy on packed, shorter sequences as a real LVLM does.
 
 Modules: ``config`` (the knobs), ``layout`` (token layout, labels, selector), ``encoding``
-(dialogues as inputs), ``aids``, ``augment``, ``batch``, ``state`` (the resumable checkpoint),
-``weights`` (initialisation), ``loop`` (the stages), ``evaluation`` (held-out accuracies).
+(dialogues as inputs), ``aids``, ``augment``, ``batch``, ``feed`` (what each step trains on),
+``state`` (the resumable checkpoint), ``weights`` (initialisation), ``loop`` (the stages),
+``evaluation`` (held-out accuracies).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The three-stage teacher recipe (see the package docstring); budgets are steps.
 
 Every random draw of step s of stage k comes from a generator seeded by (seed, k, s), so a run
-resumed from a checkpoint continues exactly as the uninterrupted run would have.
+resumed from a checkpoint continues exactly as the uninterrupted run would have. What each step
+trains on comes from ``feed``; this module optimises, checkpoints and measures the curve.
 """
 
 from __future__ import annotations
@@ -18,18 +19,15 @@ import torch.nn.functional as F
 from mc_core.data import synthetic as S
 from mc_core.models import families, zoo
 from mc_core.training.teacher.aids import Aids, aid_losses, label_loss
-from mc_core.training.teacher.augment import Augmenter
-from mc_core.training.teacher.batch import Row, build_batch, make_row
+from mc_core.training.teacher.batch import Row, build_batch
 from mc_core.training.teacher.config import TeacherConfig
-from mc_core.training.teacher.encoding import Encoded, encode
 from mc_core.training.teacher.evaluation import evaluate
-from mc_core.training.teacher.layout import Example, layout_for, make_pool, render_example
+from mc_core.training.teacher.feed import Feed
+from mc_core.training.teacher.layout import layout_for
 from mc_core.training.teacher.state import TrainState
 from mc_core.training.teacher.weights import init_from, init_positions
 
 __all__ = ["lr_factor", "train_teacher"]
-
-_IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -40,7 +38,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 class _Trainer:
-    """One teacher run: the model, its aids, the data sources and the resumable state."""
+    """One teacher run: the model, its aids, its data (``feed``) and the resumable state."""
 
     def __init__(
         self,
@@ -63,12 +61,8 @@ class _Trainer:
         self.rotary = not hasattr(getattr(model.model, "vision_tower", None), "embeddings")
         self.pad_id = processor.tokenizer.pad_token_id
         self.image_id = self.adapter.image_token_id
-        self._pool: list[Example] | None = None
-        self._bank: dict[int, tuple[Example, torch.Tensor]] = {}
-        self._encodings: dict[tuple[int, int], tuple[S.Dialogue, Encoded]] = {}
-        self.augmenter = Augmenter(
-            cfg.aug_methods, cfg.aug_rates, cfg.aug_fraction, self.adapter.dim
-        )
+        # The feed builds the augmenter's compressors: after the aids, as they always were.
+        self.feed = Feed(processor, self.adapter, self.layout, cfg, world, state)
         self.vision_params = [
             p
             for n, p in model.named_parameters()
@@ -79,78 +73,6 @@ class _Trainer:
             for n, p in model.named_parameters()
             if n.startswith(("model.language_model", "lm_head"))
         ]
-
-    # -- data ------------------------------------------------------------------------------
-    @property
-    def pool(self) -> list[Example]:
-        if self._pool is None:
-            self._pool = make_pool(self.cfg.seed, self.cfg.train_images, self.world, self.layout)
-        return self._pool
-
-    def tokens(self, images: list) -> list[torch.Tensor]:
-        """Visual tokens (projector outputs) of ``images``, differentiable."""
-        out = self.processor.image_processor(images=images, return_tensors="pt")
-        return self.adapter.visual_tokens({k: v for k, v in out.items() if k in _IMAGE_KEYS})
-
-    def frozen_tokens(self, examples: list[Example]) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [
-                t
-                for i in range(0, len(examples), 64)
-                for t in self.tokens([e.image for e in examples[i : i + 64]])
-            ]
-
-    def bank_rows(
-        self, step: int, rng: np.random.Generator
-    ) -> list[tuple[int, Example, torch.Tensor, int]]:
-        """Stage 3's batch: scenes drawn from the latest ``stage3_bank`` rendered ones (a pure
-        function of the step: ``stage3_fresh_per_step`` new scenes per step)."""
-        c = self.cfg
-        lo = c.train_images + step * c.stage3_fresh_per_step  # fresh indices: never the pool's
-        window = range(lo, lo + c.stage3_bank)
-        self._bank = {i: v for i, v in self._bank.items() if i in window}
-        new = [i for i in window if i not in self._bank]
-        examples = [render_example(c.seed, i, self.world, self.layout) for i in new]
-        for i, e, t in zip(new, examples, self.frozen_tokens(examples), strict=True):
-            self._bank[i] = (e, t)
-        pick = rng.choice(c.stage3_bank, c.stage3_batch, replace=c.stage3_batch > c.stage3_bank)
-        # Dialogue streams 0 and 1 are the world's own; every step draws new ones.
-        return [(window[int(j)], *self._bank[window[int(j)]], 2 + step) for j in pick]
-
-    def encoded(self, ex: Example, index: int, stream: int, weights) -> tuple[S.Dialogue, Encoded]:
-        """Dialogue ``stream`` of scene ``index`` and its encoding; stage 2's are memoised."""
-        key = (index, stream)
-        if key in self._encodings:
-            return self._encodings[key]
-        world = S.WorldConfig(**{**self.world.__dict__, "type_weights": tuple(weights)})
-        d = S.make_dialogue(ex.scene, S.scene_rng(self.cfg.seed, index, stream), world)
-        enc = encode(self.processor, ex.image, d, self.image_id)
-        if self.state.stage == 2:
-            # Tokens are fed through mm_encoder_outputs: the pixels only give their shape, and a
-            # stride-0 view keeps that for free.
-            enc.inputs = {
-                k: (v.new_zeros(()).expand(v.shape) if k == "pixel_values" else v)
-                for k, v in enc.inputs.items()
-            }
-            self._encodings[key] = (d, enc)
-        return d, enc
-
-    def rows(self, picks, weights, choices, rng) -> list[Row]:
-        """Rows of ``picks`` (scene index, example, tokens, dialogue stream), each reduced
-        when its choice is a (method, rate)."""
-        out = []
-        for (index, ex, tok, stream), choice in zip(picks, choices, strict=True):
-            d, enc = self.encoded(ex, index, stream, weights)
-            reduced = None
-            if choice is not None:
-                ctx = self.adapter.contexts(enc.inputs)[0]
-                reduced = self.augmenter.apply(choice, tok, ctx, int(rng.integers(2**31)))
-            out.append(
-                make_row(
-                    self.adapter, enc, tok, ex=ex, dialogue=d, world=self.world, reduced=reduced
-                )
-            )
-        return out
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self, opt=None) -> None:
@@ -184,10 +106,9 @@ class _Trainer:
         )
         while s.step < c.stage1_steps:
             rng = np.random.default_rng([c.seed, 1, s.step])
-            examples = [
-                self.pool[int(i)] for i in rng.choice(len(self.pool), c.stage1_batch, replace=False)
-            ]
-            feats = torch.cat(self.tokens([e.image for e in examples]))
+            pool = self.feed.pool
+            examples = [pool[int(i)] for i in rng.choice(len(pool), c.stage1_batch, replace=False)]
+            feats = torch.cat(self.feed.tokens([e.image for e in examples]))
             loss, accs = label_loss(self.aids, feats, examples, rotary=self.rotary)
             self._update(
                 opt,
@@ -250,31 +171,13 @@ class _Trainer:
 
     def curve_point(self, curve_rows: list[Row]) -> float:
         self.model.eval()
-        hits = 0
-        with torch.no_grad():
-            for i in range(0, len(curve_rows), 32):
-                b = build_batch(curve_rows[i : i + 32], self.pad_id)
-                self.adapter.reset_state()
-                logits = self.model(**b.inputs).logits
-                pred = logits[b.ans_pos[:, 0], b.ans_pos[:, 1]].argmax(-1)
-                hits += int((pred == b.ans_ids).sum())
-        acc = hits / sum(len(r.ans_pos) for r in curve_rows)
+        acc = _accuracy(self.model, self.adapter, curve_rows, self.pad_id)
         self.state.curve.append([self.state.stage, self.state.step, round(acc, 4)])
         self.emit(
             {"event": "curve", "stage": self.state.stage, "step": self.state.step, "acc": acc}
         )
         self.model.train()
         return acc
-
-    def held_out_rows(self) -> list[Row]:
-        c = self.cfg
-        examples = make_pool(c.eval_seed, c.curve_dialogues, self.world, self.layout)
-        rows = []
-        for i, (ex, tok) in enumerate(zip(examples, self.frozen_tokens(examples), strict=True)):
-            d = S.make_dialogue(ex.scene, S.scene_rng(c.eval_seed, i, 1), self.world)
-            enc = encode(self.processor, ex.image, d, self.image_id)
-            rows.append(make_row(self.adapter, enc, tok, ex=None, dialogue=d, world=self.world))
-        return rows
 
     def llm_stage(self, stage: int) -> None:
         """Stage 2 (the scene pool, whole tokens) or 3 (fresh scenes, reduction augmented)."""
@@ -292,8 +195,8 @@ class _Trainer:
             self.llm_params + list(self.aids.slots.parameters()) + list(self.aids.pos.parameters())
         )
         opt = self.optimiser(params, lr, stage)
-        feats = self.frozen_tokens(self.pool) if stage == 2 and s.step < steps else None
-        curve_rows = self.held_out_rows() if s.step < steps else []
+        feats = self.feed.frozen_tokens(self.feed.pool) if stage == 2 and s.step < steps else None
+        curve_rows = self.feed.held_out_rows() if s.step < steps else []
         bar = progress_bar(
             total=steps, initial=s.step, desc=f"stage {stage} (LLM)", disable=not self.progress
         )
@@ -306,24 +209,7 @@ class _Trainer:
             ):
                 break
             rng = np.random.default_rng([c.seed, stage, s.step])
-            first = stage == 2 and s.step < c.colour_first_steps
-            weights = (1.0, 0.0, 0.0, 0.0) if first else c.train_type_weights
-            if stage == 2:
-                idx = rng.choice(len(self.pool), batch, replace=False)
-                # One of `stage2_dialogues` dialogues per scene (streams 2.., colour-only
-                # ones apart), so their encodings are reused.
-                variants = rng.integers(c.stage2_dialogues, size=batch) + (
-                    2 + c.stage2_dialogues if first else 2
-                )
-                picks = [
-                    (int(i), self.pool[int(i)], feats[int(i)], int(v))
-                    for i, v in zip(idx, variants, strict=True)
-                ]
-                choices = [None] * batch
-            else:
-                picks = self.bank_rows(s.step, rng)
-                choices = self.augmenter.draw(rng, batch)
-            loss, logs = self.llm_loss(self.rows(picks, weights, choices, rng))
+            loss, logs = self.llm_loss(self.feed.llm_rows(stage, s.step, batch, feats, rng))
             self._update(opt, params, loss, lr * lr_factor(s.step, c.warmup_steps, steps))
             bar.update(1)
             bar.set_postfix({k: f"{v:.2f}" for k, v in logs.items()})
@@ -336,6 +222,19 @@ class _Trainer:
         if curve_rows and (not s.curve or s.curve[-1][:2] != [stage, s.step]):
             self.curve_point(curve_rows)
         self.next_stage()
+
+
+def _accuracy(model, adapter, rows: list[Row], pad_id: int) -> float:
+    """Answer accuracy over ``rows`` (the argmax at each answer position), 32 rows a batch."""
+    hits = 0
+    with torch.no_grad():
+        for i in range(0, len(rows), 32):
+            b = build_batch(rows[i : i + 32], pad_id)
+            adapter.reset_state()
+            logits = model(**b.inputs).logits
+            pred = logits[b.ans_pos[:, 0], b.ans_pos[:, 1]].argmax(-1)
+            hits += int((pred == b.ans_ids).sum())
+    return hits / sum(len(r.ans_pos) for r in rows)
 
 
 def train_teacher(
@@ -364,8 +263,7 @@ def train_teacher(
 
     Returns:
         The report of :func:`mc_core.training.teacher.evaluate` plus ``arch``, ``steps`` (per
-        stage),
-        ``curve`` (``[stage, step, held-out accuracy]``), ``recipe`` and ``world``.
+        stage), ``curve`` (``[stage, step, held-out accuracy]``), ``recipe`` and ``world``.
     """
     name = spec.name if spec else arch
     cfg = (cfg or TeacherConfig()).for_arch(name)
@@ -377,7 +275,35 @@ def train_teacher(
         for cb in callbacks or []:
             cb(event)
 
-    model, processor = zoo.build(spec or arch, seed=cfg.seed, attn_implementation="eager")
+    model, processor, state = _start(spec or arch, name, cfg, world, ckpt)
+    torch.manual_seed(cfg.seed)
+    trainer = _Trainer(model, processor, cfg, world, state, ckpt, emit, progress)
+    if state.stage == 1:
+        trainer.stage1()
+    for stage in (2, 3):
+        if state.stage == stage:
+            trainer.llm_stage(stage)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    report = _report(model, processor, name, cfg, world, state, progress)
+    zoo.save(
+        model,
+        processor,
+        out_dir,
+        meta={"arch": name, "world": world.to_dict(), "acc_avg": report["acc_avg"], **(meta or {})},
+    )
+    ckpt.unlink(missing_ok=True)
+    emit({"event": "done", **{k: v for k, v in report.items() if k != "curve"}})
+    return report
+
+
+def _start(
+    arch: str | zoo.TinySpec, name: str, cfg: TeacherConfig, world: S.WorldConfig, ckpt: Path
+) -> tuple:
+    """``(model, processor, state)`` to train from: the checkpoint at ``ckpt`` when it is this
+    very run's, else a fresh state and initial weights. The pointer layers are checked first."""
+    model, processor = zoo.build(arch, seed=cfg.seed, attn_implementation="eager")
     depth = int(model.config.get_text_config().num_hidden_layers)
     if any(not -depth <= k < depth for k in cfg.pointer_layers):
         raise ValueError(
@@ -393,16 +319,19 @@ def train_teacher(
             init_from(model, cfg.init_from)
     else:
         model.load_state_dict(state.model)
-    torch.manual_seed(cfg.seed)
-    trainer = _Trainer(model, processor, cfg, world, state, ckpt, emit, progress)
-    if state.stage == 1:
-        trainer.stage1()
-    for stage in (2, 3):
-        if state.stage == stage:
-            trainer.llm_stage(stage)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    return model, processor, state
+
+
+def _report(
+    model,
+    processor,
+    name: str,
+    cfg: TeacherConfig,
+    world: S.WorldConfig,
+    state: TrainState,
+    progress: bool,
+) -> dict:
+    """The trained model's held-out report (``evaluate``) with the run's facts."""
     report = evaluate(
         model,
         processor,
@@ -422,14 +351,6 @@ def train_teacher(
         recipe=cfg.model_dump(mode="json"),
         world=world.to_dict(),
     )
-    zoo.save(
-        model,
-        processor,
-        out_dir,
-        meta={"arch": name, "world": world.to_dict(), "acc_avg": report["acc_avg"], **(meta or {})},
-    )
-    ckpt.unlink(missing_ok=True)
-    emit({"event": "done", **{k: v for k, v in report.items() if k != "curve"}})
     return report
 
 
