@@ -40,7 +40,7 @@ from bench.shapes import (
     turn_ids,
 )
 from bench.summary import Case, prefill_flops_fn, summarise, targets
-from mc_core.compressors.base import PROMPT_FIELDS
+from mc_core.inference.compress import token_contexts
 from mc_core.runtime import auto_dtype, resolve_device, token_dim
 
 __all__ = [
@@ -115,8 +115,6 @@ def _greedy(model, out, steps: int) -> tuple[torch.Tensor, object]:
 
 def run_once(bench: Bench, case: Case) -> dict[str, float]:
     """One full three-turn dialogue for `case`; returns its interval times in ms."""
-    from mc_core.models.adapters import prompt_attention
-
     model, adapter, inputs = bench.model, bench.adapter, bench.inputs
     clock = Clock(bench.device)
     _reset_state(model, adapter)
@@ -129,14 +127,7 @@ def run_once(bench: Bench, case: Case) -> dict[str, float]:
         clock.mark("context_ms")
         clock.mark("compress_ms")
     else:
-        need = frozenset(comp.needs)
-        ctxs = adapter.contexts(inputs, need=need - PROMPT_FIELDS)
-        if "prompt_attention" in need:
-            scores = prompt_attention(
-                model, adapter, inputs, layer=bench.fastv_layer, visual_tokens=tokens
-            )
-            for ctx, s in zip(ctxs, scores, strict=True):
-                ctx.prompt_attention = s
+        ctxs = token_contexts(model, adapter, comp, inputs, tokens, fastv_layer=bench.fastv_layer)
         clock.mark("context_ms")
         kept, ps = comp(tokens, ctxs)  # lists of (m_i, d) and (m_i, n_i)
         clock.mark("compress_ms")

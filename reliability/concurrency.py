@@ -91,10 +91,10 @@ def four_registrations(ctx: Context, trial: int) -> Trial:
     """four processes register four cells, four checkpoints under one shared name and one
     identical checkpoint, all at once, into one SQLite store: one version per cell, shared
     versions 1..4 with champion on the best, one version of the identical checkpoint"""
-    from tasks import tracking
+    import mc_registry
 
     root = ctx.scratch("four")
-    uri = tracking.migrate(f"sqlite:///{root / 'mlflow.db'}")  # migrated before the fan-out
+    uri = mc_registry.migrate(f"sqlite:///{root / 'mlflow.db'}")  # migrated before the fan-out
     (root / "same").mkdir()
     (root / "same" / "compressor.safetensors").write_bytes(b"identical")
     (root / "same" / "compressor.json").write_text("{}")
@@ -111,7 +111,7 @@ def four_registrations(ctx: Context, trial: int) -> Trial:
     ]
     outs = [p.communicate(timeout=300) for p in procs]
     bad = [err[-300:] for p, (_, err) in zip(procs, outs, strict=True) if p.returncode != 0]
-    c = tracking.client(uri)
+    c = mc_registry.client(uri)
     cells = [
         [str(v.version) for v in c.search_model_versions(f"name = 'cell-{i}'")] for i in range(1, 5)
     ]

@@ -20,9 +20,9 @@ class RegistryCheck:
 
 def tracking_client(ws: Path):
     """An MLflow client on the workspace's store."""
-    from tasks import tracking
+    import mc_registry
 
-    return tracking.client(f"sqlite:///{ws / 'mlflow.db'}")
+    return mc_registry.client(f"sqlite:///{ws / 'mlflow.db'}")
 
 
 def unregister(ws: Path) -> None:
@@ -36,14 +36,14 @@ def state(ws: Path) -> dict[str, dict]:
     """Per registered model: its versions' checkpoint hashes and the champion's version."""
     from mlflow.exceptions import MlflowException
 
-    from tasks import tracking
+    import mc_registry
 
-    c = tracking.client(f"sqlite:///{ws / 'mlflow.db'}")
+    c = mc_registry.client(f"sqlite:///{ws / 'mlflow.db'}")
     out = {}
     for m in c.search_registered_models():
         versions = c.search_model_versions(f"name = '{m.name}'")
         try:
-            champ = c.get_model_version_by_alias(m.name, tracking.CHAMPION).version
+            champ = c.get_model_version_by_alias(m.name, mc_registry.CHAMPION).version
         except MlflowException:
             champ = None
         out[m.name] = {
@@ -55,9 +55,9 @@ def state(ws: Path) -> dict[str, dict]:
 
 def finished_runs(ws: Path) -> int:
     """Training runs that ended FINISHED in the workspace's store."""
-    from tasks import tracking
+    import mc_registry
 
-    c = tracking.client(f"sqlite:///{ws / 'mlflow.db'}")
+    c = mc_registry.client(f"sqlite:///{ws / 'mlflow.db'}")
     exps = [e.experiment_id for e in c.search_experiments()]
     return (
         len(c.search_runs(exps, filter_string="attributes.status = 'FINISHED'", max_results=1000))

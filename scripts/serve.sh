@@ -49,7 +49,7 @@ PY
 
 start prefect-server prefect server start --host 127.0.0.1 --port "$PREFECT_PORT"
 # Migrate the MLflow schema once, before the UI server and any stage open the database.
-python -c "from tasks import tracking; tracking.migrate()"
+python -c "import mc_registry; mc_registry.migrate()"
 # The job runner (GenAI evaluation jobs, 8 huey processes) is not needed here: off.
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false start mlflow mlflow server --backend-store-uri "$MLFLOW_TRACKING_URI" \
   --default-artifact-root "$ROOT/mlartifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1

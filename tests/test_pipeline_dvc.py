@@ -100,7 +100,7 @@ def repo(tmp_path_factory) -> Path:
 @pytest.mark.pipeline
 @pytest.mark.slow
 def test_repro_all_then_nothing_then_one_cell(repo):
-    from tasks import tracking
+    import mc_registry
 
     stages = set(_run([str(BIN / "dvc"), "stage", "list", "--name-only"], repo).split())
     assert "train@tiny-llava-0.9" in stages and len(stages) == 1 + 1 + 3 * 2 + 1
@@ -108,7 +108,7 @@ def test_repro_all_then_nothing_then_one_cell(repo):
 
     # Outputs, tracking and registry.
     uri = f"sqlite:///{repo / 'mlflow.db'}"
-    c = tracking.client(uri)
+    c = mc_registry.client(uri)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     data_md5 = next(o["md5"] for o in lock["prepare"]["outs"] if o["path"] == "data/train")
     head = _run(["git", "rev-parse", "HEAD"], repo).strip()
@@ -136,7 +136,7 @@ def test_repro_all_then_nothing_then_one_cell(repo):
         assert (repo / f"reports/tokens/tiny-llava-{rate}.png").stat().st_size > 0
         lr = yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"]
         assert run.data.params["train.lr"] == str(lr)  # the run records the params it used
-    comp = tracking.load_compressor("models:/metacompress-tiny-llava-r0.9/1", uri=uri)
+    comp = mc_registry.load_compressor("models:/metacompress-tiny-llava-r0.9/1", uri=uri)
     assert comp.name == "metacompress" and comp.rate == pytest.approx(0.9)
     summary = (repo / "reports/summary.md").read_text()
     for rate in ("0.5", "0.9"):

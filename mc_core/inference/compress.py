@@ -16,7 +16,7 @@ from torch import Tensor
 from mc_core.compressors.base import PROMPT_FIELDS
 from mc_core.models.adapters import prompt_attention, prompt_embeddings
 
-__all__ = ["compress_inputs"]
+__all__ = ["compress_inputs", "token_contexts"]
 
 
 def compress_inputs(
@@ -47,9 +47,29 @@ def compress_inputs(
     if compressor is None:
         return dict(model_inputs), None, None
     tokens = adapter.visual_tokens(model_inputs)  # list of (n_i, d)
-    # The prompt's fields come from the LLM side, below; the adapter gives the vision side.
-    contexts = adapter.contexts(model_inputs, need=frozenset(compressor.needs) - PROMPT_FIELDS)
-    if "prompt_attention" in compressor.needs:
+    contexts = token_contexts(
+        model, adapter, compressor, model_inputs, tokens, fastv_layer=fastv_layer
+    )
+    # Compressors run in float32 (the trained generator's dtype); the model's dtype after.
+    dtype = tokens[0].dtype
+    ys, ps = compressor([t.float() for t in tokens], contexts)
+    ys = [y.to(dtype) for y in ys]
+    return adapter.inputs_with(model_inputs, ys, P=list(ps)), ys, list(ps)
+
+
+def token_contexts(
+    model, adapter, compressor, model_inputs, tokens: list[Tensor], *, fastv_layer=None
+) -> list:
+    """Each image's `TokenContext` with the fields `compressor.needs`: the adapter gives the
+    vision side, the prompt's fields (`PROMPT_FIELDS`) come from the LLM side here.
+
+    Args:
+        tokens: the images' uncompressed visual tokens (`adapter.visual_tokens(model_inputs)`).
+        fastv_layer: see `compress_inputs`.
+    """
+    needs = frozenset(compressor.needs)
+    contexts = adapter.contexts(model_inputs, need=needs - PROMPT_FIELDS)
+    if "prompt_attention" in needs:
         layer = fastv_layer
         if layer is None:
             n_layers = int(model.config.get_text_config().num_hidden_layers)
@@ -57,12 +77,7 @@ def compress_inputs(
         scores = prompt_attention(model, adapter, model_inputs, layer=layer, visual_tokens=tokens)
         for ctx, s in zip(contexts, scores, strict=True):
             ctx.prompt_attention = s
-    if "prompt_embeddings" in compressor.needs:
-        embedded = prompt_embeddings(model, adapter, model_inputs)
-        for ctx, e in zip(contexts, embedded, strict=True):
+    if "prompt_embeddings" in needs:
+        for ctx, e in zip(contexts, prompt_embeddings(model, adapter, model_inputs), strict=True):
             ctx.prompt_embeddings = e
-    # Compressors run in float32 (the trained generator's dtype); the model's dtype after.
-    dtype = tokens[0].dtype
-    ys, ps = compressor([t.float() for t in tokens], contexts)
-    ys = [y.to(dtype) for y in ys]
-    return adapter.inputs_with(model_inputs, ys, P=list(ps)), ys, list(ps)
+    return contexts
