@@ -70,6 +70,26 @@ def _heuristics(methods: dict) -> list[str]:
     ]
 
 
+def _prompt_dependent(names) -> list[str]:
+    """The prompt-dependent methods among ``names`` (FastV, CDPruner), in order: their later
+    turns keep the first prompt's choice, so the summary shows them turn by turn."""
+    from mc_core.compressors import available, get_class
+
+    return [m for m in dict.fromkeys(names) if m in available() and get_class(m).prompt_dependent]
+
+
+def _shown(ms: dict, methods: list[str]) -> list[str]:
+    """What a comparison of a cell shows: ``methods`` and, chosen from the data, the cell's best
+    prompt-agnostic heuristic and its prompt-dependent methods (those present)."""
+    heur = _heuristics(ms)
+    extra = ([_best(ms, heur)] if heur else []) + _prompt_dependent(ms)
+    return [m for m in dict.fromkeys([*methods, *extra]) if m in ms]
+
+
+def _turns(entry: dict) -> str:
+    return "/".join(f"{a:.2f}" for a in entry.get("acc_turn", [])) or "-"
+
+
 def _row(cells: list[str]) -> str:
     """One markdown table row."""
     return "| " + " | ".join(cells) + " |"
@@ -114,13 +134,14 @@ def verdict(ms: dict) -> str:
 def table(cells: list[dict], methods: list[str]) -> str:
     """Markdown: one row per cell, acc_avg [95% CI] per method, the trained method's turns, KL,
     its verdict against the best heuristic, and the registry's gate."""
+    dependent = _prompt_dependent(m for c in cells for m in c["eval"]["methods"])
     head = [
         "arch",
         "rate",
         "dialogues",
         *methods,
         "mc turns 1/2/3",
-        "fastv turns 1/2/3",
+        *(f"{m} turns 1/2/3" for m in dependent),
         "mc KL",
         "vs best heuristic",
         "registry",
@@ -131,8 +152,8 @@ def table(cells: list[dict], methods: list[str]) -> str:
         accs = [_acc(ms[m]) if m in ms else "-" for m in methods]
         mc = ms.get(_trained(ms) or "", {})
         turns = "/".join(f"{a:.2f}" for a in mc.get("acc_turn", []))
-        # FastV keeps turn 1's choice: its later turns show what prompt dependence costs.
-        fastv = "/".join(f"{a:.2f}" for a in ms.get("fastv", {}).get("acc_turn", [])) or "-"
+        # Prompt-dependent methods keep turn 1's choice: their later turns show what it costs.
+        dep = [_turns(ms.get(m, {})) for m in dependent]
         kl = f"{mc['kl_to_full']:.4f}" if "kl_to_full" in mc else "-"
         reg = c["registry"]
         where = "-"
@@ -149,7 +170,7 @@ def table(cells: list[dict], methods: list[str]) -> str:
                     str(n),
                     *accs,
                     turns,
-                    fastv,
+                    *dep,
                     kl,
                     verdict(ms),
                     where,
@@ -221,6 +242,31 @@ def checks_table(cells: list[dict]) -> str:
             paired = f"{pd['diff']:+.3f} [{pd['ci'][0]:+.3f}, {pd['ci'][1]:+.3f}]"
         rate = format_rate(c["rate"])
         lines.append(_row([c["arch"], rate, ret, every, best, ci, paired, drop]))
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
+def versus_table(cells: list[dict]) -> str:
+    """Markdown: per cell, the trained method against every other compressor of the report
+    (prompt-agnostic and prompt-dependent), each with its accuracy, turns and the paired
+    difference (trained − method) over the same dialogues with its 95% interval."""
+    from mc_core.evaluation.stats import paired_difference
+
+    head = ["arch", "rate", "method", "acc [95% CI]", "turns 1/2/3", "trained − method, paired"]
+    lines = [_row(head), "|" + "---|" * len(head)]
+    for c in cells:
+        ms = c["eval"]["methods"]
+        mc = _trained(ms)
+        if mc is None:
+            continue
+        rivals = sorted((m for m in ms if m not in (mc, "none")), key=lambda m: -ms[m]["acc_avg"])
+        for m in [mc, *rivals]:
+            a, b = ms[mc].get("acc_dialogues"), ms[m].get("acc_dialogues")
+            paired = "-"
+            if m != mc and a and b:
+                pd = paired_difference(a, b)
+                paired = f"{pd['diff']:+.3f} [{pd['ci'][0]:+.3f}, {pd['ci'][1]:+.3f}]"
+            rate = format_rate(c["rate"])
+            lines.append(_row([c["arch"], rate, m, _acc(ms[m]), _turns(ms[m]), paired]))
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
@@ -315,11 +361,14 @@ def plots(cells: list[dict], methods: list[str], dpi: int, out: Path) -> list[Pa
     from mc_core.evaluation import plots as mplots
 
     reports = [c["eval"] for c in cells]
+    # Every comparison shows each cell's best heuristic, chosen from the data (not only the
+    # params' list), and the prompt-dependent methods.
+    drawn = dict.fromkeys(m for r in reports for m in _shown(r["methods"], methods))
     written = [
         mplots.accuracy_vs_rate(
             reports,
             out / "acc-vs-rate.png",
-            methods=[m for m in methods if m != mplots.REFERENCE],
+            methods=[m for m in drawn if m != mplots.REFERENCE],
             dpi=dpi,
         )
     ]
@@ -333,7 +382,7 @@ def plots(cells: list[dict], methods: list[str], dpi: int, out: Path) -> list[Pa
             mplots.accuracy_by_type(reports, out / "by-type.png", methods_of=_type_methods, dpi=dpi)
         )
     for c in cells:
-        present = [m for m in methods if m in c["eval"]["methods"]]
+        present = _shown(c["eval"]["methods"], methods)
         written.append(
             mplots.accuracy_per_turn(
                 c["eval"],
@@ -386,6 +435,14 @@ def main(argv: list[str] | None = None) -> None:
             "best one, its difference to that heuristic paired over the same dialogues (an "
             "interval that excludes 0 is not noise of the test draw), and how far FastV "
             "(tokens chosen for the first question) falls on the later turns.\n\n" + checks
+        )
+    versus = versus_table(cells)
+    if versus:
+        md += (
+            "\n## Against every method\n\nEvery compressor of each cell beside the trained "
+            "one, best first: its accuracy, its turns (prompt-dependent methods keep the first "
+            "question's choice for the later turns) and the trained method's difference to it, "
+            "paired over the same dialogues, with its 95% bootstrap interval.\n\n" + versus
         )
     ceil = ceilings_table(cells)
     if ceil:
