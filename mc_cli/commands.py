@@ -141,7 +141,7 @@ def _print_report(report: dict) -> None:
 def list_registry(args) -> int:
     from mc_core.compressors import available
 
-    print("methods: " + ", ".join(["none", *available()]))
+    print("methods: " + ", ".join(available()))
     uri = mc_registry.tracking_uri()
     _check_registry(uri, "list")
     try:

@@ -213,7 +213,7 @@ class BatchConversation:
         self.adapter.reset_state()
         self._cache = DynamicCache(config=self.model.config)
         out = self.model(**inputs, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
-        self._next = _next_positions(self.model, mask, None if plain else given, self._mrope)
+        self._next = _next_positions(self.model, mask, given, plain=plain, mrope=self._mrope)
         if not plain:
             self.adapter.reset_state()
         self._mask = mask
@@ -342,12 +342,15 @@ def _plain_positions(inputs: dict[str, Any], mrope: bool) -> bool:
     return inputs.get("position_ids") is None
 
 
-def _next_positions(model, mask: Tensor, given: Tensor | None, mrope: bool) -> Tensor:
+def _next_positions(
+    model, mask: Tensor, given: Tensor | None, *, plain: bool, mrope: bool
+) -> Tensor:
     """(B,) position of each row's next text token after the prefill: its valid tokens where
-    the engine counted the positions (`given` None); Qwen: valid tokens + the row's offset, as
-    the model keeps it; 1-D `source` positions: after the last position used."""
+    the engine counted the positions (`plain`); Qwen: valid tokens + the row's offset, as the
+    model keeps it (whether it placed the tokens from their grid or the adapter gave them);
+    1-D `source` positions (`given`): after the last position used."""
     n_valid = mask.sum(-1)
-    if given is None:
+    if plain:
         return n_valid
     if mrope:
         deltas = model.model.rope_deltas.reshape(-1)
