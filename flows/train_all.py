@@ -8,6 +8,8 @@ order (``train@ -> evaluate@ -> register@``), and finally what reads the cells (
 Every task is one ``dvc repro -s <stage>``: DVC skips what is up to date, so re-running the
 flow is cheap. Lock conflicts between concurrent ``dvc repro`` calls are retried; nothing is
 cached by Prefect (DVC decides staleness). The MLflow schema is migrated once before the fan-out.
+At the end the run page gets the summary table and each cell's registry decision as Prefect
+artifacts (``flows.artifacts``); failing to publish them is logged and never fails the flow.
 
 Task runners: ``train_all`` uses a thread pool (``MC_MAX_PARALLEL`` workers, default 2);
 ``train_all_dask`` the same flow on Dask (``prefect-dask``): a ``LocalCluster`` by default, or
@@ -30,7 +32,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import mc_registry
-from flows import dag
+from flows import artifacts, dag
 from flows import workspace as ws
 from tasks import params
 from tasks.cells import report_dir, report_file, split_stage, stage_name
@@ -38,6 +40,7 @@ from tasks.cells import report_dir, report_file, split_stage, stage_name
 MAX_PARALLEL = int(os.environ.get("MC_MAX_PARALLEL", "2"))
 LOCK_RETRIES = 6
 REGISTRY = str(report_dir("registry"))  # the registry stage's records, one JSON per cell
+SUMMARY = Path("reports") / "summary.md"  # the report stage's table
 
 
 def _retry_on_lock(task, task_run, state) -> bool:
@@ -91,6 +94,20 @@ def registered(workspace: str, key: str, uri: str | None = None) -> bool:
 def migrate_tracking(uri: str) -> str:
     """Create the MLflow schema once, before cells write to it concurrently."""
     return mc_registry.migrate(uri)
+
+
+@task(name="publish-artifacts", cache_policy=NO_CACHE, persist_result=False)
+def publish_artifacts(
+    workspace: str, checkout: str, registry: dict[str, dict | None], summary: bool
+) -> list[str]:
+    """The run page's artifacts: the summary table (when the report ran) and the cells' registry
+    decisions, linked to MLflow where it is a server; returns the keys published.
+
+    The tracking URI is looked up here, not passed in, so it stays out of the task's parameters.
+    """
+    text = (Path(workspace) / SUMMARY).read_text() if summary else None
+    uri = mc_registry.tracking_uri(checkout)
+    return artifacts.publish(registry, uri, summary=text, where=workspace, logger=get_run_logger())
 
 
 @flow(name="train-all", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL), log_prints=True)
@@ -156,9 +173,14 @@ def train_all(
     for key in cells:
         f = workspace / report_file("registry", key)
         registry[key] = json.loads(f.read_text()) if f.is_file() else None
-    summary = workspace / "reports" / "summary.md"
-    if summary.is_file() and later & set(run.ran):  # the report ran: show its table
+    summary = workspace / SUMMARY
+    reported = summary.is_file() and bool(later & set(run.ran))  # the report ran: show its table
+    if reported:
         print(summary.read_text())
+    # Views of the files on the run page: a failure to publish them never fails the pipeline.
+    state = publish_artifacts(str(workspace), str(root), registry, reported, return_state=True)
+    if not state.is_completed():
+        logger.warning("run page artifacts not published: %s", state.message)
     return {"workspace": str(workspace), "stages": run.ran, "registry": registry}
 
 

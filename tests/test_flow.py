@@ -30,7 +30,8 @@ from tasks import cells
 ROOT = Path(__file__).resolve().parents[1]
 
 FAKE_STAGE = textwrap.dedent('''
-    """Stand-in for a stage: log start/end, sleep, write the declared out."""
+    """Stand-in for a stage: log start/end, sleep, write the declared out (register: a registry
+    record's fields but no ckpt_sha256, so the flow has no version to verify; report: markdown)."""
     import fcntl, json, os, sys, time
     from pathlib import Path
     kind, key, out = sys.argv[1:4]
@@ -46,6 +47,19 @@ FAKE_STAGE = textwrap.dedent('''
     if kind in ("prepare", "base", "train"):
         p.mkdir(parents=True, exist_ok=True)
         (p / "w.txt").write_text(key)
+    elif kind == "register":  # rate 0.9 fails its gate and its model has no champion
+        arch, rate = key.rsplit("-", 1)
+        name, held = f"metacompress-{arch}-r{rate}", "" if rate == "0.9" else "1"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({
+            "stage": kind, "key": key, "name": name, "version": "1", "created": True,
+            "champion": held, "run_id": "run" + rate.replace(".", ""), "score": 0.5,
+            "metric": "acc_avg", "uri": f"models:/{name}@champion",
+            "gate": {"promote": bool(held), "reason": "beats sample" if held else "below | sample"},
+        }))
+    elif kind == "report":
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("# Summary\\n\\n| arch | rate |\\n|---|---|\\n| tiny-llava | 0.5 |\\n")
     else:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps({"stage": kind, "key": key}))
@@ -238,7 +252,7 @@ def test_flow_orders_fans_out_and_reruns_nothing(harness, checkout):
     log = _log(checkout)
     cells = ["tiny-llava-0.5", "tiny-llava-0.9"]
     assert set(out["registry"]) == set(cells)
-    assert all(r == {"stage": "register", "key": k} for k, r in out["registry"].items())
+    assert all(r["stage"] == "register" and r["key"] == k for k, r in out["registry"].items())
     assert out["stages"][0] == "prepare" and out["stages"][-1] == "report"
     # Shared upstream first, then each cell's chain in order, report last.
     assert _time(log, "end", "prepare@all") <= _time(log, "start", "base@tiny-llava")
@@ -313,6 +327,68 @@ def test_smoke_profile_workspace_and_dask(harness, checkout):
     assert (checkout / "runs" / ".gitignore").read_text() == "*\n"
     assert "no_scm = true" in (smoke / ".dvc" / "config").read_text()
     assert os.path.exists(smoke / "dvc.lock")
+
+
+def _artifacts(flow_run_id) -> dict:
+    """The artifacts of one flow run, by key, read back through the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+@pytest.mark.pipeline
+def test_flow_publishes_artifacts(harness, checkout, monkeypatch):
+    from flows import artifacts as fa
+
+    state = ta.train_all(profile="default", checkout=str(checkout), return_state=True)
+    assert state.is_completed()
+    arts = _artifacts(state.state_details.flow_run_id)
+    # A sqlite store: summary and registry, no link (the registry says how to browse the store).
+    assert set(arts) == {fa.SUMMARY_KEY, fa.REGISTRY_KEY, fa.TABLE_KEY}
+    summary = arts[fa.SUMMARY_KEY]
+    assert summary.type == "markdown"
+    assert summary.data == (checkout / "reports" / "summary.md").read_text()
+    assert "| tiny-llava | 0.5 |" in summary.data
+    md = arts[fa.REGISTRY_KEY].data
+    assert "`models:/metacompress-tiny-llava-r0.5@champion`" in md
+    assert "metacompress-tiny-llava-r0.9@champion" not in md and "no champion" in md
+    assert f"mlflow ui --backend-store-uri sqlite:///{checkout / 'mlflow.db'}" in md
+    assert "](" not in md
+    rows = {r["cell"]: r for r in json.loads(arts[fa.TABLE_KEY].data)}
+    assert arts[fa.TABLE_KEY].type == "table" and set(rows) == {"tiny-llava-0.5", "tiny-llava-0.9"}
+    assert rows["tiny-llava-0.9"]["champion"] == "no champion"
+    assert rows["tiny-llava-0.9"]["decision"] == "not promoted"
+    assert rows["tiny-llava-0.5"]["champion"] == "v1" and rows["tiny-llava-0.5"]["run_url"] == ""
+
+    # An MLflow server: links to it. A subset (no report, so no summary), and one artifact that
+    # cannot be created: logged, the others published, the flow completes.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@127.0.0.1:5999/")
+    monkeypatch.setattr(ta.mc_registry, "migrate", lambda uri=None: uri)  # no server to migrate
+
+    def down(**kwargs):
+        raise RuntimeError("artifact API down")
+
+    monkeypatch.setattr(fa.pa, "create_table_artifact", down)
+    state = ta.train_all(profile="default", rates=[0.9], checkout=str(checkout), return_state=True)
+    assert state.is_completed()
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert set(arts) == {fa.REGISTRY_KEY, fa.MLFLOW_KEY}
+    assert arts[fa.MLFLOW_KEY].data == "[MLflow UI](http://127.0.0.1:5999)"
+    md = arts[fa.REGISTRY_KEY].data
+    assert "(http://127.0.0.1:5999/#/runs/run09)" in md
+    assert "(http://127.0.0.1:5999/#/models/metacompress-tiny-llava-r0.9/versions/1)" in md
+    assert "no champion" in md and "@champion" not in md and "secret" not in md
+
+    # Publishing itself fails (a bug in formatting): still only logged.
+    monkeypatch.setattr(ta.artifacts, "publish", lambda *a, **k: 1 / 0)
+    state = ta.train_all(profile="default", rates=[0.9], checkout=str(checkout), return_state=True)
+    assert state.is_completed() and state.result()["registry"]["tiny-llava-0.9"]["version"] == "1"
+    assert _artifacts(state.state_details.flow_run_id) == {}
 
 
 def test_registered_detects_a_reset_store(tmp_path, monkeypatch, template_db):
