@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from baselines import kept, rate_for
 
 from mc_core.compressors import TokenContext, build, get_class
 from mc_core.compressors.ops import kept_tokens
@@ -23,16 +24,6 @@ def _inputs(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         torch.tensor(inp["tokens"], dtype=torch.float64),
         torch.tensor(inp["prompt_embeddings"], dtype=torch.float64),
     )
-
-
-def _rate_for(n: int, m: int) -> float:
-    rate = 1 - m / n
-    assert kept_tokens(n, rate) == m, (n, m, rate)
-    return rate
-
-
-def _kept(P: torch.Tensor) -> list[int]:
-    return P.argmax(dim=1).tolist()
 
 
 def _case_id(c: dict) -> str:
@@ -61,14 +52,14 @@ def test_matches_reference_selection(case):
     n, d = x.shape
     comp = build(
         "cdpruner",
-        rate=_rate_for(n, case["m"]),
+        rate=rate_for(n, case["m"]),
         dim=d,
         theta=case["theta"],
         negate_relevance=case["negate_relevance"],
     )
     for dtype in (torch.float64, torch.float32):
         y, P = comp(x.to(dtype), TokenContext(prompt_embeddings=prompt.to(dtype)))
-        assert _kept(P) == case["kept"], dtype
+        assert kept(P) == case["kept"], dtype
         assert torch.equal(y, x.to(dtype)[case["kept"]])
 
 
@@ -113,14 +104,14 @@ def test_choice_follows_the_prompt():
     picks = set()
     for seed in range(4):
         prompt = torch.randn(5, d, generator=torch.Generator().manual_seed(100 + seed))
-        kept = _kept(comp(x, TokenContext(prompt_embeddings=prompt))[1])
-        assert kept == _kept(comp(x, TokenContext(prompt_embeddings=prompt))[1]), "deterministic"
-        picks.add(tuple(kept))
+        chosen = kept(comp(x, TokenContext(prompt_embeddings=prompt))[1])
+        assert chosen == kept(comp(x, TokenContext(prompt_embeddings=prompt))[1]), "deterministic"
+        picks.add(tuple(chosen))
     assert len(picks) == 4, "each prompt keeps its own subset"
     # One token kept: the one most similar (mean cosine) to the prompt, the DPP's first pick.
     one = build("cdpruner", rate=1 - 1 / n, dim=d)
     prompt = x[[7, 7, 7]] + 0.1 * torch.randn(3, d, generator=g)
-    assert _kept(one(x, TokenContext(prompt_embeddings=prompt))[1]) == [7]
+    assert kept(one(x, TokenContext(prompt_embeddings=prompt))[1]) == [7]
 
 
 def test_budgets_nest_past_the_kernel_rank():
@@ -130,16 +121,16 @@ def test_budgets_nest_past_the_kernel_rank():
     n, d = 100, 8
     x = torch.randn(n, d, generator=g)
     ctx = TokenContext(prompt_embeddings=torch.randn(3, d, generator=g))
-    small = set(_kept(build("cdpruner", rate=0.94, dim=d)(x, ctx)[1]))  # 6
+    small = set(kept(build("cdpruner", rate=0.94, dim=d)(x, ctx)[1]))  # 6
     y, P = build("cdpruner", rate=0.5, dim=d)(x, ctx)  # 50
-    big = _kept(P)
+    big = kept(P)
     assert len(set(big)) == 50 and small <= set(big) and torch.isfinite(y).all()
     # Exact duplicates: 8 picks (the rank) never take both twins; 19 of 20 still works.
     dup, ctx = torch.cat([x[:10], x[:10]]), TokenContext(prompt_embeddings=x[:2])
-    kept8 = _kept(build("cdpruner", rate=0.6, dim=d)(dup, ctx)[1])
+    kept8 = kept(build("cdpruner", rate=0.6, dim=d)(dup, ctx)[1])
     assert len({i % 10 for i in kept8}) == 8
     y19, P19 = build("cdpruner", rate=0.05, dim=d)(dup, ctx)
-    assert len(set(_kept(P19))) == 19 and torch.isfinite(y19).all()
+    assert len(set(kept(P19))) == 19 and torch.isfinite(y19).all()
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from baselines import check_selection, kept, random_inputs, rate_for
 
 from mc_core.compressors import TokenContext, build, get_class
 from mc_core.compressors.ops import kept_tokens, validate
@@ -24,17 +25,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "baselines" / "prunesid.json"
 DATA = json.loads(FIXTURE.read_text())
 RUNS = [(case, run) for case in DATA["cases"] for run in case["runs"]]
 DIM = 16
-
-
-def rate_for(n: int, m: int) -> float:
-    """A rate whose budget ceil((1 - rate) n) is exactly m."""
-    rate = 1 - (m - 0.5) / n
-    assert kept_tokens(n, rate) == m
-    return rate
-
-
-def kept(P: torch.Tensor) -> list[int]:
-    return P.argmax(dim=1).tolist()
 
 
 @pytest.mark.parametrize(("case", "run"), RUNS, ids=[f"{c['name']}-m{r['m']}" for c, r in RUNS])
@@ -57,24 +47,12 @@ def test_fixture_covers_odd_budgets_and_several_groups():
     assert max(r["m"] // DATA["config"]["group_size"] for _, r in RUNS) == 15
 
 
-def random_inputs(n: int, seed: int = 0, d: int = DIM) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g), torch.softmax(torch.randn(n, generator=g), 0)
-
-
 @pytest.mark.parametrize("rate", [0.5, 0.75, 0.9])
 def test_rows_are_one_hot_and_y_is_p_x(rate):
     n = 120
     x, attn = random_inputs(n)
     y, P = build("prunesid", rate=rate, dim=DIM)(x, TokenContext(cls_attention=attn))
-    m = kept_tokens(n, rate)
-    validate(P, n, m, atol=0)
-    assert torch.equal(P.max(dim=1).values, torch.ones(m)), "one-hot rows"
-    assert bool((P.sum(0) <= 1).all()), "a token is kept at most once"
-    idx = P.argmax(1)
-    assert bool((idx[1:] > idx[:-1]).all()), "kept tokens in their original order"
-    assert torch.equal(y, x[idx])
-    torch.testing.assert_close(y, P @ x)
+    check_selection(x, y, P, kept_tokens(n, rate))
 
 
 def test_nms_keeps_the_most_attended_token_of_each_redundant_cluster():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from baselines import kept, rate_for
 
 from mc_core.compressors import TokenContext, build, get_class
 from mc_core.compressors.ops import kept_tokens
@@ -24,16 +25,6 @@ def _inputs(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _rate_for(n: int, m: int) -> float:
-    rate = 1 - m / n
-    assert kept_tokens(n, rate) == m, (n, m, rate)
-    return rate
-
-
-def _kept(P: torch.Tensor) -> list[int]:
-    return P.argmax(dim=1).tolist()
-
-
 def test_fixture_is_small_and_covers_the_cases():
     assert FIXTURE.stat().st_size < 200_000
     assert {c["important_ratio"] for c in CASES} == {0.0, 0.5, 0.75, 1.0}
@@ -48,11 +39,11 @@ def test_fixture_is_small_and_covers_the_cases():
 def test_matches_reference_selection(case):
     x, attn = _inputs(case["input"])
     n, d = x.shape
-    rate = _rate_for(n, case["m"])
+    rate = rate_for(n, case["m"])
     comp = build("vispruner", rate=rate, dim=d, important_ratio=case["important_ratio"])
     for dtype in (torch.float64, torch.float32):
         y, P = comp(x.to(dtype), TokenContext(cls_attention=attn.to(dtype)))
-        assert _kept(P) == case["kept"], dtype
+        assert kept(P) == case["kept"], dtype
         assert torch.equal(y, x.to(dtype)[case["kept"]])
 
 
@@ -77,14 +68,14 @@ def test_important_half_is_the_top_attention():
     x = torch.randn(n, d, generator=g)
     attn = torch.rand(n, generator=g)
     P = build("vispruner", rate=0.8, dim=d)(x, TokenContext(cls_attention=attn))[1]
-    kept = set(_kept(P))
-    assert len(kept) == 40
-    assert set(attn.topk(20).indices.tolist()) <= kept  # int(40 * 0.5) important tokens
+    chosen = set(kept(P))
+    assert len(chosen) == 40
+    assert set(attn.topk(20).indices.tolist()) <= chosen  # int(40 * 0.5) important tokens
     # important_ratio = 1: exactly the top of the attention ranking.
     P1 = build("vispruner", rate=0.8, dim=d, important_ratio=1.0)(
         x, TokenContext(cls_attention=attn)
     )[1]
-    assert set(_kept(P1)) == set(attn.topk(40).indices.tolist())
+    assert set(kept(P1)) == set(attn.topk(40).indices.tolist())
 
 
 def test_a_round_drops_the_a_tokens_that_duplicate_b_tokens():
@@ -102,7 +93,7 @@ def test_a_round_drops_the_a_tokens_that_duplicate_b_tokens():
     P = build("vispruner", rate=0.25, dim=6, important_ratio=0.0)(
         x, TokenContext(cls_attention=attn)
     )[1]
-    assert _kept(P) == sorted(set(range(8)) - {int(perm[2]), int(perm[6])})
+    assert kept(P) == sorted(set(range(8)) - {int(perm[2]), int(perm[6])})
 
 
 def test_depends_only_on_tokens_and_attention():
