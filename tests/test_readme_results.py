@@ -68,6 +68,7 @@ def _expected(arch: str, rate: str) -> list[str]:
         f"{best} {report._acc(ms[best])}",
         f"{_signed(paired['diff'])} [{_signed(paired['ci'][0])}, {_signed(paired['ci'][1])}]",
         "/".join(f"{a:.2f}".lstrip("0") for a in ms["fastv"]["acc_turn"]),
+        "/".join(f"{a:.2f}".lstrip("0") for a in ms["cdpruner"]["acc_turn"]),
         f"{ceil['selector']['acc_avg']:.3f}",
         f"{oracle['acc_avg']:.3f} (full {oracle['none_acc_avg']:.3f})",
     ]
