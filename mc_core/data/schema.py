@@ -1,44 +1,16 @@
 """The multi-turn dialogue dataset: one row per dialogue, stored as Arrow with ``datasets``.
 
-Every dataset in the project (the synthetic world, MT-GQA, MT-VQA-v2) has exactly these
-columns, so training, evaluation and DVC treat them alike:
+Every dataset in the project (the synthetic world, MT-GQA, MT-VQA-v2, your own) has exactly the
+columns of ``FEATURES`` (``dialogue_id``, ``source``, ``image_id``, ``image``, ``questions``,
+``answers``, ``answer_sets``, ``question_types``, ``targets``; their types and meaning are in
+docs/contracts.md and the README's "The dataset schema"), so training, evaluation and DVC treat
+them alike. A dialogue always has :data:`TURNS` = 3 turns; the image belongs to the first turn.
 
-==================  ===========================  ==============================================
-column              type                         meaning
-==================  ===========================  ==============================================
-``dialogue_id``     ``str``                      unique within the dataset, stable across builds
-``source``          ``str``                      ``"synthetic"``, ``"gqa"``, ``"vqav2"`` or
-                                                 ``"dataset"`` (your own, ``docs/data.md``)
-``image_id``        ``str``                      the image's id in its source (several dialogues
-                                                 may share one image)
-``image``           ``datasets.Image``           the image, bytes embedded (self-contained)
-``questions``       ``list[str]`` (3)            the question of each turn, in order
-``answers``         ``list[str]`` (3)            the canonical answer of each turn
-``answer_sets``     ``list[list[str]]`` (3 x k)  per turn, the answers accepted by the metric:
-                                                 the ten human answers for VQAv2 (VQA soft
-                                                 accuracy), else ``[answer]`` (exact match);
-                                                 ``"dataset"``: any non-empty list (one answer:
-                                                 ``[answer]``, exact match; more: VQA soft
-                                                 accuracy)
-``question_types``  ``list[str]`` (3)            per turn, non-empty (GQA: structural type;
-                                                 VQAv2: answer type; synthetic: its own)
-``targets``         ``list[str]`` (3)            per turn, the region or attribute the turn is
-                                                 about, ``""`` when unknown
-==================  ===========================  ==============================================
-
-A dialogue always has :data:`TURNS` = 3 turns; the image belongs to the first turn only.
-
-API:
-    ``FEATURES``: the ``datasets.Features`` of a dialogue row.
-    ``validate(ds, where=...)``: raises ``ValueError`` naming ``where``, the column and the row.
-    ``save(ds, path)``: validates, then ``save_to_disk`` into a temporary folder beside ``path``
-    and swaps it in (``mc_core.io.staged_dir``: nothing half-written is ever at ``path``).
-    ``load(path)``: ``load_from_disk`` + ``validate``.
-    ``row(ds, i)``: one row, decoded; an undecodable image is a ValueError naming the row.
-    ``is_saved_dataset(path)``: whether ``path`` is a folder written by ``save_to_disk``.
-
-What the builders share to assemble such datasets from real sources (grouping questions into
-dialogues, image sources, fingerprints) is ``mc_core.data.assemble``.
+``validate`` raises ``ValueError`` naming ``where``, the column and the row; ``save`` validates,
+then publishes atomically (``mc_core.io.staged_dir``); ``load`` reads and validates; ``row``
+decodes one row (an undecodable image is a ValueError naming it); ``is_saved_dataset`` tells a
+``save_to_disk`` folder. What the builders share (grouping questions into dialogues, image
+sources, fingerprints) is ``mc_core.data.assemble``.
 """
 
 from __future__ import annotations

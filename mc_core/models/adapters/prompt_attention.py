@@ -32,22 +32,41 @@ def _decoder_layers(model) -> tuple[Any, Any]:
     return decoder, layers
 
 
-def _prompt_queries(model_inputs, image_token_id: int, slots: list[ImageSlot]) -> list[Tensor]:
-    """Per image, the position of the last valid text token of its row, which must follow the
-    image's placeholders (a [1] tensor): FastV ranks by that token's attention alone, the one
-    that has read the whole prompt (the official implementation does the same)."""
+def _image_slots(adapter: Adapter, model_inputs) -> list[ImageSlot]:
+    """Where each image's placeholders are (an identity rewrite: the same layout)."""
+    counts = adapter.placeholder_counts(model_inputs)
+    _, slots = rewrite_placeholders(
+        model_inputs, adapter.image_token_id, counts, counts, pad_token_id=adapter._pad_token_id()
+    )
+    return slots
+
+
+def _text_after(model_inputs, image_token_id: int, slots: list[ImageSlot]) -> list[Tensor]:
+    """Per image, the positions of the valid text tokens after its placeholders in its row
+    (the question, any instruction and the generation prompt).
+
+    Raises:
+        ValueError: an image with no text after it.
+    """
     ids = model_inputs["input_ids"]
     mask = model_inputs.get("attention_mask")
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     text = valid & (ids != image_token_id)  # (B, L)
-    queries = []
+    out = []
     for i, s in enumerate(slots):
-        q = text[s.row].clone()
-        q[: s.start + s.count] = False
-        if not q.any():
+        after = text[s.row].clone()
+        after[: s.start + s.count] = False
+        if not after.any():
             raise ValueError(f"image {i} (row {s.row}) has no prompt text after it")
-        queries.append(q.nonzero().squeeze(1)[-1:])  # (1,)
-    return queries
+        out.append(after.nonzero().squeeze(1))
+    return out
+
+
+def _prompt_queries(model_inputs, image_token_id: int, slots: list[ImageSlot]) -> list[Tensor]:
+    """Per image, the position of the last valid text token of its row, which must follow the
+    image's placeholders (a [1] tensor): FastV ranks by that token's attention alone, the one
+    that has read the whole prompt (the official implementation does the same)."""
+    return [pos[-1:] for pos in _text_after(model_inputs, image_token_id, slots)]
 
 
 @contextlib.contextmanager
@@ -135,11 +154,7 @@ def prompt_attention(
             not matching the placeholders, or an image with no text after it.
     """
     layers = _check_request(model, adapter, model_inputs, layer, visual_tokens)
-    counts = adapter.placeholder_counts(model_inputs)
-    # Identity rewrite: same layout, but it tells where each image's placeholders are.
-    _, slots = rewrite_placeholders(
-        model_inputs, adapter.image_token_id, counts, counts, pad_token_id=adapter._pad_token_id()
-    )
+    slots = _image_slots(adapter, model_inputs)
     queries = _prompt_queries(model_inputs, adapter.image_token_id, slots)
 
     with torch.no_grad():
@@ -182,20 +197,12 @@ def prompt_embeddings(model, adapter: Adapter, model_inputs) -> list[Tensor]:
     Raises:
         ValueError: an image with no text after it.
     """
-    counts = adapter.placeholder_counts(model_inputs)
-    _, slots = rewrite_placeholders(
-        model_inputs, adapter.image_token_id, counts, counts, pad_token_id=adapter._pad_token_id()
-    )
+    slots = _image_slots(adapter, model_inputs)
     ids = model_inputs["input_ids"]
-    mask = model_inputs.get("attention_mask")
-    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    text = valid & (ids != adapter.image_token_id)
     embed = model.get_input_embeddings()
-    out = []
-    for i, s in enumerate(slots):
-        after = text[s.row].clone()
-        after[: s.start + s.count] = False
-        if not after.any():
-            raise ValueError(f"image {i} (row {s.row}) has no prompt text after it")
-        out.append(embed(ids[s.row, after]).float())
-    return out
+    return [
+        embed(ids[s.row, pos]).float()
+        for s, pos in zip(
+            slots, _text_after(model_inputs, adapter.image_token_id, slots), strict=True
+        )
+    ]
