@@ -231,7 +231,7 @@ def run_lmms(
     return json.loads(found[-1].read_text()), samples
 
 
-_TURN1_UTILS = """from mc_core.evaluation.runner import score_answer
+_TURN1_UTILS = """from mc_core.evaluation.scoring import score_answer
 from mc_lmms.task_utils import doc_to_visual
 
 CHOICES = {choices!r}
