@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from mc_core.evaluation.config import EvalConfig
 from mc_core.training.config import Section
 from mc_registry import NAME_TEMPLATE, check_template, model_name
 from tasks import cells
@@ -147,33 +148,15 @@ class CeilingsParams(Section):
     oracle_eps: float = Field(0.01, ge=0)
 
 
-class EvaluateParams(Section):
-    """Which methods are compared in every cell and on how many held-out dialogues."""
+class EvaluateParams(EvalConfig):
+    """Which methods are compared in every cell and on how many held-out dialogues; how they
+    are run is the library's `EvalConfig` (history, max_dialogues, device, batch_size,
+    max_new_tokens, seed, progress)."""
 
     methods: list[str] = Field(min_length=1)
-    history: Literal["model", "gold"] = "model"
-    max_dialogues: int | None = Field(None, gt=0)
-    device: str = "auto"
-    batch_size: int = Field(16, gt=0)
-    max_new_tokens: int = Field(4, gt=0)
-    seed: int = 0
-    progress: bool = True
     # Evaluated on data/val beside train.method (and the registry's champion), for the gate.
     val_methods: list[str] = Field(default_factory=lambda: ["sample"])
     ceilings: CeilingsParams = CeilingsParams()
-
-    def run_kwargs(self) -> dict[str, Any]:
-        """The keywords every ``mc_core.evaluation.runner`` call of the pipeline takes from here
-        (the
-        cell, its seeds and ceilings, data/val, the base report); callers add
-        ``max_dialogues`` and ``progress`` where they apply."""
-        return {
-            "history": self.history,
-            "device": self.device,
-            "batch_size": self.batch_size,
-            "max_new_tokens": self.max_new_tokens,
-            "seed": self.seed,
-        }
 
     @field_validator("methods", "val_methods")
     @classmethod
