@@ -86,6 +86,12 @@ _NOT_FINGERPRINTED = frozenset(
         "target_batch",
         "cache_targets",
         "distributed",  # same steps up to float summation order, so a resume may change it
+        # How a step is computed, not what it computes (float summation order at most):
+        "micro_batch",
+        "activation_checkpointing",
+        "max_memory_gib",
+        "visual_tokens",
+        "shard_dialogues",
     }
 )
 
@@ -127,6 +133,19 @@ class TrainConfig(Section):
         progress: show a progress bar.
         dtype: the frozen model's weights: "auto" (bfloat16 on CUDA, float32 on CPU) or a dtype.
         distributed: data-parallel training over processes (``mc_core.training.distributed``).
+        micro_batch: dialogues per forward pass; a step of ``batch_size`` dialogues accumulates
+            the gradients of its micro-batches, weighted so that the step equals one forward of
+            the whole batch. None: the whole batch (per rank) at once; "auto": the largest that
+            the memory estimator (``mc_core.training.memory``) fits into ``max_memory_gib``
+            (on CPU: the whole batch).
+        activation_checkpointing: recompute the frozen LLM's decoder layers in the backward
+            pass instead of keeping their activations (one layer's input kept per layer).
+        max_memory_gib: the device memory "auto" may plan for (None: the device's free memory
+            less a margin).
+        visual_tokens: "store" keeps each image's projector output in the target store (disk,
+            memory-mapped shards, in the model's dtype); "recompute" runs the frozen vision tower
+            and projector for every step's images instead (no disk for them).
+        shard_dialogues: dialogues per shard of the on-disk target store.
     """
 
     method: str = "metacompress"
@@ -154,6 +173,11 @@ class TrainConfig(Section):
     progress: bool = True
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    micro_batch: int | Literal["auto"] | None = None
+    activation_checkpointing: bool = False
+    max_memory_gib: float | None = Field(None, gt=0, allow_inf_nan=False)
+    visual_tokens: Literal["store", "recompute"] = "store"
+    shard_dialogues: int = Field(256, gt=0)
 
     # Strict ints: 2.0 epochs or True as a batch size are mistakes, not values to coerce.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -170,6 +194,22 @@ class TrainConfig(Section):
         if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
             raise ValueError("expected 'auto', 'cpu' or 'cuda[:i]'")
         return v
+
+    @field_validator("micro_batch")
+    @classmethod
+    def _micro_batch(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("expected an int >= 1, 'auto' or null (the whole batch)")
+        return v
+
+    @model_validator(mode="after")
+    def _micro_fits(self) -> TrainConfig:
+        if isinstance(self.micro_batch, int) and self.micro_batch > self.batch_size:
+            raise ValueError(
+                f"micro_batch={self.micro_batch}: larger than batch_size={self.batch_size} "
+                "(a micro-batch is a part of one optimiser step's batch)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _method(self) -> TrainConfig:
