@@ -71,10 +71,13 @@ def _worker(rank: int, world: int, root: str) -> None:
         model, processor, data, cache = _SHARED["setup"]
         log: list[float] = []
         state = f"{root}/state"  # shared: rank 0 writes, every rank resumes from it
-        # Interrupted after 3 steps, then resumed to STEPS: resume works across ranks too.
-        train(_cfg(max_steps=3), model, processor, data, rate=0.75, out_dir=state, cache=cache)
+        # Interrupted after 3 steps, then resumed to STEPS: resume works across ranks too. The
+        # ranks accumulate micro-batches of one dialogue: composed with the split across ranks,
+        # still the one-process step on the whole batch.
+        cfg, first = _cfg(micro_batch=1), _cfg(max_steps=3, micro_batch=1)
+        train(first, model, processor, data, rate=0.75, out_dir=state, cache=cache)
         comp = train(
-            _cfg(),
+            cfg,
             model,
             processor,
             data,

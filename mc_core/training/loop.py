@@ -39,6 +39,7 @@ from mc_core.models.families import adapter_for
 from mc_core.progress import progress as progress_bar
 from mc_core.runtime import prepare_model, resolve_device, token_dim
 from mc_core.training import distributed
+from mc_core.training.activations import checkpointed_layers
 from mc_core.training.config import TrainConfig
 from mc_core.training.losses import align_from_end, total_loss
 from mc_core.training.state import has_state, load_state, save_state
@@ -83,7 +84,7 @@ def student_logits(
     mask = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
     for i, (e, r) in enumerate(zip(entries, rows, strict=True)):
         mask[i, align_from_end(e.positions, e.length, r["input_ids"].shape[1])] = True
-    logits = model(**batch, logits_to_keep=mask.to(device)).logits  # (sum T, V)
+    logits = model(**batch, logits_to_keep=mask.to(device), use_cache=False).logits  # (sum T, V)
     return logits, ps
 
 
@@ -150,6 +151,17 @@ def train(
         desc=f"train r={rate}",
         disable=not cfg.progress or run.rank != 0,
     )
+    with checkpointed_layers(model, cfg.activation_checkpointing):
+        step = _steps(run, step, first_loss, state_dir, info, callbacks, bar)
+    bar.close()
+    if run.world > 1:  # rank 0's last checkpoint is on disk before any rank resumes from it
+        distributed.barrier()
+    return run.compressor.eval()
+
+
+def _steps(run: _Run, step, first_loss, state_dir, info, callbacks, bar) -> int:
+    """The optimiser steps from ``step`` to the end, checkpointing and reporting as they go."""
+    cfg = run.cfg
     t_start, samples = time.perf_counter(), 0
     while step < run.total:
         epoch, k = divmod(step, run.steps_per_epoch)
@@ -168,10 +180,7 @@ def train(
         saving = state_dir is not None and run.rank == 0  # the replicas are identical
         if saving and (step % cfg.checkpoint_every == 0 or step == run.total):
             save_state(state_dir, run.compressor, run.opt, step, {**info, "first_loss": first_loss})
-    bar.close()
-    if run.world > 1:  # rank 0's last checkpoint is on disk before any rank resumes from it
-        distributed.barrier()
-    return run.compressor.eval()
+    return step
 
 
 def _resume(state_dir: Path | None, run: _Run, info: dict[str, Any]) -> tuple[int, float | None]:
@@ -205,6 +214,7 @@ class _Run:
     total: int
     rank: int = 0
     world: int = 1
+    micro: int | None = None  # the micro-batch "auto" chose (None: cfg.micro_batch as it is)
 
     @classmethod
     def start(
@@ -285,42 +295,37 @@ class _Run:
             targets=self.cfg.targets,
         )
 
+    def micro_size(self, per_rank: int) -> int:
+        """Dialogues per forward pass for a rank's share of ``per_rank`` dialogues."""
+        mb = self.cfg.micro_batch if self.micro is None else self.micro
+        return per_rank if mb is None or mb == "auto" else max(1, min(int(mb), per_rank))
+
     def step(self, idx: list[int], step: int, first_loss: float | None) -> dict[str, float]:
         """One SGD step on the dialogues ``idx`` (the whole batch, in every rank); returns the
-        batch's metrics."""
+        batch's metrics.
+
+        The rank's share is run in micro-batches (``TrainConfig.micro_batch``), each backward
+        adding its part of the gradient: a micro-batch holding ``T_c`` of the step's ``T`` answer
+        tokens and ``I_c`` of its ``I`` images weighs its mean KL by ``T_c / T`` and its mean
+        regularisers by ``I_c / I``, so the accumulated gradient is that of one forward over the
+        whole batch (over every rank: the counts are summed over the process group first).
+        """
         cfg = self.cfg
         mine = distributed.shard(idx, self.rank, self.world)
-        entries = self.entries(mine) if mine else []
-        loss, parts, counts = None, {}, (0, 0)  # a rank may get no dialogue of a small batch
-        if entries:
-            logits, ps = student_logits(
-                self.model,
-                self.adapter,
-                self.compressor,
-                entries,
-                pad_token_id=self.pad_id,
-                device=self.device,
-            )
-            counts = (logits.shape[0], len(ps))
-        w_kl, w_reg = self._shares(counts)
-        if entries:
-            target = batch_target(entries, self.device)
-            # lambdas rescaled so that w_kl * loss = w_kl * KL + w_reg * (regularisers)
-            reg = w_reg / w_kl
-            loss, parts = total_loss(
-                target,
-                logits.float(),
-                ps,
-                lambda_ent=cfg.lambda_ent * reg,
-                lambda_col=cfg.lambda_col * reg,
-            )
-            loss = loss * w_kl
-        if self.world > 1:
-            parts = self._batch_parts(parts, counts)
-        _check_loss(parts["loss"], first_loss, step, cfg)
+        size = self.micro_size(len(mine))
+        chunks = [mine[i : i + size] for i in range(0, len(mine), size)]
+        ready = None if self.cache is not None else self.entries(mine)  # counts need them all
+        counts = self._counts(mine, ready)
+        totals = counts if self.world == 1 else tuple(distributed.all_sum(counts, self.device))
         self.opt.zero_grad(set_to_none=True)
-        if loss is not None:
-            loss.backward()
+        sums, parts = [0.0, 0.0, 0.0], {}
+        for k, chunk in enumerate(chunks):
+            entries = self.entries(chunk) if ready is None else ready[k * size : (k + 1) * size]
+            parts, c = self._backward(entries, totals)
+            sums = [s + parts[k] * c[j] for s, k, j in zip(sums, _PARTS, (0, 1, 1), strict=True)]
+        if self.world > 1 or len(chunks) > 1:  # one chunk in one process: its parts as they are
+            parts = self._batch_parts(sums, counts)
+        _check_loss(parts["loss"], first_loss, step, cfg)
         if self.world > 1:  # every replica then clips and steps on the whole batch's gradient
             distributed.sum_grads(self.params)
         grad_norm = _clip(self.params, cfg)
@@ -333,29 +338,59 @@ class _Run:
         self.opt.step()
         return {**parts, "grad_norm": grad_norm}
 
-    def _shares(self, counts: tuple[int, int]) -> tuple[float, float]:
-        """This rank's weights of its mean KL and mean regularisers in the batch loss.
+    def _counts(self, idx: list[int], entries: list[CacheEntry] | None) -> tuple[int, int]:
+        """Answer tokens and images of the dialogues ``idx`` (the KL's and regularisers'
+        denominators), read without loading their tensors where the cache can."""
+        if entries is None:
+            counts = [self.cache.counts(i) for i in idx]
+        else:
+            counts = [(len(e.positions), len(e.contexts)) for e in entries]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
-        The KL is a mean over the batch's answer tokens and the regularisers over its images, so
-        a rank holding T_r of T tokens and I_r of I images contributes T_r / T of its KL and
-        I_r / I of its regularisers: the ranks' gradients then sum to the one-process gradient.
-        Both are 1 in one process (the loss is then bit-identical to an unsplit step).
-        """
-        if self.world == 1:
-            return 1.0, 1.0
-        tokens, images = distributed.all_sum(counts, self.device)
-        return counts[0] / tokens, counts[1] / images
-
-    def _batch_parts(self, parts: dict[str, float], counts: tuple[int, int]) -> dict[str, float]:
-        """The whole batch's kl / entropy / collapse / loss from every rank's own means."""
+    def _backward(
+        self, entries: list[CacheEntry], totals: tuple[int, int]
+    ) -> tuple[dict[str, float], tuple[int, int]]:
+        """Forward and backward of one micro-batch, its loss weighted by its share of the
+        step's answer tokens and images; returns its own mean parts and its counts."""
         cfg = self.cfg
-        t, i = counts
-        sums = [parts.get("kl", 0.0) * t, parts.get("entropy", 0.0) * i]
-        sums += [parts.get("collapse", 0.0) * i, t, i]
-        kl, ent, col, tokens, images = distributed.all_sum(sums, self.device)
+        logits, ps = student_logits(
+            self.model,
+            self.adapter,
+            self.compressor,
+            entries,
+            pad_token_id=self.pad_id,
+            device=self.device,
+        )
+        counts = (logits.shape[0], len(ps))
+        # Both shares are exactly 1 for a whole batch in one process, whose loss is then
+        # bit-identical to an unweighted one.
+        w_kl, w_reg = counts[0] / totals[0], counts[1] / totals[1]
+        target = batch_target(entries, self.device)
+        reg = w_reg / w_kl  # lambdas rescaled so that w_kl * loss = w_kl * KL + w_reg * regs
+        loss, parts = total_loss(
+            target,
+            logits.float(),
+            ps,
+            lambda_ent=cfg.lambda_ent * reg,
+            lambda_col=cfg.lambda_col * reg,
+        )
+        (loss * w_kl).backward()
+        return parts, counts
+
+    def _batch_parts(self, sums: list[float], counts: tuple[int, int]) -> dict[str, float]:
+        """The whole batch's kl / entropy / collapse / loss from the token- and image-weighted
+        sums of its micro-batches' means (over every rank)."""
+        cfg = self.cfg
+        values = [*sums, *counts]
+        if self.world > 1:
+            values = distributed.all_sum(values, self.device)
+        kl, ent, col, tokens, images = values
         out = {"kl": kl / tokens, "entropy": ent / images, "collapse": col / images}
         out["loss"] = out["kl"] + cfg.lambda_ent * out["entropy"] + cfg.lambda_col * out["collapse"]
         return out
+
+
+_PARTS = ("kl", "entropy", "collapse")  # weighted by answer tokens, images, images
 
 
 def _check_cache(

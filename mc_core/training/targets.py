@@ -118,6 +118,11 @@ class TargetCache:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def counts(self, i: int) -> tuple[int, int]:
+        """Answer tokens and images of dialogue ``i`` (a step's loss weights)."""
+        e = self.entries[i]
+        return len(e.positions), len(e.contexts)
+
 
 def _row_images(row: dict[str, Any], where: str) -> list[Any]:
     image = row.get("image")
