@@ -177,7 +177,7 @@ class TrainConfig(Section):
     activation_checkpointing: bool = False
     max_memory_gib: float | None = Field(None, gt=0, allow_inf_nan=False)
     visual_tokens: Literal["store", "recompute"] = "store"
-    shard_dialogues: int = Field(256, gt=0)
+    shard_dialogues: int = Field(64, gt=0)
 
     # Strict ints: 2.0 epochs or True as a batch size are mistakes, not values to coerce.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)

@@ -22,6 +22,7 @@ bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -52,6 +53,7 @@ from mc_core.training.targets import (
     dataset_rows,
     frozen_entries,
     pad_id,
+    recompute_tokens,
 )
 
 __all__ = ["Callback", "TrainConfig", "student_logits", "train"]
@@ -256,6 +258,10 @@ class _Run:
                 dtype=cfg.dtype,
                 targets=cfg.targets,
             )
+            if cfg.visual_tokens == "recompute":  # keep what a store would: no tokens
+                for e in cache.entries:
+                    e.tokens = []
+                cache.visual_tokens = "recompute"
         _check_cache(cache, n, compressor.needs, cfg.method, cfg.target_topk)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         total = cfg.epochs * steps_per_epoch
@@ -282,7 +288,15 @@ class _Run:
     def entries(self, idx: list[int]) -> list[CacheEntry]:
         """The batch's cached entries, or freshly computed ones when caching is off."""
         if self.cache is not None:
-            return [self.cache.entries[i] for i in idx]
+            entries = [self.cache.entries[i] for i in idx]
+            if self.cache.visual_tokens == "recompute":  # the tower runs again for this step
+                # copies: the step's tokens must not stay in an in-memory cache's entries
+                entries = [dataclasses.replace(e) for e in entries]
+                rows = dataset_rows(self.dataset, idx)
+                recompute_tokens(
+                    self.model, self.processor, self.adapter, entries, rows, self.device
+                )
+            return entries
         return frozen_entries(
             self.model,
             self.processor,

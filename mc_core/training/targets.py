@@ -22,19 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mc_core.compressors import TokenContext
 from mc_core.compressors.base import PROMPT_FIELDS
 from mc_core.data.images import as_rgb
 from mc_core.inference.dialogue import collate, encode_dialogue, to_device
-from mc_core.io import staged_dir, write_json
+from mc_core.io import staged_dir
 from mc_core.models.families import adapter_for
 from mc_core.progress import progress as progress_bar
 from mc_core.runtime import prepare_model, resolve_device
 from mc_core.training.config import TrainConfig
 from mc_core.training.losses import TopKTarget
+from mc_core.training.store import MANIFEST, StoreWriter, TargetStore
 
 __all__ = [
     "TARGETS_VERSION",
@@ -49,7 +49,7 @@ __all__ = [
 # The version of what a cache holds and how it is computed. A saved cache records it (the
 # pipeline keys its cache on it), so bump it with any change here, in the dialogue encoding or
 # in the adapters that changes the entries: a stale cache is then rebuilt, not reused.
-TARGETS_VERSION = 1
+TARGETS_VERSION = 2  # 2: the sharded target store
 
 
 def frozen_entries(*args, **kwargs) -> list[CacheEntry]:
@@ -107,21 +107,55 @@ class CacheEntry:
 class TargetCache:
     """Per-dialogue frozen-model outputs, in dataset order; independent of the rate.
 
-    `topk`: the k of every entry's `TopKTarget`, or None when the targets are full rows.
+    `entries`: a list in memory (`build_target_cache`) or a `TargetStore` read from disk per
+    index (`load_target_cache`, `build_target_store`). `topk`: the k of every entry's
+    `TopKTarget`, or None when the targets are full rows. `visual_tokens`: "recompute" when the
+    entries hold no projector output (`recompute_tokens` fills it per step).
     """
 
-    entries: list[CacheEntry] = field(default_factory=list)
+    entries: Sequence[CacheEntry] = field(default_factory=list)
     needs: frozenset[str] = frozenset()
     build_s: float = 0.0
     topk: int | None = None
+    visual_tokens: str = "store"
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def counts(self, i: int) -> tuple[int, int]:
-        """Answer tokens and images of dialogue ``i`` (a step's loss weights)."""
+        """Answer tokens and images of dialogue ``i`` (a step's loss weights), without reading
+        a stored entry's tensors."""
+        if isinstance(self.entries, TargetStore):
+            return self.entries.counts(i)
         e = self.entries[i]
         return len(e.positions), len(e.contexts)
+
+    def shape(self, i: int) -> tuple[int, int, list[int]]:
+        """Answer tokens, full sequence length and each image's visual tokens of dialogue ``i``
+        (what a step's memory depends on), without reading a stored entry's tensors."""
+        if isinstance(self.entries, TargetStore):
+            return self.entries.shape(i)
+        e = self.entries[i]
+        return len(e.positions), e.length, [len(t) for t in e.tokens]
+
+    def step_shapes(self, kept) -> dict[str, Any]:
+        """The shapes of the costliest step (`mc_core.training.memory.estimate`'s inputs): the
+        longest compressed dialogue, the most answer tokens and images of one dialogue, and
+        the largest image's visual tokens before and after compression (``kept(n)`` rows).
+
+        Raises:
+            ValueError: an in-memory cache without visual tokens (no shapes to read).
+        """
+        shapes = [self.shape(i) for i in range(len(self))]
+        if not any(ns for _, _, ns in shapes):
+            raise ValueError("the cache holds no visual tokens to read shapes from")
+        n = max(max(ns) for _, _, ns in shapes if ns)
+        return {
+            "seq_len": max(length - sum(k - kept(k) for k in ns) for _, length, ns in shapes),
+            "answer_tokens": max(t for t, _, _ in shapes),
+            "images": max(len(ns) for _, _, ns in shapes),
+            "visual_tokens": (n, kept(n)),
+        }
 
 
 def _row_images(row: dict[str, Any], where: str) -> list[Any]:
@@ -319,110 +353,152 @@ def build_target_cache(
     return cache
 
 
-def save_target_cache(
-    cache: TargetCache, path: str | os.PathLike, *, info: dict[str, Any] | None = None
-) -> None:
-    """Write the cache as safetensors + JSON into the directory `path` (atomically).
+def _description(cache: TargetCache, info: dict[str, Any] | None) -> dict[str, Any]:
+    dtype = next((str(t.dtype) for e in cache.entries[:1] for t in e.tokens[:1]), None)
+    return _describe(info, cache.needs, cache.topk, dtype)
 
-    `info` (JSON) is stored in `cache.json` as what the cache was built from, so a reader can
-    refuse a cache of other inputs (`target_cache_info`).
+
+def _describe(info, needs, topk, dtype) -> dict[str, Any]:
+    """What a store is built from (its key): the caller's info, the context fields, k, the
+    version of this module's computation and the dtype of the visual tokens."""
+    out = {"info": info or {}, "needs": sorted(needs), "topk": topk}
+    return {**out, "targets_version": TARGETS_VERSION, "dtype": dtype}
+
+
+def save_target_cache(
+    cache: TargetCache,
+    path: str | os.PathLike,
+    *,
+    info: dict[str, Any] | None = None,
+    shard_dialogues: int = TrainConfig.model_fields["shard_dialogues"].default,
+) -> None:
+    """Write an in-memory cache as a target store (`mc_core.training.store`) at `path`,
+    replacing what is there (the new store is built beside it and swapped in).
+
+    `info` (JSON) is stored as what the cache was built from, so a reader can refuse a cache of
+    other inputs (`target_cache_info`).
     """
-    path = Path(path)
-    tensors: dict[str, Tensor] = {}
-    meta: list[dict[str, Any]] = []
-    for i, e in enumerate(cache.entries):
-        m: dict[str, Any] = {
-            "length": e.length,
-            "base": [],
-            "stubs": {},
-            "n_images": len(e.tokens),
-            "ctx": [],
-        }
-        for k, v in e.base.items():
-            if isinstance(v, Tensor) and v.numel() > 0 and all(s == 0 for s in v.stride()):
-                m["stubs"][k] = [list(v.shape), str(v.dtype).removeprefix("torch.")]
-            elif isinstance(v, Tensor):
-                tensors[f"{i}.base.{k}"] = v.contiguous()
-                m["base"].append(k)
-        for j, t in enumerate(e.tokens):
-            tensors[f"{i}.tok.{j}"] = t.contiguous()
-        for j, c in enumerate(e.contexts):
-            cm: dict[str, Any] = {"grid": list(c.grid) if c.grid is not None else None, "t": []}
-            for f in dataclasses.fields(c):
-                v = getattr(c, f.name)
-                if isinstance(v, Tensor):
-                    tensors[f"{i}.ctx.{j}.{f.name}"] = v.contiguous()
-                    cm["t"].append(f.name)
-            m["ctx"].append(cm)
-        tensors[f"{i}.pos"] = e.positions.contiguous()
-        if isinstance(e.target, TopKTarget):
-            tensors[f"{i}.target.values"] = e.target.values.contiguous()
-            tensors[f"{i}.target.index"] = e.target.index.contiguous()
-            tensors[f"{i}.target.tail"] = e.target.tail.contiguous()
-        else:
-            tensors[f"{i}.target"] = e.target.contiguous()
-        meta.append(m)
-    with staged_dir(path) as tmp:
-        save_file(tensors, str(tmp / "cache.safetensors"))
-        write_json(
-            tmp / "cache.json",
-            {"needs": sorted(cache.needs), "topk": cache.topk, "info": info or {}, "entries": meta},
-            indent=None,
-        )
+    with staged_dir(Path(path)) as tmp:
+        desc = _description(cache, info)
+        writer = StoreWriter(tmp, desc, n=len(cache), shard_dialogues=shard_dialogues)
+        writer.add(cache.entries)
+        writer.finish()
 
 
 def target_cache_info(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The `info` a cache at `path` was saved with ({} before it was recorded); None: no cache."""
-    f = Path(path) / "cache.json"
+    """The `info` a store at `path` was saved with; None: no (finished) store there."""
+    f = Path(path) / MANIFEST
     if not f.is_file():
         return None
-    return json.loads(f.read_text()).get("info", {})
+    manifest = json.loads(f.read_text())
+    return manifest["description"].get("info", {}) if manifest.get("complete") else None
 
 
 _ANY = object()  # load_target_cache's `topk` default: accept any k
 
 
 def load_target_cache(path: str | os.PathLike, *, topk: Any = _ANY) -> TargetCache:
-    """Read a cache written by `save_target_cache` (no unpickling).
+    """The target store at `path` as a cache whose entries are read from disk when indexed
+    (no unpickling; host memory does not grow with the number of dialogues).
 
     Args:
         topk: when given, the k the cache must have been built with (None: full rows); a cache
             of another k raises ValueError (rebuild it with `build_target_cache(topk=...)`).
     """
-    path = Path(path)
-    if not (path / "cache.json").is_file():
-        raise ValueError(f"{path}: no cache.json (not a target cache)")
-    info = json.loads((path / "cache.json").read_text())
-    built = info.get("topk")  # absent: written before top-k targets existed, full rows
-    if topk is not _ANY and built != topk:
+    store = TargetStore(path)
+    if topk is not _ANY and store.topk != topk:
         raise ValueError(
-            f"{path}: target cache built with target_topk={built!r}, this run wants "
+            f"{path}: target cache built with target_topk={store.topk!r}, this run wants "
             f"target_topk={topk!r}; rebuild it (build_target_cache(..., topk={topk!r}))"
         )
-    tensors = load_file(str(path / "cache.safetensors"))
-    cache = TargetCache(needs=frozenset(info["needs"]), topk=built)
-    for i, m in enumerate(info["entries"]):
-        contexts = []
-        for j, cm in enumerate(m["ctx"]):
-            kw = {name: tensors[f"{i}.ctx.{j}.{name}"] for name in cm["t"]}
-            contexts.append(TokenContext(grid=tuple(cm["grid"]) if cm["grid"] else None, **kw))
-        base = {k: tensors[f"{i}.base.{k}"] for k in m["base"]}
-        for k, (shape, dtype) in m.get("stubs", {}).items():
-            base[k] = torch.zeros((), dtype=getattr(torch, dtype)).expand(shape)
-        cache.entries.append(
-            CacheEntry(
-                base=base,
-                tokens=[tensors[f"{i}.tok.{j}"] for j in range(m["n_images"])],
-                contexts=contexts,
-                positions=tensors[f"{i}.pos"],
-                target=_read_target(tensors, i, built),
-                length=m["length"],
+    mode = "store" if store.with_tokens else "recompute"
+    return TargetCache(entries=store, needs=store.needs, topk=store.topk, visual_tokens=mode)
+
+
+def build_target_store(
+    model,
+    processor,
+    dataset,
+    path: str | os.PathLike,
+    *,
+    info: dict[str, Any] | None = None,
+    needs: frozenset[str] = frozenset(),
+    adapter=None,
+    batch_size: int = 16,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    topk: int | None = TrainConfig.model_fields["target_topk"].default,
+    dtype: str | torch.dtype = "auto",
+    targets: str = "gold",
+    visual_tokens: str = "store",
+    shard_dialogues: int = TrainConfig.model_fields["shard_dialogues"].default,
+) -> TargetCache:
+    """`build_target_cache` straight into a target store at `path`, one shard at a time.
+
+    Host memory holds one shard's entries, whatever the size of `dataset`. A build that was
+    interrupted resumes at its first unfinished shard; a finished store of the same inputs is
+    returned as it is; a store of other inputs at `path` is refused (ValueError). The arguments
+    are `build_target_cache`'s, plus `info` (recorded, part of the store's key),
+    `visual_tokens` ("store" or "recompute": leave the projector output out) and
+    `shard_dialogues`. Batches never straddle a shard, so a resumed store equals an
+    uninterrupted one bit for bit.
+
+    Returns:
+        The store as a cache whose entries are read from disk when indexed.
+    """
+    topk = _check_topk(topk, "build_target_store: topk")
+    if visual_tokens not in ("store", "recompute"):
+        raise ValueError(f"train.visual_tokens={visual_tokens!r}: expected 'store' or 'recompute'")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    prepare_model(model, dev, dtype)
+    adapter = adapter if adapter is not None else adapter_for(model)
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("dataset is empty: nothing to train on")
+    t0 = time.perf_counter()
+    desc = _describe(info, needs, topk, str(next(model.parameters()).dtype))
+    writer = StoreWriter(
+        path, desc, n=n, shard_dialogues=shard_dialogues, with_tokens=visual_tokens == "store"
+    )
+    bar = progress_bar(total=n, initial=writer.done, desc="target store", disable=not progress)
+    for shard in range(writer.done, n, shard_dialogues):
+        for start in range(shard, min(n, shard + shard_dialogues), batch_size):
+            idx = range(start, min(n, shard + shard_dialogues, start + batch_size))
+            rows = dataset_rows(dataset, idx)
+            where = f"dataset rows {start}+"
+            writer.add(
+                frozen_entries(
+                    model,
+                    processor,
+                    adapter,
+                    rows,
+                    frozenset(needs),
+                    dev,
+                    where,
+                    topk,
+                    targets=targets,
+                )
             )
-        )
+            bar.update(len(idx))
+    bar.close()
+    writer.finish()
+    cache = load_target_cache(path, topk=topk)
+    cache.build_s = time.perf_counter() - t0
     return cache
 
 
-def _read_target(tensors: dict[str, Tensor], i: int, topk: int | None) -> Tensor | TopKTarget:
-    if topk is None:
-        return tensors[f"{i}.target"]
-    return TopKTarget(*(tensors[f"{i}.target.{k}"] for k in ("values", "index", "tail")))
+def recompute_tokens(model, processor, adapter, entries, rows, device) -> None:
+    """Fill the projector output of store entries built with ``visual_tokens="recompute"``:
+    the frozen vision tower and projector run again on each row's images (the same inputs as
+    when the store was built, so the same tokens)."""
+    encoded = _encode_rows(processor, adapter, rows, "recompute_tokens")
+    dtype = next(model.parameters()).dtype
+    with torch.inference_mode():
+        for e, (inputs, _) in zip(entries, encoded, strict=True):
+            tokens = adapter.visual_tokens(to_device(inputs, device, dtype))
+            if len(tokens) != len(e.contexts):
+                raise ValueError(
+                    f"recompute_tokens: {len(tokens)} images in the row, the store entry has "
+                    f"{len(e.contexts)}: the dataset is not the one the store was built on"
+                )
+            e.tokens = [t.detach().cpu().clone() for t in tokens]
