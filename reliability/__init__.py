@@ -13,7 +13,17 @@ injector a stage process loads), ``badinput``, ``corrupt``, ``security``.
 
 from __future__ import annotations
 
-MODULES = ("kills", "flowkill", "concurrency", "outage", "disk", "badinput", "corrupt", "security")
+MODULES = (
+    "kills",
+    "flowkill",
+    "concurrency",
+    "outage",
+    "disk",
+    "badinput",
+    "corrupt",
+    "store",
+    "security",
+)
 
 
 def load_all() -> None:

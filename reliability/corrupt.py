@@ -138,12 +138,13 @@ def cache_foreign(ctx: Context, trial: int) -> Trial:
     ws = ctx.clone("cache")
     # Every cache of the workspace (forced reruns of prepare left more than one) is replaced.
     for cache in sorted(p for p in (ws / "cache" / "targets").iterdir() if p.is_dir()):
-        doc = json.loads((cache / "cache.json").read_text())
+        doc = json.loads((cache / "store.json").read_text())
+        info = doc["description"]["info"]
         if trial % 2 == 0:
-            doc["info"]["inputs"] = {k: "0" * 32 for k in doc["info"]["inputs"]}
+            info["inputs"] = {k: "0" * 32 for k in info["inputs"]}
         else:
-            doc.pop("info")
-        (cache / "cache.json").write_text(json.dumps(doc))
+            doc["description"]["info"] = {}
+        (cache / "store.json").write_text(json.dumps(doc))
     r = W.python(ws, "-m", "tasks.train", "--arch", W.ARCH, "--rate", "0.5")
     out = (r.stdout or "") + (r.stderr or "")
     said = next((ln.strip() for ln in out.splitlines() if "rebuilding" in ln), "")

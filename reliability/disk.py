@@ -11,6 +11,7 @@ outputs equal the reference run's.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -45,8 +46,9 @@ def disk_trial(
     got = W.snapshot(ws, outs)
     lost = [p for p in outs if got[p] != want[p]]
     junk = W.litter(ws)
-    if fresh and list((ws / fresh).glob("*/cache.json")):  # (its .lock files may stay)
-        junk.append(f"{fresh} (a cache was published)")
+    published = [f for f in (ws / fresh).glob("*/store.json")] if fresh else []
+    if any(json.loads(f.read_text()).get("complete") for f in published):  # (.lock files stay)
+        junk.append(f"{fresh} (a store was published)")
     how = (
         f"ENOSPC writing {target}: exit {r.returncode}, message "
         f"{msg.strip()[:220]!r}; previous outputs "

@@ -62,6 +62,7 @@ SHRINK = {
         "max_steps": 40,
         "batch_size": 2,
         "target_batch": 4,
+        "shard_dialogues": 1,  # a target store of four shards: a kill can land between them
         "checkpoint_every": 5,
         "log_every": 1,
         "progress": False,
@@ -92,7 +93,13 @@ GIT_ID = {
 def env(ws: Path, **extra: str) -> dict[str, str]:
     """Environment of a stage process in ``ws``: the venv first, MLflow at the workspace's db."""
     e = dict(os.environ)
-    for k in ("MC_PARAMS", "MLFLOW_TRACKING_URI", "MC_FAULT_ENOSPC", "PYTHONPATH"):
+    for k in (
+        "MC_PARAMS",
+        "MLFLOW_TRACKING_URI",
+        "MC_FAULT_ENOSPC",
+        "MC_FAULT_KILL_SAVE",
+        "PYTHONPATH",
+    ):
         e.pop(k, None)
     e.update(
         GIT_ID,

@@ -86,15 +86,19 @@ def target_provenance(*, arch: str, needs, inputs: dict, cfg) -> dict:
         "target_topk": cfg.target_topk,
         "targets": cfg.targets,
         "code": targets.TARGETS_VERSION,
+        "visual_tokens": cfg.visual_tokens,
+        "shard_dialogues": cfg.shard_dialogues,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
 
 
 def target_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, cfg):
-    """Load or build (once, under a file lock) the rate-independent distillation targets.
+    """Load or build (once, under a file lock) the rate-independent distillation targets: a
+    target store (``mc_core.training.store``) under ``cache/targets/``, built shard by shard
+    and read per step, so host memory does not grow with the dataset.
 
-    A cache whose recorded provenance differs from this run's (copied from elsewhere, built by
-    older code) is reported and rebuilt, never used.
+    A store whose recorded provenance differs from this run's (copied from elsewhere, built by
+    older code) is reported and rebuilt, never used; an interrupted build resumes.
     """
     from mc_core.training import targets
 
@@ -105,19 +109,24 @@ def target_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, c
     with lineage.file_lock(path.parent / f"{path.name}.lock"):  # names may contain dots
         have = targets.target_cache_info(path)
         if have == info:
-            print(f"train: target cache {path} (shared across rates)", flush=True)
+            print(f"train: target store {path} (shared across rates)", flush=True)
             return targets.load_target_cache(path, topk=cfg.target_topk)
         if have is not None:
             diff = sorted(k for k in set(info) | set(have) if have.get(k) != info.get(k))
             print(
-                f"train: target cache {path} was built from other {diff} than this run: "
+                f"train: target store {path} was built from other {diff} than this run: "
                 "rebuilding it",
                 flush=True,
             )
-        cache = targets.build_target_cache(
+            shutil.rmtree(path)
+        elif (path / "store.json").is_file():
+            print(f"train: resuming the target store build in {path}", flush=True)
+        return targets.build_target_store(
             model,
             processor,
             dataset,
+            path,
+            info=info,
             needs=needs,
             batch_size=cfg.target_batch,
             device=cfg.device,
@@ -125,9 +134,9 @@ def target_cache(model, processor, dataset, *, arch: str, needs, inputs: dict, c
             topk=cfg.target_topk,
             dtype=cfg.dtype,
             targets=cfg.targets,
+            visual_tokens=cfg.visual_tokens,
+            shard_dialogues=cfg.shard_dialogues,
         )
-        targets.save_target_cache(cache, path, info=info)
-        return cache
 
 
 _CURVE_LOG = "curve.jsonl"  # beside mc_core.training.loop's train_state.json in the state folder

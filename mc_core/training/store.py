@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from mc_core.compressors import TokenContext
-from mc_core.io import write_json
+from mc_core.io import staged_file, write_json
 from mc_core.training.losses import TopKTarget
 
 __all__ = ["STORE_VERSION", "StoreWriter", "TargetStore", "entry_record", "store_key"]
@@ -212,10 +212,9 @@ class StoreWriter:
             tensors.update(t)
             metas.append(m)
         final = self.path / shard_name(k)
-        tmp = final.with_name(final.name + ".tmp")
         header = {"store_key": self.key, "shard": str(k), "entries": json.dumps(metas)}
-        save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, final)
+        with staged_file(final) as tmp:  # a failed or killed write never publishes a shard
+            save_file(tensors, str(tmp), metadata=header)
         rec = {"file": final.name, "bytes": final.stat().st_size}
         rec["counts"] = [_counts(e) for e in entries]
         self.manifest["shards"].append(rec)

@@ -3,12 +3,18 @@
 ``MC_FAULT_ENOSPC=<text>``: the first write of a safetensors file, a ``datasets`` save or a
 JSON whose destination path contains ``<text>`` writes part of its bytes, then fails with
 ``OSError(ENOSPC)``, as a full disk does mid-write. Nothing happens without the variable.
+
+``MC_FAULT_KILL_SAVE=<text>:<k>``: the process SIGKILLs itself halfway through its k-th
+safetensors write to a path containing ``<text>`` (a kill that lands while a file is written,
+at a chosen point instead of a lucky one).
 """
 
 import errno
 import os
+import signal
 
-_WHERE = os.environ.get("MC_FAULT_ENOSPC")
+_WHERE = os.environ.get("MC_FAULT_ENOSPC", "\0")  # "\0": in no path
+_KILL = os.environ.get("MC_FAULT_KILL_SAVE")
 
 
 def _full(path) -> None:
@@ -33,6 +39,21 @@ def _install() -> None:
             _half(str(filename))
             _full(filename)
 
+    if _KILL:
+        where, _, count = _KILL.rpartition(":")
+        seen = []
+
+        def killing_save_file(tensors, filename, *a, **k):
+            if where in str(filename):
+                seen.append(filename)
+                if len(seen) == int(count):
+                    save_file(tensors, filename, *a, **k)
+                    _half(str(filename))
+                    os.kill(os.getpid(), signal.SIGKILL)
+            save_file(tensors, filename, *a, **k)
+
+        st.save_file = killing_save_file
+        return
     st.save_file = fake_save_file
 
     import datasets
@@ -50,5 +71,5 @@ def _install() -> None:
     datasets.Dataset.save_to_disk = fake_save_to_disk
 
 
-if _WHERE:
+if os.environ.get("MC_FAULT_ENOSPC") or _KILL:
     _install()
