@@ -211,34 +211,38 @@ def _relaunch(cfg, argv: list[str] | None) -> bool:
     return True
 
 
-def _memory_estimate(cfg, model, cache, rate: float, run_id: str) -> None:
-    """Print (and log) the estimated peak device memory of a step, before the first one."""
+def _plan_step(cfg, model, cache, rate: float, run_id: str):
+    """Print (and log) the micro-batch of each forward and the estimated peak device memory of
+    a step, before the first one; returns ``cfg`` with ``micro_batch: auto`` resolved."""
     from mc_core import runtime
     from mc_core.compressors import build
     from mc_core.runtime import token_dim
     from mc_core.training import distributed, memory
+    from mc_core.training.loop import auto_micro_batch
 
     if cache is None:
-        return
+        return cfg
     comp = build(cfg.method, rate=rate, dim=token_dim(model), **cfg.build_kwargs())
-    try:  # the longest compressed dialogue, from the cache's per-dialogue shapes
-        entries = cache.entries
-        n = max(len(t) for e in entries for t in e.tokens)
-        seq = max(e.length - sum(len(t) - comp.kept(len(t)) for t in e.tokens) for e in entries)
-        answers = max(len(e.positions) for e in entries)
-    except (AttributeError, TypeError) as err:  # a diagnostic must not stop training
-        print(f"train: no memory estimate ({type(err).__name__}: {err})", flush=True)
-        return
+    per_rank = math.ceil(cfg.batch_size / distributed.world()[1])
+    chosen, _ = auto_micro_batch(cfg, model, comp, cache, world=distributed.world()[1])
+    micro = chosen or min(cfg.micro_batch or per_rank, per_rank)
+    how = "auto: the largest that fits" if chosen else "train.micro_batch"
+    print(f"train: micro-batch {micro} of {per_rank} dialogues per step ({how})", flush=True)
+    tracking.log_metrics(run_id, {"micro_batch": float(micro)})
     device = runtime.resolve_device(cfg.device)
+    shapes = cache.step_shapes(comp.kept)
     est = memory.estimate(
         model,
-        batch_size=math.ceil(cfg.batch_size / distributed.world()[1]),
-        seq_len=seq,
-        answer_tokens=answers,
+        batch_size=micro,
+        seq_len=shapes["seq_len"],
+        answer_tokens=shapes["answer_tokens"],
+        images=micro * shapes["images"],
         dtype=runtime.resolve_dtype(cfg.dtype, device),
         generator_params=sum(p.numel() for p in comp.parameters()),
-        visual_tokens=(n, comp.kept(n)),
+        visual_tokens=shapes["visual_tokens"],
         target_topk=cfg.target_topk,
+        activation_checkpointing=cfg.activation_checkpointing,
+        vision=cfg.visual_tokens,
     )
     print(
         f"train: estimated device memory per process on {device}: {memory.format_estimate(est)}",
@@ -246,6 +250,7 @@ def _memory_estimate(cfg, model, cache, rate: float, run_id: str) -> None:
     )
     parts = ("weights", "activations", "logits", "generator", "transient", "total")
     tracking.log_metrics(run_id, {f"memory/{k}_gib": est[k] / 1024**3 for k in parts})
+    return cfg.model_copy(update={"micro_batch": micro}) if chosen else cfg
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -324,7 +329,7 @@ def _train_cell(p, cfg, arch: str, rate: float) -> None:
         cache = target_cache(
             model, processor, dataset, arch=arch, needs=needs, inputs=inputs, cfg=cfg
         )
-        _memory_estimate(cfg, model, cache, rate, run_id)
+        cfg = _plan_step(cfg, model, cache, rate, run_id)
         compressor = mtrain.train(
             cfg,
             model,

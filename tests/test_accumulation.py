@@ -145,3 +145,36 @@ def test_train_with_both_ends_like_train_without(setup, tmp_path):
     )
     for (name, a), b in zip(plain.state_dict().items(), both.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_auto_fits_the_budget(setup):
+    from mc_core.training import memory
+    from mc_core.training.loop import auto_micro_batch
+
+    model, processor, data, cache = setup
+    run = _Run.start(
+        _cfg(micro_batch="auto"), model, processor, data, rate=0.75, cache=cache, adapter=None
+    )
+    assert run.micro == N  # CPU: no budget, the whole batch
+    shapes = cache.step_shapes(run.compressor.kept)
+
+    def peak(k):  # the estimate fit_micro_batch compares with the budget
+        return memory.estimate(
+            model,
+            batch_size=k,
+            seq_len=shapes["seq_len"],
+            answer_tokens=shapes["answer_tokens"],
+            dtype=torch.float32,
+            images=k,
+            visual_tokens=shapes["visual_tokens"],
+            generator_params=sum(p.numel() for p in run.compressor.parameters()),
+        )["total"]
+
+    for want in (1, 7, N):
+        cfg = _cfg(micro_batch="auto", max_memory_gib=peak(want) / 1024**3)
+        k, est = auto_micro_batch(cfg, model, run.compressor, cache)
+        assert k == want and est["total"] <= peak(want)
+    with pytest.raises(ValueError, match="even a micro-batch of 1 needs"):
+        auto_micro_batch(
+            _cfg(micro_batch="auto", max_memory_gib=1e-6), model, run.compressor, cache
+        )

@@ -39,7 +39,7 @@ from mc_core.inference.dialogue import collate, to_device
 from mc_core.models.families import adapter_for
 from mc_core.progress import progress as progress_bar
 from mc_core.runtime import prepare_model, resolve_device, token_dim
-from mc_core.training import distributed
+from mc_core.training import distributed, fit
 from mc_core.training.activations import checkpointed_layers
 from mc_core.training.config import TrainConfig
 from mc_core.training.losses import align_from_end, total_loss
@@ -56,7 +56,7 @@ from mc_core.training.targets import (
     recompute_tokens,
 )
 
-__all__ = ["Callback", "TrainConfig", "student_logits", "train"]
+__all__ = ["Callback", "TrainConfig", "auto_micro_batch", "student_logits", "train"]
 
 Callback = Callable[[int, dict[str, float]], None]
 
@@ -244,7 +244,8 @@ class _Run:
         compressor = compressor.float().to(device).train()
         params = [p for p in compressor.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-        if cache is None and cfg.cache_targets:
+        built = cache is None and cfg.cache_targets
+        if built:
             cache = build_target_cache(
                 model,
                 processor,
@@ -258,11 +259,13 @@ class _Run:
                 dtype=cfg.dtype,
                 targets=cfg.targets,
             )
-            if cfg.visual_tokens == "recompute":  # keep what a store would: no tokens
-                for e in cache.entries:
-                    e.tokens = []
-                cache.visual_tokens = "recompute"
         _check_cache(cache, n, compressor.needs, cfg.method, cfg.target_topk)
+        world = distributed.world()
+        micro = auto_micro_batch(cfg, model, compressor, cache, world=world[1])[0]
+        if built and cfg.visual_tokens == "recompute":  # keep what a store would: no tokens
+            for e in cache.entries:
+                e.tokens = []
+            cache.visual_tokens = "recompute"
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         total = cfg.epochs * steps_per_epoch
         if cfg.max_steps is not None:
@@ -282,7 +285,8 @@ class _Run:
             n,
             steps_per_epoch,
             total,
-            *distributed.world(),
+            *world,
+            micro,
         )
 
     def entries(self, idx: list[int]) -> list[CacheEntry]:
@@ -405,6 +409,47 @@ class _Run:
 
 
 _PARTS = ("kl", "entropy", "collapse")  # weighted by answer tokens, images, images
+
+
+def auto_micro_batch(
+    cfg: TrainConfig, model, compressor: Compressor, cache: TargetCache | None, *, world: int = 1
+) -> tuple[int | None, dict[str, Any] | None]:
+    """The micro-batch ``cfg.micro_batch: auto`` stands for, with the estimate it was chosen
+    by: the largest that fits ``cfg.max_memory_gib`` (default: the device's free memory less a
+    margin) for the costliest step of ``cache``'s dialogues (`mc_core.training.fit`). Without a
+    budget (CPU) the rank's whole batch. ``(None, None)`` when ``cfg.micro_batch`` is not
+    "auto".
+
+    Raises:
+        ValueError: "auto" without a target cache to read the dialogues' shapes from, or a
+            micro-batch of one does not fit (the message says what to change).
+    """
+    if cfg.micro_batch != "auto":
+        return None, None
+    per_rank = math.ceil(cfg.batch_size / world)
+    budget = fit.memory_budget(resolve_device(cfg.device), cfg.max_memory_gib)
+    if budget is None:
+        return per_rank, None
+    if cache is None:
+        raise ValueError(
+            "train.micro_batch='auto' reads the dialogues' shapes from the target cache: set "
+            "train.cache_targets: true or give an int micro_batch"
+        )
+    shapes = cache.step_shapes(compressor.kept)
+    return fit.fit_micro_batch(
+        model,
+        batch_size=per_rank,
+        budget_bytes=budget,
+        seq_len=shapes["seq_len"],
+        answer_tokens=shapes["answer_tokens"],
+        images_per_dialogue=shapes["images"],
+        visual_tokens=shapes["visual_tokens"],
+        dtype=next(model.parameters()).dtype,
+        generator_params=sum(p.numel() for p in compressor.parameters()),
+        target_topk=cfg.target_topk,
+        activation_checkpointing=cfg.activation_checkpointing,
+        vision=cfg.visual_tokens,
+    )
 
 
 def _check_cache(
