@@ -44,6 +44,7 @@ from torch import Tensor
 
 from mc_core.compressors import TokenContext
 from mc_core.io import staged_file, write_json
+from mc_core.training.entry import CacheEntry
 from mc_core.training.losses import TopKTarget
 
 __all__ = ["STORE_VERSION", "StoreWriter", "TargetStore", "entry_record", "store_key"]
@@ -99,8 +100,6 @@ def entry_record(e, i: int, *, with_tokens: bool) -> tuple[dict[str, Tensor], di
 
 
 def _entry(get, i: int, meta: dict[str, Any], topk: int | None, with_tokens: bool):
-    from mc_core.training.targets import CacheEntry
-
     contexts = []
     for j, cm in enumerate(meta["ctx"]):
         kw = {name: get(f"{i}.ctx.{j}.{name}") for name in cm["t"]}

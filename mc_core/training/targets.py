@@ -33,6 +33,7 @@ from mc_core.models.families import adapter_for
 from mc_core.progress import progress as progress_bar
 from mc_core.runtime import prepare_model, resolve_device
 from mc_core.training.config import TrainConfig
+from mc_core.training.entry import CacheEntry
 from mc_core.training.losses import TopKTarget
 from mc_core.training.store import MANIFEST, StoreWriter, TargetStore
 
@@ -78,29 +79,6 @@ def _plain(obj):
     if type(obj) in (list, tuple):
         return type(obj)(_plain(v) for v in obj)
     return obj
-
-
-@dataclass
-class CacheEntry:
-    """What the frozen model gives for one dialogue (all on CPU).
-
-    Attributes:
-        base: the processor's inputs for the full gold dialogue (batch of one, n placeholders
-            per image); pixel tensors are zero-memory stubs of their shape.
-        tokens: projector output per image, `[n_i, d]`.
-        contexts: `TokenContext` per image.
-        positions: positions of the answer tokens in the full sequence, `[T]`.
-        target: the distillation target, the full model's log-probs at those positions: all of
-            them, `[T, V]` float32, or their top-k and tail mass (`TopKTarget`).
-        length: full sequence length.
-    """
-
-    base: dict[str, Any]
-    tokens: list[Tensor]
-    contexts: list[TokenContext]
-    positions: Tensor
-    target: Tensor | TopKTarget
-    length: int
 
 
 @dataclass
