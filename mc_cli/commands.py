@@ -1,4 +1,4 @@
-"""The four subcommands of `metacompress`; each takes the parsed arguments, returns a status."""
+"""The subcommands of `metacompress`; each takes the parsed arguments, returns a status."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 import mc_registry
+from mc_cli.plan import plan
 from mc_cli.resolve import (
     UsageError,
     _check_registry,
@@ -16,7 +17,7 @@ from mc_cli.resolve import (
     open_image,
 )
 
-__all__ = ["COMMANDS", "chat", "compress", "evaluate", "list_registry"]
+__all__ = ["COMMANDS", "chat", "compress", "evaluate", "list_registry", "plan"]
 
 
 def _questions(args) -> Iterator[str]:
@@ -172,4 +173,5 @@ COMMANDS: dict[str, Callable] = {
     "compress": compress,
     "evaluate": evaluate,
     "list": list_registry,
+    "plan": plan,
 }

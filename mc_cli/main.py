@@ -4,6 +4,7 @@
     metacompress compress IMAGE --model M --compressor C [--rate R] -o OUT.safetensors
     metacompress evaluate --model M --data DIR --methods NAME|CKPT|URI ... --rate R
     metacompress list
+    metacompress plan --model NAME ... [--rates R ...] [--gpu G --gpus N] | --params FILE
 
 C is a method name (`metacompress list` and `--help` show them; needs --rate), a checkpoint
 folder (`models/compressors/<cell>`) or a registry URI (`models:/<name>@champion`, MLflow at
@@ -17,6 +18,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mc_cli import plan as plan_command
 from mc_cli.commands import COMMANDS
 from mc_cli.resolve import UsageError
 from mc_core.progress import quiet_library_bars
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="metacompress",
         description="Prompt-agnostic visual-token compression for LVLMs: chat, export "
-        "compressed image embeddings, evaluate, list the registry.",
+        "compressed image embeddings, evaluate, list the registry, plan training costs.",
         epilog="Run `metacompress COMMAND --help` for a command's options.",
     )
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -134,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(MLFLOW_TRACKING_URI, default sqlite:///mlflow.db in the working folder): "
         "champion version, its score and its run's metrics.",
     )
+    plan_command.add_parser(sub, _positive, _rate)
     return ap
 
 

@@ -44,7 +44,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["VISION_MODES", "estimate", "format_estimate", "meta_model", "tower_tokens"]
+__all__ = [
+    "VISION_MODES",
+    "estimate",
+    "format_estimate",
+    "meta_model",
+    "tower_tokens",
+    "vision_shape",
+]
 
 _GIB = 1024**3
 VISION_MODES = ("store", "recompute")  # TrainConfig.visual_tokens
@@ -93,7 +100,7 @@ def _text_shape(config) -> dict[str, int]:
     )
 
 
-def _vision_shape(config) -> dict[str, Any] | None:
+def vision_shape(config) -> dict[str, Any] | None:
     """The vision tower's widths (None: the config has no tower). Qwen2-VL names the tower width
     ``embed_dim`` (its ``hidden_size`` is the LLM's) and its MLP width ``mlp_ratio``."""
     v = getattr(config, "vision_config", None)
@@ -129,7 +136,7 @@ def tower_tokens(config, n: int) -> int:
 def _vision_bytes(config, b: int, images: int, n: int, d: int) -> int:
     """Transient peak of the frozen tower + projector under no_grad for ``images`` images of
     ``n`` visual tokens each (module docstring)."""
-    v = _vision_shape(config)
+    v = vision_shape(config)
     if v is None:
         raise ValueError(
             f"estimate: vision='recompute' but {type(config).__name__} has no vision_config"
@@ -204,6 +211,16 @@ def _transient(
     return out
 
 
+def _resolve(model_or_config: Any, attn: str | None) -> tuple[Any, Any, str]:
+    """(model, config, attention kind) of a model or a config (built on the meta device)."""
+    is_model = isinstance(model_or_config, torch.nn.Module)
+    config = model_or_config.config if is_model else model_or_config
+    model = model_or_config if is_model else meta_model(config)
+    attn = attn or getattr(config, "_attn_implementation", None) or "sdpa"
+    # flash / flex kernels keep what sdpa keeps
+    return model, config, attn if attn in ("sdpa", "eager") else "sdpa"
+
+
 def _check_args(batch_size: int, seq_len: int, vision: str, checkpointing: bool) -> None:
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -257,12 +274,7 @@ def estimate(
     _check_args(batch_size, seq_len, vision, activation_checkpointing)
     dt = _dtype(dtype)
     b = torch.finfo(dt).bits // 8
-    is_model = isinstance(model_or_config, torch.nn.Module)
-    config = model_or_config.config if is_model else model_or_config
-    model = model_or_config if is_model else meta_model(config)
-    attn = attn or getattr(config, "_attn_implementation", None) or "sdpa"
-    if attn not in ("sdpa", "eager"):
-        attn = "sdpa"  # flash / flex kernels keep what sdpa keeps
+    model, config, attn = _resolve(model_or_config, attn)
     s = _text_shape(config)
     ckpt = activation_checkpointing
     activations, per = _activations(s, b, attn, batch_size, seq_len, ckpt)
