@@ -2,10 +2,15 @@
 ``dataset``) share beyond the schema itself.
 
 Grouping an image's question ids into dialogues (``group_turns``, ``id_sort_key``), a seeded
-subset (``take_subset``), images by id from a folder or a saved image dataset (``ImageSource``,
-``read_image_bytes``, ``check_image_bytes``), change stamps for fingerprints (``file_stamp``),
-and materialising rows into a validated Arrow dataset (``dataset_from_rows``,
-``build_from_plans``). The rows follow ``mc_core.data.schema``.
+subset (``take_subset``), planned dialogues kept compact until a row is needed (``LazyRows``),
+images by id from a folder or a saved image dataset (``ImageSource``, ``read_image_bytes``,
+``check_image_bytes``), change stamps for fingerprints (``file_stamp``), and materialising rows
+into a validated Arrow dataset (``dataset_from_rows``, ``build_from_plans``). The rows follow
+``mc_core.data.schema``.
+
+Memory (issue 26, "Data at scale"): a build holds the compact plan (a few hundred bytes per
+question) and one image at a time; rows are written by a generator and the fingerprint is hashed
+plan by plan, so neither every row nor every image is in memory at once.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from typing import Any
 import datasets
 from datasets import Features
 
+from mc_core.data import residency
 from mc_core.data.schema import FEATURES, TURNS, is_saved_dataset, validate
 
 __all__ = [
     "ImageSource",
+    "LazyRows",
     "build_from_plans",
     "check_image_bytes",
     "dataset_from_rows",
@@ -46,6 +53,31 @@ def group_turns(ids: Sequence[str], turns: int = TURNS) -> list[tuple[str, ...]]
 def id_sort_key(qid: str) -> tuple[int, int, str]:
     """Numeric ids in numeric order, then any others in string order (deterministic)."""
     return (0, int(qid), qid) if qid.isdigit() else (1, 0, qid)
+
+
+class LazyRows(Sequence[dict[str, Any]]):
+    """Planned dialogues built on access: ``row(key)`` for each compact key.
+
+    A plan of dicts costs about 1.5 KB per dialogue (the lists, the dict, the id string); the
+    keys (an image id, an index, the question ids) a tenth of that, and ``build_from_plans``
+    needs only one row at a time.
+    """
+
+    def __init__(self, keys: list[Any], row: Callable[[Any], dict[str, Any]]):
+        self.keys = keys
+        self.row = row
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index):  # Sequence's (int -> row, slice -> list of rows)
+        if isinstance(index, slice):
+            return [self.row(k) for k in self.keys[index]]
+        return self.row(self.keys[index])
+
+    def take(self, indices: Iterable[int]) -> LazyRows:
+        """The rows at ``indices`` (e.g. ``take_subset``'s), still lazy."""
+        return LazyRows([self.keys[i] for i in indices], self.row)
 
 
 def read_image_bytes(path: Path, *, row: str, verify: bool = True) -> bytes:
@@ -170,11 +202,13 @@ class ImageSource:
             return str(self.root / self.filename(image_id))
         return f"{self.root} (image id {image_id!r})"
 
-    def stamp(self, image_ids: Iterable[str]) -> list[tuple[str, int, int]]:
-        """Change-detection stamps of the files behind ``image_ids``."""
+    def stamp(self, image_ids: Iterable[str]) -> Iterator[tuple[str, int, int]]:
+        """Change-detection stamps of the files behind ``image_ids``, one at a time."""
         if self._ds is None:
-            return file_stamp(self.root / self.filename(i) for i in image_ids)
-        return file_stamp(sorted(p for p in self.root.iterdir() if p.is_file()))
+            for i in image_ids:
+                yield from file_stamp([self.root / self.filename(i)])
+        else:
+            yield from file_stamp(sorted(p for p in self.root.iterdir() if p.is_file()))
 
     def read(self, image_id: str, *, row: str, verify: bool) -> bytes:
         """The image's encoded bytes; ValueError naming the file/dataset and ``row``."""
@@ -184,6 +218,7 @@ class ImageSource:
         if image_id not in self._index:
             raise ValueError(f"{where}: no such image in the dataset, needed by {row}")
         cell = self._ds[self._index[image_id]]["image"]
+        residency.after_read(self._ds)  # every image is read: keep them from staying mapped
         if cell is None:
             raise ValueError(f"{where}: empty image cell, needed by {row}")
         data = cell.get("bytes")
@@ -208,7 +243,8 @@ def build_from_plans(
     """Turns planned dialogues (rows without ``image``, plus ``qids``) into a dataset.
 
     Every image is read (and decoded, when ``verify_images``) once before anything is written,
-    so a missing or corrupt image fails fast with the file and the question ids needing it.
+    so a missing or corrupt image fails fast with the file and the question ids needing it; one
+    image at a time is in memory, then and while writing.
     Images that are not RGB are stored converted (``mc_core.data.images.rgb_bytes``).
 
     Args:
@@ -220,26 +256,14 @@ def build_from_plans(
         cache_dir: ``datasets`` cache folder for the Arrow shards.
         where: quoted in errors.
     """
-    import hashlib
-    import json
-
     if not plans:
         raise ValueError(
             f"{where}: no dialogue to build (every image has fewer than "
             f"{TURNS} questions, or the input is empty)"
         )
-    needed: dict[str, str] = {}
-    for p in plans:
-        needed.setdefault(p["image_id"], f"questions {list(p['qids'])}")
-    for image_id, row in needed.items():
+    for image_id, row in _image_runs(plans):
         images.read(image_id, row=row, verify=verify_images)
-    digest = hashlib.sha256(
-        json.dumps(
-            [fingerprint_parts, images.stamp(sorted(needed)), list(plans)],
-            sort_keys=True,
-            default=str,
-        ).encode()
-    ).hexdigest()[:32]
+    digest = _digest(fingerprint_parts, images, plans)
 
     from mc_core.data.images import rgb_bytes
 
@@ -258,3 +282,29 @@ def build_from_plans(
             yield row
 
     return dataset_from_rows(rows, fingerprint=digest, cache_dir=cache_dir, where=where)
+
+
+def _image_runs(plans: Sequence[dict[str, Any]]) -> Iterator[tuple[str, str]]:
+    """(image id, the question ids of its first dialogue) per run of one image's dialogues."""
+    last = None
+    for p in plans:
+        if p["image_id"] != last:
+            last = p["image_id"]
+            yield last, f"questions {list(p['qids'])}"
+
+
+def _digest(parts: Any, images: ImageSource, plans: Sequence[dict[str, Any]]) -> str:
+    """A digest of the options, the image files' stamps and every planned row, hashed piece by
+    piece (one JSON document of every plan would be the biggest object of a large build)."""
+    import hashlib
+    import json
+
+    def dumps(x: Any) -> bytes:
+        return json.dumps(x, sort_keys=True, default=str).encode() + b"\n"
+
+    h = hashlib.sha256(dumps(parts))
+    for stamp in images.stamp(image_id for image_id, _ in _image_runs(plans)):
+        h.update(dumps(stamp))
+    for p in plans:
+        h.update(dumps(p))
+    return h.hexdigest()[:32]

@@ -22,25 +22,32 @@ to, sorted and comma-joined (``""`` when the file has no annotations).
 
 A training subset (the paper trains on ~20k dialogues of train-balanced) is a seeded random
 choice of whole dialogues: ``build(..., max_dialogues=20000, seed=0)``.
+
+Memory: the question file is read one record at a time (:mod:`mc_core.data.jsonstream`; train-
+balanced is ~1 GB of JSON, several GB as Python objects) and only the five fields a row uses are
+kept per question; dialogues stay compact keys until written, and images are read one at a time
+(:func:`mc_core.data.assemble.build_from_plans`). ``bench.data_scale`` measures it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 
 from mc_core.data.assemble import (
     ImageSource,
+    LazyRows,
     build_from_plans,
     group_turns,
     id_sort_key,
     take_subset,
 )
+from mc_core.data.jsonstream import iter_object
 from mc_core.data.schema import is_saved_dataset
 
 SOURCE = "gqa"
@@ -49,32 +56,37 @@ SOURCE = "gqa"
 _VERSION = 2
 
 
-def read_questions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """The question records by question id, from a GQA JSON file or a saved dataset folder.
+def iter_questions(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(question_id, record)`` pairs, one at a time, from a GQA JSON file (streamed) or a saved
+    dataset folder.
 
     Raises:
-        ValueError: naming the file when it is unreadable or not in the GQA schema.
+        ValueError: naming the file (and the character position) when it is unreadable, cut
+            short, malformed or not a JSON object; naming the folder when it is not one dataset
+            with an ``id`` column.
     """
     path = Path(path)
-    if is_saved_dataset(path):
-        ds = datasets.load_from_disk(str(path))
-        if not isinstance(ds, datasets.Dataset) or "id" not in ds.column_names:
-            raise ValueError(
-                f"{path}: expected one dataset of GQA questions with an 'id' "
-                f"column, got {type(ds).__name__} "
-                f"{getattr(ds, 'column_names', None)}"
-            )
-        return {str(r["id"]): r for r in ds}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read GQA questions: {e}") from e
-    if not isinstance(data, dict):
+    if not is_saved_dataset(path):
+        yield from iter_object(path)
+        return
+    ds = datasets.load_from_disk(str(path))
+    if not isinstance(ds, datasets.Dataset) or "id" not in ds.column_names:
         raise ValueError(
-            f"{path}: expected a JSON object {{question_id: question}}, got {type(data).__name__}"
+            f"{path}: expected one dataset of GQA questions with an 'id' "
+            f"column, got {type(ds).__name__} "
+            f"{getattr(ds, 'column_names', None)}"
         )
-    return data
+    for r in ds:
+        yield str(r["id"]), r
+
+
+def read_questions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Every question record by question id (all in memory: :func:`iter_questions` streams).
+
+    Raises:
+        ValueError: as :func:`iter_questions`.
+    """
+    return dict(iter_questions(path))
 
 
 def _text(rec: dict[str, Any], key: str, *, where: str, qid: str) -> str:
@@ -99,15 +111,22 @@ def _targets(rec: dict[str, Any]) -> str:
     return ",".join(sorted(ids, key=id_sort_key))
 
 
-def plan(questions: dict[str, dict[str, Any]], *, where: str) -> list[dict[str, Any]]:
-    """The dialogues (rows without images, plus ``qids``) in canonical order.
+class _Turn(NamedTuple):
+    """What a row uses of one question record (the record itself is ~1 KB of JSON)."""
 
-    Raises:
-        ValueError: naming ``where`` and the question id of a record with a missing field.
-    """
-    by_image: dict[str, list[str]] = defaultdict(list)
-    parsed: dict[str, dict[str, str]] = {}
-    for qid, rec in questions.items():
+    image_id: str
+    question: str
+    answer: str
+    type: str
+    target: str
+
+
+def _turns(questions: Iterable[tuple[str, dict[str, Any]]], *, where: str) -> dict[str, _Turn]:
+    """The checked fields of every question, by question id, in input order (a repeated id keeps
+    its last record in its first position, as ``json.load`` does)."""
+    turns: dict[str, _Turn] = {}
+    shared: dict[str, str] = {}  # one string per image id and type, not one per question
+    for qid, rec in questions:
         qid = str(qid)
         if not isinstance(rec, dict):
             raise ValueError(
@@ -116,38 +135,66 @@ def plan(questions: dict[str, dict[str, Any]], *, where: str) -> list[dict[str, 
         types = rec.get("types")
         if not isinstance(types, dict):
             raise ValueError(f"{where}: question {qid!r}: missing field 'types'")
-        parsed[qid] = {
-            "image_id": _text(rec, "imageId", where=where, qid=qid),
-            "question": _text(rec, "question", where=where, qid=qid),
-            "answer": _text(rec, "answer", where=where, qid=qid),
-            "type": _text(types, "structural", where=where, qid=f"{qid}'s types"),
-            "target": _targets(rec),
-        }
-        by_image[parsed[qid]["image_id"]].append(qid)
-    plans = []
+        image_id = _text(rec, "imageId", where=where, qid=qid)
+        question = _text(rec, "question", where=where, qid=qid)
+        answer = _text(rec, "answer", where=where, qid=qid)
+        kind = _text(types, "structural", where=where, qid=f"{qid}'s types")
+        turns[qid] = _Turn(
+            shared.setdefault(image_id, image_id),
+            question,
+            answer,
+            shared.setdefault(kind, kind),
+            _targets(rec),
+        )
+    return turns
+
+
+def plan(
+    questions: Mapping[str, dict[str, Any]] | Iterable[tuple[str, dict[str, Any]]],
+    *,
+    where: str,
+) -> LazyRows:
+    """The dialogues (rows without images, plus ``qids``) in canonical order, built on access.
+
+    Args:
+        questions: records by question id, or ``(question_id, record)`` pairs
+            (:func:`iter_questions`), read once.
+        where: quoted in errors.
+
+    Raises:
+        ValueError: naming ``where`` and the question id of a record with a missing field.
+    """
+    pairs = questions.items() if isinstance(questions, Mapping) else questions
+    turns = _turns(pairs, where=where)
+    by_image: dict[str, list[str]] = defaultdict(list)
+    for qid, turn in turns.items():
+        by_image[turn.image_id].append(qid)
+    keys = []
     for image_id in sorted(by_image, key=id_sort_key):
-        qids = sorted(by_image[image_id], key=id_sort_key)
-        for j, group in enumerate(group_turns(qids)):
-            turns = [parsed[q] for q in group]
-            plans.append(
-                {
-                    "dialogue_id": f"{SOURCE}-{image_id}-{j}",
-                    "source": SOURCE,
-                    "image_id": image_id,
-                    "questions": [t["question"] for t in turns],
-                    "answers": [t["answer"] for t in turns],
-                    "answer_sets": [[t["answer"]] for t in turns],
-                    "question_types": [t["type"] for t in turns],
-                    "targets": [t["target"] for t in turns],
-                    "qids": list(group),
-                }
-            )
-    return plans
+        qids = sorted(by_image.pop(image_id), key=id_sort_key)
+        keys.extend((image_id, j, group) for j, group in enumerate(group_turns(qids)))
+
+    def row(key: tuple[str, int, tuple[str, ...]]) -> dict[str, Any]:
+        image_id, j, group = key
+        ts = [turns[q] for q in group]
+        return {
+            "dialogue_id": f"{SOURCE}-{image_id}-{j}",
+            "source": SOURCE,
+            "image_id": image_id,
+            "questions": [t.question for t in ts],
+            "answers": [t.answer for t in ts],
+            "answer_sets": [[t.answer] for t in ts],
+            "question_types": [t.type for t in ts],
+            "targets": [t.target for t in ts],
+            "qids": list(group),
+        }
+
+    return LazyRows(keys, row)
 
 
 def count_dialogues(questions_path: str | os.PathLike) -> int:
     """How many dialogues a question file gives (no image is read)."""
-    return len(plan(read_questions(questions_path), where=str(questions_path)))
+    return len(plan(iter_questions(questions_path), where=str(questions_path)))
 
 
 def build(
@@ -177,9 +224,9 @@ def build(
             and the question ids of an unreadable image.
     """
     where = str(questions_path)
-    plans = plan(read_questions(questions_path), where=where)
+    plans = plan(iter_questions(questions_path), where=where)
     keep = take_subset(len(plans), max_dialogues, seed, where=where)
-    plans = [plans[i] for i in keep]
+    plans = plans.take(keep)
     source = ImageSource(images, filename=lambda image_id: f"{image_id}.jpg")
     parts = [SOURCE, _VERSION, max_dialogues, seed, str(Path(questions_path).resolve())]
     return build_from_plans(

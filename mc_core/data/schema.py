@@ -6,8 +6,10 @@ columns of ``FEATURES`` (``dialogue_id``, ``source``, ``image_id``, ``image``, `
 docs/contracts.md and the README's "The dataset schema"), so training, evaluation and DVC treat
 them alike. A dialogue always has :data:`TURNS` = 3 turns; the image belongs to the first turn.
 
-``validate`` raises ``ValueError`` naming ``where``, the column and the row; ``save`` validates,
-then publishes atomically (``mc_core.io.staged_dir``); ``load`` reads and validates; ``row``
+``validate`` raises ``ValueError`` naming ``where``, the column and the row (never paging in image
+bytes); ``save`` validates, then publishes atomically (``mc_core.io.staged_dir``; the folder of
+``save_to_disk``, written by ``mc_core.data.saving`` without mapping the whole dataset into
+memory); ``load`` reads and validates; ``row``
 decodes one row (an undecodable image is a ValueError naming it); ``is_saved_dataset`` tells a
 ``save_to_disk`` folder. What the builders share (grouping questions into dialogues, image
 sources, fingerprints) is ``mc_core.data.assemble``.
@@ -172,7 +174,10 @@ def validate(ds: datasets.Dataset, *, where: str) -> datasets.Dataset:
             )
     if "object_centres" in have:
         _check_centres(ds["object_centres"], where)
+    from mc_core.data import residency
+
     seen: dict[str, int] = {}
+    files = residency.dataset_files(ds)
     # Arrow batches: no image decoding, and indices mappings (select/shuffle) are honoured.
     arrow = ds.with_format("arrow")
     start = 0
@@ -193,6 +198,8 @@ def validate(ds: datasets.Dataset, *, where: str) -> datasets.Dataset:
                 )
             seen[did] = start + k
         start += batch.num_rows
+        if files:  # the pages read of a mapped dataset need not stay resident
+            residency.release(files)
     return ds
 
 
@@ -210,27 +217,37 @@ def _check_centres(column: list, where: str) -> None:
 
 
 def image_presence(col: Any) -> list[dict[str, Any] | None]:
-    """Per row, ``{"bytes": b"<n bytes>" or None, "path": ...}`` without copying image bytes."""
+    """Per row, ``{"bytes": b"<n bytes>" or None, "path": ...}`` without reading image bytes.
+
+    Chunk by chunk: combining the chunks would copy every image, and reading the lengths needs
+    only the offsets, so the image bytes of a memory-mapped dataset are never paged in (its
+    resident memory stays flat however large the dataset; ``bench.data_scale``).
+    """
     import pyarrow.compute as pc
 
-    col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
-    has_bytes = pc.fill_null(
-        pc.greater(pc.binary_length(pc.struct_field(col, "bytes")), 0), False
-    ).to_pylist()
-    paths = pc.struct_field(col, "path").to_pylist()
-    valid = col.is_valid().to_pylist()
-    return [
-        {"bytes": b"<bytes>" if b else None, "path": p} if v else None
-        for v, b, p in zip(valid, has_bytes, paths, strict=True)
-    ]
+    out: list[dict[str, Any] | None] = []
+    for chunk in getattr(col, "chunks", [col]):
+        has_bytes = pc.fill_null(
+            pc.greater(pc.binary_length(pc.struct_field(chunk, "bytes")), 0), False
+        ).to_pylist()
+        paths = pc.struct_field(chunk, "path").to_pylist()
+        valid = chunk.is_valid().to_pylist()
+        out.extend(
+            {"bytes": b"<bytes>" if b else None, "path": p} if v else None
+            for v, b, p in zip(valid, has_bytes, paths, strict=True)
+        )
+    return out
 
 
 def row(ds: datasets.Dataset, index: int) -> dict[str, Any]:
     """Row ``index`` of a dialogue dataset, its image decoded; ValueError naming the row and its
     ``dialogue_id`` when the image bytes do not decode (a dataset not written by a builder,
-    which decode every image once)."""
+    which decode every image once). Every few rows the pages read stop counting in resident
+    memory (:mod:`mc_core.data.residency`)."""
+    from mc_core.data import residency
+
     try:
-        return ds[int(index)]
+        out = ds[int(index)]
     except (OSError, ValueError, SyntaxError) as err:  # what PIL raises on bad bytes
         did = ds.select_columns(["dialogue_id"])[int(index)]["dialogue_id"]
         raise ValueError(
@@ -238,6 +255,8 @@ def row(ds: datasets.Dataset, index: int) -> dict[str, Any]:
             f"{type(err).__name__}: {err}. Rebuild the dataset (dvc repro prepare)"
             " or drop that row"
         ) from err
+    residency.after_read(ds)  # an epoch would otherwise map the whole dataset into memory
+    return out
 
 
 def save(ds: datasets.Dataset, path: str | os.PathLike) -> Path:
@@ -248,10 +267,12 @@ def save(ds: datasets.Dataset, path: str | os.PathLike) -> Path:
     Returns:
         The path written.
     """
+    from mc_core.data.saving import save_to_disk
+
     path = Path(path)
     validate(ds, where=f"dataset to save at {path}")
     with staged_dir(path) as tmp:
-        ds.save_to_disk(str(tmp))
+        save_to_disk(ds, tmp)  # ds.save_to_disk's folder, in bounded resident memory
     return path
 
 

@@ -18,19 +18,30 @@ dropped; ``sum_images floor(k_i / 3)`` dialogues. Images in id order.
 Row fields: ``answers`` = ``multiple_choice_answer``; ``answer_sets`` = the ten human answers
 (VQA soft accuracy, :func:`mc_core.data.accuracy.vqa_soft_accuracy`); ``question_types`` =
 ``answer_type`` (yes/no, number, other); ``targets`` = ``""`` (VQAv2 has no region labels).
+
+Memory: both files are read one record at a time (:mod:`mc_core.data.jsonstream`; train2014's
+annotations are ~330 MB of JSON, several GB as Python objects); per question only what a row
+uses is kept, and dialogues stay compact keys until written (as MT-GQA).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 
-from mc_core.data.assemble import ImageSource, build_from_plans, group_turns, take_subset
+from mc_core.data.assemble import (
+    ImageSource,
+    LazyRows,
+    build_from_plans,
+    group_turns,
+    take_subset,
+)
+from mc_core.data.jsonstream import iter_object
 from mc_core.data.schema import VQA_ANSWERS
 
 SOURCE = "vqav2"
@@ -39,15 +50,22 @@ SOURCE = "vqav2"
 _VERSION = 2
 
 
-def _read_json(path: Path, key: str) -> tuple[dict[str, Any], list[Any]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read VQAv2 {key}: {e}") from e
-    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+def _elements(path: Path, key: str, rest: dict[str, Any]) -> Iterator[Any]:
+    """The elements of the list ``key`` of the JSON object in ``path``, one at a time; the
+    object's other members go to ``rest``.
+
+    Raises:
+        ValueError: naming the file when it is unreadable, malformed, or has no list ``key``.
+    """
+    found = False
+    for name, value in iter_object(path, stream=key):
+        if name == key:
+            found = True
+            yield from value
+        else:
+            rest[name] = value
+    if not found:
         raise ValueError(f"{path}: expected a JSON object with a list {key!r}")
-    return data, data[key]
 
 
 def _field(rec: Any, key: str, kind: type, *, where: Path, index: int) -> Any:
@@ -72,24 +90,25 @@ def _field(rec: Any, key: str, kind: type, *, where: Path, index: int) -> Any:
     return value.strip() if isinstance(value, str) else value
 
 
-def plan(
-    questions_path: str | os.PathLike, annotations_path: str | os.PathLike
-) -> tuple[list[dict[str, Any]], str | None]:
-    """The dialogues (rows without images, plus ``qids``) and the questions' ``data_subtype``.
+class _Answer(NamedTuple):
+    """What a row uses of one annotation, and where it was (the record is ~0.7 KB of JSON)."""
 
-    Raises:
-        ValueError: naming the file and the row (index, question id) of a bad record, a
-            question without annotation, or an annotation whose image disagrees.
-    """
-    qpath, apath = Path(questions_path), Path(annotations_path)
-    qdata, qrecs = _read_json(qpath, "questions")
-    _, arecs = _read_json(apath, "annotations")
-    ann: dict[int, tuple[int, dict[str, Any]]] = {}
-    for i, rec in enumerate(arecs):
+    index: int
+    image_id: int
+    answer: str
+    answers: tuple[str, ...]
+    type: str
+
+
+def _annotations(apath: Path) -> dict[int, _Answer]:
+    """The checked annotations by question id, read one at a time."""
+    ann: dict[int, _Answer] = {}
+    shared: dict[str, str] = {}  # answers repeat ("yes", "2"): one string each
+    for i, rec in enumerate(_elements(apath, "annotations", {})):
         qid = _field(rec, "question_id", int, where=apath, index=i)
-        _field(rec, "image_id", int, where=apath, index=i)
-        _field(rec, "multiple_choice_answer", str, where=apath, index=i)
-        _field(rec, "answer_type", str, where=apath, index=i)
+        image_id = _field(rec, "image_id", int, where=apath, index=i)
+        answer = _field(rec, "multiple_choice_answer", str, where=apath, index=i)
+        kind = _field(rec, "answer_type", str, where=apath, index=i)
         answers = _field(rec, "answers", list, where=apath, index=i)
         if len(answers) != VQA_ANSWERS:
             raise ValueError(
@@ -102,11 +121,32 @@ def plan(
                     f"{apath}: row {i} (question_id={qid}): answers[{k}] has no "
                     f"'answer' string: {a!r}"
                 )
-        ann[qid] = (i, rec)
+        ann[qid] = _Answer(
+            i,
+            image_id,
+            shared.setdefault(answer, answer),
+            tuple(shared.setdefault(a["answer"], a["answer"]) for a in answers),
+            shared.setdefault(kind, kind),
+        )
+    return ann
 
+
+def plan(
+    questions_path: str | os.PathLike, annotations_path: str | os.PathLike
+) -> tuple[LazyRows, str | None]:
+    """The dialogues (rows without images, plus ``qids``; built on access) and the questions'
+    ``data_subtype``.
+
+    Raises:
+        ValueError: naming the file and the row (index, question id) of a bad record, a
+            question without annotation, or an annotation whose image disagrees.
+    """
+    qpath, apath = Path(questions_path), Path(annotations_path)
+    ann = _annotations(apath)
+    qdata: dict[str, Any] = {}
     by_image: dict[int, list[int]] = defaultdict(list)
     texts: dict[int, str] = {}
-    for i, rec in enumerate(qrecs):
+    for i, rec in enumerate(_elements(qpath, "questions", qdata)):
         qid = _field(rec, "question_id", int, where=qpath, index=i)
         image_id = _field(rec, "image_id", int, where=qpath, index=i)
         texts[qid] = _field(rec, "question", str, where=qpath, index=i)
@@ -114,33 +154,36 @@ def plan(
             raise ValueError(
                 f"{qpath}: row {i} (question_id={qid}): no annotation for it in {apath}"
             )
-        j, a = ann[qid]
-        if a["image_id"] != image_id:
+        a = ann[qid]
+        if a.image_id != image_id:
             raise ValueError(
-                f"{apath}: row {j} (question_id={qid}): image_id {a['image_id']} "
+                f"{apath}: row {a.index} (question_id={qid}): image_id {a.image_id} "
                 f"but the question (row {i} of {qpath}) has {image_id}"
             )
         by_image[image_id].append(qid)
 
-    plans = []
+    keys = []
     for image_id in sorted(by_image):
-        for j, group in enumerate(group_turns(sorted(by_image[image_id]))):
-            recs = [ann[q][1] for q in group]
-            plans.append(
-                {
-                    "dialogue_id": f"{SOURCE}-{image_id}-{j}",
-                    "source": SOURCE,
-                    "image_id": str(image_id),
-                    "questions": [texts[q] for q in group],
-                    "answers": [r["multiple_choice_answer"].strip() for r in recs],
-                    "answer_sets": [[a["answer"] for a in r["answers"]] for r in recs],
-                    "question_types": [r["answer_type"].strip() for r in recs],
-                    "targets": [""] * len(group),
-                    "qids": [str(q) for q in group],
-                }
-            )
+        for j, group in enumerate(group_turns(sorted(by_image.pop(image_id)))):
+            keys.append((image_id, j, group))
+
+    def row(key: tuple[int, int, tuple[int, ...]]) -> dict[str, Any]:
+        image_id, j, group = key
+        recs = [ann[q] for q in group]
+        return {
+            "dialogue_id": f"{SOURCE}-{image_id}-{j}",
+            "source": SOURCE,
+            "image_id": str(image_id),
+            "questions": [texts[q] for q in group],
+            "answers": [r.answer for r in recs],
+            "answer_sets": [list(r.answers) for r in recs],
+            "question_types": [r.type for r in recs],
+            "targets": [""] * len(group),
+            "qids": [str(q) for q in group],
+        }
+
     subtype = qdata.get("data_subtype")
-    return plans, subtype if isinstance(subtype, str) and subtype else None
+    return LazyRows(keys, row), subtype if isinstance(subtype, str) and subtype else None
 
 
 def image_filename(image_id: str, split: str) -> str:
@@ -187,7 +230,7 @@ def build(
             f"split= (e.g. 'val2014') to name the COCO image files"
         )
     keep = take_subset(len(plans), max_dialogues, seed, where=where)
-    plans = [plans[i] for i in keep]
+    plans = plans.take(keep)
     source = ImageSource(images, filename=lambda image_id: image_filename(image_id, split))
     parts = [
         SOURCE,
