@@ -1,8 +1,10 @@
 """Reading the registry: resolve a ``models:/`` URI, fetch its checkpoint, list what is there.
 
-Loading needs no unpickling: a version's source is the plain checkpoint folder
-(``compressor.safetensors`` + ``compressor.json``), downloaded and read by
-``mc_core.compressors.checkpoint.load_compressor``; see :func:`load_compressor`.
+Loading needs no unpickling: a version's source is an MLflow pyfunc model whose
+``compressor`` artifact is the checkpoint folder (``compressor.safetensors`` +
+``compressor.json``; ``mc_registry.mlmodel``), or, for versions registered before that format,
+the plain checkpoint folder itself. Either way :func:`download` returns the checkpoint folder,
+read by ``mc_core.compressors.checkpoint.load_compressor``; see :func:`load_compressor`.
 
 A version's tags (set by ``tasks.tracking.register_checkpoint``) hold its ``score`` (what the
 alias ranks by), ``metric``, ``ckpt_sha256`` and lineage (``base_sha256``, ``dvc.<path>``...).
@@ -88,8 +90,11 @@ def resolve(model_uri: str, *, uri: str | None = None) -> tuple[str, str]:
 
 
 def download(model_uri: str, dst: str | Path | None = None, *, uri: str | None = None) -> Path:
-    """Download a registered checkpoint folder (``models:/<name>@champion`` or ``/<version>``)."""
+    """Download a registered version (``models:/<name>@champion`` or ``/<version>``); returns
+    its checkpoint folder (inside the MLflow model, or the version itself for a plain folder)."""
     import mlflow.artifacts
+
+    from mc_registry.mlmodel import checkpoint_in
 
     uri = uri or tracking_uri()
     name, version = resolve(model_uri, uri=uri)
@@ -99,7 +104,7 @@ def download(model_uri: str, dst: str | Path | None = None, *, uri: str | None =
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=source, dst_path=str(dst) if dst else None, tracking_uri=uri
     )
-    return Path(local)
+    return checkpoint_in(local)
 
 
 def load_compressor(model_uri: str, *, expect: dict | None = None, uri: str | None = None):

@@ -8,7 +8,8 @@ workspaces and writes ``reports/reliability.json`` (``{"faults": [{"name", "kind
 Modules: ``core`` (registry, trial loop, reports), ``workspace`` (reference run, clones,
 hashes), ``registry_state`` (MLflow store comparison), one module per family of faults:
 ``kills``, ``flowkill``, ``outage``, ``concurrency``, ``disk`` (+ ``inject/``: the ENOSPC
-injector a stage process loads), ``badinput``, ``corrupt``, ``security``.
+injector a stage process loads), ``badinput``, ``serving`` (bad requests to a served
+compressor), ``corrupt``, ``security``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ MODULES = (
     "outage",
     "disk",
     "badinput",
+    "serving",
     "corrupt",
     "store",
     "security",

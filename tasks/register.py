@@ -1,7 +1,11 @@
 """Stage ``register@<arch>-<rate>``: the cell's compressor into the MLflow model registry.
 
 Registered model ``register.name_template`` (e.g. ``metacompress-<arch>-r<rate>``); a new
-version only when the checkpoint's content hash is new. Gated (``register.gate``, with data/val):
+version only when the checkpoint's content hash is new. Each version is an MLflow pyfunc model
+of the checkpoint and the cell's base model (``mc_registry.mlmodel``: signature, input example,
+lineage metadata), so ``mlflow.pyfunc.load_model(<uri>)`` and ``mlflow models serve`` take it;
+a checkpoint registered before as a plain folder gets one such version, and the alias follows
+it when the folder held it. Gated (``register.gate``, with data/val):
 the version takes the alias ``champion`` only if on data/val it beats ``register.gate_baseline``
 and the current champion by ``register.champion_metric`` (``gate``); otherwise it is registered
 without the alias and the stage prints why. Its ``score`` tag is then the validation score
@@ -155,6 +159,20 @@ def _decide(
     return decision
 
 
+def _model_meta(arch: str, ckpt: str, base_sha: str, hashes: dict, git: str) -> dict:
+    """The lineage the version's MLflow model metadata carries (its tags record the same):
+    the checkpoint's and the base model's content hashes, the base model's DVC hash."""
+    return {
+        "arch": arch,
+        "ckpt_sha256": ckpt,
+        "git_sha": git,
+        "base_model": {
+            "sha256": base_sha,
+            "dvc_md5": hashes.get(f"dvc.{cells.base_dir(arch)}"),
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Register (or find) the cell's version and move the champion alias if the gate allows."""
     p = common.load_params(PARAMS, who="tasks.register")
@@ -209,12 +227,16 @@ def main(argv: list[str] | None = None) -> None:
         higher_is_better=(metric == "acc_avg"),
         tags=tags,
         promote=promote,
+        base_dir=cells.base_dir(arch),
+        model_meta=_model_meta(arch, ckpt, base_sha, hashes, tags["git_sha"]),
     )
     out = common.write_json(
         cells.cell_file("registry", arch, rate),
         {**reg.to_dict(), "uri": mc_registry.model_uri(reg.name), "gate": decision},
     )
     verb = "registered" if reg.created else "already registered"
+    if reg.repackages:
+        verb += f" (an MLflow model of the checkpoint of folder version(s) {reg.repackages})"
     print(
         f"register: {reg.name} v{reg.version} {verb}; champion v{reg.champion or '-'} "
         f"({decision['reason']}) -> {out}",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ from mc_registry import (
     current_champion,
     file_lock,
     lock_dir,
+    mlmodel,
     score_of,
     sqlite_path,
     tracking_uri,
@@ -240,7 +242,11 @@ class StepLogger:
 
 @dataclass(frozen=True)
 class Registration:
-    """What ``tasks.register`` writes to ``reports/registry/<cell>.json``."""
+    """What ``tasks.register`` writes to ``reports/registry/<cell>.json``.
+
+    ``repackages``: the versions of the same checkpoint registered before as plain folders
+    that this version (an MLflow model of the same bytes) replaces (comma-separated), or None.
+    """
 
     name: str
     version: str
@@ -250,6 +256,7 @@ class Registration:
     run_id: str
     score: float
     metric: str
+    repackages: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON)."""
@@ -269,6 +276,37 @@ def set_champion(name: str, *, higher_is_better: bool = True, uri: str | None = 
     return str(best)
 
 
+def _upload(
+    c, run_id: str, ckpt_dir: str | Path, ckpt: str, base_dir, model_meta
+) -> tuple[str, dict[str, str]]:
+    """Upload a version's files to the run; returns (source URI, the tags saying its format).
+
+    With ``base_dir``: an MLflow pyfunc model of the checkpoint (``mc_registry.mlmodel``)
+    under ``model-<hash>``; without: the plain checkpoint folder under ``compressor-<hash>``.
+    """
+    if base_dir is None:
+        artifact_path, fmt = f"compressor-{ckpt[:12]}", {}
+        c.log_artifacts(run_id, str(ckpt_dir), artifact_path)
+    else:
+        artifact_path, fmt = f"model-{ckpt[:12]}", {mlmodel.FORMAT_TAG: mlmodel.FORMAT}
+        with tempfile.TemporaryDirectory(prefix="mc-mlmodel-") as tmp:
+            local = mlmodel.save_model(Path(tmp) / "model", ckpt_dir, base_dir, model_meta)
+            c.log_artifacts(run_id, str(local), artifact_path)
+    return f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}", fmt
+
+
+def _versions_of(c, name: str, ckpt: str, *, pyfunc: bool) -> tuple[list, list]:
+    """(versions of ``name`` holding checkpoint ``ckpt`` that count as it, older plain-folder
+    versions of it that a pyfunc registration supersedes instead of reusing)."""
+    same = [
+        v for v in c.search_model_versions(f"name = '{name}'") if v.tags.get("ckpt_sha256") == ckpt
+    ]
+    if not pyfunc:
+        return same, []
+    old = [v for v in same if v.tags.get(mlmodel.FORMAT_TAG) != mlmodel.FORMAT]
+    return [v for v in same if v not in old], old
+
+
 def register_checkpoint(
     name: str,
     ckpt_dir: str | Path,
@@ -280,13 +318,20 @@ def register_checkpoint(
     tags: Mapping[str, Any] | None = None,
     uri: str | None = None,
     promote: bool | None = None,
+    base_dir: str | Path | None = None,
+    model_meta: Mapping[str, Any] | None = None,
 ) -> Registration:
-    """Register a checkpoint folder as a version of ``name`` unless that content already is one.
+    """Register a checkpoint as a version of ``name`` unless that content already is one.
 
     The checkpoint's SHA-256 is the identity: registering the same bytes again returns the
-    existing version (``created=False``). The folder is uploaded to ``run_id``'s artifacts under
-    ``compressor/`` and the version's source points at it. Per-name file lock: concurrent
-    registrations of one name cannot both mint a version for the same checkpoint.
+    existing version (``created=False``). With ``base_dir`` (the register stage) the version is
+    an MLflow pyfunc model of the checkpoint and that base model (``mc_registry.mlmodel``;
+    ``model_meta``: lineage for its metadata), tagged ``format``; a checkpoint registered
+    before only as a plain folder then gets a new version in this format, which takes the
+    alias if one of those folders held it (``repackages``). Without ``base_dir`` the version is
+    the plain checkpoint folder. Files go to ``run_id``'s artifacts; the version's source
+    points at them. Per-name file lock: concurrent registrations of one name cannot both mint
+    a version for the same checkpoint.
 
     ``promote``: None moves alias ``champion`` to the best-scored version (``set_champion``);
     True points it at this version; False leaves it where it is (a gated registration that
@@ -303,36 +348,27 @@ def register_checkpoint(
         except MlflowException as err:
             if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
                 raise
-        existing = [
-            v
-            for v in c.search_model_versions(f"name = '{name}'")
-            if v.tags.get("ckpt_sha256") == ckpt
-        ]
+        existing, old = _versions_of(c, name, ckpt, pyfunc=base_dir is not None)
+        repack = ",".join(sorted((str(v.version) for v in old), key=int))
         if existing:
             # The record names the version's own run (the one that trained it), whichever
             # later run of the same checkpoint asked.
             first = min(existing, key=lambda v: int(v.version))
             version, created, run_id = str(first.version), False, first.run_id or run_id
         else:
-            artifact_path = f"compressor-{ckpt[:12]}"
-            c.log_artifacts(run_id, str(ckpt_dir), artifact_path)
-            source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+            source, fmt = _upload(c, run_id, ckpt_dir, ckpt, base_dir, model_meta)
             all_tags = {
                 **{k: _str(v) for k, v in (tags or {}).items()},
                 "ckpt_sha256": ckpt,
                 "score": repr(float(score)),
                 "metric": metric,
+                **fmt,
             }
+            if repack:
+                all_tags["repackages"] = repack
             mv = c.create_model_version(name, source, run_id=run_id, tags=all_tags)
             version, created = str(mv.version), True
-        if promote is None:
-            champion = set_champion(name, higher_is_better=higher_is_better, uri=uri)
-        elif promote:
-            c.set_registered_model_alias(name, CHAMPION, version)
-            champion = version
-        else:
-            held = current_champion(name, uri=uri)
-            champion = held[0] if held else ""
+        champion = _move_champion(c, name, version, promote, higher_is_better, old, uri)
     return Registration(
         name=name,
         version=version,
@@ -342,4 +378,21 @@ def register_checkpoint(
         run_id=run_id,
         score=float(score),
         metric=metric,
+        repackages=(repack or None) if created else None,
     )
+
+
+def _move_champion(c, name, version, promote, higher_is_better, old, uri) -> str:
+    """Apply ``promote`` (see :func:`register_checkpoint`); returns the champion's version."""
+    if promote is None:
+        return set_champion(name, higher_is_better=higher_is_better, uri=uri)
+    if promote:
+        c.set_registered_model_alias(name, CHAMPION, version)
+        return version
+    held = current_champion(name, uri=uri)
+    if held and held[0] in {str(v.version) for v in old}:
+        # The champion's own bytes, now as an MLflow model: the alias follows them, so
+        # models:/<name>@champion loads with mlflow.pyfunc.
+        c.set_registered_model_alias(name, CHAMPION, version)
+        return version
+    return held[0] if held else ""
