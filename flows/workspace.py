@@ -68,6 +68,21 @@ def _copy_code(src: Path, dst: Path) -> None:
                 shutil.copy2(s, tmp)
 
 
+def _seed_teachers(checkout: Path, ws: Path, archs: list[str]) -> None:
+    """Copy the checkout's trained teachers into a workspace that has none yet.
+
+    The base stage reuses a teacher whose recorded recipe_sha matches the params (the smoke
+    profile keeps the default base recipe), so a profile's workspace starts from the committed
+    teachers instead of training its own (an hour per arch, or a few steps left at chance).
+    Its ``models/base/<arch>`` is a persist output: DVC does not remove it before the stage.
+    """
+    for arch in archs:
+        src, dst = checkout / "models" / "base" / arch, ws / "models" / "base" / arch
+        if (src / "zoo.json").is_file() and not dst.exists():
+            with io.staged_dir(dst) as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+
 def ensure(profile: str, checkout: str | Path = CHECKOUT, *, extra: dict | None = None) -> Path:
     """The workspace of ``profile`` (created or refreshed); validates its params first.
 
@@ -91,6 +106,7 @@ def ensure(profile: str, checkout: str | Path = CHECKOUT, *, extra: dict | None 
     # Keep the whole runs/ tree out of git without touching the checkout's .gitignore.
     io.write_text(checkout / "runs" / ".gitignore", "*\n")
     _copy_code(checkout, ws)
+    _seed_teachers(checkout, ws, values["grid"]["archs"])
     params.dump_yaml(
         values,
         ws / params.DEFAULT_PATH,

@@ -149,7 +149,7 @@ def test_bad_params_name_the_key(changes, message):
 
 def test_profiles():
     smoke = config.validate(config.profile_params("smoke", RAW))
-    assert smoke.grid.archs == ["tiny-llava"] and smoke.train.max_steps == 3
+    assert smoke.grid.archs == ["tiny-llava"] and smoke.train.max_steps == 120
     assert smoke.world == config.validate(RAW).world  # untouched sections come from params.yaml
     full = config.validate(config.profile_params("full", RAW))
     assert "tiny-llava-next" in full.grid.archs and len(full.grid.cells()) == 9

@@ -9,6 +9,7 @@ the champion loads back into a Compressor in one call.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Smaller than the smoke profile: this test runs the DAG twice and must stay near 2 minutes.
 TINY = {
-    "data": {"train": {"dialogues": 4}, "test": {"dialogues": 2}},
+    "data": {"train": {"dialogues": 4}, "val": {"dialogues": 2}, "test": {"dialogues": 2}},
     # train_images as in the smoke profile: per-arch batch overrides must fit in the pool.
     "base": {
         "train_images": 32,
@@ -44,6 +45,7 @@ TINY = {
         "max_dialogues": 2,
         "batch_size": 2,
         "progress": False,
+        "ceilings": {"enabled": True, "oracle_dialogues": 1, "oracle_steps": 2},
     },
     "report": {"methods": ["none", "metacompress"]},
 }
@@ -103,7 +105,8 @@ def test_repro_all_then_nothing_then_one_cell(repo):
     import mc_registry
 
     stages = set(_run([str(BIN / "dvc"), "stage", "list", "--name-only"], repo).split())
-    assert "train@tiny-llava-0.9" in stages and len(stages) == 1 + 1 + 3 * 2 + 1
+    # prepare, base, then train / evaluate / register / metrics per cell, and the report
+    assert "train@tiny-llava-0.9" in stages and len(stages) == 1 + 1 + 4 * 2 + 1
     assert _repro(repo) == stages  # every stage runs on a fresh clone
 
     # Outputs, tracking and registry.
@@ -148,6 +151,16 @@ def test_repro_all_then_nothing_then_one_cell(repo):
     assert (repo / "reports/plots/acc-vs-rate.png").stat().st_size > 0
     assert (repo / "reports/plots/by-type.png").stat().st_size > 0
 
+    # `dvc metrics show` reads as a table: one compact file per cell, a few dozen numbers each
+    # (accuracy and interval per method, KL, checks, the base model's headline), no arrays.
+    shown = json.loads(_run([str(BIN / "dvc"), "metrics", "show", "--json"], repo))
+    files = shown[next(iter(shown))]["data"]
+    assert sorted(files) == [f"reports/metrics/tiny-llava-{r}.json" for r in ("0.5", "0.9")]
+    for f in files.values():
+        m = f["data"]
+        assert set(m["acc"]) == {"none", "metacompress"} and m["lo"]["none"] <= m["acc"]["none"]
+        assert "kl" in m and "base" in m and len(json.dumps(m)) < 2000
+
     assert _repro(repo) == set()  # nothing changed: nothing runs
 
     # Change one rate: only the new cell and the report run; the other cell is untouched.
@@ -158,6 +171,7 @@ def test_repro_all_then_nothing_then_one_cell(repo):
         "train@tiny-llava-0.8",
         "evaluate@tiny-llava-0.8",
         "register@tiny-llava-0.8",
+        "metrics@tiny-llava-0.8",
         "report",
     }
     # The untouched cell kept its single version (dedup itself: tests/test_registry.py).
