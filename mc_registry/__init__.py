@@ -11,6 +11,11 @@ MLflow only (and ``mc_core`` to read a checkpoint): no pipeline code, so the fro
 - ``mc_registry.read``: ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` -> version,
   local checkpoint folder or ``Compressor``; the champion of a model; every registered model.
 - ``mc_registry.locks``: the cross-process file lock.
+- ``mc_registry.mlmodel``: a version as an MLflow pyfunc model (signature, input example,
+  metadata, saving; the checkpoint inside a downloaded version); ``mc_registry.pyfunc``: that
+  model's code (images or visual tokens in, compressed embeddings out); ``mc_registry.scoring``:
+  ``mlflow models serve`` of a version and requests to it. Imported on demand, not here: they
+  pull in MLflow's pyfunc stack (pandas), which the front-ends' start-up does not need.
 
 Example: ``mc_registry.load_compressor("models:/metacompress-tiny-llava-r0.9@champion")``.
 """
