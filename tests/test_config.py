@@ -241,7 +241,9 @@ def test_cell_names():
     # dvc.yaml spells the same names: its matrix writes the rate as format_rate does.
     train = DVC["stages"]["train"]
     assert "models/compressors/${item.arch}-r${item.rate}" in train["outs"]
-    assert "reports/train/${item.arch}-${item.rate}.json" in train["metrics"][0]
+    assert {"reports/train/${item.arch}-${item.rate}.json": {"cache": False}} in train["outs"]
+    metrics = DVC["stages"]["metrics"]["metrics"][0]
+    assert "reports/metrics/${item.arch}-${item.rate}.json" in metrics
     for bad in (1.5, 0, float("nan"), True, "0.5"):
         with pytest.raises(ValueError, match=r"grid.rates\[0\]=.*rate must"):
             cells.check_rate(bad, "grid.rates[0]")
