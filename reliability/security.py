@@ -223,7 +223,12 @@ def ui_bind(ctx: Context, trial: int) -> Trial:
     vhost = cmd[cmd.index("--host") + 1] if "--host" in cmd else "unset"
     if vhost != "127.0.0.1":
         problems.append(f"vllm server host {vhost}")
-    texts = [f for f in project_files() if "tests" not in f.parts and "faults" not in f.parts]
+    # the harness itself names the string it looks for
+    texts = [
+        f
+        for f in project_files()
+        if not {"tests", "reliability"} & set(f.relative_to(W.ROOT).parts)
+    ]
     texts += sorted((W.ROOT / "scripts").glob("*.sh")) + [
         W.ROOT / "Makefile",
         W.ROOT / "prefect.yaml",
