@@ -232,7 +232,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = common.write_json(
         cells.cell_file("registry", arch, rate),
-        {**reg.to_dict(), "uri": mc_registry.model_uri(reg.name), "gate": decision},
+        {
+            **reg.to_dict(),
+            # The alias URI only when a champion exists; a refused first version names none.
+            "uri": mc_registry.model_uri(reg.name) if reg.champion else None,
+            "version_uri": mc_registry.model_uri(reg.name, version=reg.version),
+            "gate": decision,
+        },
     )
     verb = "registered" if reg.created else "already registered"
     if reg.repackages:

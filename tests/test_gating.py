@@ -145,6 +145,13 @@ def test_gated_registration_end_to_end(cell):
     assert tags["score_split"] == "val" and float(tags["test_score"]) == 0.5
 
 
+def test_a_refused_first_version_names_no_champion(cell):
+    rec = cell("w1", mc=0.2, sample=0.3)  # below the baseline: no version is champion
+    assert (rec["version"], rec["champion"], rec["gate"]["promote"]) == ("1", "", False)
+    assert rec["uri"] is None and rec["version_uri"] == f"models:/{rec['name']}/1"
+    assert cell("w2", mc=0.5, sample=0.3)["uri"] == f"models:/{rec['name']}@champion"
+
+
 def test_a_champion_of_another_base_model_does_not_compete(cell):
     assert cell("w1", mc=0.8, sample=0.3)["champion"] == "1"
     # The teacher was retrained: v1's 0.8 was measured on other weights. A version that beats
