@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install run test lint smoke serve stop
+.PHONY: install run test lint smoke sweep serve stop
 install: $(VENV)/.installed
 
 # `make run`: `dvc repro` of the embedded default (params.yaml) in the checkout, stale stages
@@ -29,6 +29,13 @@ run: install
 
 smoke:
 	$(MAKE) run PROFILE=smoke
+
+# A recipe sweep on one cell as DVC experiments (tasks/sweep.py, docs/method.md "Recipe sweeps"):
+#   make sweep CELL=tiny-llava-0.9 SET="-S train.lr=0.01,0.02" JOBS=2; then `dvc exp show`.
+CELL ?= tiny-llava-0.9
+JOBS ?= 1
+sweep: install
+	@export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"; $(PY) -m tasks.sweep --cell $(CELL) $(SET) -j $(JOBS)
 
 # Background Prefect server + worker + MLflow UI (state inside the checkout); `make stop` ends them.
 serve: install

@@ -7,7 +7,8 @@ per-type breakdowns, curves) stay outputs of their stages; declared as metrics t
 to read as a table row (``dvc metrics show``, ``dvc metrics diff``, ``dvc exp show``):
 
 - ``acc.<method>``, ``lo.<method>``, ``hi.<method>``: each evaluated method's average accuracy
-  on the test split and its 95% interval;
+  on the test split and its 95% interval; ``val.<method>``: the accuracy on data/val of the
+  methods evaluated there (the trained one, the gate's baseline): what a sweep chooses by;
 - ``kl``: the trained method's KL to the full model on the test split, ``train_kl`` its last
   training KL;
 - ``checks``: the summary's cell checks (retention, best heuristic's accuracy, beats every
@@ -42,6 +43,9 @@ def cell_metrics(ev: dict, train: dict | None, base: dict | None) -> dict:
         out["acc"][name] = _round(m["acc_avg"])
         lo, hi = m.get("acc_avg_ci") or (None, None)
         out["lo"][name], out["hi"][name] = _round(lo), _round(hi)
+    # data/val, where recipes are chosen (a sweep's column): the methods the gate compares
+    val = (ev.get("validation") or {}).get("methods", {})
+    out["val"] = {name: _round(m.get("acc_avg")) for name, m in val.items()}
     trained = _trained(ms)
     out["kl"] = _round(ms[trained].get("kl_to_full")) if trained else None
     out["train_kl"] = _round(train.get("kl")) if train else None

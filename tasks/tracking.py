@@ -20,6 +20,7 @@ What is recorded:
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import time
@@ -100,6 +101,13 @@ def find_cell_run(
     return runs[0].info.run_id if runs else None
 
 
+def _experiment_tag() -> dict[str, str]:
+    """``dvc_exp``: the DVC experiment this stage runs in (``dvc exp run`` sets DVC_EXP_NAME),
+    so a sweep's trials are found in MLflow by the names ``dvc exp show`` prints."""
+    name = os.environ.get("DVC_EXP_NAME", "").strip()
+    return {"dvc_exp": name} if name else {}
+
+
 def start_cell_run(
     experiment: str,
     arch: str,
@@ -128,6 +136,7 @@ def start_cell_run(
         "kind": "train",
         "git_sha": git_sha(),
         **dvc_hashes(["data/train", "data/test", str(cells.base_dir(arch))]),
+        **_experiment_tag(),
         **(tags or {}),
     }
     run = c.create_run(exp_id, run_name=cells.run_name(arch, rate), tags=all_tags)

@@ -176,3 +176,40 @@ def test_repro_all_then_nothing_then_one_cell(repo):
     }
     # The untouched cell kept its single version (dedup itself: tests/test_registry.py).
     assert len(c.search_model_versions("name = 'metacompress-tiny-llava-r0.5'")) == 1
+
+
+@pytest.mark.pipeline
+def test_sweep_queues_dvc_experiments(repo):
+    """Two values of train.lr on one cell, queued and run as DVC experiments: `dvc exp show`
+    lists both with their params and the cell's metrics (val included); the workspace's
+    params.yaml is untouched and each trial's MLflow run carries its experiment name."""
+    import mc_registry
+
+    _run(["git", "add", "-A"], repo)  # the baseline: the pipeline as run above
+    _run(["git", "commit", "-qm", "baseline"], repo)
+    before = (repo / "params.yaml").read_text()
+    env = _env(repo)
+    cmd = [str(BIN / "python"), "-m", "tasks.sweep", "--cell", "tiny-llava-0.5"]
+    cmd += ["-S", "train.lr=0.05,0.2", "--prefix", "lr", "-j", "1", "--timeout", "900"]
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1000)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (repo / "params.yaml").read_text() == before
+    shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], repo))
+    exps = {
+        e["name"]: e["revs"][0]["data"]
+        for base in shown
+        for e in (base.get("experiments") or [])
+        if e.get("name", "").startswith("lr-")
+    }
+    assert sorted(exps) == ["lr-0", "lr-1"], sorted(exps)
+    lrs = set()
+    for data in exps.values():
+        lrs.add(data["params"]["params.yaml"]["data"]["train"]["lr"])
+        metrics = data["metrics"]["reports/metrics/tiny-llava-0.5.json"]["data"]
+        assert "metacompress" in metrics["val"] and "metacompress" in metrics["acc"]
+    assert lrs == {0.05, 0.2}
+    c = mc_registry.client(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = c.search_runs(
+        [e.experiment_id for e in c.search_experiments()], "tags.dvc_exp LIKE 'lr-%'"
+    )
+    assert sorted({r.data.tags["dvc_exp"] for r in runs}) == ["lr-0", "lr-1"]
