@@ -195,6 +195,23 @@ def test_saving_writes_the_folder_save_to_disk_writes(built, tmp_path, monkeypat
     assert loaded[7]["image"].tobytes() == built[7]["image"].tobytes()
 
 
+def test_size_estimate_is_the_one_save_to_disk_makes(built, tmp_path):
+    assert saving._estimate_nbytes(built) == built._estimate_nbytes()
+    # Cells holding only a path count the file's size (save_to_disk embeds it).
+    data_scale.write_images(tmp_path, 3, seed=1)
+    files = [str(f) for f in sorted(tmp_path.glob("*.jpg"))]
+
+    def cells():
+        yield from ({"image": f} for f in [*files, None])
+
+    image = datasets.Features({"image": datasets.Image()})
+    paths = datasets.Dataset.from_generator(cells, features=image, cache_dir=str(tmp_path / "c"))
+    assert saving.mapped_files(paths)
+    assert paths.with_format("arrow")[:1]["image"].to_pylist()[0]["bytes"] is None
+    estimate = saving._estimate_nbytes(paths)
+    assert estimate == paths._estimate_nbytes() > sum(Path(f).stat().st_size for f in files)
+
+
 def test_saving_reads_concatenated_files_in_order(built, tmp_path):
     both = datasets.concatenate_datasets([built, built])
     assert saving.mapped_files(both) == saving.mapped_files(built) * 2

@@ -23,11 +23,10 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pyarrow as pa
-
-from mc_core.data import residency
 
 __all__ = ["mapped_files", "save_to_disk"]
 
@@ -94,6 +93,40 @@ class _Rows:
         return table.slice(0, k)
 
 
+def _estimate_nbytes(ds: datasets.Dataset) -> int:
+    """``ds._estimate_nbytes()``, on which save_to_disk's shard count and table size depend,
+    without its ``to_pylist`` of the first 1,000 rows' images (41 MB of JPEGs copied, and
+    mapped, for MT-GQA): the cells it looks for, a path and no bytes, are found from the
+    validity bitmaps. ``ds`` is one :func:`mapped_files` accepts (no indices mapping)."""
+    import pyarrow.compute as pc
+    from datasets.download.streaming_download_manager import xgetsize
+    from datasets.features import Audio, Image, Video
+    from datasets.features.features import require_decoding
+    from datasets.table import table_visitor
+
+    nbytes = ds.data.nbytes
+    features = ds.info.features
+    if not len(ds) or not any(
+        require_decoding(f, ignore_decode_attribute=True) for f in features.values()
+    ):
+        return nbytes
+    extra = 0
+
+    def visit(array: pa.Array, feature: Any) -> None:
+        nonlocal extra
+        if isinstance(feature, Audio | Image | Video):
+            path = array.field("path")
+            only_path = pc.and_(
+                array.is_valid(), pc.and_(array.field("bytes").is_null(), path.is_valid())
+            )
+            extra += sum(xgetsize(p) for p in pc.filter(path, only_path).to_pylist())
+            extra -= path.nbytes
+
+    head = ds.with_format("arrow")[:1000]
+    table_visitor(head, visit)
+    return nbytes + extra * len(ds.data) // len(head)
+
+
 def save_to_disk(ds: datasets.Dataset, folder: str | os.PathLike) -> None:
     """``ds.save_to_disk(folder)``, without mapping a file-backed dataset's files (module
     docstring); the folder may exist (empty)."""
@@ -107,8 +140,7 @@ def save_to_disk(ds: datasets.Dataset, folder: str | os.PathLike) -> None:
 
     # save_to_disk's sizes: shards of at most MAX_SHARD_SIZE, contiguous, the first
     # len % shards one row longer, each written in tables of `batch` rows.
-    n, nbytes = len(ds), ds._estimate_nbytes()  # reads the first 1,000 rows only
-    residency.release(residency.dataset_files(ds))  # ... which then need not stay mapped
+    n, nbytes = len(ds), _estimate_nbytes(ds)
     shards = min(n, int(nbytes / convert_file_size_to_int(config.MAX_SHARD_SIZE)) + 1)
     batch = config.DEFAULT_MAX_BATCH_SIZE
     if nbytes > 0:
