@@ -40,6 +40,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
         "report": {"methods": ["none", "sample", "metacompress"]},
         "tracking": {"experiment": "metacompress-smoke"},
+        # Its own registered models: a smoke compressor (120 steps, 60 val dialogues) must
+        # never take the alias of the default pipeline's cell, whose name it would share.
+        "register": {"name_template": "metacompress-smoke-{arch}-r{rate}"},
     },
     "full": {
         "grid": {"archs": ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"]},
