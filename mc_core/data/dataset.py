@@ -36,6 +36,7 @@ from typing import Any
 import datasets
 
 from mc_core.data import images as image_rules
+from mc_core.data import residency
 from mc_core.data.assemble import dataset_from_rows, file_stamp, take_subset
 from mc_core.data.schema import (
     COLUMNS,
@@ -243,6 +244,7 @@ def build(
     linked: list[Path] = []  # image files cells point to: their changes must miss the cache
     for i in keep:  # decode every image taken once, before anything is written
         _, file = image(i, raw[i], verify=True)
+        residency.after_read(raw)  # the rows read need not stay mapped
         if file is not None:
             linked.append(file)
     files = sorted(p for p in folder.iterdir() if p.is_file())
@@ -254,6 +256,7 @@ def build(
     def rows() -> Iterator[dict[str, Any]]:
         for i in keep:
             rec = raw[i]
+            residency.after_read(raw)
             row = {c: rec[c] for c in (*COLUMNS, *optional) if c != "image"}
             # Embedded bytes, no path: the output stands alone.
             row["image"] = {"bytes": image(i, rec, verify=False)[0], "path": None}

@@ -125,7 +125,7 @@ def _turns(questions: Iterable[tuple[str, dict[str, Any]]], *, where: str) -> di
     """The checked fields of every question, by question id, in input order (a repeated id keeps
     its last record in its first position, as ``json.load`` does)."""
     turns: dict[str, _Turn] = {}
-    shared: dict[str, str] = {}  # one string per image id and type, not one per question
+    shared: dict[str, str] = {}  # one string per image id, answer and type, not per question
     for qid, rec in questions:
         qid = str(qid)
         if not isinstance(rec, dict):
@@ -142,7 +142,7 @@ def _turns(questions: Iterable[tuple[str, dict[str, Any]]], *, where: str) -> di
         turns[qid] = _Turn(
             shared.setdefault(image_id, image_id),
             question,
-            answer,
+            shared.setdefault(answer, answer),
             shared.setdefault(kind, kind),
             _targets(rec),
         )
