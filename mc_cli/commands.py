@@ -47,8 +47,10 @@ def chat(args) -> int:
     check_compressor(args.compressor, args.rate)
     model, processor = load_model(args.model, args.device)
     comp = load_compressor(args.compressor, model, args.rate)
-    conv = Conversation(model, processor, comp, images=image, max_new_tokens=args.max_new_tokens)
-    name = "none" if comp is None else f"{comp.name}@{comp.rate}"
+    conv = Conversation(
+        model, processor, comp, images=image, max_new_tokens=args.max_new_tokens, rate=args.rate
+    )
+    name = "none" if comp is None else f"{comp.name}@{args.rate or comp.rate}"
     print(f"model {args.model} | compressor {name} | image {args.image}", flush=True)
     for k, question in enumerate(_questions(args), start=1):
         answer = conv.ask(question)
@@ -75,7 +77,12 @@ def compress(args) -> int:
     comp = load_compressor(args.compressor, model, args.rate)
     try:
         emb = compress_image(
-            model, processor, comp, image, meta={"model": str(args.model), "image": args.image}
+            model,
+            processor,
+            comp,
+            image,
+            meta={"model": str(args.model), "image": args.image},
+            rate=None if comp is None else args.rate,
         )
     except ValueError as err:
         raise UsageError(f"--compressor {args.compressor!r}: {err}") from None

@@ -67,7 +67,8 @@ def _common(p: argparse.ArgumentParser, *, compressor: bool = True) -> None:
         "--rate",
         type=_rate,
         default=None,
-        help="reduction rate in (0, 1): m = ceil((1 - rate) n) tokens kept",
+        help="reduction rate in (0, 1): m = ceil((1 - rate) n) tokens kept (a checkpoint's "
+        "own rate by default; an any-rate checkpoint takes any rate in its trained span)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")

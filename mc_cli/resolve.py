@@ -90,7 +90,10 @@ def check_compressor(spec: str | None, rate: float | None) -> None:
 
 def load_compressor(spec: str | None, model, rate: float | None) -> Any:
     """A compressor from a method name (needs `rate`), a checkpoint folder or a registry URI
-    (`models:/<name>@champion`); None for `none` or no spec (all visual tokens)."""
+    (`models:/<name>@champion`); None for `none` or no spec (all visual tokens).
+
+    A checkpoint trained at one rate refuses another `--rate`; an any-rate one (trained over
+    `rates`) takes any `--rate` within their span, which the command passes per call."""
     from mc_core.compressors import build
     from mc_core.runtime import model_device, token_dim
 
@@ -110,7 +113,14 @@ def load_compressor(spec: str | None, model, rate: float | None) -> Any:
     else:
         comp = build(spec, rate=rate, dim=dim)
     if rate is not None and abs(float(comp.rate) - float(rate)) > 1e-9:
-        raise UsageError(f"--rate {rate} differs from {spec!r}'s own rate {comp.rate}")
+        if comp.trained_rates is None:
+            raise UsageError(f"--rate {rate} differs from {spec!r}'s own rate {comp.rate}")
+        if not comp.serves(rate):
+            lo, hi = comp.rate_span()
+            raise UsageError(
+                f"--rate {rate}: {spec!r} was trained over rates {list(comp.trained_rates)}; "
+                f"give a rate in [{lo}, {hi}]"
+            )
     return comp.to(model_device(model)).eval()
 
 

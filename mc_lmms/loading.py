@@ -9,7 +9,9 @@ local folder) whose class has an adapter (``mc_core.models.families.available()`
 built at ``rate``), a checkpoint folder (``mc_core.compressors.checkpoint``) or a registry URI
 ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (``mc_registry``; MLflow is imported
 only then, and not needed otherwise). Checkpoints are refused when their fingerprint (family,
-token width) or rate differs from the model's and the requested rate.
+token width) differs from the model's, or when the requested rate is not theirs: a single-rate
+checkpoint's own rate, or for an any-rate one (trained over ``rates``) a rate within their
+span, which the model then passes to every compression call.
 
 This module does not import lmms-eval, so it is usable (and tested) without it.
 """
@@ -120,7 +122,7 @@ def resolve_compressor(
     Args:
         spec: ``none``, a method name, a checkpoint folder or a ``models:/`` URI.
         rate: the requested reduction rate; required for method names, checked against
-            checkpoints when given.
+            checkpoints when given (an any-rate checkpoint takes any rate in its span).
         model: the base model (its family and token width bind checkpoints).
         tracking_uri: MLflow tracking URI for ``models:/`` (default: ``$MLFLOW_TRACKING_URI``,
             else ``mlflow.db`` in the working directory).
@@ -137,10 +139,17 @@ def resolve_compressor(
     if spec.startswith("models:/") or Path(spec).expanduser().is_dir():
         comp = _load_checkpoint(spec, {"family": family, "dim": dim}, tracking_uri)
         if rate is not None and not math.isclose(float(comp.rate), rate):
-            raise ValueError(
-                f"model_args compressor={spec!r} was trained for rate {comp.rate}, "
-                f"but rate={rate} was requested"
-            )
+            if comp.trained_rates is None:
+                raise ValueError(
+                    f"model_args compressor={spec!r} was trained for rate {comp.rate}, "
+                    f"but rate={rate} was requested"
+                )
+            if not comp.serves(rate):
+                lo, hi = comp.rate_span()
+                raise ValueError(
+                    f"model_args rate={rate}: compressor={spec!r} was trained over rates "
+                    f"{list(comp.trained_rates)}; request a rate in [{lo}, {hi}]"
+                )
     elif spec in available():
         if rate is None:
             raise ValueError(f"model_args compressor={spec!r} needs rate=<0..1>, e.g. rate=0.9")

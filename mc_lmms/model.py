@@ -4,7 +4,8 @@
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,compressor=visionzip,rate=0.9
 
 ``model_args``: ``pretrained`` and ``compressor`` as in ``mc_lmms.loading``; ``rate`` (needed
-for method names, checked against checkpoints); ``device``, ``dtype`` (``auto``: bf16 on CUDA,
+for method names, checked against checkpoints; an any-rate checkpoint runs at any ``rate`` in
+its trained span, ``compressor=<folder>,rate=0.8``); ``device``, ``dtype`` (``auto``: bf16 on CUDA,
 float32 on CPU, as the project's evaluator); ``max_new_tokens`` (when a task does not set it);
 ``tracking_uri`` (MLflow, for ``models:/``).
 
@@ -94,15 +95,18 @@ class MetaCompress(lmms):
         self.max_new_tokens = _positive_int(max_new_tokens, "model_args max_new_tokens")
         self.model, self.processor = load_base(pretrained, device=device, dtype=dtype)
         self.adapter = adapter_for(self.model)
+        self.rate = parse_rate(rate)
         self.compressor = resolve_compressor(
-            compressor, rate=parse_rate(rate), model=self.model, tracking_uri=tracking_uri
+            compressor, rate=self.rate, model=self.model, tracking_uri=tracking_uri
         )
+        # Passed to every compression call: an any-rate checkpoint runs at the requested rate.
+        self.rate = None if self.compressor is None else self.rate
         self._device = model_device(self.model)
         self._dtype = next(self.model.parameters()).dtype
         self._strip = [t for t in {getattr(self.processor, "image_token", None), "<image>"} if t]
         self._warned_sampling = False
         name = "none" if self.compressor is None else self.compressor.name
-        rate_s = "" if self.compressor is None else f" rate {self.compressor.rate}"
+        rate_s = "" if self.compressor is None else f" rate {self.rate or self.compressor.rate}"
         logger.info(
             f"metacompress: {type(self.model).__name__} on {self._device}, "
             f"compressor {name}{rate_s} ({compressor})"
@@ -146,6 +150,7 @@ class MetaCompress(lmms):
             adapter=self.adapter,
             max_new_tokens=_positive_int(limit, "max_new_tokens"),
             instruction="",  # lmms-eval's task prompts carry their own (post_prompt)
+            rate=self.rate,
         )
 
     def _ask(self, conv: Conversation, text: str, gen_kwargs: dict) -> str:
@@ -245,7 +250,9 @@ class MetaCompress(lmms):
         self.adapter.reset_state()
         # Compressed from the prompt alone (a prompt-dependent method must not see the answer);
         # visual tokens do not depend on the text, so they slot into the full encoding.
-        _, tokens, P = compress_inputs(self.model, self.adapter, self.compressor, prompt)
+        _, tokens, P = compress_inputs(
+            self.model, self.adapter, self.compressor, prompt, rate=self.rate
+        )
         inputs, shift = full, 0
         if tokens is not None:
             inputs = self.adapter.inputs_with(full, tokens, P=P)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -73,6 +74,12 @@ class Compressor(nn.Module):
     ``forward`` validates the input, the context and the needed fields, and maps over lists
     (several images, each with its own n). P is float32 on the tokens' device; Y has the
     tokens' dtype.
+
+    ``rate`` is the compressor's default; ``forward(..., rate=r)`` compresses one call at ``r``
+    instead. Subclasses read the rate only through ``kept(n)`` (never ``self.rate``) and key any
+    cached rate-dependent table by ``m``, so a per-call rate gives exactly the P of a compressor
+    built at ``r`` (with the same weights). ``trained_rates`` says which rates a trainable
+    compressor's weights were trained for (``None``: ``rate`` alone; a checkpoint records it).
     """
 
     name: ClassVar[str] = ""
@@ -86,14 +93,33 @@ class Compressor(nn.Module):
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
             raise ValueError(f"{self.name} dim must be a positive int, got {dim!r}")
         self.dim = int(dim)
+        # The rate of the call in progress (forward's rate=); None: self.rate.
+        self._call_rate: float | None = None
+        # [lo, hi] (a range) or >= 3 rates (a set) the weights were trained over; None: rate.
+        self.trained_rates: tuple[float, ...] | None = None
 
     @classmethod
-    def _check_rate(cls, rate: float) -> float:
-        return check_rate(rate, where=f"{cls.name} rate")
+    def _check_rate(cls, rate: float, where: str = "rate") -> float:
+        return check_rate(rate, where=f"{cls.name} {where}")
 
     def kept(self, n: int) -> int:
-        """Tokens kept for an image of n tokens."""
-        return kept_tokens(n, self.rate, where=f"{self.name} rate")
+        """Tokens kept for an image of n tokens (at the call's rate while ``forward`` runs with
+        ``rate=``, else at ``self.rate``)."""
+        rate = self.rate if self._call_rate is None else self._call_rate
+        return kept_tokens(n, rate, where=f"{self.name} rate")
+
+    def rate_span(self) -> tuple[float, float]:
+        """The lowest and highest rate this compressor is meant to run at: the span of
+        ``trained_rates`` (a set serves the rates between its members too), else ``(rate,
+        rate)`` for a trainable one; ``(0, 1)`` for a heuristic, which fits every rate."""
+        if self.trained_rates is not None:
+            return min(self.trained_rates), max(self.trained_rates)
+        return (self.rate, self.rate) if self.trainable else (0.0, 1.0)
+
+    def serves(self, rate: float, *, tol: float = 1e-9) -> bool:
+        """Whether ``rate`` lies in ``rate_span()`` (to ``tol``, for rates read from text)."""
+        lo, hi = self.rate_span()
+        return lo - tol <= float(rate) <= hi + tol
 
     def config(self) -> dict:
         """Constructor keywords beyond rate and dim; ``build(name, rate, dim, **config())``
@@ -107,18 +133,26 @@ class Compressor(nn.Module):
         self,
         tokens: Tensor | list[Tensor],
         ctx: TokenContext | list[TokenContext | None] | None = None,
+        *,
+        rate: float | Sequence[float | None] | None = None,
     ) -> tuple[Tensor, Tensor] | tuple[list[Tensor], list[Tensor]]:
         """Compress one image's tokens [n, d], or a list of them.
 
         Args:
             tokens: [n, d] tensor, or a list of [n_i, d] tensors (one per image).
             ctx: A TokenContext for a single tensor; a list of contexts (or None) for a list.
+            rate: Compress at this rate instead of ``self.rate`` (checked as the constructor
+                checks it); for a list input also one rate (or None) per image. The module is
+                unchanged afterwards. The override lives on the module while the call runs, so
+                one module must not serve concurrent calls from several threads (serving runs
+                one model per thread).
 
         Returns:
             ``(Y [m, d], P [m, n])``, or ``(list[Y_i], list[P_i])`` for a list input.
 
         Raises:
-            ValueError: Bad shapes, a context that does not match, or a needed field missing.
+            ValueError: Bad shapes, a context that does not match, a needed field missing, or
+                a bad rate (named).
         """
         if isinstance(tokens, (list, tuple)):
             if isinstance(ctx, TokenContext):
@@ -131,18 +165,38 @@ class Compressor(nn.Module):
                 raise ValueError(
                     f"{self.name}: {len(tokens)} token tensors but {len(ctxs)} contexts"
                 )
+            rates = self._call_rates(rate, len(tokens))
             pairs = [
-                self._one(t, c, f"image {i}")
-                for i, (t, c) in enumerate(zip(tokens, ctxs, strict=True))
+                self._one(t, c, f"image {i}", r)
+                for i, (t, c, r) in enumerate(zip(tokens, ctxs, rates, strict=True))
             ]
             return [y for y, _ in pairs], [p for _, p in pairs]
         if isinstance(ctx, (list, tuple)):
             raise ValueError(
                 f"{self.name}: a single token tensor takes one TokenContext, got a list"
             )
-        return self._one(tokens, ctx, "tokens")
+        if isinstance(rate, (list, tuple)):
+            raise ValueError(f"{self.name}: a single token tensor takes one rate, got {rate!r}")
+        return self._one(tokens, ctx, "tokens", self._call_rates(rate, 1)[0])
 
-    def _one(self, x: Tensor, ctx: TokenContext | None, where: str) -> tuple[Tensor, Tensor]:
+    def _call_rates(self, rate, count: int) -> list[float | None]:
+        """``forward``'s ``rate=`` as one checked rate (or None) per image."""
+        if rate is None:
+            return [None] * count
+        if isinstance(rate, (list, tuple)):
+            if len(rate) != count:
+                raise ValueError(
+                    f"{self.name}: rate= gives {len(rate)} rates for {count} token tensors"
+                )
+            return [
+                None if r is None else self._check_rate(r, f"rate[{i}] (per call)")
+                for i, r in enumerate(rate)
+            ]
+        return [self._check_rate(rate, "rate (per call)")] * count
+
+    def _one(
+        self, x: Tensor, ctx: TokenContext | None, where: str, rate: float | None = None
+    ) -> tuple[Tensor, Tensor]:
         if not isinstance(x, Tensor) or x.dim() != 2:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{self.name}: {where} must be a [n, d] tensor, got {shape}")
@@ -162,7 +216,13 @@ class Compressor(nn.Module):
                     f"{self.name} needs TokenContext.{field} for {where}, but it is missing "
                     "(the adapter fills it when asked via Compressor.needs)"
                 )
-        return self._compress(x, ctx)
+        if rate is None:
+            return self._compress(x, ctx)
+        outer, self._call_rate = self._call_rate, rate
+        try:
+            return self._compress(x, ctx)
+        finally:
+            self._call_rate = outer
 
     def _compress(self, x: Tensor, ctx: TokenContext) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

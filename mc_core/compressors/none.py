@@ -16,12 +16,12 @@ class NoneCompressor(Compressor):
     """Uncompressed reference (the "no reduction" row of MetaCompress, arXiv 2603.21701)."""
 
     @classmethod
-    def _check_rate(cls, rate: float) -> float:
+    def _check_rate(cls, rate: float, where: str = "rate") -> float:
         # The grid hands every method the cell's rate; `none` ignores it but still rejects
         # values that are not a rate at all, so a typo in params is caught here too.
         ok = not isinstance(rate, bool) and isinstance(rate, (int, float))
         if not ok or math.isnan(rate) or not 0.0 <= rate < 1.0:
-            raise ValueError(f"none rate must be in [0, 1) (it is ignored), got {rate!r}")
+            raise ValueError(f"none {where} must be in [0, 1) (it is ignored), got {rate!r}")
         return float(rate)
 
     def __init__(self, *, rate: float = 0.0, dim: int) -> None:

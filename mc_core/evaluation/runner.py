@@ -63,11 +63,18 @@ def row_images(row: Mapping[str, Any]) -> list[Any]:
 
 
 def method_compressor(name: str, rate: float, dim: int, compressors, device):
+    """The compressor of method ``name`` at ``rate``: a given one (built for ``rate``, or an
+    any-rate one whose ``trained_rates`` span it: the runner then passes ``rate`` per call),
+    else one built from the registry."""
     if compressors and name in compressors:
         comp = compressors[name]
-        if comp is not None and abs(float(comp.rate) - float(rate)) > 1e-9:
+        trained = getattr(comp, "trained_rates", None)
+        any_rate = trained is not None and comp.serves(rate)
+        if comp is not None and abs(float(comp.rate) - float(rate)) > 1e-9 and not any_rate:
+            over = "" if trained is None else f" (trained over {list(trained)})"
             raise ValueError(
-                f"compressors[{name!r}] was built for rate {comp.rate}, evaluating rate {rate}"
+                f"compressors[{name!r}] was built for rate {comp.rate}{over}, "
+                f"evaluating rate {rate}"
             )
         return comp.to(device).eval() if comp is not None else None
     if name == "none":
@@ -141,12 +148,14 @@ def run_method(
     ci_seed,
     with_kl: bool = True,
     instruction: str | None = None,
+    rate: float | None = None,
 ) -> dict[str, Any]:
     """One method over ``rows``: its metrics dict (plus ``acc_avg_ci``).
 
     ``comp_for(start, chunk)`` gives the compressor of each batch (None: all tokens), so a
     ceiling can plan a P per dialogue; ``teacher`` caches the full model's gold logits by row.
     ``with_kl=False`` skips the two teacher-forced forwards of ``kl_to_full`` (then None).
+    ``rate``: compress at it instead of each compressor's own rate (None: their own).
     """
     turns = len(rows[0]["questions"])
     preds: list[list[str]] = []
@@ -162,6 +171,7 @@ def run_method(
             adapter=adapter,
             max_new_tokens=max_new_tokens,
             instruction=instruction,
+            rates=rate,
         )
         answers = []
         for k in range(turns):
@@ -286,8 +296,7 @@ def evaluate(
     if not methods:
         raise ValueError("methods is empty: nothing to evaluate")
     rows = eval_rows(dataset, max_dialogues)
-    n = len(rows)
-    dev = resolve_device(device)
+    n, dev = len(rows), resolve_device(device)
     prepare_model(model, dev)
     adapter = adapter if adapter is not None else adapter_for(model)
     comps = {m: method_compressor(m, rate, token_dim(model), compressors, dev) for m in methods}
@@ -310,9 +319,16 @@ def evaluate(
             bar=bar,
             ci_seed=seed,
             instruction=instruction,
+            rate=_call_rate(comps[name], rate),
         )
     bar.close()
     return report
+
+
+def _call_rate(comp, rate: float) -> float | None:
+    """The rate to pass per call: only an any-rate compressor away from its own rate gets one
+    (every other compressor is built for ``rate``: `method_compressor`)."""
+    return None if comp is None or abs(float(comp.rate) - float(rate)) <= 1e-9 else rate
 
 
 def _non_finite(obj: Any, where: str) -> str | None:

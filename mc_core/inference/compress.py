@@ -9,6 +9,7 @@ engine, serving, the training targets' student side and the evaluation probes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
@@ -26,6 +27,7 @@ def compress_inputs(
     model_inputs: dict[str, Any],
     *,
     fastv_layer: int | None = None,
+    rate: float | Sequence[float | None] | None = None,
 ) -> tuple[dict[str, Any], list[Tensor] | None, list[Tensor] | None]:
     """Model inputs with each image's visual tokens replaced by the compressor's output.
 
@@ -38,6 +40,8 @@ def compress_inputs(
         fastv_layer: LLM layer K whose attention ranks tokens for prompt-dependent methods
             (default: the compressor's `layer` attribute, else FastV's K = 2, capped at the
             LLM's last layer so shallow test models can run it).
+        rate: compress at this rate instead of the compressor's own (`Compressor.forward`),
+            or one rate (None: the compressor's) per image of `model_inputs`, in order.
 
     Returns:
         `(inputs, tokens, P)`: the inputs `model(**inputs)` accepts, the compressed tokens
@@ -52,7 +56,7 @@ def compress_inputs(
     )
     # Compressors run in float32 (the trained generator's dtype); the model's dtype after.
     dtype = tokens[0].dtype
-    ys, ps = compressor([t.float() for t in tokens], contexts)
+    ys, ps = compressor([t.float() for t in tokens], contexts, rate=rate)
     ys = [y.to(dtype) for y in ys]
     return adapter.inputs_with(model_inputs, ys, P=list(ps)), ys, list(ps)
 

@@ -44,6 +44,8 @@ class Conversation:
         instruction: appended to every question (None: the short-answer instruction of
             `mc_core.inference.dialogue.default_instruction` for real tokenizers, none for the
             synthetic world).
+        rate: compress the images at this rate instead of the compressor's own (an any-rate
+            compressor serves each conversation at its own rate; ignored without one).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class Conversation:
         adapter=None,
         max_new_tokens: int = 4,
         instruction: str | None = None,
+        rate: float | None = None,
     ) -> None:
         images = as_rgb(images)
         if not images:
@@ -68,6 +71,7 @@ class Conversation:
             adapter=adapter,
             max_new_tokens=max_new_tokens,
             instruction=instruction,
+            rates=rate,
         )
         self._row = self._batch.rows[0]
 
@@ -79,6 +83,7 @@ class Conversation:
     instruction = _engine("instruction", "Appended to every question.")
 
     images = _row("images", "The dialogue's images (RGB).")
+    rate = _row("rate", "The rate the images are compressed at (None: the compressor's own).")
     questions = _row("questions", "Questions asked so far.")
     answers = _row("answers", "The model's answers (unless replaced with `set_answer`).")
     visual_tokens = _row(

@@ -18,6 +18,7 @@ were (e.g. an answer cut at `max_new_tokens`). `Conversation` is this engine wit
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from mc_core.compressors.ops import check_rate
 from mc_core.data.images import as_rgb
 from mc_core.inference.compress import compress_inputs
 from mc_core.inference.dialogue import render, to_device
@@ -53,8 +55,9 @@ def check_max_new_tokens(max_new_tokens) -> None:
 class DialogueState:
     """One dialogue of a `BatchConversation`: its turns so far, compression and cache record."""
 
-    def __init__(self, images: list[Any]) -> None:
+    def __init__(self, images: list[Any], rate: float | None = None) -> None:
         self.images = as_rgb(images)
+        self.rate = rate  # the row's compression rate; None: the compressor's own
         self.questions: list[str] = []
         self.answers: list[str] = []
         self.visual_tokens: list[int] | None = None
@@ -107,9 +110,12 @@ class BatchConversation:
         model, processor, compressor, adapter, max_new_tokens, instruction: as for
             `Conversation`.
         images: one entry per dialogue (a PIL image or a list of them).
+        rates: one rate for every dialogue or one each (None: the compressor's own): an
+            any-rate compressor serves rows of several rates in one batch, each as it would
+            alone (`Compressor.forward`'s ``rate=``; ignored without a compressor).
 
     Attributes:
-        rows: per dialogue, `questions`, `answers`, `visual_tokens`, `P`, `tokens`,
+        rows: per dialogue, `rate`, `questions`, `answers`, `visual_tokens`, `P`, `tokens`,
             `cache_tokens` (valid tokens at each prompt's end), `first_logits` and
             `prefill_s` (the batch's prefill seconds divided by the batch size: amortised).
         batch_prefill_s: each turn's prefill seconds for the whole batch.
@@ -125,17 +131,18 @@ class BatchConversation:
         adapter=None,
         max_new_tokens: int = 4,
         instruction: str | None = None,
+        rates: float | Sequence[float | None] | None = None,
     ) -> None:
         self.instruction = instruction
         if not images:
             raise ValueError("images is empty: a batch needs at least one dialogue")
         check_max_new_tokens(max_new_tokens)
+        self.rows = _dialogues(images, _row_rates(rates, len(images)))
         self.model = model
         self.processor = processor
         self.compressor = compressor
         self.adapter = adapter if adapter is not None else adapter_for(model)
         self.max_new_tokens = max_new_tokens
-        self.rows = _dialogues(images)
         self.batch_prefill_s: list[float] = []
         self._cache: DynamicCache | None = None
         self._mask: Tensor | None = None  # (B, T) valid tokens of the cache
@@ -201,7 +208,9 @@ class BatchConversation:
         n_total = (inputs["input_ids"] == self.adapter.image_token_id).sum(-1).tolist()
         # FastV's layer-K pass runs on the padded batch with the model's default positions:
         # rotary attention only sees relative positions, which left padding does not shift.
-        inputs, tokens, ps = compress_inputs(self.model, self.adapter, self.compressor, inputs)
+        inputs, tokens, ps = compress_inputs(
+            self.model, self.adapter, self.compressor, inputs, rate=_image_rates(self.rows)
+        )
         _split_tokens(self.rows, tokens, ps, n_total)
         mask = inputs["attention_mask"]
         given = inputs.get("position_ids")
@@ -292,13 +301,29 @@ class BatchConversation:
         return [row.prefill_s for row in self.rows]
 
 
-def _dialogues(images: Sequence[Any]) -> list[DialogueState]:
+def _row_rates(rates, n: int) -> list[float | None]:
+    """`BatchConversation`'s ``rates`` as one checked rate (or None) per dialogue."""
+    if rates is None or isinstance(rates, numbers.Real):
+        rates = [rates] * n
+    elif isinstance(rates, str) or not isinstance(rates, Sequence) or len(rates) != n:
+        got = len(rates) if isinstance(rates, Sequence) and not isinstance(rates, str) else 1
+        raise ValueError(f"rates={rates!r}: expected one rate or {n} (one per dialogue), got {got}")
+    return [None if r is None else check_rate(r, where=f"rates[{i}]") for i, r in enumerate(rates)]
+
+
+def _image_rates(rows: list[DialogueState]) -> list[float | None] | None:
+    """Each image's rate, its dialogue's (batch order); None where every row has its own."""
+    rates = [row.rate for row in rows for _ in row.images]
+    return None if all(r is None for r in rates) else rates
+
+
+def _dialogues(images: Sequence[Any], rates: list[float | None]) -> list[DialogueState]:
     rows = []
-    for i, img in enumerate(images):
+    for i, (img, rate) in enumerate(zip(images, rates, strict=True)):
         imgs = list(img) if isinstance(img, list | tuple) else [img]
         if not imgs:
             raise ValueError(f"images[{i}] is empty: a dialogue needs at least one image")
-        rows.append(DialogueState(imgs))
+        rows.append(DialogueState(imgs, rate))
     return rows
 
 

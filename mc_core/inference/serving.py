@@ -108,7 +108,14 @@ def _image_inputs(processor, image, device, dtype) -> dict[str, Any]:
 
 @torch.no_grad()
 def compress_image(
-    model, processor, compressor, image, *, adapter=None, meta: dict[str, str] | None = None
+    model,
+    processor,
+    compressor,
+    image,
+    *,
+    adapter=None,
+    meta: dict[str, str] | None = None,
+    rate: float | None = None,
 ) -> ImageEmbeds:
     """One image's compressed tokens in the LLM's input space, with the engine's grid.
 
@@ -121,6 +128,8 @@ def compress_image(
         adapter: the family adapter (default: `engine_adapter(model)`; the tokens do not
             depend on its position handling).
         meta: strings stored with the embeddings (model, compressor).
+        rate: compress at this rate (a request's own) instead of the compressor's; ignored
+            without a compressor. The embeddings' meta records the rate used.
 
     Returns:
         `ImageEmbeds` with embeds [m, d] (the model's dtype, on the CPU) and, for Qwen-family
@@ -141,7 +150,7 @@ def compress_image(
     if compressor is None:
         (tokens,) = adapter.visual_tokens(inputs)
     else:
-        _, ys, _ = compress_inputs(model, adapter, compressor, inputs)
+        _, ys, _ = compress_inputs(model, adapter, compressor, inputs, rate=rate)
         (tokens,) = ys
     n = adapter.placeholder_counts(inputs)[0]
     grid = None
@@ -151,7 +160,8 @@ def compress_image(
         grid = engine_grid(int(tokens.shape[0]), (h // merge, w // merge), merge)
     info = {"model_class": type(model).__name__, **(meta or {})}
     if compressor is not None:
-        info.setdefault("compressor", f"{compressor.name}@{compressor.rate}")
+        used = compressor.rate if rate is None else float(rate)
+        info.setdefault("compressor", f"{compressor.name}@{used}")
     return ImageEmbeds(
         embeds=tokens.detach().cpu(), family=adapter.family, n=int(n), grid_thw=grid, meta=info
     )
