@@ -321,7 +321,8 @@ def test_smoke_profile_workspace_and_dask(harness, checkout):
     assert Path(out["workspace"]) == smoke
     assert list(out["registry"]) == ["tiny-llava-0.9"]
     params = yaml.safe_load((smoke / "params.yaml").read_text())
-    assert params["train"]["max_steps"] == 120 and params["tracking"]["experiment"].endswith("smoke")
+    assert params["train"]["max_steps"] == 120
+    assert params["tracking"]["experiment"].endswith("smoke")
     # The default workspace is untouched by the smoke run.
     assert not (checkout / "stage-log.txt").exists()
     assert (checkout / "runs" / ".gitignore").read_text() == "*\n"
