@@ -76,6 +76,9 @@ SHRINK = {
         "ceilings": {"enabled": False},
     },
     "report": {"methods": ["none", "metacompress"]},
+    # The default registry names (smoke registers its own, metacompress-smoke-...): the
+    # workspace has its own MLflow store, and the registry faults address these names.
+    "register": {"name_template": "metacompress-{arch}-r{rate}"},
 }
 # Output fields left out when outputs are compared: timings; the registry record's `created`
 # (whether this call minted the version: a rerun after a kill between minting and writing the

@@ -48,6 +48,8 @@ TINY = {
         "ceilings": {"enabled": True, "oracle_dialogues": 1, "oracle_steps": 2},
     },
     "report": {"methods": ["none", "metacompress"]},
+    # the default names (the smoke profile registers metacompress-smoke-<arch>-r<rate>)
+    "register": {"name_template": "metacompress-{arch}-r{rate}"},
 }
 
 

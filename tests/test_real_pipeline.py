@@ -53,7 +53,7 @@ PARAMS = {
     },
     # Random weights answer nothing right, so no compressor can beat sample on data/val: the
     # gate is off and the alias goes to the best-scored version (the gate: test_pipeline_dvc).
-    "register": {"gate": False},
+    "register": {"gate": False, "name_template": "metacompress-{arch}-r{rate}"},
     "report": {"methods": ["none", "sample", "metacompress"]},
 }
 

@@ -30,8 +30,10 @@ _unsupported = False
 
 
 def dataset_files(ds: Any) -> tuple[str, ...]:
-    """The real paths of the Arrow files behind a ``datasets.Dataset`` (none in memory)."""
-    return tuple(sorted({os.path.realpath(c["filename"]) for c in ds.cache_files}))
+    """The real paths of the Arrow files behind a ``datasets.Dataset`` (none for one in memory,
+    or for rows given as a plain sequence, which the library accepts too)."""
+    cache_files = getattr(ds, "cache_files", None) or ()
+    return tuple(sorted({os.path.realpath(c["filename"]) for c in cache_files}))
 
 
 def after_read(ds: Any) -> None:

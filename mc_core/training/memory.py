@@ -123,7 +123,7 @@ def vision_shape(config) -> dict[str, Any] | None:
 
 def tower_tokens(config, n: int) -> int:
     """Patches the vision tower encodes for ``n`` visual tokens: ``n`` times the tokens each
-    projector token merges (Qwen2-VL's ``spatial_merge_size`` squared, InternVL's pixel shuffle
+    projector token merges (Qwen2-VL's ``spatial_merge_size`` squared, a pixel-shuffle projector's
     ``1 / downsample_ratio**2``; one for LLaVA, whose CLS and newline tokens are left out)."""
     v = getattr(config, "vision_config", None)
     merge = getattr(v, "spatial_merge_size", None)

@@ -95,60 +95,6 @@ class ArchInput:
     source: str
 
 
-# Real models whose family has no benchmark shape: their published config.json (the -hf
-# checkpoints'), the fields that set parameter counts and shapes.
-_PUBLISHED: dict[str, dict[str, Any]] = {
-    "internvl3-8b": dict(  # OpenGVLab/InternVL3-8B-hf: Qwen2.5-7B + InternViT-300M
-        text_config=dict(
-            model_type="qwen2",
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_attention_heads=28,
-            num_hidden_layers=28,
-            num_key_value_heads=4,
-            vocab_size=151674,
-            tie_word_embeddings=False,
-        ),
-        vision_config=dict(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_attention_heads=16,
-            num_hidden_layers=24,
-            image_size=[448, 448],
-            patch_size=[14, 14],
-        ),
-        downsample_ratio=0.5,
-        image_token_id=151667,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
-    ),
-    "qwen2.5-vl-7b": dict(  # Qwen/Qwen2.5-VL-7B-Instruct
-        text_config=dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_attention_heads=28,
-            num_hidden_layers=28,
-            num_key_value_heads=4,
-            vocab_size=152064,
-            tie_word_embeddings=False,
-        ),
-        vision_config=dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=3584,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
-        image_token_id=151655,
-        tie_word_embeddings=False,
-    ),
-}
-
-
 def real_config(name: str):
     """The config of a built-in real model (``zoo.REAL``), built offline from its published
     dimensions. ValueError naming the known names for another."""
@@ -158,9 +104,10 @@ def real_config(name: str):
     if name in fam.bench:
         shape = fam.bench[name]
         return fam.bench_config(shape, shape.text, shape.vision)
-    if name not in _PUBLISHED:
+    published = zoo.REAL[name].config  # the family file's copy of its config.json
+    if not published:
         raise ValueError(f"arch={name!r}: no offline config (no benchmark shape, not published)")
-    return fam.model_class.config_class(**_PUBLISHED[name])
+    return fam.model_class.config_class(**published)
 
 
 def _offline_processor(fam, name: str):

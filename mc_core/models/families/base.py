@@ -95,6 +95,9 @@ class RealSpec:
     model_class: str
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    # The published config.json's fields that set parameter counts and shapes, for a model
+    # whose family has no benchmark shape: the cost plan builds it offline from them.
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,32 @@ class InternVL(Family):
                 "max_patches": 12,
             },
             notes="in-library member of the InternLM-XComposer family; 256 tokens per tile",
+            # published config: OpenGVLab/InternVL3-8B-hf: Qwen2.5-7B + InternViT-300M
+            config=dict(
+                text_config=dict(
+                    model_type="qwen2",
+                    hidden_size=3584,
+                    intermediate_size=18944,
+                    num_attention_heads=28,
+                    num_hidden_layers=28,
+                    num_key_value_heads=4,
+                    vocab_size=151674,
+                    tie_word_embeddings=False,
+                ),
+                vision_config=dict(
+                    hidden_size=1024,
+                    intermediate_size=4096,
+                    num_attention_heads=16,
+                    num_hidden_layers=24,
+                    image_size=[448, 448],
+                    patch_size=[14, 14],
+                ),
+                downsample_ratio=0.5,
+                image_token_id=151667,
+                vision_feature_layer=-1,
+                vision_feature_select_strategy="default",
+                tie_word_embeddings=False,
+            ),
         ),
     }
 

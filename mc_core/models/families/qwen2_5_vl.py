@@ -85,6 +85,30 @@ class Qwen2_5_VL(Qwen2VL):  # noqa: N801
             model_class="Qwen2_5_VLForConditionalGeneration",
             processor_kwargs=QWEN_REAL_PIXELS,
             notes="window attention tower, 2x2 merge, mrope",
+            # published config: Qwen/Qwen2.5-VL-7B-Instruct
+            config=dict(
+                text_config=dict(
+                    hidden_size=3584,
+                    intermediate_size=18944,
+                    num_attention_heads=28,
+                    num_hidden_layers=28,
+                    num_key_value_heads=4,
+                    vocab_size=152064,
+                    tie_word_embeddings=False,
+                ),
+                vision_config=dict(
+                    depth=32,
+                    hidden_size=1280,
+                    intermediate_size=3420,
+                    num_heads=16,
+                    out_hidden_size=3584,
+                    patch_size=14,
+                    spatial_merge_size=2,
+                    temporal_patch_size=2,
+                ),
+                image_token_id=151655,
+                tie_word_embeddings=False,
+            ),
         ),
     }
     bench = {}
