@@ -4,10 +4,18 @@ A checkpoint is a directory with two files::
 
     compressor.safetensors   the module's state_dict (empty for heuristics)
     compressor.json          {"format", "method", "rate", "dim", "config", "fingerprint", "meta"}
+                             (+ "rates" for an any-rate compressor)
 
 ``fingerprint`` records what the weights only make sense for: the LVLM ``family`` and token
 ``dim`` (plus the generator's settings), so loading a checkpoint into another model fails with
 an error that names both sides instead of producing silent garbage.
+
+An any-rate compressor (trained with ``TrainConfig.rates``) records the rates it was trained
+over as ``"rates"``: ``[lo, hi]`` (a range) or three or more (a set). Its ``"rate"`` is the
+nominal rate it runs at when a call gives none (``mc_core.training.rates.nominal_rate``: the
+range's midpoint, the set's median member); every call may pick another
+(``Compressor.forward``'s ``rate=``). Loaded, it has ``trained_rates`` set. A checkpoint
+without ``"rates"`` (every one written before, every single-rate one) loads as it always did.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mc_core.compressors import Compressor, build
+from mc_core.compressors.ops import check_rates
 from mc_core.io import staged_dir, write_text
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "fingerprint", "load_compressor", "save_compressor"]
@@ -78,6 +87,8 @@ def save_compressor(path_dir: str | os.PathLike, compressor: Compressor, *, meta
         "fingerprint": _jsonable(fingerprint(compressor, family), "fingerprint"),
         "meta": _jsonable(meta, "meta"),
     }
+    if compressor.trained_rates is not None:  # absent otherwise: single-rate bytes unchanged
+        doc["rates"] = list(check_rates(compressor.trained_rates, where="trained_rates"))
     tensors = {k: v.detach().cpu().contiguous() for k, v in compressor.state_dict().items()}
     with staged_dir(target) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"method": compressor.name})
@@ -103,6 +114,11 @@ def _read_config(path: Path) -> dict[str, Any]:
         )
     if not isinstance(doc["config"], dict) or not isinstance(doc["fingerprint"], dict):
         raise ValueError(f"checkpoint config {path}: 'config' and 'fingerprint' must be objects")
+    if "rates" in doc:
+        try:
+            check_rates(doc["rates"])
+        except ValueError as err:
+            raise ValueError(f"checkpoint config {path}: {err}") from None
     return doc
 
 
@@ -122,6 +138,10 @@ def load_compressor(path_dir: str | os.PathLike, *, expect: dict | None = None) 
         path_dir: A directory written by ``save_compressor``.
         expect: Fingerprint entries the caller requires, e.g. ``{"family": "llava",
             "dim": 4096}``; each must equal the checkpoint's.
+
+    Returns:
+        The compressor at the checkpoint's ``rate``; an any-rate one (``"rates"`` recorded)
+        with ``trained_rates`` set.
 
     Raises:
         ValueError: A missing or corrupt file (named), or an ``expect`` entry that differs from
@@ -159,4 +179,6 @@ def load_compressor(path_dir: str | os.PathLike, *, expect: dict | None = None) 
             f"checkpoint weights {weights_path} do not fit {doc['method']} "
             f"(dim {doc['dim']}): {err}"
         ) from None
+    if "rates" in doc:
+        compressor.trained_rates = tuple(float(r) for r in doc["rates"])
     return compressor

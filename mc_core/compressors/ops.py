@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -18,6 +19,7 @@ from torch import Tensor
 __all__ = [
     "apply",
     "check_rate",
+    "check_rates",
     "kept_tokens",
     "pool_layout",
     "pool_matrix",
@@ -48,6 +50,29 @@ def check_rate(rate: float, *, where: str = "rate") -> float:
             f"{where} must be in (0, 1) (the fraction of tokens removed), got {rate!r}"
         )
     return value
+
+
+def check_rates(rates: Sequence[float], *, where: str = "rates") -> tuple[float, ...]:
+    """``rates`` as a tuple after checking it: two rates ``lo < hi`` (a range) or three or
+    more distinct rates (a set), each in (0, 1): what an any-rate compressor was trained over
+    (``TrainConfig.rates``, a checkpoint's ``rates``).
+
+    Raises:
+        ValueError: naming ``where`` and the bad value.
+    """
+    if isinstance(rates, (str, bytes)) or not isinstance(rates, Sequence):
+        raise ValueError(f"{where}={rates!r}: expected a list of rates ([lo, hi] or three or more)")
+    values = tuple(check_rate(r, where=f"{where}[{i}]") for i, r in enumerate(rates))
+    if len(values) < 2:
+        raise ValueError(
+            f"{where}={list(rates)!r}: expected [lo, hi] (a range) or three or more rates "
+            "(a set); for one rate, train at that rate alone (rates None)"
+        )
+    if len(values) == 2 and not values[0] < values[1]:
+        raise ValueError(f"{where}={list(rates)!r}: a range [lo, hi] needs lo < hi")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{where}={list(rates)!r}: the rates of a set must be distinct")
+    return values
 
 
 def kept_tokens(n: int, rate: float, *, where: str = "rate") -> int:

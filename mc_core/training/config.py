@@ -146,6 +146,9 @@ class TrainConfig(Section):
             memory-mapped shards, in the model's dtype); "recompute" runs the frozen vision tower
             and projector for every step's images instead (no disk for them).
         shard_dialogues: dialogues per shard of the on-disk target store.
+        rates: train one compressor for many rates (``mc_core.training.rates``): ``[lo, hi]``
+            draws each step's rate uniformly in the range, three or more rates draw it from
+            the set; the draw is a pure function of (seed, step). None: the run's own rate.
     """
 
     method: str = "metacompress"
@@ -178,6 +181,7 @@ class TrainConfig(Section):
     max_memory_gib: float | None = Field(None, gt=0, allow_inf_nan=False)
     visual_tokens: Literal["store", "recompute"] = "store"
     shard_dialogues: int = Field(64, gt=0)
+    rates: list[float] | None = None
 
     # Strict ints: 2.0 epochs or True as a batch size are mistakes, not values to coerce.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -200,6 +204,20 @@ class TrainConfig(Section):
     def _micro_batch(cls, v: int | str | None) -> int | str | None:
         if isinstance(v, int) and v < 1:
             raise ValueError("expected an int >= 1, 'auto' or null (the whole batch)")
+        return v
+
+    @field_validator("rates")
+    @classmethod
+    def _rates(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        from mc_core.training.rates import check_rates
+
+        try:
+            check_rates(v)
+        except ValueError as err:
+            # "rates=[...]: why" names the field; format_errors prefixes "train.".
+            raise ValueError(str(err).removeprefix(f"rates={v!r}: ")) from None
         return v
 
     @model_validator(mode="after")
@@ -243,5 +261,13 @@ class TrainConfig(Section):
         return kwargs
 
     def fingerprint(self) -> dict[str, Any]:
-        """The fields a resumed run must share with the run that wrote the checkpoint."""
-        return {k: v for k, v in self.model_dump().items() if k not in _NOT_FINGERPRINTED}
+        """The fields a resumed run must share with the run that wrote the checkpoint.
+
+        ``rates`` enters only when set: a single-rate run's fingerprint (its state key and the
+        ``train`` record of its checkpoint) keeps the keys it had before the field existed.
+        """
+        return {
+            k: v
+            for k, v in self.model_dump().items()
+            if k not in _NOT_FINGERPRINTED and not (k == "rates" and v is None)
+        }

@@ -40,8 +40,10 @@ from mc_core.models.families import adapter_for
 from mc_core.progress import progress as progress_bar
 from mc_core.runtime import prepare_model, resolve_device, token_dim
 from mc_core.training import distributed, fit
+from mc_core.training import rates as step_rates
 from mc_core.training.activations import checkpointed_layers
 from mc_core.training.config import TrainConfig
+from mc_core.training.guards import check_cache, check_loss, clip
 from mc_core.training.losses import align_from_end, total_loss
 from mc_core.training.state import has_state, load_state, save_state
 from mc_core.training.targets import (
@@ -66,18 +68,25 @@ Callback = Callable[[int, dict[str, float]], None]
 
 
 def student_logits(
-    model, adapter, compressor, entries: Sequence[CacheEntry], *, pad_token_id: int, device
+    model,
+    adapter,
+    compressor,
+    entries: Sequence[CacheEntry],
+    *,
+    pad_token_id: int,
+    device,
+    rate: float | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Compressed forward over cached dialogues: answer logits `[sum T, V]` and every P.
 
     The compressed answer positions are the full ones shifted by the visual tokens removed
-    before them (`losses.align_from_end`).
+    before them (`losses.align_from_end`). `rate`: compress at it (None: the compressor's).
     """
     rows, ps = [], []
     dtype = next(model.parameters()).dtype
     for e in entries:
         tokens = [t.to(device=device, dtype=torch.float32) for t in e.tokens]
-        ys, p = compressor(tokens, [ctx_to(c, device) for c in e.contexts])
+        ys, p = compressor(tokens, [ctx_to(c, device) for c in e.contexts], rate=rate)
         ps += p
         base = to_device(e.base, device, dtype)
         rows.append(adapter.inputs_with(base, [y.to(dtype) for y in ys], P=p))
@@ -105,20 +114,23 @@ def train(
     processor,
     dataset,
     *,
-    rate: float,
+    rate: float | None = None,
     out_dir: str | os.PathLike | None = None,
     callbacks: Sequence[Callback] | None = None,
     cache: TargetCache | None = None,
     adapter=None,
 ) -> Compressor:
-    """Train a compressor for `rate` on `dataset` against the frozen `model`.
+    """Train a compressor for `rate` (or every rate of `cfg.rates`) on `dataset` against the
+    frozen `model`.
 
     Args:
         cfg: the run's settings (`cfg.method` and `cfg.compressor_kwargs` choose the method).
         model: the LVLM; frozen (`eval`, `requires_grad_(False)`) and moved to the device.
         processor: its processor.
         dataset: dialogue rows (schema of `mc_core.data.schema`).
-        rate: reduction rate in (0, 1).
+        rate: reduction rate in (0, 1). With `cfg.rates` (each step draws its rate,
+            `mc_core.training.rates`) the compressor's nominal rate: None gives
+            `rates.nominal_rate(cfg.rates)`, a given one must lie within the rates' span.
         out_dir: where training state is checkpointed; an existing checkpoint there is resumed.
             None: no checkpoints.
         callbacks: called as `cb(step, metrics)` every `cfg.log_every` steps and at the end;
@@ -135,14 +147,18 @@ def train(
     summation order). Only rank 0 writes checkpoints to `out_dir`; all ranks resume from it.
 
     Returns:
-        The trained compressor (float32, eval mode, on the training device).
+        The trained compressor (float32, eval mode, on the training device); with
+        `cfg.rates` its `trained_rates` holds them (a checkpoint records them).
 
     Raises:
         ValueError: bad rate, empty dataset, cache of another size or target_topk, or a
             checkpoint in `out_dir` written with other settings.
         RuntimeError: the loss or gradient became NaN/inf, or the loss exploded.
     """
+    rate = _nominal(cfg, rate)
     run = _Run.start(cfg, model, processor, dataset, rate=rate, cache=cache, adapter=adapter)
+    if cfg.rates is not None:  # what the checkpoint records: the rates it serves
+        run.compressor.trained_rates = tuple(cfg.rates)
     info = {"config": cfg.fingerprint(), "rate": float(rate), "dataset_size": run.n}
     state_dir = Path(out_dir) if out_dir is not None else None
     step, first_loss = _resume(state_dir, run, info)
@@ -161,6 +177,20 @@ def train(
     return run.compressor.eval()
 
 
+def _nominal(cfg: TrainConfig, rate: float | None) -> float:
+    """The rate the compressor is built at: `rate`, or with `cfg.rates` their nominal rate."""
+    if cfg.rates is None:
+        if rate is None:
+            raise ValueError("train needs rate= (or train.rates for an any-rate compressor)")
+        return rate
+    if rate is None:
+        return step_rates.nominal_rate(cfg.rates)
+    lo, hi = min(cfg.rates), max(cfg.rates)
+    if not lo <= rate <= hi:
+        raise ValueError(f"rate={rate!r}: outside train.rates={cfg.rates} (its span {lo}-{hi})")
+    return rate
+
+
 def _steps(run: _Run, step, first_loss, state_dir, info, callbacks, bar) -> int:
     """The optimiser steps from ``step`` to the end, checkpointing and reporting as they go."""
     cfg = run.cfg
@@ -168,7 +198,11 @@ def _steps(run: _Run, step, first_loss, state_dir, info, callbacks, bar) -> int:
     while step < run.total:
         epoch, k = divmod(step, run.steps_per_epoch)
         idx = _order(run.n, cfg.seed, epoch)[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-        metrics = run.step(idx.tolist(), step, first_loss)
+        # The whole step at one rate (mc_core.training.rates says why); None: the built rate.
+        rate = None if cfg.rates is None else step_rates.step_rate(cfg.rates, cfg.seed, step)
+        metrics = run.step(idx.tolist(), step, first_loss, rate)
+        if rate is not None:
+            metrics["rate"] = rate
         first_loss = metrics["loss"] if first_loss is None else first_loss
         step += 1
         samples += len(idx)
@@ -259,7 +293,7 @@ class _Run:
                 dtype=cfg.dtype,
                 targets=cfg.targets,
             )
-        _check_cache(cache, n, compressor.needs, cfg.method, cfg.target_topk)
+        check_cache(cache, n, compressor.needs, cfg.method, cfg.target_topk)
         world = distributed.world()
         micro = auto_micro_batch(cfg, model, compressor, cache, world=world[1])[0]
         if built and cfg.visual_tokens == "recompute":  # keep what a store would: no tokens
@@ -318,9 +352,11 @@ class _Run:
         mb = self.cfg.micro_batch if self.micro is None else self.micro
         return per_rank if mb is None or mb == "auto" else max(1, min(int(mb), per_rank))
 
-    def step(self, idx: list[int], step: int, first_loss: float | None) -> dict[str, float]:
-        """One SGD step on the dialogues ``idx`` (the whole batch, in every rank); returns the
-        batch's metrics.
+    def step(
+        self, idx: list[int], step: int, first_loss: float | None, rate: float | None = None
+    ) -> dict[str, float]:
+        """One SGD step on the dialogues ``idx`` (the whole batch, in every rank) at ``rate``
+        (None: the compressor's own); returns the batch's metrics.
 
         The rank's share is run in micro-batches (``TrainConfig.micro_batch``), each backward
         adding its part of the gradient: a micro-batch holding ``T_c`` of the step's ``T`` answer
@@ -339,14 +375,14 @@ class _Run:
         sums, parts = [0.0, 0.0, 0.0], {}
         for k, chunk in enumerate(chunks):
             entries = self.entries(chunk) if ready is None else ready[k * size : (k + 1) * size]
-            parts, c = self._backward(entries, totals)
+            parts, c = self._backward(entries, totals, rate)
             sums = [s + parts[k] * c[j] for s, k, j in zip(sums, _PARTS, (0, 1, 1), strict=True)]
         if self.world > 1 or len(chunks) > 1:  # one chunk in one process: its parts as they are
-            parts = self._batch_parts(sums, counts)
-        _check_loss(parts["loss"], first_loss, step, cfg)
+            parts = _batch_parts(cfg, sums, counts, self.world, self.device)
+        check_loss(parts["loss"], first_loss, step, cfg)
         if self.world > 1:  # every replica then clips and steps on the whole batch's gradient
             distributed.sum_grads(self.params)
-        grad_norm = _clip(self.params, cfg)
+        grad_norm = clip(self.params, cfg)
         if not math.isfinite(grad_norm):
             raise RuntimeError(
                 f"gradient norm became {grad_norm} at step {step + 1} (loss {parts['loss']:.4g}):"
@@ -366,7 +402,7 @@ class _Run:
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     def _backward(
-        self, entries: list[CacheEntry], totals: tuple[int, int]
+        self, entries: list[CacheEntry], totals: tuple[int, int], rate: float | None = None
     ) -> tuple[dict[str, float], tuple[int, int]]:
         """Forward and backward of one micro-batch, its loss weighted by its share of the
         step's answer tokens and images; returns its own mean parts and its counts."""
@@ -378,6 +414,7 @@ class _Run:
             entries,
             pad_token_id=self.pad_id,
             device=self.device,
+            rate=rate,
         )
         counts = (logits.shape[0], len(ps))
         # Both shares are exactly 1 for a whole batch in one process, whose loss is then
@@ -395,17 +432,19 @@ class _Run:
         (loss * w_kl).backward()
         return parts, counts
 
-    def _batch_parts(self, sums: list[float], counts: tuple[int, int]) -> dict[str, float]:
-        """The whole batch's kl / entropy / collapse / loss from the token- and image-weighted
-        sums of its micro-batches' means (over every rank)."""
-        cfg = self.cfg
-        values = [*sums, *counts]
-        if self.world > 1:
-            values = distributed.all_sum(values, self.device)
-        kl, ent, col, tokens, images = values
-        out = {"kl": kl / tokens, "entropy": ent / images, "collapse": col / images}
-        out["loss"] = out["kl"] + cfg.lambda_ent * out["entropy"] + cfg.lambda_col * out["collapse"]
-        return out
+
+def _batch_parts(
+    cfg: TrainConfig, sums: list[float], counts: tuple[int, int], world: int, device
+) -> dict[str, float]:
+    """The whole batch's kl / entropy / collapse / loss from the token- and image-weighted
+    sums of its micro-batches' means (over every rank)."""
+    values = [*sums, *counts]
+    if world > 1:
+        values = distributed.all_sum(values, device)
+    kl, ent, col, tokens, images = values
+    out = {"kl": kl / tokens, "entropy": ent / images, "collapse": col / images}
+    out["loss"] = out["kl"] + cfg.lambda_ent * out["entropy"] + cfg.lambda_col * out["collapse"]
+    return out
 
 
 _PARTS = ("kl", "entropy", "collapse")  # weighted by answer tokens, images, images
@@ -435,7 +474,8 @@ def auto_micro_batch(
             "train.micro_batch='auto' reads the dialogues' shapes from the target cache: set "
             "train.cache_targets: true or give an int micro_batch"
         )
-    shapes = cache.step_shapes(compressor.kept)
+    kept = compressor.kept if cfg.rates is None else step_rates.costliest_kept(cfg.rates)
+    shapes = cache.step_shapes(kept)
     return fit.fit_micro_batch(
         model,
         batch_size=per_rank,
@@ -450,51 +490,3 @@ def auto_micro_batch(
         activation_checkpointing=cfg.activation_checkpointing,
         vision=cfg.visual_tokens,
     )
-
-
-def _check_cache(
-    cache: TargetCache | None, n: int, needs: frozenset[str], method: str, topk: int | None
-) -> None:
-    if cache is None:
-        return
-    if len(cache) != n:
-        raise ValueError(f"target cache has {len(cache)} dialogues, dataset has {n}")
-    if cache.topk != topk:
-        # Another k is another objective (and a full cache would silently cost V / k the memory).
-        raise ValueError(
-            f"target cache holds top-{cache.topk} targets (None: full vocabulary) but "
-            f"train.target_topk={topk!r}; rebuild it with build_target_cache(..., topk={topk!r})"
-        )
-    missing = set(needs) - set(cache.needs)
-    if missing:
-        raise ValueError(f"target cache lacks context fields {sorted(missing)} that {method} needs")
-
-
-def _check_loss(value: float, first: float | None, step: int, cfg: TrainConfig) -> None:
-    if not math.isfinite(value):
-        raise RuntimeError(
-            f"loss became {value} at step {step + 1}: lower train.lr (now {cfg.lr}) and keep "
-            f"gradient clipping on (grad_clip, now {cfg.grad_clip}); the collapse term diverges "
-            "without clipping"
-        )
-    if first is not None and value > cfg.explode_factor * max(first, 1e-6):
-        raise RuntimeError(
-            f"loss exploded at step {step + 1}: {value:.4g} > {cfg.explode_factor} x the first "
-            f"loss {first:.4g}; lower train.lr (now {cfg.lr}) or tighten grad_clip (now "
-            f"{cfg.grad_clip})"
-        )
-
-
-def _clip(params: list[Tensor], cfg: TrainConfig) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = float(
-        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    )
-    if cfg.grad_clip is not None and math.isfinite(norm):
-        if cfg.clip_mode == "norm":
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        else:
-            torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
-    return norm
