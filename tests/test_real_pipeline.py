@@ -117,6 +117,7 @@ def test_real_checkpoint_runs_every_stage_offline(project):
         "train@snap-0.9",
         "evaluate@snap-0.9",
         "register@snap-0.9",
+        "metrics@snap-0.9",
         "report",
     }
     assert _repro(repo, env) == stages
