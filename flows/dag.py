@@ -101,9 +101,17 @@ def downstream_of_cells(all_kinds: list[Kind]) -> set[str]:
 
 
 def writer_of(doc: dict[str, Any], path: str) -> str | None:
-    """The kind of a parsed ``dvc.yaml`` whose outputs lie under ``path``, if any."""
+    """The (first) kind of a parsed ``dvc.yaml`` whose outputs lie under ``path``, if any."""
+    found = writers_of(doc, path)
+    return found[0] if found else None
+
+
+def writers_of(doc: dict[str, Any], path: str) -> list[str]:
+    """Every kind of a parsed ``dvc.yaml`` whose outputs lie under ``path``, in file order
+    (``reports/registry``: ``register`` per cell and ``register-any`` per arch)."""
+    out = []
     for name, spec in (doc.get("stages") or {}).items():
         written = _paths(spec.get("outs")) + _paths(spec.get("metrics"))
         if any(_reads(path.rstrip("/"), p) for p in written):
-            return name
-    return None
+            out.append(name)
+    return out

@@ -35,7 +35,7 @@ import mc_registry
 from flows import artifacts, dag
 from flows import workspace as ws
 from tasks import params
-from tasks.cells import report_dir, report_file, split_stage, stage_name
+from tasks.cells import ANY, cell_key, report_dir, report_file, split_stage, stage_name
 
 MAX_PARALLEL = int(os.environ.get("MC_MAX_PARALLEL", "2"))
 LOCK_RETRIES = 6
@@ -154,11 +154,17 @@ def train_all(
 
     # The registry lives outside DVC: if the tracking store was reset since a cell's register
     # stage ran, DVC would skip it; re-run those (registration is idempotent by content hash).
-    registrar = dag.writer_of(doc, REGISTRY)
+    # The per-arch registrars (register-any@<arch>: the any-rate compressors) likewise.
+    fanout = {k.name: k.fanout for k in kinds}
     uri = ws.tracking_env(root)["MLFLOW_TRACKING_URI"]
-    if registrar is not None:
-        stale = [k for k in cells if not registered(str(workspace), k, uri)]
-        run.again([stage_name(registrar, k) for k in stale])
+    any_keys = {a: cell_key(a, ANY) for a in p.grid.any_rate_archs if a in chosen}
+    for registrar in dag.writers_of(doc, REGISTRY):
+        if fanout[registrar] == "cell":
+            stale = [k for k in cells if not registered(str(workspace), k, uri)]
+            run.again([stage_name(registrar, k) for k in stale])
+        elif fanout[registrar] == "arch":
+            stale = [a for a, k in any_keys.items() if not registered(str(workspace), k, uri)]
+            run.again([stage_name(registrar, a) for a in stale])
 
     for kind in kinds:  # what reads the cells' outputs (the report)
         if kind.name not in later:
@@ -170,7 +176,7 @@ def train_all(
             continue
         run.serial(kind, names, chosen)
     registry = {}
-    for key in cells:
+    for key in [*cells, *any_keys.values()]:
         f = workspace / report_file("registry", key)
         registry[key] = json.loads(f.read_text()) if f.is_file() else None
     summary = workspace / SUMMARY

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from mc_registry.locks import file_lock
 from mc_registry.names import (
+    ANY_NAME_TEMPLATE,
     CHAMPION,
     NAME_TEMPLATE,
     check_template,
@@ -48,6 +49,7 @@ from mc_registry.store import ENV_URI, client, lock_dir, migrate, sqlite_path, t
 __all__ = [
     "CHAMPION",
     "ENV_URI",
+    "ANY_NAME_TEMPLATE",
     "NAME_TEMPLATE",
     "Registered",
     "champion",

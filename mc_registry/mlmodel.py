@@ -96,8 +96,9 @@ def _read_json(path: Path) -> dict:
 def describe(ckpt_dir: str | Path, base_dir: str | Path) -> dict[str, Any]:
     """What the model's metadata says of its checkpoint and base model, read from their files.
 
-    Returns ``method``, ``rate``, ``rate_range`` (``[rate, rate]``: the rates this compressor
-    serves; an any-rate compressor will widen it), ``dim``, ``family`` and ``base_model``
+    Returns ``method``, ``rate``, ``rate_range`` (the rates this compressor serves: ``[rate,
+    rate]``, an any-rate compressor's trained span), ``rates`` (an any-rate compressor's
+    trained rates, else None), ``dim``, ``family`` and ``base_model``
     (``kind``: ``tiny`` or the real model's ``hub`` / ``folder``, ``source``, ``revision``,
     ``arch``, ``fingerprint``: the weights' content fingerprint in ``resolved.json``).
     Entries the files lack are None.
@@ -107,12 +108,14 @@ def describe(ckpt_dir: str | Path, base_dir: str | Path) -> dict[str, Any]:
     ckpt = _read_json(Path(ckpt_dir) / CONFIG_FILE)
     base = _read_json(Path(base_dir) / "zoo.json")
     resolved = _read_json(Path(base_dir) / "resolved.json")
-    rate = ckpt.get("rate")
+    rate, rates = ckpt.get("rate"), ckpt.get("rates")
     family = (ckpt.get("fingerprint") or {}).get("family") or base.get("family")
+    span = [min(rates), max(rates)] if rates else [rate, rate] if rate is not None else None
     return {
         "method": ckpt.get("method"),
         "rate": rate,
-        "rate_range": [rate, rate] if rate is not None else None,
+        "rate_range": span,
+        "rates": rates,
         "dim": ckpt.get("dim"),
         "family": family,
         "base_model": {

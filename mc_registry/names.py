@@ -4,6 +4,8 @@
   ``register.name_template``, default :data:`NAME_TEMPLATE`): ``metacompress-tiny-llava-r0.9``.
 - The rate is written as DVC's matrix writes it (:func:`format_rate`): the same string names the
   cell's stages, folders and reports (``tasks.cells``), so a registered name matches its cell.
+- An any-rate compressor (one per arch, serving a span of rates) is named without a rate:
+  :data:`ANY_NAME_TEMPLATE`, ``metacompress-tiny-llava-any``.
 - A version is addressed by ``models:/<name>@<alias>`` (alias :data:`CHAMPION`: the version the
   registry promotes) or ``models:/<name>/<version>``.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import re
 
 __all__ = [
+    "ANY_NAME_TEMPLATE",
     "CHAMPION",
     "NAME_TEMPLATE",
     "check_template",
@@ -24,18 +27,31 @@ __all__ = [
 
 CHAMPION = "champion"
 NAME_TEMPLATE = "{method}-{arch}-r{rate}"
+ANY_NAME_TEMPLATE = "{method}-{arch}-any"
 _URI = re.compile(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))")
 
 
+ANY = "any"
+
+
 def format_rate(rate: float | str) -> str:
-    """The rate as it appears in names and paths (``0.5`` -> ``"0.5"``), like DVC's matrix."""
-    return repr(float(rate))
+    """The rate as it appears in names and paths (``0.5`` -> ``"0.5"``), like DVC's matrix;
+    :data:`ANY` (an any-rate compressor's) stays ``"any"``."""
+    return ANY if rate == ANY else repr(float(rate))
 
 
-def check_template(template: str) -> str:
-    """``template`` if it names both the arch and the rate (two cells must not share a name)."""
-    if "{arch}" not in template or "{rate}" not in template:
-        raise ValueError(f"{template!r} must contain {{arch}} and {{rate}}")
+def check_template(template: str, *, rate: bool = True) -> str:
+    """``template`` if it names the arch and (``rate``) the rate: two cells must not share a
+    name. An any-rate compressor's template (``rate`` False) names the arch only."""
+    need = ["{arch}", "{rate}"] if rate else ["{arch}"]
+    if any(k not in template for k in need):
+        raise ValueError(f"{template!r} must contain {' and '.join(need)}")
+    if not rate and "{rate}" in template:
+        raise ValueError(f"{template!r}: an any-rate compressor has no one rate to name")
+    try:
+        template.format(method="m", arch="a", rate="0.5")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"{template!r}: not a name template ({err!r})") from None
     return template
 
 

@@ -110,27 +110,32 @@ class CompressorModel(mlflow.pyfunc.PythonModel):
     ) -> pd.DataFrame:
         """Compressed embeddings, one output row per input row (``embeds`` float32 ``[m, d]``,
         ``n``, ``m``, ``grid_thw`` or None) as a pandas DataFrame."""
-        self._check_rate((params or {}).get("rate"))
+        rate = self._check_rate((params or {}).get("rate"))
         rows = _rows(model_input)
         with self._lock:
-            out = [self._one(i, row) for i, row in enumerate(rows)]
+            out = [self._one(i, row, rate) for i, row in enumerate(rows)]
         return pd.DataFrame(out, columns=["embeds", "n", "m", "grid_thw"])
 
-    def _check_rate(self, rate: Any) -> None:
+    def _check_rate(self, rate: Any) -> float | None:
+        """The request's rate (None: the compressor's own), within what the compressor serves:
+        its rate, or an any-rate compressor's trained span."""
         if rate is None:
-            return
-        lo = hi = float(self.compressor.rate)
+            return None
+        lo, hi = self.compressor.rate_span()
         try:
             value = float(rate)
         except (TypeError, ValueError):
             raise _bad(f"params.rate={rate!r}: expected a number in [{lo}, {hi}]") from None
         if not lo - _RATE_TOL <= value <= hi + _RATE_TOL:
+            what = "its trained span" if self.compressor.trained_rates else "its registered rate"
             raise _bad(
-                f"params.rate={value}: this compressor serves rates [{lo}, {hi}] (its "
-                f"registered rate); pick the registered model of that rate"
+                f"params.rate={value}: this compressor serves rates [{lo}, {hi}] ({what}); "
+                "pick a registered model that serves it"
             )
+        # Within the tolerance of the span's end: the end itself (the compressor checks exactly).
+        return min(max(value, lo), hi)
 
-    def _one(self, i: int, row: dict[str, Any]) -> dict[str, Any]:
+    def _one(self, i: int, row: dict[str, Any], rate: float | None = None) -> dict[str, Any]:
         image, tokens = row.get("image"), row.get("tokens")
         has_image, has_tokens = not _missing(image), not _missing(tokens)
         if has_image and has_tokens:
@@ -142,20 +147,24 @@ class CompressorModel(mlflow.pyfunc.PythonModel):
             )
         try:
             if has_image:
-                return self._from_image(i, image)
-            return self._from_tokens(i, tokens, row.get("grid"), row.get("positions"))
+                return self._from_image(i, image, rate)
+            return self._from_tokens(i, tokens, row.get("grid"), row.get("positions"), rate)
         except ValueError as err:  # mc_core names the value; the row and column are ours
             raise _bad(f"row {i}: {err}") from None
 
-    def _from_image(self, i: int, value: Any) -> dict[str, Any]:
+    def _from_image(self, i: int, value: Any, rate: float | None) -> dict[str, Any]:
         from mc_core.data.images import to_rgb
         from mc_core.inference.serving import compress_image
 
         img = to_rgb(_decode_image(value, where=f"row {i}: image"))
-        emb = compress_image(self.model, self.processor, self.compressor, img, adapter=self.adapter)
+        emb = compress_image(
+            self.model, self.processor, self.compressor, img, adapter=self.adapter, rate=rate
+        )
         return _output(emb.embeds, emb.n, emb.grid_thw)
 
-    def _from_tokens(self, i: int, tokens: Any, grid: Any, positions: Any) -> dict[str, Any]:
+    def _from_tokens(
+        self, i: int, tokens: Any, grid: Any, positions: Any, rate: float | None
+    ) -> dict[str, Any]:
         import torch
 
         from mc_core.runtime import model_device
@@ -173,7 +182,9 @@ class CompressorModel(mlflow.pyfunc.PythonModel):
         device = model_device(self.model)
         with torch.no_grad():
             # As compress_inputs: the compressor runs in float32, its output in the model dtype.
-            y, _ = self.compressor(torch.as_tensor(x, dtype=torch.float32, device=device), ctx)
+            y, _ = self.compressor(
+                torch.as_tensor(x, dtype=torch.float32, device=device), ctx, rate=rate
+            )
         grid_thw = None
         if self._grid_family():
             from mc_core.inference.serving import engine_grid

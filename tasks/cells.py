@@ -9,6 +9,11 @@ A cell is one (arch, rate) of ``grid``; its rate is written as DVC's matrix writ
     report           reports/<kind>/<arch>-<rate>.json   reports/eval/tiny-llava-0.9.json
                      reports/<kind>/<arch>.json          reports/base/tiny-llava.json
     override key     <arch>@<rate>                       train.overrides: tiny-qwen2-vl@0.9
+    any-rate         rate :data:`ANY`: one compressor per arch trained over many rates
+                     (``grid.any_rate_archs``): cell key, compressor and reports
+                     ``<arch>-any`` (models/compressors/tiny-llava-any,
+                     reports/eval/tiny-llava-any.json), stages ``<kind>-any@<arch>``,
+                     registered model ``register.any_name_template`` (metacompress-<arch>-any)
     training run     train-<arch>-r<rate>                (MLflow)
     registered model metacompress-<arch>-r<rate>         (register.name_template,
                                                           mc_registry.model_name)
@@ -26,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from mc_core.compressors import ops
-from mc_registry.names import format_rate, model_name
+from mc_registry.names import ANY, format_rate, model_name
 
 __all__ = [
+    "ANY",
+    "any_method",
     "arch_of",
     "base_dir",
     "cell_file",
@@ -39,6 +46,7 @@ __all__ = [
     "format_rate",
     "model_name",
     "override_key",
+    "parse_rate",
     "parse_override_key",
     "report_dir",
     "report_file",
@@ -67,8 +75,21 @@ def check_rate(rate: Any, key: str) -> float:
         raise ValueError(f"{key}={rate!r}: {err}") from None
 
 
+def parse_rate(value: Any, key: str) -> float | str:
+    """A rate argument: :data:`ANY` (an any-rate compressor) or a rate checked by
+    :func:`check_rate` (``key`` names where it came from)."""
+    return ANY if value == ANY else check_rate(value, key)
+
+
+def any_method(method: str) -> str:
+    """The method key of a trained method's any-rate compressor in reports:
+    ``metacompress-any``."""
+    return f"{method}-{ANY}"
+
+
 def cell_key(arch: str, rate: float | str) -> str:
-    """The DVC matrix key of one cell: ``<arch>-<rate>`` (stage ``train@<arch>-<rate>``)."""
+    """The DVC matrix key of one cell: ``<arch>-<rate>`` (stage ``train@<arch>-<rate>``);
+    ``<arch>-any`` for the arch's any-rate compressor."""
     return f"{arch}-{format_rate(rate)}"
 
 
@@ -109,8 +130,9 @@ def parse_override_key(key: str) -> tuple[str, float | None]:
 
 
 def compressor_name(arch: str, rate: float | str) -> str:
-    """``<arch>-r<rate>``: the cell's compressor folder (and its training run's suffix)."""
-    return f"{arch}-r{format_rate(rate)}"
+    """``<arch>-r<rate>``: the cell's compressor folder (and its training run's suffix);
+    ``<arch>-any`` for the any-rate one."""
+    return f"{arch}-{ANY}" if rate == ANY else f"{arch}-r{format_rate(rate)}"
 
 
 def run_name(arch: str, rate: float | str) -> str:

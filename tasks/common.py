@@ -33,6 +33,7 @@ __all__ = [
     "PARAMS_ENV",
     "THREADS_ENV",
     "TRACEBACK_ENV",
+    "arch_args",
     "cell_args",
     "check_cell",
     "flat",
@@ -68,13 +69,30 @@ def load_params(sections: Sequence[str], who: str) -> params.SectionView:
     return view
 
 
-def cell_args(description: str, argv: Sequence[str] | None = None) -> tuple[str, float]:
-    """Parse ``--arch A --rate R``, checked by :func:`check_cell`."""
+def cell_args(
+    description: str, argv: Sequence[str] | None = None, *, any_rate: bool = False
+) -> tuple[str, float | str]:
+    """Parse ``--arch A --rate R``, checked by :func:`check_cell`; with ``any_rate`` the rate may
+    also be ``any`` (``cells.ANY``: the arch's any-rate compressor)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--arch", required=True)
-    ap.add_argument("--rate", required=True, type=float)
+    ap.add_argument("--rate", required=True, help="a rate in (0, 1)" + (" or 'any'" * any_rate))
     ns = ap.parse_args(argv)
-    return check_cell(ns.arch, ns.rate)
+    if any_rate and ns.rate == cells.ANY:
+        return params.check_arch(ns.arch, _model_names()), cells.ANY
+    try:
+        rate = float(ns.rate)
+    except ValueError:
+        also = f" or {cells.ANY!r}" if any_rate else ""
+        raise ValueError(f"--rate={ns.rate!r}: expected a number in (0, 1){also}") from None
+    return check_cell(ns.arch, rate)
+
+
+def arch_args(description: str, argv: Sequence[str] | None = None) -> str:
+    """Parse ``--arch A`` (a per-arch stage), checked as :func:`check_cell` checks it."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--arch", required=True)
+    return params.check_arch(ap.parse_args(argv).arch, _model_names())
 
 
 def check_cell(arch: str, rate: float) -> tuple[str, float]:
@@ -120,10 +138,10 @@ def _cell_from_argv(argv: Sequence[str]) -> str | None:
     """The cell key ``<arch>-<rate>`` (or the arch alone) from ``--arch A --rate R`` in ``argv``."""
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--arch")
-    ap.add_argument("--rate", type=float)
+    ap.add_argument("--rate")
     ns, _ = ap.parse_known_args(list(argv))
     if ns.arch and ns.rate is not None:
-        return cells.cell_key(ns.arch, ns.rate)
+        return f"{ns.arch}-{ns.rate}"  # as given: the label of a log line, checked by the stage
     return ns.arch
 
 

@@ -157,7 +157,7 @@ def _validation(
     val = schema.load(common.DATA_VAL)
     comps = {method: compressor}
     base = lineage.checkpoint_hash(cells.base_dir(arch))
-    champion = _champion(p.register.model_name(arch, rate, method), family, ckpt, base)
+    champion = champion_compressor(p.register.model_name(arch, rate, method), family, ckpt, base)
     if champion is not None and champion["compressor"] is not None:
         comps["champion"] = champion["compressor"]
     names = [
@@ -227,7 +227,7 @@ def _seed_spread(
     return {"seeds": seeds, "acc_avg": accs, "mean": mean, "sd": sd}
 
 
-def _champion(name: str, family: str, ckpt: str, base: str) -> dict | None:
+def champion_compressor(name: str, family: str, ckpt: str, base: str) -> dict | None:
     """The registry's current champion of this cell: ``{"version", "compressor"}`` (compressor
     None when it is this very checkpoint), or None when the cell has no champion yet or its
     champion was trained against another base model (``base``: this one's content hash)."""

@@ -14,7 +14,12 @@ before. Writes ``reports/registry/<arch>-<rate>.json`` (name, version, whether i
 champion, and ``gate``: promote, reason, the scores compared), the small output that lets DVC
 skip this stage when nothing changed.
 
-Usage: ``python -m tasks.register --arch tiny-llava --rate 0.9``
+Stage ``register-any@<arch>`` (``--rate any``) registers the arch's any-rate compressor the
+same way as ``register.any_name_template`` (``metacompress-<arch>-any``), its trained rates in
+the tags (``rates``, ``rate_lo``, ``rate_hi``), gated by its ``reports/eval/<arch>-any.json``:
+the averages over ``grid.rates`` on data/val (``tasks.evaluate_any``).
+
+Usage: ``python -m tasks.register --arch tiny-llava --rate 0.9`` (``--rate any``)
 """
 
 from __future__ import annotations
@@ -120,10 +125,17 @@ def gate(
 
 
 def _decide(
-    p, metrics: dict, name: str, base_sha: str, ckpt: str, val_hash: str | None, test_score: float
+    p,
+    metrics: dict,
+    name: str,
+    base_sha: str,
+    ckpt: str,
+    val_hash: str | None,
+    test_score: float,
+    method: str,
 ) -> dict:
     """The gate's decision for this version (``promote`` None when ungated), with its reason."""
-    method, metric = p.train.method, p.register.champion_metric
+    metric = p.register.champion_metric
     if not (p.register.gate and "validation" in metrics):
         # No data/val (or gate off): the best test score holds the alias, as before.
         why = "register.gate is false" if not p.register.gate else "no data/val evaluation"
@@ -159,6 +171,20 @@ def _decide(
     return decision
 
 
+def _rate_tags(metrics: dict) -> dict[str, str]:
+    """An any-rate version's trained rates (``rates``, ``rate_lo``, ``rate_hi``: what it
+    serves) and the rate it runs at without one (``nominal_rate``); none for a cell's."""
+    if "trained_rates" not in metrics:
+        return {}
+    lo, hi = metrics["span"]
+    return {
+        "rates": ",".join(cells.format_rate(r) for r in metrics["trained_rates"]),
+        "rate_lo": cells.format_rate(lo),
+        "rate_hi": cells.format_rate(hi),
+        "nominal_rate": cells.format_rate(metrics["nominal_rate"]),
+    }
+
+
 def _model_meta(arch: str, ckpt: str, base_sha: str, hashes: dict, git: str) -> dict:
     """The lineage the version's MLflow model metadata carries (its tags record the same):
     the checkpoint's and the base model's content hashes, the base model's DVC hash."""
@@ -176,9 +202,10 @@ def _model_meta(arch: str, ckpt: str, base_sha: str, hashes: dict, git: str) -> 
 def main(argv: list[str] | None = None) -> None:
     """Register (or find) the cell's version and move the champion alias if the gate allows."""
     p = common.load_params(PARAMS, who="tasks.register")
-    arch, rate = common.cell_args(__doc__.splitlines()[0], argv)
+    arch, rate = common.cell_args(__doc__.splitlines()[0], argv, any_rate=True)
     rate_s = cells.format_rate(rate)
-    method = p.train.method
+    # The report's key of the registered method (an any-rate compressor's: metacompress-any).
+    method = cells.any_method(p.train.method) if rate == cells.ANY else p.train.method
     ckpt_dir = cells.compressor_dir(arch, rate)
     eval_file = cells.cell_file("eval", arch, rate)
     metrics = json.loads(eval_file.read_text())
@@ -190,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{eval_file}: no methods.{method}.{metric} to rank the version "
             f"by (register.champion_metric={metric!r})"
         ) from None
-    name = p.register.model_name(arch, rate, method)
+    name = p.register.model_name(arch, rate, p.train.method)
     base_sha = lineage.checkpoint_hash(cells.base_dir(arch))
     ckpt = lineage.checkpoint_hash(ckpt_dir)
     # The inputs' DVC hashes: lineage tags, and data/val's scopes which recorded score counts.
@@ -204,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     val_hash = hashes.get(f"dvc.{common.DATA_VAL}")
-    decision = _decide(p, metrics, name, base_sha, ckpt, val_hash, test_score)
+    decision = _decide(p, metrics, name, base_sha, ckpt, val_hash, test_score, method)
     score, promote = decision["score"], decision["promote"]
     tags = {
         "arch": arch,
@@ -217,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         "gate": decision["reason"],
         "base_sha256": base_sha,
         **hashes,
+        **_rate_tags(metrics),
     }
     reg = tracking.register_checkpoint(
         name,

@@ -1,12 +1,13 @@
 """Stage ``report``: the summary table and plots over every cell of the grid.
 
 Reads ``reports/eval/<cell>.json`` and ``reports/registry/<cell>.json`` for the cells of
-``grid``; writes ``reports/summary.md`` (the table printed at the end of ``make run``),
-``reports/summary.json`` (a DVC metric: per cell and method, average accuracy and KL),
-``reports/summary.csv`` (a DVC plot) and ``reports/plots/*.png`` (``mc_core.evaluation.plots``:
-accuracy
-vs. rate per arch; per-turn accuracy per cell, where prompt-dependent pruning fails turns 2-3;
-accuracy per question type per cell, ``by-type.png``).
+``grid``, and ``reports/eval/<arch>-any.json`` for ``grid.any_rate_archs``
+(``tasks.report_any``); writes ``reports/summary.md`` (the table printed at the end of
+``make run``), ``reports/summary.json`` (a DVC metric: per cell and method, average accuracy
+and KL), ``reports/summary.csv`` (a DVC plot) and ``reports/plots/*.png``
+(``mc_core.evaluation.plots``: accuracy vs. rate per arch; per-turn accuracy per cell, where
+prompt-dependent pruning fails turns 2-3; accuracy per question type per cell, ``by-type.png``;
+the any-rate compressors against the per-rate ones, ``any-rate.png``).
 
 Usage: ``python -m tasks.report`` (stage) or ``python -m tasks.report --show`` (print the
 existing summary and where to look next; what ``make run`` ends with).
@@ -18,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tasks import common, params
+from tasks import common, params, report_any
 from tasks.cells import cell_file, cell_key, format_rate
 
 PARAMS = ("grid", "report")
@@ -461,6 +462,8 @@ def main(argv: list[str] | None = None) -> None:
             "dataset's own labels), for the full model, the best prompt-agnostic heuristic of "
             "the cell and the trained method: where a gap between them comes from.\n\n" + types
         )
+    comparisons = report_any.collect(p.grid, cells)
+    md += report_any.section(comparisons)
     common.write_text(SUMMARY_MD, md)
     summary = {
         cell_key(c["arch"], c["rate"]): {
@@ -484,6 +487,8 @@ def main(argv: list[str] | None = None) -> None:
         }
         for c in cells
     }
+    if comparisons:
+        summary["any_rate"] = report_any.summary(comparisons)
     common.write_json("reports/summary.json", summary)
     rows = [
         {
@@ -498,6 +503,7 @@ def main(argv: list[str] | None = None) -> None:
     common.write_csv("reports/summary.csv", rows, ["cell", "method", "acc_avg"])
     with common.staged_dir(PLOTS) as tmp:
         plots(cells, methods, p.report.dpi, tmp)
+        report_any.plot(comparisons, p.report.dpi, tmp)
     print(
         f"report: wrote {SUMMARY_MD} and {PLOTS}/ ({len(cells)} cells); "
         "`python -m tasks.report --show` prints it",

@@ -19,7 +19,12 @@ outputs, the curve and MLflow, the other ranks train along. The target cache is 
 first rank to take its lock) and read by the others. Before training, the estimated peak device
 memory of a step (``mc_core.training.memory``) is printed and logged as ``memory/*_gib``.
 
-Usage: ``python -m tasks.train --arch tiny-llava --rate 0.9``
+Stage ``train-any@<arch>`` (``--rate any``) trains the arch's any-rate compressor the same way:
+the recipe ``train.for_any`` (``train.any_rate``: each step draws its rate from
+``train.any_rate.rates``), into ``models/compressors/<arch>-any/`` and
+``reports/{train,curves}/<arch>-any.*``; the targets are the same shared store.
+
+Usage: ``python -m tasks.train --arch tiny-llava --rate 0.9`` (``--rate any``)
 """
 
 from __future__ import annotations
@@ -183,7 +188,7 @@ def _train_extra_seeds(
                 cfg_k.fingerprint(), rate, inputs, len(dataset)
             )
             comp_k = mtrain.train(
-                cfg_k, model, processor, dataset, rate=rate, out_dir=state_k, cache=cache
+                cfg_k, model, processor, dataset, rate=_lib_rate(rate), out_dir=state_k, cache=cache
             )
             if lead:
                 checkpoint.save_compressor(
@@ -192,6 +197,12 @@ def _train_extra_seeds(
                     meta={**meta, "train": cfg_k.fingerprint()},
                 )
                 shutil.rmtree(state_k, ignore_errors=True)
+
+
+def _lib_rate(rate: float | str) -> float | None:
+    """The library's ``rate`` argument: None for an any-rate compressor (its nominal rate,
+    ``mc_core.training.rates.nominal_rate``), the cell's rate otherwise."""
+    return None if rate == cells.ANY else rate
 
 
 def _relaunch(cfg, argv: list[str] | None) -> bool:
@@ -222,6 +233,8 @@ def _plan_step(cfg, model, cache, rate: float, run_id: str):
 
     if cache is None:
         return cfg
+    if rate == cells.ANY:  # the step of the lowest rate keeps the most tokens: plan for it
+        rate = min(cfg.rates)
     comp = build(cfg.method, rate=rate, dim=token_dim(model), **cfg.build_kwargs())
     per_rank = math.ceil(cfg.batch_size / distributed.world()[1])
     chosen, _ = auto_micro_batch(cfg, model, comp, cache, world=distributed.world()[1])
@@ -257,10 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     """Train the cell (in ``train.distributed.nproc_per_node`` processes), save the checkpoint
     and its reports, track the run."""
     p = common.load_params(PARAMS, who="tasks.train")
-    arch, rate = common.cell_args(__doc__.splitlines()[0], argv)
-    # The cell's validated recipe (shared train keys, then train.overrides), before anything
-    # heavy is loaded.
-    cfg = p.train.for_cell(arch, rate)
+    arch, rate = common.cell_args(__doc__.splitlines()[0], argv, any_rate=True)
+    # The cell's validated recipe (shared train keys, then train.overrides; the any-rate
+    # compressor's then train.any_rate), before anything heavy is loaded.
+    cfg = p.train.for_any(arch) if rate == cells.ANY else p.train.for_cell(arch, rate)
     if _relaunch(cfg, argv):
         return
 
@@ -280,7 +293,7 @@ def _follow(p, cfg, arch, rate, model, processor, dataset, state, needs, inputs)
     from mc_core.training import loop as mtrain
 
     cache = target_cache(model, processor, dataset, arch=arch, needs=needs, inputs=inputs, cfg=cfg)
-    mtrain.train(cfg, model, processor, dataset, rate=rate, out_dir=state, cache=cache)
+    mtrain.train(cfg, model, processor, dataset, rate=_lib_rate(rate), out_dir=state, cache=cache)
     meta = {"inputs": inputs}
     _train_extra_seeds(
         p.train.seeds, cfg, arch, rate, model, processor, dataset, cache, meta, lead=False
@@ -335,7 +348,7 @@ def _train_cell(p, cfg, arch: str, rate: float) -> None:
             model,
             processor,
             dataset,
-            rate=rate,
+            rate=_lib_rate(rate),
             out_dir=state,
             callbacks=[on_step],
             cache=cache,

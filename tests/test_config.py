@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,9 @@ TASK_PARAMS = {
     "evaluate": "tasks.evaluate",
     "register": "tasks.register",
     "report": "tasks.report",
+    "train-any": "tasks.train",
+    "evaluate-any": "tasks.evaluate_any",
+    "register-any": "tasks.register",
 }
 
 
@@ -57,9 +61,9 @@ def test_sections_are_the_library_configs():
     assert isinstance(p.train, TrainConfig) and isinstance(p.world, WorldConfig)
     assert isinstance(p.base, TeacherConfig)
     assert p.world == WorldConfig()  # params.yaml's world = the defaults
-    # params.yaml lists every knob of the recipe, but train.rates: the any-rate compressor's
-    # (issue 27), which the pipeline's any-rate cells are to set; a cell's recipe has none.
-    assert set(RAW["train"]) - {"overrides"} == set(TrainConfig.model_fields) - {"rates"}
+    # params.yaml lists every knob of the recipe (rates: null, a cell trains at its own rate)
+    # and the pipeline's keys.
+    assert set(RAW["train"]) - {"overrides", "any_rate"} == set(TrainConfig.model_fields)
     assert p.train.lr == RAW["train"]["lr"] and p.train.batch_size == RAW["train"]["batch_size"]
 
 
@@ -76,7 +80,8 @@ def test_evaluate_section_matches_evaluate_signature():
     from mc_core.evaluation.runner import evaluate
 
     accepted = set(inspect.signature(evaluate).parameters)
-    assert set(config.EvaluateParams.model_fields) - {"val_methods", "ceilings"} <= accepted
+    pipeline = {"val_methods", "probe_methods", "ceilings"}
+    assert set(config.EvaluateParams.model_fields) - pipeline <= accepted
     from mc_core.compressors import available
 
     assert set(RAW["evaluate"]["methods"]) <= set(available())
@@ -99,7 +104,8 @@ def test_dvc_stage_params_match_what_tasks_read():
 def test_dvc_code_deps_exist_and_own_code_is_listed():
     for name, stage in DVC["stages"].items():
         deps = stage["deps"]
-        assert f"tasks/{name}.py" in deps, name
+        module = re.match(r"python -m (tasks\.\w+)", stage["cmd"]).group(1)
+        assert module.replace(".", "/") + ".py" in deps, name
         assert "tasks/params" in deps, name  # every stage validates the whole file
         assert "tasks/cells.py" in deps, name  # and names its outputs through it
         for dep in deps:
@@ -141,6 +147,31 @@ def test_section_view_refuses_undeclared_sections():
         ({"base__stage1_lrr": 1}, r"params.yaml: base.stage1_lrr: Extra inputs are not permitted"),
         ({"data__test": {"source": "gqa"}}, r"data.test: .*source 'gqa' needs \['questions'"),
         ({"register__name_template": "x-{arch}"}, r"register.name_template='x-\{arch\}'"),
+        # The any-rate compressors (grid.any_rate_archs, train.any_rate).
+        (
+            {"grid__any_rate_archs": ["tiny-llava-next"]},
+            r"grid: .*any_rate_archs\[0\]='tiny-llava-next' is not in grid.archs",
+        ),
+        ({"grid__probe_rates": [0.6, 0.9]}, r"probe_rates \[0.9\] are grid.rates already"),
+        ({"grid__probe_rates__0": 1.2}, r"grid.probe_rates\[0\]=1.2: rate must be in \(0, 1\)"),
+        ({"train__rates": [0.5, 0.9]}, r"train.rates=\[0.5, 0.9\]: a cell trains at its own"),
+        (
+            {"train__overrides": {"tiny-llava": {"rates": [0.5, 0.9]}}},
+            r"overrides.tiny-llava.rates: a cell trains at its own rate",
+        ),
+        ({"train__any_rate": {"epochs": 60}}, r"train.any_rate.rates: missing"),
+        (
+            {"train__any_rate__rates": [0.9, 0.5]},
+            r"train.any_rate.rates=\[0.9, 0.5\]: a range \[lo, hi\] needs lo < hi",
+        ),
+        ({"train__any_rate__epochs": 0}, r"train.any_rate.epochs=0: "),
+        ({"train__any_rate__lrr": 1}, r"train.any_rate.lrr: not a train key"),
+        ({"train__any_rate": {}}, r"grid.any_rate_archs=.*train.any_rate is empty"),
+        (
+            {"register__any_name_template": "x-{arch}-r{rate}"},
+            r"any_name_template.*an any-rate compressor has no one rate",
+        ),
+        ({"evaluate__probe_methods": ["fastv"]}, r"probe_methods\[0\]='fastv': not a prompt"),
     ],
 )
 def test_bad_params_name_the_key(changes, message):
@@ -248,3 +279,34 @@ def test_cell_names():
     for bad in (1.5, 0, float("nan"), True, "0.5"):
         with pytest.raises(ValueError, match=r"grid.rates\[0\]=.*rate must"):
             cells.check_rate(bad, "grid.rates[0]")
+
+
+def test_any_rate_names_and_recipe():
+    """The any-rate compressor of an arch: its names, its recipe (shared, arch, any_rate) and
+    its --rate any argument."""
+    from tasks import common
+
+    p = config.validate(RAW)
+    assert cells.cell_key("tiny-llava", cells.ANY) == "tiny-llava-any"
+    assert cells.compressor_dir("a", cells.ANY) == Path("models/compressors/a-any")
+    assert cells.cell_file("eval", "a", cells.ANY) == Path("reports/eval/a-any.json")
+    assert cells.any_method("metacompress") == "metacompress-any"
+    assert p.register_.model_name("tiny-llava", cells.ANY) == "metacompress-tiny-llava-any"
+    assert p.grid.any_rates() == sorted({*p.grid.rates, *p.grid.probe_rates})
+    cfg = p.train.for_any("tiny-qwen2-vl")
+    assert cfg.rates == RAW["train"]["any_rate"]["rates"]
+    assert cfg.epochs == RAW["train"]["any_rate"]["epochs"]
+    # The arch's override applies, a cell's does not (tiny-qwen2-vl@0.9 sets lr).
+    assert cfg.lr == RAW["train"]["lr"] and p.train.for_cell("tiny-qwen2-vl", 0.9).lr != cfg.lr
+    assert p.train.for_cell("tiny-llava", 0.5).rates is None
+    assert common.cell_args("x", ["--arch", "tiny-llava", "--rate", "any"], any_rate=True) == (
+        "tiny-llava",
+        cells.ANY,
+    )
+    with pytest.raises(ValueError, match=r"--rate='any': expected a number in \(0, 1\)$"):
+        common.cell_args("x", ["--arch", "tiny-llava", "--rate", "any"])
+    with pytest.raises(ValueError, match=r"--rate='fast': expected a number in \(0, 1\) or 'any'"):
+        common.cell_args("x", ["--arch", "tiny-llava", "--rate", "fast"], any_rate=True)
+    empty = config.validate(_bad(grid__any_rate_archs=[], train__any_rate={}))
+    with pytest.raises(ValueError, match=r"train.any_rate: empty"):
+        empty.train.for_any("tiny-llava")

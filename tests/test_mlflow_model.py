@@ -25,6 +25,7 @@ from conftest import build_family, build_llava, make_image
 import mc_registry
 from mc_core.compressors import build
 from mc_core.compressors.checkpoint import save_compressor
+from mc_core.compressors.ops import kept_tokens
 from mc_core.inference.conversation import Conversation
 from mc_core.inference.serving import compress_image, engine_adapter
 from mc_core.models import zoo
@@ -234,6 +235,36 @@ def test_qwen_gives_the_engine_grid_and_tokens_need_theirs(in_ws, tmp_path):
     assert got.grid_thw == row.grid_thw
     with pytest.raises(MlflowException, match="row 0: tokens have n = .* give 'grid'"):
         loaded.predict(pd.DataFrame({"tokens": [tokens.tolist()]}))
+
+
+def test_an_any_rate_version_serves_the_rate_of_each_request(in_ws, tmp_path):
+    """An any-rate checkpoint's model takes ``params.rate`` anywhere in its trained span: each
+    request equals compress_image at that rate; a rate outside it is a 400 naming the span."""
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    model, processor = build_llava()
+    base = zoo.save(model, processor, tmp_path / "base")
+    comp = build("metacompress", rate=0.7, dim=token_dim(model))
+    comp.trained_rates = (0.5, 0.9)
+    ckpt = save_compressor(tmp_path / "any", comp, meta={"family": "llava"})
+    assert mlmodel.describe(ckpt, base)["rate_range"] == [0.5, 0.9]
+    run = tracking.start_cell_run("any", ARCH, "any", params={})
+    reg = tracking.register_checkpoint(
+        "any-rate", ckpt, run_id=run, score=0.5, metric="acc_avg", base_dir=base, promote=True
+    )
+    loaded = mlflow.pyfunc.load_model(mc_registry.model_uri(reg.name))
+    image, rows = IMAGES[0], pd.DataFrame({"image": [_png(IMAGES[0])]})
+    ms = set()
+    for rate in (0.5, 0.65, 0.9, None):
+        (row,) = loaded.predict(rows, params=None if rate is None else {"rate": rate}).itertuples()
+        emb = compress_image(model, processor, comp, image, rate=rate)
+        torch.testing.assert_close(torch.from_numpy(row.embeds), emb.embeds, atol=ATOL, rtol=RTOL)
+        assert row.m == kept_tokens(row.n, 0.7 if rate is None else rate) == emb.m
+        ms.add(row.m)
+    assert len(ms) == 4  # four rates, four token counts: the rate reached the compressor
+    with pytest.raises(MlflowException, match=r"serves rates \[0.5, 0.9\] \(its trained span\)"):
+        loaded.predict(rows, params={"rate": 0.95})
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ TINY = {
     "train": {"max_steps": 1, "batch_size": 2, "target_batch": 4, "progress": False},
     "evaluate": {
         "methods": ["none", "metacompress"],
+        "probe_methods": ["sample"],
         "max_dialogues": 2,
         "batch_size": 2,
         "progress": False,
@@ -49,7 +50,10 @@ TINY = {
     },
     "report": {"methods": ["none", "metacompress"]},
     # the default names (the smoke profile registers metacompress-smoke-<arch>-r<rate>)
-    "register": {"name_template": "metacompress-{arch}-r{rate}"},
+    "register": {
+        "name_template": "metacompress-{arch}-r{rate}",
+        "any_name_template": "metacompress-{arch}-any",
+    },
 }
 
 
@@ -107,8 +111,10 @@ def test_repro_all_then_nothing_then_one_cell(repo):
     import mc_registry
 
     stages = set(_run([str(BIN / "dvc"), "stage", "list", "--name-only"], repo).split())
-    # prepare, base, then train / evaluate / register / metrics per cell, and the report
-    assert "train@tiny-llava-0.9" in stages and len(stages) == 1 + 1 + 4 * 2 + 1
+    # prepare, base, then train / evaluate / register / metrics per cell, the any-rate
+    # compressor's train / evaluate / register, and the report
+    assert "train@tiny-llava-0.9" in stages and "train-any@tiny-llava" in stages
+    assert len(stages) == 1 + 1 + 4 * 2 + 3 + 1
     assert _repro(repo) == stages  # every stage runs on a fresh clone
 
     # Outputs, tracking and registry.
@@ -147,11 +153,32 @@ def test_repro_all_then_nothing_then_one_cell(repo):
     for rate in ("0.5", "0.9"):
         # One row in the results table, one in the ceilings table, one per method (none,
         # metacompress; no heuristic in this grid) in the by-question-type table, and the
-        # trained method's own row in "Against every method" (no other compressor to pair with).
-        assert summary.count(f"| tiny-llava | {rate} |") == 5
+        # trained method's own row in "Against every method" (no other compressor to pair with),
+        # and one in the any-rate table.
+        assert summary.count(f"| tiny-llava | {rate} |") == 6
         assert summary.count(f"| tiny-llava | {rate} | metacompress |") == 2
     assert (repo / "reports/plots/acc-vs-rate.png").stat().st_size > 0
     assert (repo / "reports/plots/by-type.png").stat().st_size > 0
+
+    # The any-rate compressor: one registered model for the arch, its trained rates in the
+    # tags, evaluated at the grid's rates and the probe rate, compared in the summary.
+    reg = yaml.safe_load((repo / "reports/registry/tiny-llava-any.json").read_text())
+    assert reg["name"] == "metacompress-tiny-llava-any" and reg["version"] == "1"
+    assert ("champion" in c.get_registered_model(reg["name"]).aliases) == bool(
+        reg["gate"]["promote"]
+    )
+    mv = c.get_model_version(reg["name"], "1")
+    rates = yaml.safe_load((repo / "params.yaml").read_text())["train"]["any_rate"]["rates"]
+    assert mv.tags["rate"] == "any" and mv.tags["rates"] == ",".join(map(str, rates))
+    assert (mv.tags["rate_lo"], mv.tags["rate_hi"]) == (str(min(rates)), str(max(rates)))
+    comp = mc_registry.load_compressor(f"models:/{reg['name']}/1", uri=uri)
+    assert comp.trained_rates == tuple(rates)
+    ev = json.loads((repo / "reports/eval/tiny-llava-any.json").read_text())
+    assert sorted(ev["rates"]) == ["0.5", "0.75", "0.9"]  # grid 0.5, 0.9; probe 0.75
+    assert set(ev["rates"]["0.75"]["methods"]) == {"metacompress-any", "sample"}
+    assert "metacompress-any" in ev["validation"]["methods"]
+    assert summary.count("| tiny-llava | 0.75 (probe) |") == 1
+    assert (repo / "reports/plots/any-rate.png").stat().st_size > 0
 
     # `dvc metrics show` reads as a table: one compact file per cell, a few dozen numbers each
     # (accuracy and interval per method, KL, checks, the base model's headline), no arrays.
@@ -169,11 +196,14 @@ def test_repro_all_then_nothing_then_one_cell(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["grid"]["rates"] = [0.5, 0.8]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # The any-rate compressor is not retrained: it is evaluated at the new grid rate.
     assert _repro(repo) == {
         "train@tiny-llava-0.8",
         "evaluate@tiny-llava-0.8",
         "register@tiny-llava-0.8",
         "metrics@tiny-llava-0.8",
+        "evaluate-any@tiny-llava",
+        "register-any@tiny-llava",
         "report",
     }
     # The untouched cell kept its single version (dedup itself: tests/test_registry.py).

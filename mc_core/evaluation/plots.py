@@ -2,6 +2,9 @@
 
 - `accuracy_vs_rate(reports, path)`: one panel per architecture, one line per method
   (`acc_avg` against the rate), the uncompressed reference as a dashed horizontal line.
+- `any_rate_curve(comparisons, path)`: per architecture, accuracy against rate of an any-rate
+  compressor (its trained span shaded) beside the per-rate compressors (points) and the
+  heuristics (`mc_core.evaluation.any_rate.compare` records).
 - `accuracy_per_turn(report, path)`: one cell, one line per method over turns 1..3 (FastV's
   drop after turn 1 is the paper's finding).
 - `ceilings_vs_rate(reports, path)`: per architecture, `acc_avg` with its 95% interval for the
@@ -33,6 +36,7 @@ from mc_core import io  # noqa: E402
 __all__ = [
     "accuracy_per_turn",
     "accuracy_vs_rate",
+    "any_rate_curve",
     "ceilings_vs_rate",
     "fastv_layers",
     "load_reports",
@@ -114,6 +118,78 @@ def accuracy_vs_rate(
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
+    return _save(fig, path, dpi)
+
+
+def any_rate_curve(
+    comparisons: Mapping[str, Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    trained: str,
+    heuristics: Sequence[str],
+    dpi: int = 120,
+) -> Path:
+    """Accuracy against rate, one panel per arch (``comparisons``: arch -> a
+    `mc_core.evaluation.any_rate.compare` record): the any-rate compressor as a line with its
+    95% band over the rates it serves (its trained span shaded), the per-rate compressors
+    (``trained``) as points with error bars, each of ``heuristics`` as a thin line, the full
+    model dashed.
+
+    Raises:
+        ValueError: no comparisons.
+    """
+    if not comparisons:
+        raise ValueError("any_rate_curve needs at least one arch's comparison")
+    archs = sorted(comparisons)
+    fig, axes = plt.subplots(1, len(archs), figsize=(5.0 * len(archs), 3.8), squeeze=False)
+    for ax, arch in zip(axes[0], archs, strict=True):
+        comp = comparisons[arch]
+        rows, name = comp["rates"], comp["method"]
+
+        def series(m, rows=rows):
+            pts = [(r["rate"], r["points"][m]) for r in rows if m in r["points"]]
+            xs = [x for x, _ in pts]
+            ys = [e["acc_avg"] for _, e in pts]
+            ci = [e.get("acc_avg_ci", (e["acc_avg"], e["acc_avg"])) for _, e in pts]
+            return xs, ys, ci
+
+        if comp.get("span"):
+            ax.axvspan(*comp["span"], color="tab:blue", alpha=0.07, label=f"{name} trained span")
+        for m in heuristics:
+            xs, ys, _ = series(m)
+            if xs:
+                ax.plot(xs, ys, marker=".", linewidth=1, alpha=0.8, label=m)
+        xs, ys, ci = series(trained)
+        if xs:
+            err = np.array(
+                [
+                    [y - lo for y, (lo, _) in zip(ys, ci, strict=True)],
+                    [hi - y for y, (_, hi) in zip(ys, ci, strict=True)],
+                ]
+            )
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=np.clip(err, 0, None),
+                fmt="s",
+                color="tab:red",
+                capsize=3,
+                label=f"{trained} (one per rate)",
+            )
+        xs, ys, ci = series(name)
+        if xs:
+            ax.plot(xs, ys, marker="o", color="tab:blue", linewidth=2, label=name)
+            ax.fill_between(
+                xs, [lo for lo, _ in ci], [hi for _, hi in ci], color="tab:blue", alpha=0.15
+            )
+        refs = [r["points"][REFERENCE]["acc_avg"] for r in rows if REFERENCE in r["points"]]
+        if refs:
+            ax.axhline(float(np.mean(refs)), color="k", linestyle="--", label="no reduction")
+        ax.set_title(arch)
+        ax.set_xlabel("reduction rate")
+        ax.set_ylabel("acc_avg (test)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower left")
     return _save(fig, path, dpi)
 
 

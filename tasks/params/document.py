@@ -113,6 +113,11 @@ class Params(Section):
                 f"register.gate_baseline={gate.gate_baseline!r} must be in "
                 f"evaluate.val_methods={self.evaluate.val_methods!r}"
             )
+        if self.grid.any_rate_archs and not self.train.any_rate:
+            raise ValueError(
+                f"grid.any_rate_archs={self.grid.any_rate_archs!r}: train.any_rate is empty; "
+                "give the any-rate compressors' rates (train.any_rate.rates)"
+            )
         extra = set(self.report.methods) - set(self.evaluate.methods)
         if extra:
             raise ValueError(

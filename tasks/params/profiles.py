@@ -30,7 +30,13 @@ PROFILES: dict[str, dict[str, Any]] = {
     # default recipe on 144 dialogues, enough to leave `sample` behind (docs/pipeline.md,
     # "Profiles", has the measured numbers); val and test hold 60 dialogues each.
     "smoke": {
-        "grid": {"archs": ["tiny-llava"], "rates": [0.5, 0.9]},
+        # One any-rate compressor, met at one probe rate.
+        "grid": {
+            "archs": ["tiny-llava"],
+            "rates": [0.5, 0.9],
+            "any_rate_archs": ["tiny-llava"],
+            "probe_rates": [0.75],
+        },
         "data": {"train": {"dialogues": 144}, "val": {"dialogues": 60}, "test": {"dialogues": 60}},
         "train": {"max_steps": 120, "log_every": 10},
         "evaluate": {
@@ -42,7 +48,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "tracking": {"experiment": "metacompress-smoke"},
         # Its own registered models: a smoke compressor (120 steps, 60 val dialogues) must
         # never take the alias of the default pipeline's cell, whose name it would share.
-        "register": {"name_template": "metacompress-smoke-{arch}-r{rate}"},
+        "register": {
+            "name_template": "metacompress-smoke-{arch}-r{rate}",
+            "any_name_template": "metacompress-smoke-{arch}-any",
+        },
     },
     "full": {
         "grid": {"archs": ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"]},

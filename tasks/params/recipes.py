@@ -56,7 +56,7 @@ class BaseParams(TeacherConfig):
 
 
 class TrainParams(TrainConfig):
-    """``train:`` = ``TrainConfig`` plus two pipeline keys.
+    """``train:`` = ``TrainConfig`` plus three pipeline keys.
 
     Attributes:
         overrides: per-arch (``<arch>``) / per-cell (``<arch>@<rate>``) changes of the recipe.
@@ -64,6 +64,10 @@ class TrainParams(TrainConfig):
             the cell's compressor (registered), the others go to
             ``models/compressors/<arch>-r<rate>-seeds/`` and their test accuracy is reported as
             mean +- sd beside it (the ``full`` profile uses 3).
+        any_rate: the recipe of the any-rate compressors (``grid.any_rate_archs``): changes of
+            the keys above, ``rates`` among them (``[lo, hi]`` or three or more rates;
+            ``mc_core.training.rates``), applied after the arch's override. The shared
+            ``rates`` stays null: a cell trains at its own rate.
     """
 
     OVERRIDES: ClassVar[ovr.Overrides] = ovr.Overrides(
@@ -72,16 +76,61 @@ class TrainParams(TrainConfig):
         build=lambda d: TrainConfig(**d),
         keys=frozenset(TrainConfig.model_fields),
         per_cell=True,
-        pipeline_keys=frozenset({"seeds"}),
+        pipeline_keys=frozenset({"seeds", "any_rate"}),
     )
 
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seeds: int = Field(1, ge=1)
+    any_rate: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_overrides(self) -> TrainParams:
         ovr.check(self, self.OVERRIDES)
+        if self.rates is not None:
+            raise ValueError(
+                f"rates={self.rates!r}: a cell trains at its own rate; the rates of the "
+                "any-rate compressors go in train.any_rate.rates"
+            )
+        for key, change in self.overrides.items():
+            if change.get("rates") is not None:
+                raise ValueError(
+                    f"overrides.{key}.rates: a cell trains at its own rate; the rates of the "
+                    "any-rate compressors go in train.any_rate.rates"
+                )
+        if self.any_rate:
+            unknown = sorted(set(self.any_rate) - self.OVERRIDES.keys)
+            if unknown:
+                raise ValueError(
+                    f"any_rate.{unknown[0]}: not a train key (known: "
+                    f"{', '.join(sorted(self.OVERRIDES.keys))})"
+                )
+            if self.any_rate.get("rates") is None:
+                raise ValueError(
+                    "any_rate.rates: missing; give the rates to train over, [lo, hi] or three "
+                    "or more rates"
+                )
+            try:
+                TrainConfig(**{**ovr.shared(self, self.OVERRIDES), **self.any_rate})
+            except ValueError as err:  # "train.<key>=...: why" -> "any_rate.<key>=...: why"
+                msg = str(err)
+                msg = msg.removeprefix("train.") if msg.startswith("train.") else f": {msg}"
+                raise ValueError(f"any_rate.{msg}".replace("any_rate.: ", "any_rate: ")) from None
         return self
+
+    def for_any(self, arch: str) -> TrainConfig:
+        """The recipe of ``arch``'s any-rate compressor: shared, then ``<arch>``, then
+        ``any_rate``.
+
+        Raises:
+            ValueError: ``train.any_rate`` is empty (no rates to train over).
+        """
+        if not self.any_rate:
+            raise ValueError(
+                "train.any_rate: empty; an any-rate compressor needs at least its rates "
+                "(train.any_rate.rates: [lo, hi] or three or more rates)"
+            )
+        merged = ovr.recipe_for(self, self.OVERRIDES, arch).model_dump()
+        return TrainConfig(**{**merged, **self.any_rate})
 
     def shared(self) -> dict[str, Any]:
         """The shared recipe (every key but the pipeline's ``overrides`` and ``seeds``)."""

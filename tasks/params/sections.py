@@ -10,7 +10,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from mc_core.evaluation.config import EvalConfig
 from mc_core.training.config import Section
-from mc_registry import NAME_TEMPLATE, check_template, model_name
+from mc_registry import ANY_NAME_TEMPLATE, NAME_TEMPLATE, check_template, model_name
 from tasks import cells
 from tasks.params.archs import SAFE_NAME, known_archs, unsafe_arch
 
@@ -33,10 +33,18 @@ def _known_methods() -> list[str]:
 
 
 class GridParams(Section):
-    """The cells: every (arch, rate) pair gets its own compressor, evaluation and registry entry."""
+    """The cells: every (arch, rate) pair gets its own compressor, evaluation and registry entry.
+
+    ``any_rate_archs`` (a subset of ``archs``; empty: none) also get one compressor each trained
+    over ``train.any_rate.rates`` (stages ``train-any@``, ``evaluate-any@``, ``register-any@``),
+    evaluated at every rate of ``rates`` and ``probe_rates`` (rates no cell trains at, where it
+    meets the prompt-agnostic heuristics).
+    """
 
     archs: list[str] = Field(min_length=1)
     rates: list[float] = Field(min_length=1)
+    any_rate_archs: list[str] = Field(default_factory=list)
+    probe_rates: list[float] = Field(default_factory=list)
 
     @field_validator("archs")
     @classmethod
@@ -57,7 +65,7 @@ class GridParams(Section):
                 )
         return archs
 
-    @field_validator("rates", mode="before")
+    @field_validator("rates", "probe_rates", mode="before")
     @classmethod
     def _rates(cls, rates: Any) -> Any:
         if isinstance(rates, list):
@@ -67,9 +75,31 @@ class GridParams(Section):
                 raise ValueError(f"duplicate rates in {rates}")
         return rates
 
+    @model_validator(mode="after")
+    def _any_rate(self) -> GridParams:
+        for i, arch in enumerate(self.any_rate_archs):
+            if arch not in self.archs:
+                raise ValueError(
+                    f"any_rate_archs[{i}]={arch!r} is not in grid.archs {self.archs}: an "
+                    "any-rate compressor is compared with its arch's cells"
+                )
+        if len(set(self.any_rate_archs)) != len(self.any_rate_archs):
+            raise ValueError(f"duplicate archs in any_rate_archs {self.any_rate_archs}")
+        both = sorted(set(self.probe_rates) & set(self.rates))
+        if both:
+            raise ValueError(
+                f"probe_rates {both} are grid.rates already: probe rates are the rates no "
+                "cell trains at"
+            )
+        return self
+
     def cells(self) -> list[tuple[str, float]]:
         """Every (arch, rate) in matrix order (archs outer, rates inner, like DVC's matrix)."""
         return [(a, r) for a in self.archs for r in self.rates]
+
+    def any_rates(self) -> list[float]:
+        """Where an any-rate compressor is evaluated: ``rates`` and ``probe_rates``, ascending."""
+        return sorted({*self.rates, *self.probe_rates})
 
 
 class SplitParams(Section):
@@ -156,16 +186,47 @@ class EvaluateParams(EvalConfig):
     methods: list[str] = Field(min_length=1)
     # Evaluated on data/val beside train.method (and the registry's champion), for the gate.
     val_methods: list[str] = Field(default_factory=lambda: ["sample"])
+    # The prompt-agnostic heuristics met by the any-rate compressors at grid.probe_rates, on
+    # data/val (where the best is chosen) and data/test (null: every one of `methods`).
+    probe_methods: list[str] | None = None
     ceilings: CeilingsParams = CeilingsParams()
 
-    @field_validator("methods", "val_methods")
+    @field_validator("methods", "val_methods", "probe_methods")
     @classmethod
-    def _methods(cls, methods: list[str]) -> list[str]:
+    def _methods(cls, methods: list[str] | None, info: ValidationInfo) -> list[str] | None:
         known = _known_methods()
-        for i, m in enumerate(methods):
+        for i, m in enumerate(methods or []):
             if m not in known:
                 raise ValueError(f"[{i}]={m!r}: unknown method; available: {', '.join(known)}")
+            if info.field_name == "probe_methods" and m not in _agnostic([m]):
+                raise ValueError(
+                    f"[{i}]={m!r}: not a prompt-agnostic heuristic (trained, the full model, "
+                    "or prompt-dependent); probe rates compare the any-rate compressor with "
+                    "those"
+                )
         return methods
+
+    def probe_heuristics(self) -> list[str]:
+        """The heuristics evaluated at the probe rates: ``probe_methods``, or every
+        prompt-agnostic heuristic of ``methods``."""
+        return (
+            list(self.probe_methods) if self.probe_methods is not None else _agnostic(self.methods)
+        )
+
+
+def _agnostic(names: list[str]) -> list[str]:
+    """The prompt-agnostic heuristics among ``names``: neither the full model (``none``), nor
+    trained, nor prompt-dependent (FastV, CDPruner keep what the first prompt asked for)."""
+    from mc_core.compressors import available, get_class
+
+    return [
+        m
+        for m in names
+        if m in available()
+        and m != "none"
+        and not get_class(m).trainable
+        and not get_class(m).prompt_dependent
+    ]
 
 
 class RegisterParams(Section):
@@ -175,6 +236,8 @@ class RegisterParams(Section):
     """
 
     name_template: str = NAME_TEMPLATE
+    # The registered model of an arch's any-rate compressor (``{method}``, ``{arch}``).
+    any_name_template: str = ANY_NAME_TEMPLATE
     champion_metric: Literal["acc_avg", "kl_to_full"] = "acc_avg"
     # Gate (needs data.val): a new version takes the champion alias only if, on data/val, it
     # beats `gate_baseline` and the current champion by champion_metric.
@@ -186,8 +249,16 @@ class RegisterParams(Section):
     def _template(cls, t: str) -> str:
         return check_template(t)
 
-    def model_name(self, arch: str, rate: float, method: str = "metacompress") -> str:
-        """Registered model name of one cell, e.g. ``metacompress-tiny-llava-r0.9``."""
+    @field_validator("any_name_template")
+    @classmethod
+    def _any_template(cls, t: str) -> str:
+        return check_template(t, rate=False)
+
+    def model_name(self, arch: str, rate: float | str, method: str = "metacompress") -> str:
+        """Registered model name of one cell, e.g. ``metacompress-tiny-llava-r0.9``; of the
+        arch's any-rate compressor (``rate`` ``cells.ANY``), ``metacompress-tiny-llava-any``."""
+        if rate == cells.ANY:
+            return self.any_name_template.format(method=method, arch=arch)
         return model_name(arch, rate, method, self.name_template)
 
 
