@@ -15,7 +15,14 @@ to read as a table row (``dvc metrics show``, ``dvc metrics diff``, ``dvc exp sh
   heuristic, interval above the best, the paired difference to it with its interval);
 - ``base``: the base model's headline numbers (accuracy and interval, blank image, chance).
 
-Usage: ``python -m tasks.metrics --arch tiny-llava --rate 0.5``
+Stage ``metrics-any@<arch>`` (``--rate any``) does the same for the arch's any-rate compressor
+(``reports/metrics/<arch>-any.json``): per rate it was evaluated at, ``acc.<rate>``,
+``lo.<rate>``, ``hi.<rate>`` (test) and ``val.<rate>`` (data/val), ``mean`` (the averages over
+the grid's rates on test and val, what its registry gate ranks by) and ``train_kl``. How it
+compares with the per-rate compressors and the heuristics is the summary's (paired per
+dialogue, which needs the cells' reports).
+
+Usage: ``python -m tasks.metrics --arch tiny-llava --rate 0.5`` (``--rate any``)
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import json
 
 from mc_core import io
 from tasks import common
-from tasks.cells import cell_file, report_file
+from tasks.cells import ANY, cell_file, report_file
 
 PARAMS: tuple[str, ...] = ()  # reads only its reports (params.yaml is still validated)
 
@@ -68,6 +75,30 @@ def cell_metrics(ev: dict, train: dict | None, base: dict | None) -> dict:
     return out
 
 
+def any_metrics(ev: dict, train: dict | None) -> dict:
+    """The compact metrics of an any-rate compressor from its evaluate-any report."""
+    name = ev["method"]
+    out: dict = {"acc": {}, "lo": {}, "hi": {}, "val": {}}
+    for rate, entry in ev["rates"].items():
+        m = entry["methods"].get(name)
+        if m is None:  # outside its trained span
+            continue
+        out["acc"][rate] = _round(m["acc_avg"])
+        out["lo"][rate], out["hi"][rate] = (_round(v) for v in m.get("acc_avg_ci") or (None,) * 2)
+    val = (ev.get("validation") or {}).get("rates", {})
+    for rate, entry in val.items():
+        if name in entry["methods"]:
+            out["val"][rate] = _round(entry["methods"][name]["acc_avg"])
+    mean_val = (ev.get("validation") or {}).get("methods", {}).get(name, {})
+    out["mean"] = {
+        "acc": _round(ev["methods"].get(name, {}).get("acc_avg")),
+        "val": _round(mean_val.get("acc_avg")),
+        "kl": _round(ev["methods"].get(name, {}).get("kl_to_full")),
+    }
+    out["train_kl"] = _round(train.get("kl")) if train else None
+    return out
+
+
 def _read(path):
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -75,11 +106,15 @@ def _read(path):
 def main(argv: list[str] | None = None) -> None:
     """Write the cell's compact metrics."""
     common.load_params(PARAMS, who="tasks.metrics")
-    arch, rate = common.cell_args(__doc__.splitlines()[0], argv)
+    arch, rate = common.cell_args(__doc__.splitlines()[0], argv, any_rate=True)
     ev = _read(cell_file("eval", arch, rate))
     if ev is None:
         raise ValueError(f"{cell_file('eval', arch, rate)}: missing (run its evaluate stage)")
-    out = cell_metrics(ev, _read(cell_file("train", arch, rate)), _read(report_file("base", arch)))
+    train = _read(cell_file("train", arch, rate))
+    if rate == ANY:
+        out = any_metrics(ev, train)
+    else:
+        out = cell_metrics(ev, train, _read(report_file("base", arch)))
     io.write_json(cell_file("metrics", arch, rate), out)
     print(f"metrics: {cell_file('metrics', arch, rate)}", flush=True)
 

@@ -226,3 +226,23 @@ def test_real_shapes_match_published_sizes(arch, billions):
     assert params == pytest.approx(billions, abs=0.01)  # published sizes are given to 0.01B
     assert model.dtype == torch.bfloat16
     assert model.config.get_text_config()._attn_implementation == "sdpa"
+
+
+def test_any_rate_cost_times_every_configuration(tmp_path, capsys):
+    """bench.any_rate_cost: each per-rate cell and the any-rate run timed, the budgets' wall
+    times derived from them, the ideal ratio exact."""
+    from bench import any_rate_cost
+
+    any_rate_cost.main(
+        ["--steps", "1", "--rounds", "2", "--dialogues", "4", "--batch-size", "2",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    (path,) = tmp_path.glob("any-rate-cost-tiny-llava-*.json")
+    res = json.loads(path.read_text())
+    assert set(res["s_per_step"]) == {"cell 0.5", "cell 0.75", "cell 0.9", "any"}
+    assert all(len(v["rounds"]) == 2 and v["median"] > 0 for v in res["s_per_step"].values())
+    per_rate = sum(600 * res["s_per_step"][f"cell {r}"]["median"] for r in (0.5, 0.75, 0.9))
+    assert res["per_rate_s"] == pytest.approx(per_rate)
+    assert res["ratio"] == pytest.approx(res["any_rate_s"] / per_rate)
+    assert res["ideal_ratio"] == pytest.approx(1200 / 1800)
+    assert "ratio" in capsys.readouterr().out

@@ -114,7 +114,7 @@ def test_repro_all_then_nothing_then_one_cell(repo):
     # prepare, base, then train / evaluate / register / metrics per cell, the any-rate
     # compressor's train / evaluate / register, and the report
     assert "train@tiny-llava-0.9" in stages and "train-any@tiny-llava" in stages
-    assert len(stages) == 1 + 1 + 4 * 2 + 3 + 1
+    assert len(stages) == 1 + 1 + 4 * 2 + 4 + 1
     assert _repro(repo) == stages  # every stage runs on a fresh clone
 
     # Outputs, tracking and registry.
@@ -184,7 +184,13 @@ def test_repro_all_then_nothing_then_one_cell(repo):
     # (accuracy and interval per method, KL, checks, the base model's headline), no arrays.
     shown = json.loads(_run([str(BIN / "dvc"), "metrics", "show", "--json"], repo))
     files = shown[next(iter(shown))]["data"]
-    assert sorted(files) == [f"reports/metrics/tiny-llava-{r}.json" for r in ("0.5", "0.9")]
+    assert sorted(files) == [
+        *(f"reports/metrics/tiny-llava-{r}.json" for r in ("0.5", "0.9")),
+        "reports/metrics/tiny-llava-any.json",
+    ]
+    m = files.pop("reports/metrics/tiny-llava-any.json")["data"]
+    assert sorted(m["acc"]) == ["0.5", "0.75", "0.9"] and sorted(m["val"]) == sorted(m["acc"])
+    assert m["lo"]["0.5"] <= m["acc"]["0.5"] <= m["hi"]["0.5"] and "acc" in m["mean"]
     for f in files.values():
         m = f["data"]
         assert set(m["acc"]) == {"none", "metacompress"} and m["lo"]["none"] <= m["acc"]["none"]
@@ -204,6 +210,7 @@ def test_repro_all_then_nothing_then_one_cell(repo):
         "metrics@tiny-llava-0.8",
         "evaluate-any@tiny-llava",
         "register-any@tiny-llava",
+        "metrics-any@tiny-llava",
         "report",
     }
     # The untouched cell kept its single version (dedup itself: tests/test_registry.py).
