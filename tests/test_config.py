@@ -166,6 +166,10 @@ def test_section_view_refuses_undeclared_sections():
         ),
         ({"train__any_rate__epochs": 0}, r"train.any_rate.epochs=0: "),
         ({"train__any_rate__lrr": 1}, r"train.any_rate.lrr: not a train key"),
+        (
+            {"train__any_rate__rates": [0.6, 0.95]},
+            r"spans \[0.6, 0.95\], which misses grid.rates \[0.5\]",
+        ),
         ({"train__any_rate": {}}, r"grid.any_rate_archs=.*train.any_rate is empty"),
         (
             {"register__any_name_template": "x-{arch}-r{rate}"},

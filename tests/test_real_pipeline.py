@@ -40,7 +40,8 @@ def _split() -> dict:
 
 
 PARAMS = {
-    "grid": {"archs": ["snap"], "rates": [0.9]},
+    # One cell; the any-rate stages are the tiny pipeline's test (tests/test_pipeline_dvc.py).
+    "grid": {"archs": ["snap"], "rates": [0.9], "any_rate_archs": []},
     "models": {"snap": {"source": REPO_ID, "revision": None}},
     "data": {"train": _split(), "val": _split(), "test": _split()},
     "train": {"epochs": 1, "max_steps": 2, "batch_size": 2, "target_batch": 4, "progress": False},

@@ -118,6 +118,16 @@ class Params(Section):
                 f"grid.any_rate_archs={self.grid.any_rate_archs!r}: train.any_rate is empty; "
                 "give the any-rate compressors' rates (train.any_rate.rates)"
             )
+        if self.grid.any_rate_archs:
+            # It is compared with the per-rate compressor at every grid rate: it must serve them.
+            span = (min(self.train.any_rate["rates"]), max(self.train.any_rate["rates"]))
+            out = [r for r in self.grid.rates if not span[0] <= r <= span[1]]
+            if out:
+                raise ValueError(
+                    f"train.any_rate.rates={self.train.any_rate['rates']!r} spans "
+                    f"[{span[0]}, {span[1]}], which misses grid.rates {out}: the any-rate "
+                    "compressors are compared with the cells at every grid rate"
+                )
         extra = set(self.report.methods) - set(self.evaluate.methods)
         if extra:
             raise ValueError(

@@ -81,7 +81,8 @@ class GridParams(Section):
             if arch not in self.archs:
                 raise ValueError(
                     f"any_rate_archs[{i}]={arch!r} is not in grid.archs {self.archs}: an "
-                    "any-rate compressor is compared with its arch's cells"
+                    "any-rate compressor is compared with its arch's cells (list archs of "
+                    "grid.archs there, or [] for none)"
                 )
         if len(set(self.any_rate_archs)) != len(self.any_rate_archs):
             raise ValueError(f"duplicate archs in any_rate_archs {self.any_rate_archs}")
