@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from bench.machine import describe_machine, machine_slug
+from bench.train_throughput import setup
 from mc_core import io
-from mc_core.data.synthetic import generate
 from mc_core.models import zoo
 from mc_core.runtime import resolve_device
 from mc_core.training.loop import TrainConfig, train
@@ -76,11 +76,7 @@ def _per_step(cfg: TrainConfig, model, processor, data, cache, rate, steps: int)
 
 def run(args: argparse.Namespace) -> dict:
     """Time every configuration; returns the result (also printed by `main`)."""
-    device = resolve_device(args.device, where="--device")
-    if device.type == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
-    data = generate(args.dialogues, seed=0)
-    model, processor = zoo.build(args.arch)
+    device, data, model, processor = setup(args)
     cache = build_target_cache(model, processor, data, device=device, progress=False)
     base = TrainConfig(
         batch_size=args.batch_size,

@@ -174,8 +174,7 @@ def run_case(args: argparse.Namespace, case: str) -> dict[str, Any]:
     from bench import lvlm
     from mc_core.compressors import build
     from mc_core.runtime import token_dim
-    from mc_core.training.loop import TrainConfig, train
-    from mc_core.training.targets import build_target_store
+    from mc_core.training.loop import train
 
     checkpointing, visual = CASES[case]
     torch.set_num_threads(args.threads)
@@ -186,20 +185,7 @@ def run_case(args: argparse.Namespace, case: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, processor = lvlm.build(args.arch, scale, text=text, vision=vision)
     build_s = time.perf_counter() - t0
-    cfg = TrainConfig(
-        method=args.method,
-        batch_size=args.batch_size,
-        micro_batch=args.micro_batch,
-        activation_checkpointing=checkpointing,
-        visual_tokens=visual,
-        epochs=math.ceil(args.steps * args.batch_size / args.dialogues),
-        max_steps=args.steps,
-        device="cpu",
-        dtype="float32",
-        progress=False,
-        log_every=1,
-        checkpoint_every=10**9,
-    )
+    cfg = _case_config(args, checkpointing, visual)
     # The compressor train() will build (same seed, same kwargs): its size and kept count.
     comp = build(cfg.method, rate=args.rate, dim=token_dim(model), **cfg.build_kwargs())
     gen_params = sum(p.numel() for p in comp.parameters())
@@ -210,20 +196,7 @@ def run_case(args: argparse.Namespace, case: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         store_dir = Path(tmp) / "store"
         t0 = time.perf_counter()
-        cache = build_target_store(
-            model,
-            processor,
-            data,
-            store_dir,
-            needs=needs,
-            batch_size=cfg.target_batch,
-            device="cpu",
-            progress=False,
-            topk=cfg.target_topk,
-            dtype=cfg.dtype,
-            visual_tokens=cfg.visual_tokens,
-            shard_dialogues=cfg.shard_dialogues,
-        )
+        cache = _store(cfg, model, processor, data, store_dir, needs)
         store_s = time.perf_counter() - t0
         store = _dir_bytes(store_dir)
         # The shapes the loop plans "auto" with: the costliest step of the store's dialogues.
@@ -273,6 +246,46 @@ def run_case(args: argparse.Namespace, case: str) -> dict[str, Any]:
         "wall_s": round(time.perf_counter() - t_case, 2),
         "peak_measured_how": monitor.method,
     }
+
+
+def _case_config(args: argparse.Namespace, checkpointing: bool, visual: str):
+    """The recipe of one case: ``args.steps`` steps of ``args.batch_size`` on the CPU."""
+    from mc_core.training.loop import TrainConfig
+
+    return TrainConfig(
+        method=args.method,
+        batch_size=args.batch_size,
+        micro_batch=args.micro_batch,
+        activation_checkpointing=checkpointing,
+        visual_tokens=visual,
+        epochs=math.ceil(args.steps * args.batch_size / args.dialogues),
+        max_steps=args.steps,
+        device="cpu",
+        dtype="float32",
+        progress=False,
+        log_every=1,
+        checkpoint_every=10**9,
+    )
+
+
+def _store(cfg, model, processor, data, store_dir: Path, needs):
+    """The case's target store in ``store_dir``, as the train stage builds it."""
+    from mc_core.training.targets import build_target_store
+
+    return build_target_store(
+        model,
+        processor,
+        data,
+        store_dir,
+        needs=needs,
+        batch_size=cfg.target_batch,
+        device="cpu",
+        progress=False,
+        topk=cfg.target_topk,
+        dtype=cfg.dtype,
+        visual_tokens=cfg.visual_tokens,
+        shard_dialogues=cfg.shard_dialogues,
+    )
 
 
 def _estimate(model, cfg, shapes: dict[str, Any], gen_params: int) -> dict[str, Any]:

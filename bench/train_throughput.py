@@ -66,13 +66,21 @@ def _machine(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores, {threads} torch threads, {platform.machine()})"
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Run both variants; returns the result dict (also printed by `main`)."""
+def setup(args: argparse.Namespace):
+    """``(device, dialogues, model, processor)`` of a training bench: ``--device`` resolved,
+    ``--threads`` torch threads on CPU, ``--dialogues`` synthetic dialogues (seed 0) and the tiny
+    ``--arch`` at random weights (a step's cost does not depend on them)."""
     device = resolve_device(args.device, where="--device")
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     data = generate(args.dialogues, seed=0)
     model, processor = zoo.build(args.arch)
+    return device, data, model, processor
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run both variants; returns the result dict (also printed by `main`)."""
+    device, data, model, processor = setup(args)
     base = dict(
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -51,24 +51,17 @@ def collect(grid: params.GridParams) -> list[dict]:
 
 def _trained(methods: dict) -> str | None:
     """The trainable method of an eval report (the one the cell's compressor is)."""
-    from mc_core.compressors import available, get_class
+    from mc_core.compressors import trained_method
 
-    return next((m for m in methods if m in available() and get_class(m).trainable), None)
+    return trained_method(methods)
 
 
 def _heuristics(methods: dict) -> list[str]:
     """The prompt-agnostic heuristics of an eval report (neither trained, nor the reference,
     nor prompt-dependent like fastv)."""
-    from mc_core.compressors import available, get_class
+    from mc_core.compressors import prompt_agnostic
 
-    return [
-        m
-        for m in methods
-        if m in available()
-        and m != "none"
-        and not get_class(m).trainable
-        and not get_class(m).prompt_dependent
-    ]
+    return prompt_agnostic(methods)
 
 
 def _prompt_dependent(names) -> list[str]:

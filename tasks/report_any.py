@@ -20,7 +20,7 @@ PLOT = "any-rate.png"
 def collect(grid: params.GridParams, cells: list[dict]) -> dict[str, dict]:
     """Per arch of ``grid.any_rate_archs``, its comparison record (``compare``); ``cells`` are
     the report's cell records (``arch``, ``rate``, ``eval``). Error names a missing file."""
-    from mc_core.compressors import available, get_class
+    from mc_core.compressors import prompt_agnostic, trained_method
     from mc_core.evaluation.any_rate import compare
 
     out = {}
@@ -33,16 +33,10 @@ def collect(grid: params.GridParams, cells: list[dict]) -> dict[str, dict]:
             )
         report = json.loads(f.read_text())
         mine = {float(c["rate"]): c["eval"] for c in cells if c["arch"] == arch}
-        first = next(iter(mine.values()))["methods"]
-        trained = next(m for m in first if m in available() and get_class(m).trainable)
+        trained = trained_method(next(iter(mine.values()))["methods"])
         # The heuristics are those the stage met at the probe rates (evaluate.probe_methods).
         heur = sorted(
-            {
-                m
-                for r in report["rates"].values()
-                for m in r["methods"]
-                if m != report["method"] and m in available()
-            }
+            set(prompt_agnostic(m for r in report["rates"].values() for m in r["methods"]))
         )
         try:
             out[arch] = compare(report, mine, trained=trained, heuristics=heur)

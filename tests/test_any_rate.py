@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import build_llava, make_image
 from test_compressors import DIM, synthetic_context
-from test_train import tiny_dataset
+from test_train import _cfg as _train_cfg
+from test_train import tiny_dataset, train_setup
 
 from mc_core.compressors import available, build
 from mc_core.compressors.checkpoint import CONFIG_FILE, load_compressor, save_compressor
@@ -21,7 +22,6 @@ from mc_core.models import zoo
 from mc_core.runtime import token_dim
 from mc_core.training import rates as step_rates
 from mc_core.training.loop import TrainConfig, train
-from mc_core.training.targets import build_target_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,28 +177,12 @@ def test_step_rate_is_a_pure_function_of_seed_and_step():
 
 @pytest.fixture(scope="module")
 def setup():
-    model, processor = build_llava()
-    data = tiny_dataset(8)
-    cache = build_target_cache(model, processor, data, batch_size=8, progress=False, topk=None)
-    return model, processor, data, cache
+    return train_setup()
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(
-        lr=0.5,
-        momentum=0.9,
-        grad_clip=1e-2,
-        batch_size=4,
-        epochs=3,
-        compressor_kwargs={"d_c": 16},
-        checkpoint_every=3,
-        log_every=1,
-        progress=False,
-        device="cpu",
-        target_topk=None,
-        rates=[0.5, 0.9],
-    )
-    return TrainConfig(**{**base, **kw})
+    """test_train's recipe, a step longer, over the rates [0.5, 0.9]."""
+    return _train_cfg(**{"epochs": 3, "rates": [0.5, 0.9], **kw})
 
 
 def test_training_over_rates_resumes_bit_identical(setup, tmp_path):
@@ -386,41 +370,10 @@ def test_cli_rate_runs_an_any_rate_checkpoint(any_rate, tmp_path, capsys):
         assert main([str(a) for a in [*argv, "-o", out]]) == 0
         emb = load_embeds(out)
         assert emb.m == m and emb.meta["compressor"] == f"metacompress@{rate}"
-    code = main(
-        [
-            str(a)
-            for a in [
-                "chat",
-                image,
-                "--model",
-                folder,
-                "--compressor",
-                path,
-                "--rate",
-                "0.9",
-                "-q",
-                "how many ?",
-            ]
-        ]
-    )
+    chat = ["chat", image, "--model", folder, "--compressor", path, "-q", "how many ?"]
+    code = main([str(a) for a in [*chat, "--rate", "0.9"]])
     assert code == 0 and "tokens kept 7/64" in capsys.readouterr().out
-    code = main(
-        [
-            str(a)
-            for a in [
-                "chat",
-                image,
-                "--model",
-                folder,
-                "--compressor",
-                path,
-                "--rate",
-                "0.3",
-                "-q",
-                "how many ?",
-            ]
-        ]
-    )
+    code = main([str(a) for a in [*chat, "--rate", "0.3"]])
     err = capsys.readouterr().err
     assert code == 2 and "--rate 0.3" in err and "[0.5, 0.95]" in err
 

@@ -55,13 +55,18 @@ def tiny_dataset(n: int, *, sizes: list[tuple[int, int]] = ((64, 64),)) -> datas
     return datasets.Dataset.from_dict(rows, features=FEATURES)
 
 
-@pytest.fixture(scope="module")
-def setup():
+def train_setup():
+    """A tiny LLaVA, 8 dialogues and their full-vocabulary target cache."""
     model, processor = build_llava()
     data = tiny_dataset(8)
     # Full-vocabulary targets: the tests below read and edit them as [T, V] log-probs.
     cache = build_target_cache(model, processor, data, batch_size=8, progress=False, topk=None)
     return model, processor, data, cache
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return train_setup()
 
 
 def _cfg(**kw) -> TrainConfig:

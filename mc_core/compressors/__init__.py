@@ -11,10 +11,20 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Iterable
 
 from mc_core.compressors.base import Compressor, TokenContext
 
-__all__ = ["Compressor", "TokenContext", "available", "build", "get_class", "register"]
+__all__ = [
+    "Compressor",
+    "TokenContext",
+    "available",
+    "build",
+    "get_class",
+    "prompt_agnostic",
+    "register",
+    "trained_method",
+]
 
 _REGISTRY: dict[str, type[Compressor]] = {}
 # Modules of this package that are not methods: the contract, P algebra, checkpoint files.
@@ -55,6 +65,25 @@ def _load() -> None:
 def available() -> list[str]:
     """Registered method names: ``none``, the other fixed methods, then the trainable ones."""
     return sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].trainable, n != "none", n))
+
+
+def prompt_agnostic(names: Iterable[str]) -> list[str]:
+    """The prompt-agnostic heuristics among ``names``, in order: registered methods that are
+    neither the full model (``none``), nor trained, nor prompt-dependent (FastV, CDPruner keep
+    what the first prompt asked for); other names are skipped."""
+    return [
+        m
+        for m in names
+        if m in _REGISTRY
+        and m != "none"
+        and not _REGISTRY[m].trainable
+        and not _REGISTRY[m].prompt_dependent
+    ]
+
+
+def trained_method(names: Iterable[str]) -> str | None:
+    """The first trainable registered method among ``names`` (None: there is none)."""
+    return next((m for m in names if m in _REGISTRY and _REGISTRY[m].trainable), None)
 
 
 def get_class(name: str) -> type[Compressor]:

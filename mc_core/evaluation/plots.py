@@ -65,6 +65,17 @@ def load_reports(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
     return out
 
 
+def _rate_panel(ax, arch: str, refs: Sequence[float], ylabel: str) -> None:
+    """An against-rate panel's frame: the uncompressed reference (the mean of ``refs``)
+    dashed, the arch as title, the axis labels and the grid."""
+    if refs:
+        ax.axhline(float(np.mean(refs)), color="k", linestyle="--", label="no reduction")
+    ax.set_title(arch)
+    ax.set_xlabel("reduction rate")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
 def _save(fig, path: str | os.PathLike, dpi: int) -> Path:
     try:
         with io.staged_file(path, suffix=".png") as tmp:
@@ -111,12 +122,7 @@ def accuracy_vs_rate(
                 xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, marker="o", label=m)
         refs = [c["methods"][REFERENCE][metric] for c in cells if REFERENCE in c["methods"]]
-        if refs:
-            ax.axhline(float(np.mean(refs)), color="k", linestyle="--", label="no reduction")
-        ax.set_title(arch)
-        ax.set_xlabel("reduction rate")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
+        _rate_panel(ax, arch, refs, metric)
     axes[0][-1].legend(fontsize=7, loc="best")
     return _save(fig, path, dpi)
 
@@ -159,18 +165,12 @@ def any_rate_curve(
             xs, ys, _ = series(m)
             if xs:
                 ax.plot(xs, ys, marker=".", linewidth=1, alpha=0.8, label=m)
-        xs, ys, ci = series(trained)
-        if xs:
-            err = np.array(
-                [
-                    [y - lo for y, (lo, _) in zip(ys, ci, strict=True)],
-                    [hi - y for y, (_, hi) in zip(ys, ci, strict=True)],
-                ]
-            )
+        pts = [(r["rate"], p) for r in rows if (p := _point(r["points"].get(trained, {})))]
+        if pts:
             ax.errorbar(
-                xs,
-                ys,
-                yerr=np.clip(err, 0, None),
+                [x for x, _ in pts],
+                [p[0] for _, p in pts],
+                yerr=np.array([[p[1] for _, p in pts], [p[2] for _, p in pts]]),
                 fmt="s",
                 color="tab:red",
                 capsize=3,
@@ -183,12 +183,7 @@ def any_rate_curve(
                 xs, [lo for lo, _ in ci], [hi for _, hi in ci], color="tab:blue", alpha=0.15
             )
         refs = [r["points"][REFERENCE]["acc_avg"] for r in rows if REFERENCE in r["points"]]
-        if refs:
-            ax.axhline(float(np.mean(refs)), color="k", linestyle="--", label="no reduction")
-        ax.set_title(arch)
-        ax.set_xlabel("reduction rate")
-        ax.set_ylabel("acc_avg (test)")
-        ax.grid(alpha=0.3)
+        _rate_panel(ax, arch, refs, "acc_avg (test)")
     axes[0][-1].legend(fontsize=7, loc="lower left")
     return _save(fig, path, dpi)
 
@@ -237,12 +232,7 @@ def ceilings_vs_rate(
             err = np.array([[p[1] for _, p in pts], [p[2] for _, p in pts]])
             ax.errorbar(xs, ys, yerr=err, marker=marker, linestyle=style, capsize=3, label=label)
         refs = [c["methods"][REFERENCE]["acc_avg"] for c in cells if REFERENCE in c["methods"]]
-        if refs:
-            ax.axhline(float(np.mean(refs)), color="k", linestyle="--", label="no reduction")
-        ax.set_title(arch)
-        ax.set_xlabel("reduction rate")
-        ax.set_ylabel("acc_avg (95% CI)")
-        ax.grid(alpha=0.3)
+        _rate_panel(ax, arch, refs, "acc_avg (95% CI)")
     axes[0][-1].legend(fontsize=7, loc="best")
     return _save(fig, path, dpi)
 

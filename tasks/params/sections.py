@@ -195,11 +195,13 @@ class EvaluateParams(EvalConfig):
     @field_validator("methods", "val_methods", "probe_methods")
     @classmethod
     def _methods(cls, methods: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        from mc_core.compressors import prompt_agnostic
+
         known = _known_methods()
         for i, m in enumerate(methods or []):
             if m not in known:
                 raise ValueError(f"[{i}]={m!r}: unknown method; available: {', '.join(known)}")
-            if info.field_name == "probe_methods" and m not in _agnostic([m]):
+            if info.field_name == "probe_methods" and not prompt_agnostic([m]):
                 raise ValueError(
                     f"[{i}]={m!r}: not a prompt-agnostic heuristic (trained, the full model, "
                     "or prompt-dependent); probe rates compare the any-rate compressor with "
@@ -210,24 +212,11 @@ class EvaluateParams(EvalConfig):
     def probe_heuristics(self) -> list[str]:
         """The heuristics evaluated at the probe rates: ``probe_methods``, or every
         prompt-agnostic heuristic of ``methods``."""
-        return (
-            list(self.probe_methods) if self.probe_methods is not None else _agnostic(self.methods)
-        )
+        from mc_core.compressors import prompt_agnostic
 
-
-def _agnostic(names: list[str]) -> list[str]:
-    """The prompt-agnostic heuristics among ``names``: neither the full model (``none``), nor
-    trained, nor prompt-dependent (FastV, CDPruner keep what the first prompt asked for)."""
-    from mc_core.compressors import available, get_class
-
-    return [
-        m
-        for m in names
-        if m in available()
-        and m != "none"
-        and not get_class(m).trainable
-        and not get_class(m).prompt_dependent
-    ]
+        if self.probe_methods is not None:
+            return list(self.probe_methods)
+        return prompt_agnostic(self.methods)
 
 
 class RegisterParams(Section):
