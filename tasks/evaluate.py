@@ -74,15 +74,16 @@ def main(argv: list[str] | None = None) -> None:
             max_dialogues=ev.max_dialogues,
             **ev.run_kwargs(),
         )
-    seeds = _seed_spread(
+    seeds = seed_spread(
         p,
-        arch,
+        cells.seeds_dir(arch, rate),
         rate,
         model,
         processor,
         dataset,
         family,
-        metrics["methods"][p.train.method]["acc_avg"],
+        metrics["methods"][p.train.method],
+        p.train.for_cell(arch, rate).seed,
     )
     if seeds:
         metrics["methods"][p.train.method]["seeds"] = seeds
@@ -191,16 +192,18 @@ def _validation(
     return out
 
 
-def _seed_spread(
-    p, arch: str, rate: float, model, processor, dataset, family: str, first: float
+def seed_spread(
+    p, folder, rate: float, model, processor, dataset, family: str, first: dict, seed: int
 ) -> dict | None:
-    """Test accuracy of the extra-seed compressors (``train.seeds`` > 1) beside the cell's:
-    ``{"seeds", "acc_avg", "mean", "sd"}``; None when the cell was trained with one seed."""
+    """Test scores of the extra-seed compressors in ``folder`` (``train.seeds`` > 1) beside the
+    first seed's (``first``: its method entry, trained with ``seed``): ``{"seeds", "acc_avg",
+    "acc_dialogues", "mean", "sd"}``, the per-dialogue scores one list per seed (the first's
+    first) so that comparisons can pair dialogues across seeds; None for one seed."""
     from mc_core.compressors import checkpoint
     from mc_core.evaluation import runner as meval
     from mc_core.evaluation.stats import mean_sd
 
-    folder = cells.seeds_dir(arch, rate)
+    folder = Path(folder)
     dirs = (
         sorted(folder.glob("seed-*"), key=lambda d: int(d.name.split("-")[1]))
         if folder.is_dir()
@@ -221,10 +224,18 @@ def _seed_spread(
         progress=ev.progress,
         **ev.run_kwargs(),
     )
-    accs = [first] + [report["methods"][d.name]["acc_avg"] for d in dirs]
+    got = [report["methods"][d.name] for d in dirs]
+    accs = [first["acc_avg"]] + [e["acc_avg"] for e in got]
     mean, sd = mean_sd(accs)
-    seeds = [p.train.for_cell(arch, rate).seed] + [int(d.name.split("-")[1]) for d in dirs]
-    return {"seeds": seeds, "acc_avg": accs, "mean": mean, "sd": sd}
+    out = {
+        "seeds": [seed] + [int(d.name.split("-")[1]) for d in dirs],
+        "acc_avg": accs,
+        "mean": mean,
+        "sd": sd,
+    }
+    if "acc_dialogues" in first:
+        out["acc_dialogues"] = [first["acc_dialogues"]] + [e["acc_dialogues"] for e in got]
+    return out
 
 
 def champion_compressor(name: str, family: str, ckpt: str, base: str) -> dict | None:

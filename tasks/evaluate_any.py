@@ -8,7 +8,8 @@ and ``grid.probe_rates`` (rates no cell trains at). The report holds:
 - ``rates.<rate>.methods`` (data/test): ``<train.method>-any`` (method key, e.g.
   ``metacompress-any``) where the compressor serves the rate (its trained span), and at a probe
   rate the heuristics of ``evaluate.probe_methods`` beside it, each with its per-dialogue
-  scores (``acc_dialogues``) for paired comparisons;
+  scores (``acc_dialogues``) for paired comparisons; with ``train.seeds`` > 1, at the grid
+  rates the extra seeds' scores too (``seeds``, as a cell's report holds them);
 - ``validation.rates.<rate>.methods`` (data/val): the same, plus ``register.gate_baseline``
   and the registry's current champion of ``metacompress-<arch>-any`` at the grid's rates;
 - ``methods`` and ``validation.methods``: the averages over ``grid.rates`` (``acc_avg``,
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         "n_dialogues": None,
         "rates": _sweep(p, model, processor, test, comps, arch, p.evaluate.max_dialogues),
     }
+    _seeds(p, arch, model, processor, test, family, report["rates"], name)
     first = next(iter(report["rates"].values()))
     report["n_dialogues"] = first["n_dialogues"]
     report["methods"] = _averages(report["rates"], p.grid.rates, [name])
@@ -111,6 +113,26 @@ def _sweep(
             "methods": metrics["methods"],
         }
     return out
+
+
+def _seeds(p, arch: str, model, processor, dataset, family: str, rates: dict, name: str) -> None:
+    """At each grid rate, the test scores of the any-rate compressor's extra seeds
+    (``train.seeds`` > 1, ``models/compressors/<arch>-any-seeds/``) under its entry's
+    ``seeds``, as a cell records its own: the comparison with the per-rate compressors then
+    pairs seed means and covers the spread between seeds."""
+    from tasks.evaluate import seed_spread
+
+    folder = cells.seeds_dir(arch, cells.ANY)
+    for rate in p.grid.rates:
+        entry = rates.get(cells.format_rate(rate), {}).get("methods", {}).get(name)
+        if entry is None:
+            continue
+        seeds = seed_spread(
+            p, folder, rate, model, processor, dataset, family, entry, p.train.for_any(arch).seed
+        )
+        if seeds is None:
+            return  # one seed: nothing to add at any rate
+        entry["seeds"] = seeds
 
 
 def _averages(rates: dict, grid_rates, names) -> dict:

@@ -55,6 +55,12 @@ def _pd(pd: dict | None) -> str:
     return f"{pd['diff']:+.3f} [{pd['ci'][0]:+.3f}, {pd['ci'][1]:+.3f}]"
 
 
+def _seeds(pd: dict | None) -> str:
+    """ ", seeds 3 vs 3" when the difference is of seed means (``train.seeds`` > 1)."""
+    k = (pd or {}).get("seeds", [1, 1])
+    return "" if k == [1, 1] else f", seeds {k[0]} vs {k[1]}"
+
+
 def _acc(e: dict | None) -> str:
     if not e:
         return "-"
@@ -91,7 +97,7 @@ def section(comparisons: dict[str, dict]) -> str:
                 rate,
                 _acc(pts.get(name)),
                 _acc(pts.get(trained)) if r["trained"] else "-",
-                _pd(vs),
+                _pd(vs) + _seeds(vs),
                 ni,
                 best_s,
                 _pd(r.get("vs_best")),
@@ -103,7 +109,11 @@ def section(comparisons: dict[str, dict]) -> str:
         "per-rate compressor trained for exactly that rate, and at probe rates no cell trained "
         "at, against the heuristic that was best there on data/val. Differences are paired "
         "over the same test dialogues, with their 95% bootstrap intervals; '-' where the "
-        "any-rate compressor does not serve the rate (outside its trained span).\n\n"
+        "any-rate compressor does not serve the rate (outside its trained span). With one "
+        "trained seed per compressor (`train.seeds: 1`) an interval covers the test dialogues, "
+        "not the training noise: a per-rate compressor retrained with another seed moves by "
+        "about as much as the margin (docs/method.md, section 11); with more seeds the "
+        "differences are of the seed means and their intervals resample the seeds too.\n\n"
         + "\n".join(lines)
         + "\n"
     )

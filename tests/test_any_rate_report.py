@@ -69,6 +69,29 @@ def test_compare_pairs_per_dialogue_and_chooses_the_heuristic_on_val():
     assert set(rows[0.5]["points"]) == {"metacompress", "none", "metacompress-any"}
 
 
+def test_compare_pairs_seed_means_when_both_sides_have_seeds():
+    n = 40
+    report, cells = _any_report(), _cells()
+    mine = report["rates"]["0.9"]["methods"]["metacompress-any"]  # fails 10 of 40
+    seeds = [mine["acc_dialogues"], [1.0] * n]  # a second seed that fails none
+    mine["seeds"] = {"seeds": [0, 1], "acc_dialogues": seeds}
+    per = cells[0.9]["methods"]["metacompress"]
+    per["seeds"] = {"seeds": [0, 1], "acc_dialogues": [[1.0] * n, [1.0] * 30 + [0.0] * 10]}
+    got = compare(report, cells, trained="metacompress", heuristics=["a", "b"])
+    vs = {r["rate"]: r for r in got["rates"]}[0.9]["vs_per_rate"]
+    # Seed means 0.875 against 0.875: no difference, but the seeds disagree by 0.25, so the
+    # interval is wide and non-inferiority is not claimed.
+    assert vs["seeds"] == [2, 2] and vs["diff"] == pytest.approx(0.0)
+    assert vs["ci"][0] < -0.1 and not vs["non_inferior"]
+    # Without seeds on the per-rate side: its one compressor, the any-rate's two seeds.
+    del per["seeds"]
+    got = compare(report, cells, trained="metacompress", heuristics=["a", "b"])
+    vs = {r["rate"]: r for r in got["rates"]}[0.9]["vs_per_rate"]
+    assert vs["seeds"] == [2, 1] and vs["diff"] == pytest.approx(-0.125)
+    text = report_any.section({"tiny": {**got, "trained_method": "metacompress"}})
+    assert "seeds 2 vs 1" in text
+
+
 def test_compare_refuses_reports_of_other_dialogues():
     cells = _cells()
     cells[0.5]["methods"]["metacompress"] = _m([1.0] * 39)

@@ -73,6 +73,9 @@ def test_evaluate_stage_records_ceilings_seeds_and_validation(workspace):
     mc = first["methods"]["metacompress"]
     assert len(mc["acc_avg_ci"]) == 2 and mc["seeds"]["seeds"] == [0, 1]
     assert mc["seeds"]["acc_avg"][0] == mc["acc_avg"] and len(mc["seeds"]["acc_avg"]) == 2
+    # Per-dialogue scores per seed, the first seed's first: comparisons pair across seeds.
+    assert mc["seeds"]["acc_dialogues"][0] == mc["acc_dialogues"]
+    assert [len(d) for d in mc["seeds"]["acc_dialogues"]] == [3, 3]
     assert {"selector", "oracle", "cls_overlap"} <= set(first["ceilings"])
     val = first["validation"]
     assert val["n_dialogues"] == 2 and set(val["methods"]) == {"metacompress", "sample"}
@@ -119,3 +122,36 @@ def test_flat_metrics_keep_per_dialogue_scores_out_of_mlflow():
     assert flat["eval/sample/acc_by_type/yes/no"] == 0.9
     assert flat["eval/sample/acc_by_type/what _colour__"] == 0.4
     assert not any(k.endswith("/n") for k in flat)
+
+
+def test_any_rate_seeds_are_scored_at_the_grid_rates(workspace):
+    from tasks import evaluate_any
+
+    comp = build("metacompress", rate=RATE, dim=64, d_c=16, seed=1)
+    comp.trained_rates = (0.5, 0.9)  # an any-rate checkpoint: it serves 0.5 and 0.75
+    checkpoint.save_compressor(
+        cells.seeds_dir(ARCH, cells.ANY) / "seed-1", comp, meta={"family": "llava"}
+    )
+    model, processor = zoo.load(None)
+    p = common.load_params((), who="test")
+    p.grid = SimpleNamespace(rates=[0.5, RATE])
+    p.train = TrainParams(any_rate={"rates": [0.5, 0.9]})
+    test = schema.load(common.DATA_TEST)
+    first = {"acc_avg": 0.25, "acc_dialogues": [0.0, 0.5, 0.25]}
+    rates = {
+        "0.5": {"methods": {"metacompress-any": dict(first)}},
+        "0.75": {"methods": {"metacompress-any": dict(first)}},
+        "0.6": {"methods": {"metacompress-any": dict(first)}},  # a probe rate: not re-scored
+    }
+    evaluate_any._seeds(p, ARCH, model, processor, test, "llava", rates, "metacompress-any")
+    for r in ("0.5", "0.75"):
+        seeds = rates[r]["methods"]["metacompress-any"]["seeds"]
+        assert seeds["seeds"] == [0, 1] and seeds["acc_avg"][0] == 0.25
+        assert seeds["acc_dialogues"][0] == first["acc_dialogues"]
+        assert len(seeds["acc_dialogues"][1]) == 3
+    assert "seeds" not in rates["0.6"]["methods"]["metacompress-any"]
+    # One seed (no extra-seed folder): the entries are left as they are.
+    shutil.rmtree(cells.seeds_dir(ARCH, cells.ANY))
+    del rates["0.5"]["methods"]["metacompress-any"]["seeds"]
+    evaluate_any._seeds(p, ARCH, model, processor, test, "llava", rates, "metacompress-any")
+    assert "seeds" not in rates["0.5"]["methods"]["metacompress-any"]

@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from mc_core.evaluation.stats import bootstrap_ci, mean_sd, paired_difference, separated
+from mc_core.evaluation.stats import (
+    bootstrap_ci,
+    mean_sd,
+    paired_difference,
+    paired_seed_difference,
+    separated,
+)
 
 
 def test_bootstrap_ci_covers_mean_and_is_seeded():
@@ -74,3 +80,40 @@ def test_paired_difference_of_a_method_with_itself_is_zero():
 def test_paired_difference_needs_the_same_dialogues():
     with pytest.raises(ValueError, match="same dialogues: got 3 and 2"):
         paired_difference([1.0, 0.0, 1.0], [1.0, 0.0])
+
+
+def _scores(n: int, wrong: set[int]) -> list[float]:
+    return [0.0 if i in wrong else 1.0 for i in range(n)]
+
+
+def test_paired_seed_difference_covers_the_spread_between_seeds():
+    n = 300
+    # Three seeds of A that disagree (fail 0, 30 or 60 of the 300 dialogues) against three
+    # seeds of B that agree (fail the same 30): the seed means are equal (diff 0).
+    a = [_scores(n, set(range(k))) for k in (0, 30, 60)]
+    b = [_scores(n, set(range(30)))] * 3
+    got = paired_seed_difference(a, b)
+    assert got["diff"] == pytest.approx(0.0) and got["seeds"] == [3, 3] and got["n"] == n
+    # Pairing the per-dialogue seed means alone sees only the dialogues (the 30 dialogues
+    # A's seeds split on): an interval narrower than the one that also draws the seeds.
+    mean_a = [sum(col) / 3 for col in zip(*a, strict=True)]
+    dialogues_only = paired_difference(mean_a, b[0])
+    width = got["ci"][1] - got["ci"][0]
+    assert width > 1.5 * (dialogues_only["ci"][1] - dialogues_only["ci"][0])
+    assert got["ci"][0] < -0.05 < 0.05 < got["ci"][1]  # a seed of A alone is 0.1 off either way
+    # Seeds that all agree: nothing to add, the interval is the dialogues' one.
+    same = paired_seed_difference([a[1]] * 3, b)
+    assert same["ci"] == [0.0, 0.0]
+
+
+def test_paired_seed_difference_of_one_seed_each_is_the_paired_difference():
+    a, b = _scores(50, {1, 2, 3}), _scores(50, {4})
+    got = paired_seed_difference([a], [b], seed=3)
+    assert got == {**paired_difference(a, b, seed=3), "seeds": [1, 1]}
+
+
+def test_paired_seed_difference_needs_the_same_dialogues():
+    with pytest.raises(ValueError, match="same dialogues: got \\[9, 10\\]"):
+        paired_seed_difference([[1.0] * 10, [1.0] * 9], [[1.0] * 10])
+    with pytest.raises(ValueError, match="at least one seed"):
+        paired_seed_difference([], [[1.0]])

@@ -7,7 +7,11 @@ heuristics. :func:`compare` joins the reports of both (the same test dialogues i
 order, so the differences are paired per dialogue) into one record per rate:
 
 - at a grid rate, ``vs_per_rate``: any-rate minus per-rate, with its paired bootstrap interval,
-  and ``non_inferior``: the interval's lower end above ``-margin``;
+  and ``non_inferior``: the interval's lower end above ``-margin``. With several trained seeds
+  (``train.seeds``: the reports' ``seeds`` records) it is the difference of the seed means and
+  its interval resamples the seeds too (``stats.paired_seed_difference``): one seed against one
+  seed, the interval covers the dialogues but not the training noise, which on the embedded
+  world is as large as the margin (docs/method.md, section 11);
 - at a probe rate, ``best_heuristic``: the heuristic with the highest accuracy on the
   validation split (chosen there, never on test), and ``vs_best``: any-rate minus it on test,
   paired, with ``at_least_as_good`` (the difference is >= 0) and ``better`` (its interval is
@@ -22,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mc_core.evaluation.stats import paired_difference
+from mc_core.evaluation.stats import paired_difference, paired_seed_difference
 
 __all__ = ["MARGIN", "compare"]
 
@@ -42,11 +46,29 @@ def _entry(e: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _per_seed(e: Mapping[str, Any]) -> list | None:
+    """One list of per-dialogue scores per trained seed: the entry's ``seeds`` record when
+    it holds them (``train.seeds`` > 1), else its own scores as the one seed."""
+    seeds = e.get("seeds") or {}
+    if seeds.get("acc_dialogues"):
+        return list(seeds["acc_dialogues"])
+    return [e["acc_dialogues"]] if e.get("acc_dialogues") else None
+
+
 def _paired(a: Mapping[str, Any], b: Mapping[str, Any], seed: int) -> dict | None:
     x, y = a.get("acc_dialogues"), b.get("acc_dialogues")
     if not x or not y:
         return None
     return paired_difference(x, y, seed=seed)
+
+
+def _paired_seeds(a: Mapping[str, Any], b: Mapping[str, Any], seed: int) -> dict | None:
+    """Any-rate minus per-rate over their seeds (`paired_seed_difference`): with one seed a
+    side, the plain paired difference of the two compressors."""
+    x, y = _per_seed(a), _per_seed(b)
+    if not x or not y:
+        return None
+    return paired_seed_difference(x, y, seed=seed)
 
 
 def compare(
@@ -92,7 +114,7 @@ def compare(
         row: dict[str, Any] = {"rate": rate, "trained": cell is not None, "points": points}
         mine = here.get(name)
         if cell is not None and mine is not None and trained in cell["methods"]:
-            pd = _paired(mine, cell["methods"][trained], seed)
+            pd = _paired_seeds(mine, cell["methods"][trained], seed)
             row["vs_per_rate"] = pd and {**pd, "non_inferior": pd["ci"][0] > -margin}
         elif cell is None:
             val = val_rates.get(_key(rate), {}).get("methods", {})

@@ -11,7 +11,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "mean_sd", "paired_difference", "separated"]
+__all__ = [
+    "bootstrap_ci",
+    "mean_sd",
+    "paired_difference",
+    "paired_seed_difference",
+    "separated",
+]
 
 RESAMPLES = 2000  # percentile bootstrap: ~2k resamples put the 2.5% quantile within ~0.003
 
@@ -79,6 +85,64 @@ def paired_difference(
     d = [float(u) - float(v) for u, v in zip(x, y, strict=True)]
     ci = bootstrap_ci(d, level=level, resamples=resamples, seed=seed)  # raises when empty
     return {"diff": sum(d) / len(d), "ci": ci, "n": len(d)}
+
+
+def paired_seed_difference(
+    a: Sequence[Sequence[float]],
+    b: Sequence[Sequence[float]],
+    *,
+    level: float = 0.95,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> dict:
+    """Difference of two methods' seed means over the same dialogues, with an interval that
+    covers both the dialogues and the training seeds.
+
+    ``a`` and ``b`` hold one list of per-dialogue scores per trained seed (every list over the
+    same dialogues in the same order). A compressor retrained with another seed scores
+    differently on the same dialogues, so a paired interval of one seed against one seed
+    (`paired_difference`) says nothing about which *method* is better: here every resample
+    draws each side's seeds and the dialogues with replacement (a two-level bootstrap; the
+    dialogues are drawn once, for both sides, which keeps the pairing). With one seed a side
+    contributes no seed spread, and with one seed on both sides this is `paired_difference`.
+    With few seeds the seed level is coarse (two or three draws), so the interval is an
+    approximation that widens as seeds disagree.
+
+    Returns:
+        ``{"diff": mean(a) - mean(b), "ci": [lo, hi], "n": dialogues, "seeds": [len(a),
+        len(b)]}``.
+
+    Raises:
+        ValueError: no seeds, lists of different lengths, or non-finite scores.
+    """
+    x = [np.asarray(list(v), dtype=np.float64) for v in a]
+    y = [np.asarray(list(v), dtype=np.float64) for v in b]
+    if not x or not y:
+        raise ValueError("paired_seed_difference needs at least one seed on each side")
+    if len(x) == len(y) == 1:
+        out = paired_difference(x[0], y[0], level=level, resamples=resamples, seed=seed)
+        return {**out, "seeds": [1, 1]}
+    sizes = {v.size for v in x + y}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"paired_seed_difference needs scores of the same dialogues: got {sorted(sizes)}"
+        )
+    xa, ya = np.stack(x), np.stack(y)  # (seeds, dialogues)
+    if not (np.isfinite(xa).all() and np.isfinite(ya).all()):
+        raise ValueError("paired_seed_difference: scores contain NaN or inf")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"paired_seed_difference level={level!r}: expected a number in (0, 1)")
+    n = xa.shape[1]
+    rng = np.random.default_rng(seed)
+    stats = np.empty(resamples)
+    for r in range(resamples):
+        d = xa[rng.integers(0, len(xa), len(xa))].mean(axis=0)
+        d = d - ya[rng.integers(0, len(ya), len(ya))].mean(axis=0)  # (dialogues,)
+        stats[r] = d[rng.integers(0, n, n)].mean()
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
+    diff = float(xa.mean() - ya.mean())
+    return {"diff": diff, "ci": [float(lo), float(hi)], "n": n, "seeds": [len(xa), len(ya)]}
 
 
 def separated(a: Sequence[float], b: Sequence[float]) -> bool:
