@@ -1,5 +1,6 @@
-"""Cost plan of the params file's grid, before any GPU is rented: per cell the micro-batch that
-fits the GPU, its peak memory, FLOPs and GPU-hours; per arch the disk of the target store.
+"""Cost plan of the params file's grid, before any GPU is rented: per cell (and per any-rate
+compressor of ``grid.any_rate_archs``) the micro-batch that fits the GPU, its peak memory,
+FLOPs and GPU-hours; per arch the disk of the target store.
 
     python -m tasks.plan [--params FILE] [--profile NAME] [--gpu NAME] [--gpus N]
                          [--utilization U] [--backward-factor F] [--json]
@@ -93,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.train.for_cell,
             dialogues=_dialogues(p, args.data),
             setup=setup,
+            any_for=p.train.for_any,
+            any_archs=list(p.grid.any_rate_archs),
         )
     except ValueError as err:
         print(f"tasks.plan: error: {err}", file=sys.stderr)

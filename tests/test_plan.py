@@ -150,6 +150,50 @@ def test_flops_parts_and_multi_gpu(tiny):
     )
 
 
+def test_any_rate_plan(tiny):
+    model, _, inp = tiny
+    setup = plan.Setup(plan.get_gpu("h100"))
+    kw = dict(dialogues=1000, setup=setup, model=model)
+
+    def cell(rate, cfg):
+        return plan.plan_cell(inp, rate, cfg, **kw)
+
+    cfg = TrainConfig(batch_size=36, micro_batch=5, rates=[0.5, 0.75, 0.9])
+    got = plan.plan_any(inp, cfg, **kw)
+    ends = [cell(r, cfg) for r in (0.5, 0.75, 0.9)]
+    # Memory of the costliest step (the lowest rate keeps the most tokens), cost the mean
+    # over the set's members, drawn equally.
+    assert (got["rate"], got["rates"]) == ("any", [0.5, 0.75, 0.9])
+    assert (got["kept"], got["peak_bytes"]) == (ends[0]["kept"], ends[0]["peak_bytes"])
+    assert ends[0]["kept"] > ends[2]["kept"]
+    mean = sum(c["flops_per_step"] for c in ends) / 3
+    assert got["flops_per_step"] == pytest.approx(mean)
+    assert got["gpu_h"] == pytest.approx(sum(c["gpu_h"] for c in ends) / 3)
+    assert got["train_flops"] == pytest.approx(got["steps"] * mean)
+    # A range: the mean over the uniform draw, strictly between its ends' costs.
+    ranged = plan.plan_any(inp, cfg.model_copy(update={"rates": [0.5, 0.9]}), **kw)
+    assert ends[2]["flops_per_step"] < ranged["flops_per_step"] < ends[0]["flops_per_step"]
+    with pytest.raises(ValueError, match="train.rates"):
+        plan.plan_any(inp, TrainConfig(), **kw)
+    # In a grid: listed under "any", counted in the totals, printed with its span.
+    grid = plan.plan_grid(
+        [inp],
+        RATES,
+        lambda a, r: cfg.model_copy(update={"rates": None}),
+        any_for=lambda a: cfg,
+        any_archs=["tiny"],
+        dialogues=1000,
+        setup=setup,
+        models={"tiny": model},
+    )
+    assert [a["arch"] for a in grid["any"]] == ["tiny"]
+    cells_h = sum(c["gpu_h"] for c in grid["cells"]) + grid["archs"][0]["build_gpu_h"]
+    assert grid["total_gpu_h"] == pytest.approx(cells_h + grid["any"][0]["gpu_h"])
+    assert "| tiny @ any (0.5-0.9) | <= 32 |" in plan.format_plan(grid)
+    with pytest.raises(ValueError, match="any_archs: \\['other'\\]"):
+        plan.plan_grid([inp], RATES, None, any_archs=["other"], dialogues=10, setup=setup)
+
+
 def test_micro_batch_settings(tiny):
     model, _, inp = tiny
     whole = _cell(tiny)
@@ -276,6 +320,7 @@ def test_tasks_plan_reads_the_params(capsys):
 
     p = tparams.load(ROOT / "params.yaml")
     assert {(c["arch"], c["rate"]) for c in out["cells"]} == set(p.grid.cells())
+    assert [a["arch"] for a in out["any"]] == list(p.grid.any_rate_archs)
     assert out["dialogues"] == p.data.train.dialogues and out["setup"]["gpus"] == 1
     assert tplan.main(["--profile", "smoke", "--gpu", "a6000", "--gpus", "2"]) == 0
     text = capsys.readouterr().out

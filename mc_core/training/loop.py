@@ -166,7 +166,10 @@ def train(
     bar = progress_bar(
         total=run.total,
         initial=step,
-        desc=f"train r={rate}",
+        # An any-rate run draws its rate per step: name the span, not the nominal rate.
+        desc=f"train r={rate}"
+        if cfg.rates is None
+        else f"train r={min(cfg.rates)}-{max(cfg.rates)}",
         disable=not cfg.progress or run.rank != 0,
     )
     with checkpointed_layers(model, cfg.activation_checkpointing):

@@ -25,11 +25,14 @@ FLOPs and GPU-hours. Every number comes from a stated model, printed with the pl
   each step's batch is split into N data-parallel parts of ceil(batch / N) dialogues: the wall
   time is the slowest rank's, GPU-hours are wall time x N. The store is built by one rank while
   the others wait (``tasks/train.py``), so its GPU-hours are its wall time x N.
+- An any-rate compressor (``plan_any``): its memory is its costliest step's (the lowest rate),
+  its FLOPs and time the mean over the rates its steps draw (each step draws one).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -46,6 +49,7 @@ __all__ = [
     "Setup",
     "format_plan",
     "get_gpu",
+    "plan_any",
     "plan_arch",
     "plan_cell",
     "plan_grid",
@@ -241,6 +245,30 @@ def plan_cell(
     }
 
 
+def plan_any(inp: ArchInput, cfg: TrainConfig, *, dialogues: int, setup: Setup, model=None) -> dict:
+    """An any-rate compressor (``cfg.rates``), as :func:`plan_cell` plans a cell: the
+    micro-batch and peak memory of its costliest step (the lowest rate keeps the most tokens,
+    what ``micro_batch: auto`` plans for), and FLOPs and hours averaged over the rates its steps
+    draw: a set's members equally, a range at nine evenly spaced rates (a stand-in for the
+    uniform draw). ``rate`` is ``"any"`` and ``rates`` the trained ones."""
+    if cfg.rates is None:
+        raise ValueError("plan_any needs a recipe with train.rates (an any-rate compressor)")
+    rates = [float(r) for r in cfg.rates]
+    lo, hi = min(rates), max(rates)
+    draws = rates if len(rates) > 2 else [lo + (hi - lo) * k / 8 for k in range(9)]
+    kw = dict(dialogues=dialogues, setup=setup, model=model)
+    costliest = plan_cell(inp, lo, cfg, **kw)
+    each = [costliest if r == lo else plan_cell(inp, r, cfg, **kw) for r in draws]
+    mean = {k: sum(c[k] for c in each) / len(each) for k in ("flops_per_step", "wall_h", "gpu_h")}
+    return {
+        **costliest,
+        **mean,
+        "rate": "any",
+        "rates": rates,
+        "train_flops": costliest["steps"] * mean["flops_per_step"],
+    }
+
+
 def plan_grid(
     inputs: list[ArchInput],
     rates: list[float],
@@ -249,14 +277,21 @@ def plan_grid(
     dialogues: int,
     setup: Setup,
     models: dict[str, Any] | None = None,
+    any_for=None,
+    any_archs: Sequence[str] = (),
 ) -> dict:
     """Every arch and cell of a grid; ``cfg_for(arch, rate)`` is the cell's ``TrainConfig``
     (the arch's store is planned with its first rate's recipe). ``models``: meta models by
-    arch, reused and filled (a 7B one takes seconds to build)."""
+    arch, reused and filled (a 7B one takes seconds to build). ``any_for(arch)``: the recipe
+    of the any-rate compressor of each arch of ``any_archs`` (:func:`plan_any`), planned
+    under ``any`` and counted in the totals."""
     if isinstance(dialogues, bool) or not isinstance(dialogues, int) or dialogues < 1:
         raise ValueError(f"dialogues={dialogues!r}: expected an int >= 1")
     models = {} if models is None else models
-    archs, cells = [], []
+    unknown = sorted(set(any_archs) - {i.arch for i in inputs})
+    if unknown:
+        raise ValueError(f"any_archs: {unknown} not among the grid's archs")
+    archs, cells, anys = [], [], []
     for inp in inputs:
         if inp.arch not in models:  # once per arch: every rate's probes share it
             models[inp.arch] = memory.meta_model(inp.config)
@@ -265,6 +300,9 @@ def plan_grid(
         for rate in rates:
             cfg = cfg_for(inp.arch, rate)
             cells.append(plan_cell(inp, rate, cfg, dialogues=dialogues, setup=setup, model=model))
+        if inp.arch in any_archs:
+            cfg = any_for(inp.arch)
+            anys.append(plan_any(inp, cfg, dialogues=dialogues, setup=setup, model=model))
     first = cfg_for(inputs[0].arch, rates[0])
     return {
         "setup": {**asdict(setup), "gpu": asdict(setup.gpu)},
@@ -275,8 +313,10 @@ def plan_grid(
         "visual_tokens": first.visual_tokens,
         "archs": archs,
         "cells": cells,
-        "total_gpu_h": sum(a["build_gpu_h"] for a in archs) + sum(c["gpu_h"] for c in cells),
-        "total_wall_h": sum(a["build_wall_h"] for a in archs) + sum(c["wall_h"] for c in cells),
+        "any": anys,
+        "total_gpu_h": sum(a["build_gpu_h"] for a in archs) + sum(c["gpu_h"] for c in cells + anys),
+        "total_wall_h": sum(a["build_wall_h"] for a in archs)
+        + sum(c["wall_h"] for c in cells + anys),
         "total_disk_bytes": sum(a["token_store_bytes"] + a["targets_bytes"] for a in archs),
     }
 
@@ -338,18 +378,24 @@ def format_plan(plan: dict, *, label: str = "") -> str:
         "| steps | GPU time | wall time |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in cells:
+    for c in cells + plan.get("any", []):
         micro = f"{c['micro_batch']} x {c['accumulation']}" if c["micro_batch"] else "-"
         fits = "yes" if c["fits"] else f"NO: {c['note']}"
+        any_rate = c["rate"] == "any"
+        # An any-rate compressor: its span, and at most the lowest rate's m (its costliest step).
+        at = f"any ({min(c['rates']):g}-{max(c['rates']):g})" if any_rate else f"{c['rate']:g}"
+        kept = f"<= {c['kept']}" if any_rate else c["kept"]
         lines.append(
-            f"| {c['arch']} @ {c['rate']:g} | {c['kept']} | {c['seq_len']} | {micro} "
+            f"| {c['arch']} @ {at} | {kept} | {c['seq_len']} | {micro} "
             f"| {_size(c['peak_bytes'])} | {fits} | {_num(c['flops_per_step'] / 1e12)} "
             f"| {c['steps']:,} | {_hours(c['gpu_h'])} | {_hours(c['wall_h'])} |"
         )
     lines += [
         "",
         f"Total: {_num(plan['total_gpu_h'])} GPU-hours, {_hours(plan['total_wall_h'])} wall on "
-        f"{s['gpus']} x {gpu['name']} (cells one after another), disk "
+        f"{s['gpus']} x {gpu['name']} (cells one after another"
+        + (", any-rate compressors included" if plan.get("any") else "")
+        + "), disk "
         f"{_size(plan['total_disk_bytes'])}.",
     ]
     return "\n".join(lines)
