@@ -122,14 +122,12 @@ def _seeds(p, arch: str, model, processor, dataset, family: str, rates: dict, na
     pairs seed means and covers the spread between seeds."""
     from tasks.evaluate import seed_spread
 
-    folder = cells.seeds_dir(arch, cells.ANY)
+    folder, seed = cells.seeds_dir(arch, cells.ANY), p.train.for_any(arch).seed
     for rate in p.grid.rates:
         entry = rates.get(cells.format_rate(rate), {}).get("methods", {}).get(name)
         if entry is None:
             continue
-        seeds = seed_spread(
-            p, folder, rate, model, processor, dataset, family, entry, p.train.for_any(arch).seed
-        )
+        seeds = seed_spread(p, folder, rate, model, processor, dataset, family, entry, seed)
         if seeds is None:
             return  # one seed: nothing to add at any rate
         entry["seeds"] = seeds

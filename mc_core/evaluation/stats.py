@@ -22,6 +22,14 @@ __all__ = [
 RESAMPLES = 2000  # percentile bootstrap: ~2k resamples put the 2.5% quantile within ~0.003
 
 
+def _check_settings(where: str, level: float, resamples: int) -> None:
+    """The bootstrap's settings, refused by name before any resampling."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"{where} level={level!r}: expected a number in (0, 1)")
+    if resamples < 1:
+        raise ValueError(f"{where} resamples={resamples!r}: expected >= 1")
+
+
 def bootstrap_ci(
     values: Sequence[float],
     *,
@@ -45,10 +53,7 @@ def bootstrap_ci(
         raise ValueError(f"bootstrap_ci needs a non-empty 1-D list of scores, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError("bootstrap_ci: scores contain NaN or inf")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"bootstrap_ci level={level!r}: expected a number in (0, 1)")
-    if resamples < 1:
-        raise ValueError(f"bootstrap_ci resamples={resamples!r}: expected >= 1")
+    _check_settings("bootstrap_ci", level, resamples)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, x.size, size=(resamples, x.size))
     means = x[idx].mean(axis=1)
@@ -130,8 +135,7 @@ def paired_seed_difference(
     xa, ya = np.stack(x), np.stack(y)  # (seeds, dialogues)
     if not (np.isfinite(xa).all() and np.isfinite(ya).all()):
         raise ValueError("paired_seed_difference: scores contain NaN or inf")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"paired_seed_difference level={level!r}: expected a number in (0, 1)")
+    _check_settings("paired_seed_difference", level, resamples)
     n = xa.shape[1]
     rng = np.random.default_rng(seed)
     stats = np.empty(resamples)

@@ -378,7 +378,7 @@ def format_plan(plan: dict, *, label: str = "") -> str:
         "| steps | GPU time | wall time |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in cells + plan.get("any", []):
+    for c in cells + plan["any"]:
         micro = f"{c['micro_batch']} x {c['accumulation']}" if c["micro_batch"] else "-"
         fits = "yes" if c["fits"] else f"NO: {c['note']}"
         any_rate = c["rate"] == "any"
@@ -394,7 +394,7 @@ def format_plan(plan: dict, *, label: str = "") -> str:
         "",
         f"Total: {_num(plan['total_gpu_h'])} GPU-hours, {_hours(plan['total_wall_h'])} wall on "
         f"{s['gpus']} x {gpu['name']} (cells one after another"
-        + (", any-rate compressors included" if plan.get("any") else "")
+        + (", any-rate compressors included" if plan["any"] else "")
         + "), disk "
         f"{_size(plan['total_disk_bytes'])}.",
     ]
